@@ -1,0 +1,3 @@
+"""
+Generated protobuf code for C{proto/Message.proto}; regenerate, never edit.
+"""
