@@ -1,0 +1,3 @@
+"""
+The local proxy: C{twistd localproxy} and the C{localproxy} console script.
+"""

@@ -1,0 +1,3 @@
+"""
+The self-hosted tunnel service: C{twistd tunnelservice}.
+"""
