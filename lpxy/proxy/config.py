@@ -69,7 +69,11 @@ class ProxyConfig:
     The validated configuration of one local proxy process.
 
     Service id C{""} names the single unnamed mapping (C{-s 5555},
-    C{-d 22}); it takes the one id the service announces, if any.
+    C{-d 22}); it takes the one id the service announces, if any. When the
+    command line gave no map, C{source_ports}/C{destination_apps} hold what
+    the C{--config-dir} files say and C{mappings_from_config_dir} is true
+    (protocol.md section 4: a source then listens on a random port for an
+    announced id found nowhere; a destination fails).
     """
 
     mode: Mode
@@ -84,6 +88,7 @@ class ProxyConfig:
     verbosity: int = 4
     destination_client_type: ClientType | None = None
     config_dir: str | None = None
+    mappings_from_config_dir: bool = False
     settings: ProxySettings = ProxySettings()
     web_proxy: WebProxy | None = None
     no_proxy: tuple[str, ...] = ()
