@@ -1,0 +1,70 @@
+"""
+A non-editable install of lpxy, built once per test run, for process tests.
+
+Running from the source tree would hide packaging mistakes (a module or the
+plugin file left out of the wheel), so process tests run C{twistd} and
+C{localproxy} from a copy that C{pip install --target} made from the tree,
+with a working directory outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@lru_cache(maxsize=None)
+def installed_copy() -> Path:
+    """
+    Install the source tree (without dependencies, which the test
+    environment already has) into a fresh directory and return it.
+    """
+    target = Path(tempfile.mkdtemp(prefix="lpxy-installed-"))
+    build = Path(tempfile.mkdtemp(prefix="lpxy-build-"))
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+            "--no-compile", "--target", str(target), str(ROOT),
+        ],
+        check=True,
+        cwd=build,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    return target
+
+
+def installed_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """
+    The environment for a child process that must import lpxy (and find the
+    twistd plugins) only from the installed copy.
+    """
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "AWSIOT_TUNNEL_ACCESS_TOKEN")
+        and not k.startswith("AWSIOT_TUNNEL_")
+    }
+    env["PYTHONPATH"] = str(installed_copy())
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def outside_dir() -> str:
+    """A working directory outside the source tree."""
+    return tempfile.mkdtemp(prefix="lpxy-cwd-")
+
+
+def twistd_argv(*args: str) -> list[str]:
+    """The command line running C{twistd} with the test interpreter."""
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
+
+
+def localproxy_argv(*args: str) -> list[str]:
+    """The command line running the installed C{localproxy} console script."""
+    return [sys.executable, "-c", "from lpxy.proxy.cli import main; main()", *args]

@@ -1,0 +1,26 @@
+"""
+The installed package, not the source tree, provides the twistd plugins.
+"""
+
+import subprocess
+
+from twisted.trial.unittest import TestCase
+
+from tests.support.installed import installed_copy, installed_env, outside_dir, twistd_argv
+
+
+class InstalledPluginTests(TestCase):
+    def test_pluginFilesInstalled(self) -> None:
+        target = installed_copy()
+        self.assertTrue((target / "twisted" / "plugins" / "lpxy_plugins.py").exists())
+        self.assertFalse((target / "twisted" / "plugins" / "__init__.py").exists())
+        self.assertTrue((target / "lpxy" / "_proto" / "Message_pb2.py").exists())
+
+    def test_twistdListsBothPlugins(self) -> None:
+        result = subprocess.run(
+            twistd_argv("--help"),
+            cwd=outside_dir(), env=installed_env(), capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("localproxy", result.stdout)
+        self.assertIn("tunnelservice", result.stdout)
