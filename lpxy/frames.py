@@ -12,7 +12,7 @@ assumes one record per message.
 from __future__ import annotations
 
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 from google.protobuf.message import DecodeError
 

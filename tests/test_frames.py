@@ -38,7 +38,7 @@ messages = st.builds(
 def rechunk(stream: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(stream) + 1) for c in cuts})
     chunks, last = [], 0
-    for p in points + [len(stream)]:
+    for p in [*points, len(stream)]:
         chunks.append(stream[last:p])
         last = p
     return chunks

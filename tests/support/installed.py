@@ -13,13 +13,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@lru_cache(maxsize=None)
+@cache
 def installed_copy() -> Path:
     """
     Install the source tree (without dependencies, which the test
