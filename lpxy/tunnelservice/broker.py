@@ -1,0 +1,554 @@
+# -*- test-case-name: tests.test_broker -*-
+"""
+The tunnel service's rules: tunnels, tokens, pairing, lifetime and limits.
+
+The broker is plain logic. It never touches the network: the management API
+calls its tunnel operations, and the data plane calls L{Broker.connect} when
+a WebSocket handshake arrives and L{Broker.disconnect} when it ends. Live
+connections are L{IPeer}s, which the broker asks to close and tells about
+their partner. Time comes from an injected L{IReactorTime}.
+
+Token rules, as AWS applies them:
+  - An access token without a client token is spent by its first successful
+    handshake. A handshake that sets a client token may reconnect later with
+    the same client token; any other client token (or none) is refused.
+  - A new handshake for an end that is already connected replaces the old
+    connection, which is closed.
+  - Rotation gives an end a fresh token (unspent, no client token) and
+    closes that end's live connection.
+Only SHA-256 digests of tokens are kept, and they are compared in constant
+time. No token appears in a log line, a repr or an exception message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import attrs
+from twisted.logger import Logger
+
+from lpxy.tunnelservice.store import (
+    CLOSED,
+    DESTINATION,
+    OPEN,
+    SOURCE,
+    EndRecord,
+    ITunnelStore,
+    MemoryTunnelStore,
+    TunnelRecord,
+)
+
+__all__ = [
+    "ALL",
+    "Attachment",
+    "Broker",
+    "HandshakeRefused",
+    "IClock",
+    "IPeer",
+    "InvalidRequest",
+    "LimitExceeded",
+    "Limits",
+    "OpenedTunnel",
+    "ResourceNotFound",
+    "RotatedTokens",
+]
+
+ALL = "all"
+MODES = (SOURCE, DESTINATION)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+
+SPENT_TOKEN = (
+    "Invalid access token: The access token was previously used and cannot be used again"
+)
+CLIENT_TOKEN_MISMATCH = (
+    "Invalid client token: The provided client token does not match the client "
+    "token that was previously set."
+)
+UNKNOWN_TOKEN = "Invalid access token: The access token is not valid"
+CLOSED_TUNNEL = "Invalid access token: The tunnel is closed"
+MODE_MISMATCH = "Invalid local-proxy-mode: it does not match the access token"
+
+
+class IPeer(Protocol):
+    """A live data-plane connection of one tunnel end, as the broker sees it."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection with this WebSocket close code and reason."""
+
+    def partner_joined(self, partner: IPeer) -> None:
+        """The other end of the tunnel is now connected through C{partner}."""
+
+    def partner_left(self, partner: IPeer) -> None:
+        """C{partner}, the other end's connection, is gone."""
+
+
+class _DelayedCall(Protocol):
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class IClock(Protocol):
+    """The part of L{IReactorTime} the broker uses (a reactor or a C{Clock})."""
+
+    def seconds(self) -> float:
+        """The current time in POSIX seconds."""
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> Any:
+        """Call C{callable} after C{delay} seconds; return an L{IDelayedCall}."""
+
+
+class HandshakeRefused(Exception):
+    """
+    A data-plane handshake is refused.
+
+    @ivar status: the HTTP status to answer with (401 or 400).
+    @ivar reason: the text for the response body.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+class ResourceNotFound(Exception):
+    """The named tunnel or resource does not exist."""
+
+
+class LimitExceeded(Exception):
+    """A configured limit would be exceeded."""
+
+
+class InvalidRequest(Exception):
+    """A request breaks a rule the API's shapes cannot express."""
+
+
+@attrs.frozen
+class Limits:
+    """The service's limits; the defaults are AWS's."""
+
+    max_services: int = 3
+    max_open_tunnels: int = 10000
+
+
+@attrs.frozen
+class OpenedTunnel:
+    """What opening a tunnel returns: its names and both access tokens."""
+
+    tunnel_id: str
+    tunnel_arn: str
+    source_token: str = attrs.field(repr=False)
+    destination_token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class RotatedTokens:
+    """What rotating returns: the new token of each rotated end."""
+
+    tunnel_arn: str
+    source_token: str | None = attrs.field(repr=False)
+    destination_token: str | None = attrs.field(repr=False)
+
+
+@attrs.define(eq=False)
+class Attachment:
+    """
+    One accepted data-plane connection: which tunnel end it serves.
+
+    @ivar channel_id: the opaque id sent in the C{channel-id} header.
+    """
+
+    tunnel_id: str
+    mode: str
+    services: tuple[str, ...]
+    channel_id: str
+    peer: IPeer = attrs.field(repr=False)
+    _broker: Broker = attrs.field(repr=False)
+
+    @property
+    def partner(self) -> IPeer | None:
+        """The live connection of the other end, if any."""
+        other = self._broker._live.get((self.tunnel_id, _other(self.mode)))
+        return other.peer if other is not None else None
+
+
+def _other(mode: str) -> str:
+    return DESTINATION if mode == SOURCE else SOURCE
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def _new_token() -> str:
+    return secrets.token_urlsafe(48)
+
+
+class Broker:
+    """
+    Tunnels and their connections.
+
+    @param clock: the time source; each tunnel's expiry is a delayed call on it.
+    @param store: where tunnel records live.
+    @param limits: the service's limits.
+    @param arn_prefix: tunnel ARNs are this prefix followed by the tunnel id.
+    @param new_id: makes tunnel ids.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IClock,
+        store: ITunnelStore | None = None,
+        limits: Limits = Limits(),
+        arn_prefix: str = "arn:aws:iot:us-east-1:123456789012:tunnel/",
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self._clock = clock
+        self._store: ITunnelStore = store if store is not None else MemoryTunnelStore()
+        self.limits = limits
+        self._arn_prefix = arn_prefix
+        self._new_id = new_id
+        self._sequence = 0
+        self._open_count = 0
+        self._expiries: dict[str, _DelayedCall] = {}
+        self._live: dict[tuple[str, str], Attachment] = {}
+
+    # Tunnel operations (the management API)
+
+    def open_tunnel(
+        self,
+        services: Iterable[str] = (),
+        thing_name: str | None = None,
+        description: str | None = None,
+        lifetime_minutes: int = 720,
+        tags: Iterable[tuple[str, str]] = (),
+    ) -> OpenedTunnel:
+        """
+        Open a tunnel.
+
+        @raise LimitExceeded: too many services, or too many open tunnels.
+        @raise InvalidRequest: a service named twice, or a bad lifetime.
+        """
+        services = tuple(services)
+        if len(services) > self.limits.max_services:
+            raise LimitExceeded(
+                f"A tunnel can have at most {self.limits.max_services} services"
+            )
+        if len(set(services)) != len(services):
+            raise InvalidRequest("Service names must be unique")
+        if not 1 <= lifetime_minutes <= 720:
+            raise InvalidRequest("maxLifetimeTimeoutMinutes must be between 1 and 720")
+        if self._open_count >= self.limits.max_open_tunnels:
+            raise LimitExceeded(
+                f"At most {self.limits.max_open_tunnels} tunnels can be open at once"
+            )
+        now = self._clock.seconds()
+        tunnel_id = self._new_id()
+        source_token, destination_token = _new_token(), _new_token()
+        self._sequence += 1
+        record = TunnelRecord(
+            tunnel_id=tunnel_id,
+            arn=self._arn_prefix + tunnel_id,
+            sequence=self._sequence,
+            description=description,
+            thing_name=thing_name,
+            services=services,
+            lifetime_minutes=lifetime_minutes,
+            created_at=now,
+            last_updated_at=now,
+            source=EndRecord(token_hash=_digest(source_token), last_updated_at=now),
+            destination=EndRecord(
+                token_hash=_digest(destination_token), last_updated_at=now
+            ),
+            tags=dict(tags),
+        )
+        self._store.add(record)
+        self._open_count += 1
+        self._expiries[tunnel_id] = self._clock.callLater(
+            lifetime_minutes * 60, self._expire, tunnel_id
+        )
+        self._log.info(
+            "Tunnel {tunnel_id} opened (services {services}, thing {thing_name}, "
+            "lifetime {lifetime_minutes} minutes)",
+            tunnel_id=tunnel_id,
+            services=list(services),
+            thing_name=thing_name,
+            lifetime_minutes=lifetime_minutes,
+        )
+        return OpenedTunnel(tunnel_id, record.arn, source_token, destination_token)
+
+    def describe(self, tunnel_id: str) -> TunnelRecord:
+        """
+        The record of a tunnel.
+
+        @raise ResourceNotFound: no such tunnel.
+        """
+        record = self._store.get(tunnel_id)
+        if record is None:
+            raise ResourceNotFound(f"Tunnel {tunnel_id} not found")
+        return record
+
+    def close_tunnel(self, tunnel_id: str, delete: bool = False) -> None:
+        """
+        Close a tunnel: both peers are closed with 1000 and later
+        handshakes are refused. With C{delete}, forget it as well.
+
+        @raise ResourceNotFound: no such tunnel.
+        """
+        record = self.describe(tunnel_id)
+        if record.status == OPEN:
+            self._close(record, "tunnel closed", "CloseTunnel")
+        if delete:
+            self._store.remove(tunnel_id)
+            self._log.info("Tunnel {tunnel_id} deleted", tunnel_id=tunnel_id)
+
+    def _expire(self, tunnel_id: str) -> None:
+        del self._expiries[tunnel_id]
+        record = self._store.get(tunnel_id)
+        if record is not None and record.status == OPEN:
+            self._close(record, "tunnel lifetime expired", "lifetime expired")
+
+    def _close(self, record: TunnelRecord, reason: str, why: str) -> None:
+        expiry = self._expiries.pop(record.tunnel_id, None)
+        if expiry is not None and expiry.active():
+            expiry.cancel()
+        record.status = CLOSED
+        record.last_updated_at = self._clock.seconds()
+        self._open_count -= 1
+        attachments = [
+            a for mode in MODES
+            if (a := self._live.get((record.tunnel_id, mode))) is not None
+        ]
+        for attachment in attachments:
+            self._detach(attachment, notify=False)
+        self._store.save(record)
+        self._log.info(
+            "Tunnel {tunnel_id} closed ({why})", tunnel_id=record.tunnel_id, why=why
+        )
+        for attachment in attachments:
+            attachment.peer.close(CLOSE_NORMAL, reason)
+
+    def list_tunnels(
+        self,
+        thing_name: str | None = None,
+        max_results: int = 100,
+        next_token: str | None = None,
+    ) -> tuple[list[TunnelRecord], str | None]:
+        """
+        Tunnels, newest first, one page at a time.
+
+        @return: the page, and the token for the next page (L{None} on the last).
+        @raise InvalidRequest: C{next_token} was not made by this service.
+        """
+        before: int | None = None
+        if next_token is not None:
+            if not next_token.startswith("after-") or not next_token[6:].isdigit():
+                raise InvalidRequest("Invalid nextToken")
+            before = int(next_token[6:])
+        page: list[TunnelRecord] = []
+        for record in self._store.newest_first():
+            if before is not None and record.sequence >= before:
+                continue
+            if thing_name is not None and record.thing_name != thing_name:
+                continue
+            if len(page) == max_results:
+                return page, f"after-{page[-1].sequence}"
+            page.append(record)
+        return page, None
+
+    def rotate(
+        self,
+        tunnel_id: str,
+        mode: str,
+        services: Iterable[str] | None = None,
+        thing_name: str | None = None,
+    ) -> RotatedTokens:
+        """
+        Give the end C{mode} (L{SOURCE}, L{DESTINATION} or L{ALL}) a new
+        access token and close its live connection. C{services} and
+        C{thing_name}, when given, replace the destination configuration.
+
+        @raise ResourceNotFound: no such tunnel, or it is closed.
+        @raise LimitExceeded: too many services.
+        """
+        record = self.describe(tunnel_id)
+        if record.status != OPEN:
+            raise ResourceNotFound(f"Tunnel {tunnel_id} is closed")
+        if services is not None:
+            services = tuple(services)
+            if len(services) > self.limits.max_services:
+                raise LimitExceeded(
+                    f"A tunnel can have at most {self.limits.max_services} services"
+                )
+            if len(set(services)) != len(services):
+                raise InvalidRequest("Service names must be unique")
+            record.services = services
+            record.thing_name = thing_name
+        modes = MODES if mode == ALL else (mode,)
+        now = self._clock.seconds()
+        tokens: dict[str, str] = {}
+        replaced = []
+        for m in modes:
+            token = tokens[m] = _new_token()
+            end = record.end(m)
+            end.token_hash = _digest(token)
+            end.client_token_hash = None
+            end.spent = False
+            attachment = self._live.get((tunnel_id, m))
+            if attachment is not None:
+                self._detach(attachment, notify=True)
+                replaced.append(attachment)
+        record.last_updated_at = now
+        self._store.save(record)
+        self._log.info(
+            "Tunnel {tunnel_id}: access token rotated for {modes}",
+            tunnel_id=tunnel_id,
+            modes=list(modes),
+        )
+        for attachment in replaced:
+            attachment.peer.close(CLOSE_NORMAL, "access token rotated")
+        return RotatedTokens(record.arn, tokens.get(SOURCE), tokens.get(DESTINATION))
+
+    def _by_arn(self, arn: str) -> TunnelRecord:
+        record = None
+        if arn.startswith(self._arn_prefix):
+            record = self._store.get(arn[len(self._arn_prefix):])
+        if record is None:
+            raise ResourceNotFound(f"Resource {arn} not found")
+        return record
+
+    def tag(self, arn: str, tags: Iterable[tuple[str, str]]) -> None:
+        """
+        Add or replace tags of a tunnel.
+
+        @raise ResourceNotFound: no tunnel has this ARN.
+        """
+        record = self._by_arn(arn)
+        record.tags.update(tags)
+        self._store.save(record)
+
+    def untag(self, arn: str, keys: Iterable[str]) -> None:
+        """
+        Remove tags from a tunnel (unknown keys are ignored).
+
+        @raise ResourceNotFound: no tunnel has this ARN.
+        """
+        record = self._by_arn(arn)
+        for key in keys:
+            record.tags.pop(key, None)
+        self._store.save(record)
+
+    def tags(self, arn: str) -> dict[str, str]:
+        """
+        The tags of a tunnel.
+
+        @raise ResourceNotFound: no tunnel has this ARN.
+        """
+        return dict(self._by_arn(arn).tags)
+
+    # Connections (the data plane)
+
+    def connect(
+        self, mode: str, access_token: str, client_token: str | None, peer: IPeer
+    ) -> Attachment:
+        """
+        Accept a handshake for end C{mode}, spending the token as the rules
+        say, and replacing a connection already live on that end.
+
+        @raise HandshakeRefused: with the status and reason to answer.
+        """
+        found = self._store.find_token(_digest(access_token))
+        if found is None:
+            raise HandshakeRefused(401, UNKNOWN_TOKEN)
+        record, token_mode = found
+        end = record.end(token_mode)
+        if not hmac.compare_digest(end.token_hash, _digest(access_token)):
+            raise HandshakeRefused(401, UNKNOWN_TOKEN)
+        if record.status != OPEN:
+            raise HandshakeRefused(401, CLOSED_TUNNEL)
+        if mode != token_mode:
+            raise HandshakeRefused(400, MODE_MISMATCH)
+        if end.client_token_hash is not None:
+            if client_token is None or not hmac.compare_digest(
+                end.client_token_hash, _digest(client_token)
+            ):
+                raise HandshakeRefused(401, CLIENT_TOKEN_MISMATCH)
+        elif end.spent:
+            raise HandshakeRefused(401, SPENT_TOKEN)
+        else:
+            end.spent = True
+            if client_token is not None:
+                end.client_token_hash = _digest(client_token)
+
+        old = self._live.get((record.tunnel_id, mode))
+        if old is not None:
+            self._detach(old, notify=True)
+        attachment = Attachment(
+            tunnel_id=record.tunnel_id,
+            mode=mode,
+            services=record.services,
+            channel_id=str(uuid.uuid4()),
+            peer=peer,
+            broker=self,
+        )
+        self._live[(record.tunnel_id, mode)] = attachment
+        end.connected = True
+        end.last_updated_at = self._clock.seconds()
+        self._store.save(record)
+        if old is not None:
+            old.peer.close(CLOSE_NORMAL, "replaced by a new connection")
+        partner = attachment.partner
+        if partner is not None:
+            partner.partner_joined(peer)
+            peer.partner_joined(partner)
+        return attachment
+
+    def disconnect(self, attachment: Attachment) -> None:
+        """
+        A connection has ended. Nothing happens when it was already
+        replaced or its tunnel closed.
+        """
+        if self._live.get((attachment.tunnel_id, attachment.mode)) is attachment:
+            self._detach(attachment, notify=True)
+
+    def _detach(self, attachment: Attachment, notify: bool) -> None:
+        del self._live[(attachment.tunnel_id, attachment.mode)]
+        record = self._store.get(attachment.tunnel_id)
+        if record is not None:
+            end = record.end(attachment.mode)
+            end.connected = False
+            end.last_updated_at = self._clock.seconds()
+            self._store.save(record)
+        partner = attachment.partner
+        if notify and partner is not None:
+            partner.partner_left(attachment.peer)
+
+    def stop(self) -> None:
+        """
+        The service is shutting down: close every live connection with
+        1001 and stop the expiry timers.
+        """
+        for attachment in list(self._live.values()):
+            self._detach(attachment, notify=False)
+            attachment.peer.close(CLOSE_GOING_AWAY, "service shutting down")
+        for expiry in self._expiries.values():
+            if expiry.active():
+                expiry.cancel()
+        self._expiries.clear()
+
+    @property
+    def connection_count(self) -> int:
+        """How many data-plane connections are live."""
+        return len(self._live)

@@ -1,0 +1,162 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+Where the broker keeps its tunnels.
+
+The broker owns the rules; a store only keeps L{TunnelRecord}s and finds
+them again, by tunnel id or by the hash of an access token. Records are
+mutable: the broker changes one and then hands it back with
+L{ITunnelStore.save}, which a persistent store would write out. Only token
+hashes are ever stored, never tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import attrs
+
+__all__ = [
+    "CLOSED",
+    "DESTINATION",
+    "OPEN",
+    "SOURCE",
+    "EndRecord",
+    "ITunnelStore",
+    "MemoryTunnelStore",
+    "TunnelRecord",
+]
+
+SOURCE = "source"
+DESTINATION = "destination"
+OPEN = "OPEN"
+CLOSED = "CLOSED"
+
+
+@attrs.define(eq=False)
+class EndRecord:
+    """
+    One end (source or destination) of a tunnel.
+
+    @ivar token_hash: the SHA-256 digest of the current access token.
+    @ivar client_token_hash: the digest of the client token the first
+        handshake set, or L{None}.
+    @ivar spent: whether a handshake has used the current access token.
+    @ivar connected: whether a peer is connected on this end now.
+    @ivar last_updated_at: when C{connected} last changed (POSIX seconds).
+    """
+
+    token_hash: bytes = attrs.field(repr=False)
+    last_updated_at: float
+    client_token_hash: bytes | None = attrs.field(default=None, repr=False)
+    spent: bool = False
+    connected: bool = False
+
+
+@attrs.define(eq=False)
+class TunnelRecord:
+    """Everything the service knows about one tunnel."""
+
+    tunnel_id: str
+    arn: str
+    sequence: int
+    """Creation order, for listing newest first and for page tokens."""
+    description: str | None
+    thing_name: str | None
+    services: tuple[str, ...]
+    lifetime_minutes: int
+    created_at: float
+    last_updated_at: float
+    source: EndRecord
+    destination: EndRecord
+    tags: dict[str, str] = attrs.field(factory=dict)
+    status: str = OPEN
+
+    def end(self, mode: str) -> EndRecord:
+        """The L{EndRecord} for C{mode} (L{SOURCE} or L{DESTINATION})."""
+        return self.source if mode == SOURCE else self.destination
+
+
+class ITunnelStore(Protocol):
+    """
+    Keeps tunnel records and the index from token hash to tunnel end.
+
+    (A L{typing.Protocol} rather than a zope interface, so that mypy checks
+    implementations without a plugin.)
+    """
+
+    def add(self, record: TunnelRecord) -> None:
+        """Keep a new record."""
+        ...
+
+    def save(self, record: TunnelRecord) -> None:
+        """Record that C{record} (already added) has changed."""
+        ...
+
+    def get(self, tunnel_id: str) -> TunnelRecord | None:
+        """The record for C{tunnel_id}, or L{None}."""
+        ...
+
+    def remove(self, tunnel_id: str) -> None:
+        """Forget a tunnel (nothing happens if it is unknown)."""
+        ...
+
+    def find_token(self, token_hash: bytes) -> tuple[TunnelRecord, str] | None:
+        """The tunnel and end (L{SOURCE}/L{DESTINATION}) whose current token has this hash."""
+        ...
+
+    def newest_first(self) -> Iterator[TunnelRecord]:
+        """Every record, the most recently created first."""
+        ...
+
+
+class MemoryTunnelStore:
+    """An L{ITunnelStore} in a few dictionaries; nothing survives a restart."""
+
+    def __init__(self) -> None:
+        self._tunnels: dict[str, TunnelRecord] = {}
+        self._tokens: dict[bytes, tuple[str, str]] = {}
+        self._indexed: dict[str, tuple[bytes, ...]] = {}
+
+    def _unindex(self, tunnel_id: str) -> None:
+        for token_hash in self._indexed.pop(tunnel_id, ()):
+            self._tokens.pop(token_hash, None)
+
+    def _index(self, record: TunnelRecord) -> None:
+        self._unindex(record.tunnel_id)
+        hashes = []
+        for mode in (SOURCE, DESTINATION):
+            token_hash = record.end(mode).token_hash
+            self._tokens[token_hash] = (record.tunnel_id, mode)
+            hashes.append(token_hash)
+        self._indexed[record.tunnel_id] = tuple(hashes)
+
+    def add(self, record: TunnelRecord) -> None:
+        if record.tunnel_id in self._tunnels:
+            raise KeyError(f"tunnel {record.tunnel_id} already stored")
+        self._tunnels[record.tunnel_id] = record
+        self._index(record)
+
+    def save(self, record: TunnelRecord) -> None:
+        if record.tunnel_id not in self._tunnels:
+            raise KeyError(f"tunnel {record.tunnel_id} is not stored")
+        self._tunnels[record.tunnel_id] = record
+        self._index(record)
+
+    def get(self, tunnel_id: str) -> TunnelRecord | None:
+        return self._tunnels.get(tunnel_id)
+
+    def remove(self, tunnel_id: str) -> None:
+        self._tunnels.pop(tunnel_id, None)
+        self._unindex(tunnel_id)
+
+    def find_token(self, token_hash: bytes) -> tuple[TunnelRecord, str] | None:
+        found = self._tokens.get(token_hash)
+        if found is None:
+            return None
+        tunnel_id, mode = found
+        return self._tunnels[tunnel_id], mode
+
+    def newest_first(self) -> Iterator[TunnelRecord]:
+        # Records are only ever appended, so insertion order is creation order.
+        return reversed(self._tunnels.values())

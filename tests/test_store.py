@@ -1,0 +1,77 @@
+"""
+Tests for L{lpxy.tunnelservice.store}.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy.tunnelservice.store import (
+    DESTINATION,
+    SOURCE,
+    EndRecord,
+    ITunnelStore,
+    MemoryTunnelStore,
+    TunnelRecord,
+)
+
+
+def record(tunnel_id: str, sequence: int) -> TunnelRecord:
+    return TunnelRecord(
+        tunnel_id=tunnel_id,
+        arn="arn:" + tunnel_id,
+        sequence=sequence,
+        description=None,
+        thing_name=None,
+        services=(),
+        lifetime_minutes=720,
+        created_at=1.0,
+        last_updated_at=1.0,
+        source=EndRecord(token_hash=tunnel_id.encode() + b"-s", last_updated_at=1.0),
+        destination=EndRecord(token_hash=tunnel_id.encode() + b"-d", last_updated_at=1.0),
+    )
+
+
+class MemoryTunnelStoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store: ITunnelStore = MemoryTunnelStore()
+
+    def test_add_get_remove(self) -> None:
+        r = record("a", 1)
+        self.store.add(r)
+        self.assertIs(self.store.get("a"), r)
+        self.assertIsNone(self.store.get("b"))
+        self.store.remove("a")
+        self.assertIsNone(self.store.get("a"))
+        self.assertIsNone(self.store.find_token(b"a-s"))
+        self.store.remove("a")
+
+    def test_add_twice(self) -> None:
+        self.store.add(record("a", 1))
+        self.assertRaises(KeyError, self.store.add, record("a", 2))
+
+    def test_save_unknown(self) -> None:
+        self.assertRaises(KeyError, self.store.save, record("a", 1))
+
+    def test_find_token(self) -> None:
+        r = record("a", 1)
+        self.store.add(r)
+        self.assertEqual(self.store.find_token(b"a-s"), (r, SOURCE))
+        self.assertEqual(self.store.find_token(b"a-d"), (r, DESTINATION))
+        self.assertIsNone(self.store.find_token(b"nope"))
+
+    def test_save_reindexes_tokens(self) -> None:
+        r = record("a", 1)
+        self.store.add(r)
+        r.source.token_hash = b"new"
+        self.store.save(r)
+        self.assertIsNone(self.store.find_token(b"a-s"))
+        self.assertEqual(self.store.find_token(b"new"), (r, SOURCE))
+        self.assertEqual(self.store.find_token(b"a-d"), (r, DESTINATION))
+
+    def test_newest_first(self) -> None:
+        for i, name in enumerate("abc"):
+            self.store.add(record(name, i + 1))
+        self.store.save(self.store.get("a"))  # type: ignore[arg-type]
+        self.assertEqual([r.tunnel_id for r in self.store.newest_first()], ["c", "b", "a"])
+
+    def test_tokens_not_in_repr(self) -> None:
+        self.assertNotIn("a-s", repr(record("a", 1)))
