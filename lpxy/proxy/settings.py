@@ -4,14 +4,38 @@ The fine-grained settings tree of the local proxy (protocol.md section 7).
 
 Exactly the reference proxy's keys and defaults, all under
 C{tunneling.proxy.}. L{ProxySettings} is the parsed, typed form the rest of
-the proxy reads.
+the proxy reads; L{export_default_settings} writes the defaults as the
+reference does (every value a string) and L{load_settings} merges a partial
+JSON file over them.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-from attrs import Factory, field, frozen
+from attrs import Factory, evolve, field, fields, frozen
+from twisted.logger import Logger
+
+_log = Logger()
+
+ROOT = ("tunneling", "proxy")
+
+SUBPROTOCOLS = (
+    "aws.iot.securetunneling-1.0",
+    "aws.iot.securetunneling-2.0",
+    "aws.iot.securetunneling-3.0",
+)
+
+
+class SettingsError(ValueError):
+    """
+    A settings file could not be used. The message is one line naming the
+    file or the dotted key and what is expected.
+    """
 
 
 @frozen
@@ -70,3 +94,237 @@ class ProxySettings:
     message: MessageSettings = MessageSettings()
     tcp: TcpSettings = TcpSettings()
     websocket: WebSocketSettings = WebSocketSettings()
+
+
+# What the reference writes, in its order; endpoint_format and
+# tcp.write_buffer_size are honoured but never exported, as there.
+_EXPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("default_bind_address", ()),
+    ("message", (
+        "data_length_size", "data_frame_max_size", "max_payload_size",
+        "max_size",
+    )),
+    ("tcp", (
+        "connection_retry_count", "connection_retry_delay_ms",
+        "read_buffer_size", "max_active_connections",
+    )),
+    ("websocket", (
+        "ping_period_ms", "retry_delay_ms", "connect_retry_count",
+        "reconnect_on_data_error", "subprotocol", "max_frame_size",
+        "write_buffer_size", "read_buffer_size",
+    )),
+    ("region_endpoint_overrides", ()),
+)
+
+# The smallest value each integer setting accepts; -1 means "for ever".
+_MINIMUM = {
+    "connection_retry_count": -1,
+    "connect_retry_count": -1,
+    "connection_retry_delay_ms": 0,
+    "retry_delay_ms": 0,
+}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def default_settings_tree() -> dict[str, Any]:
+    """
+    The default settings as the nested, all-string tree the reference
+    exports.
+    """
+    defaults = ProxySettings()
+    proxy: dict[str, Any] = {}
+    for name, children in _EXPORTED:
+        value = getattr(defaults, name)
+        if name == "region_endpoint_overrides":
+            proxy[name] = dict(value)
+        elif children:
+            proxy[name] = {child: _text(getattr(value, child)) for child in children}
+        else:
+            proxy[name] = _text(value)
+    return {ROOT[0]: {ROOT[1]: proxy}}
+
+
+def export_default_settings(path: str | Path) -> None:
+    """
+    Write the default settings to C{path} exactly as the reference proxy
+    does: 4-space indentation, values as strings, a final newline.
+
+    @raise OSError: when the file cannot be written.
+    """
+    text = json.dumps(default_settings_tree(), indent=4) + "\n"
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def load_settings(path: str | Path) -> ProxySettings:
+    """
+    Read a settings JSON file and merge it over the defaults.
+
+    Values may be JSON numbers and booleans or the strings the export
+    writes. Unknown keys are logged and ignored.
+
+    @raise SettingsError: when the file is missing, unreadable or not JSON,
+        or a value has the wrong type or range; the message names the file
+        or the dotted key.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"cannot read {path}: {_reason(e)}") from None
+    try:
+        tree = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingsError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno}"
+        ) from None
+    return merge_settings(ProxySettings(), tree)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def merge_settings(base: ProxySettings, tree: object) -> ProxySettings:
+    """
+    Merge a parsed settings tree (the JSON object) over C{base}.
+
+    @raise SettingsError: for a value of the wrong type or range.
+    """
+    proxy = _descend(tree, ROOT)
+    if proxy is None:
+        return base
+    changes: dict[str, Any] = {}
+    for name, value in proxy.items():
+        key = _dotted(name)
+        if name in ("message", "tcp", "websocket"):
+            changes[name] = _mergeGroup(getattr(base, name), value, key)
+        elif name == "region_endpoint_overrides":
+            changes[name] = _mergeOverrides(base.region_endpoint_overrides, value)
+        elif name == "default_bind_address":
+            changes[name] = _string(value, key)
+        elif name == "endpoint_format":
+            changes[name] = _endpointFormat(value, key)
+        else:
+            _unknown(key)
+    return evolve(base, **changes)
+
+
+def _descend(tree: object, path: tuple[str, ...]) -> Mapping[str, Any] | None:
+    walked: list[str] = []
+    for name in path:
+        if not isinstance(tree, Mapping):
+            where = ".".join(walked) or "the top level"
+            raise SettingsError(f"{where}: expected a JSON object")
+        for other in tree:
+            if other != name:
+                _unknown(".".join([*walked, other]))
+        walked.append(name)
+        if name not in tree:
+            return None
+        tree = tree[name]
+    if not isinstance(tree, Mapping):
+        raise SettingsError(f"{'.'.join(walked)}: expected a JSON object")
+    return tree
+
+
+def _dotted(*names: str) -> str:
+    return ".".join([*ROOT, *names])
+
+
+def _unknown(key: str) -> None:
+    _log.warn("Ignoring unknown setting {key}", key=key)
+
+
+def _mergeGroup(group: Any, value: object, key: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"{key}: expected a JSON object")
+    known = {a.name: a for a in fields(type(group))}
+    changes: dict[str, Any] = {}
+    for name, item in value.items():
+        itemKey = f"{key}.{name}"
+        attribute = known.get(name)
+        if attribute is None:
+            _unknown(itemKey)
+        elif attribute.type in (bool, "bool"):
+            changes[name] = _boolean(item, itemKey)
+        elif attribute.type in (int, "int"):
+            changes[name] = _integer(item, itemKey, _MINIMUM.get(name, 1))
+        elif name == "subprotocol":
+            changes[name] = _subprotocol(item, itemKey)
+        else:
+            changes[name] = _string(item, itemKey)
+    return evolve(group, **changes)
+
+
+def _mergeOverrides(base: Mapping[str, str], value: object) -> Mapping[str, str]:
+    key = _dotted("region_endpoint_overrides")
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"{key}: expected a JSON object of region: host")
+    merged = dict(base)
+    for region, host in value.items():
+        merged[region] = _string(host, f"{key}.{region}")
+    return merged
+
+
+_INTEGER = re.compile(r"-?[0-9]+\Z")
+
+
+def _integer(value: object, key: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and _INTEGER.match(value.strip()):
+        number = int(value.strip())
+    else:
+        number = None
+    if number is None:
+        raise SettingsError(f"{key}: expected an integer, got {_shown(value)}")
+    if number < minimum:
+        raise SettingsError(f"{key}: expected an integer >= {minimum}, got {number}")
+    return number
+
+
+def _boolean(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise SettingsError(
+        f"{key}: expected a boolean (true or false), got {_shown(value)}"
+    )
+
+
+def _string(value: object, key: str) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise SettingsError(f"{key}: expected a non-empty string, got {_shown(value)}")
+
+
+def _subprotocol(value: object, key: str) -> str:
+    text = _string(value, key)
+    if text not in SUBPROTOCOLS:
+        raise SettingsError(
+            f"{key}: expected one of {', '.join(SUBPROTOCOLS)}, got {_shown(value)}"
+        )
+    return text
+
+
+def _endpointFormat(value: object, key: str) -> str:
+    text = _string(value, key)
+    if text.count("%s") != 1 or "%" in text.replace("%s", ""):
+        raise SettingsError(
+            f"{key}: expected a host name holding one %s for the region,"
+            f" got {_shown(value)}"
+        )
+    return text
+
+
+def _shown(value: object) -> str:
+    return json.dumps(value)[:80]
