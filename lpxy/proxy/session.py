@@ -1,0 +1,593 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+The tunnel's protocol state, with no I/O.
+
+A L{Session} knows which services the tunnel carries, which stream of each
+service is active, and which connections that stream holds. It is told what
+arrived (L{Session.received}) and what happened locally
+(L{Session.open_channel}, L{Session.local_closed}) and answers through a
+small injected L{SessionActions} object: records to send, bytes to deliver,
+local sockets to open or close. protocol.md section 4 is the rule book.
+
+One L{Session} lives as long as the proxy; L{Session.connected} and
+L{Session.disconnected} bracket each WebSocket session. Stream and
+connection ids restart at 1 after a reconnect; the service map resolved from
+the first SERVICE_IDS is kept.
+
+Wire formats: 1 (no serviceId, no connectionId), 2 (serviceId, one
+connection per stream), 3 (serviceId and connectionId, many connections per
+stream). A source speaks the format of its subprotocol unless
+C{-y V1|V2} lowers it; a destination starts from its subprotocol and, per
+service, follows the first start it gets in a WebSocket session
+(connectionId 0 means a V1/V2 source).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Literal, Protocol
+
+from attrs import define, field, frozen
+from twisted.logger import Logger
+
+from lpxy.frames import Message
+
+__all__ = [
+    "Channel",
+    "ProtocolViolation",
+    "ServiceBinding",
+    "ServiceMismatch",
+    "Session",
+    "SessionActions",
+    "SessionError",
+    "subprotocol_version",
+]
+
+_T = Message.Type
+DATA = Message.DATA
+STREAM_START = Message.STREAM_START
+STREAM_RESET = Message.STREAM_RESET
+SESSION_RESET = Message.SESSION_RESET
+SERVICE_IDS = Message.SERVICE_IDS
+CONNECTION_START = Message.CONNECTION_START
+CONNECTION_RESET = Message.CONNECTION_RESET
+_KNOWN_TYPES = frozenset(
+    [DATA, STREAM_START, STREAM_RESET, SESSION_RESET, SERVICE_IDS,
+     CONNECTION_START, CONNECTION_RESET]
+)
+_MAX_STREAM_ID = 2**31 - 1
+
+
+class SessionError(Exception):
+    """The tunnel cannot go on as it is; the message says why."""
+
+
+class ProtocolViolation(SessionError):
+    """
+    The peer broke the protocol in a way that ends the WebSocket session:
+    a message of type UNKNOWN (0) or an unknown type not marked ignorable.
+    """
+
+
+class ServiceMismatch(SessionError):
+    """
+    The services the tunnel announced do not fit the local map (a named map
+    that does not name exactly the announced ids, or a destination whose
+    config-dir lacks an announced id). Reconnecting does not help.
+    """
+
+
+def subprotocol_version(subprotocol: str) -> int:
+    """
+    The protocol version (1, 2 or 3) a subprotocol name such as
+    C{aws.iot.securetunneling-3.0} stands for; 3 when it names none.
+    """
+    for version in (1, 2, 3):
+        if subprotocol.endswith(f"-{version}.0"):
+            return version
+    return 3
+
+
+@frozen
+class ServiceBinding:
+    """
+    One service of the tunnel as the proxy serves it.
+
+    @ivar key: the key of the local map (C{source_ports} or
+        C{destination_apps}) this service uses; C{""} for the unnamed single
+        mapping, L{None} for an announced id no map knows (a source then
+        listens on a random port).
+    @ivar service_id: the tunnel's service id (C{""} when the tunnel
+        announced none, or in V1).
+    """
+
+    key: str | None
+    service_id: str
+
+
+@define(eq=False)
+class Channel:
+    """
+    One local connection's place in the tunnel: the ids its records carry.
+
+    The I/O layer keeps its own object for the connection in C{peer}. A
+    channel is current until the session closes it (C{open} false); a
+    replaced or reset channel never gets data again, and closing it locally
+    sends nothing.
+    """
+
+    binding: ServiceBinding
+    wire_service_id: str
+    stream_id: int
+    connection_id: int
+    header: bytes = field(repr=False)
+    peer: object = field(default=None, repr=False)
+    open: bool = True
+
+
+class SessionActions(Protocol):
+    """What a L{Session} asks of the I/O around it."""
+
+    def send(self, message: Message) -> None:
+        """Send a control record to the tunnel."""
+
+    def deliver(self, channel: Channel, data: bytes) -> None:
+        """Write C{data} to C{channel}'s local socket."""
+
+    def open_local(self, channel: Channel) -> None:
+        """Destination: connect C{channel} to its local application."""
+
+    def close_local(self, channel: Channel) -> None:
+        """Close C{channel}'s local socket once what was delivered is flushed."""
+
+    def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
+        """The service map is settled for this WebSocket session."""
+
+
+@define(eq=False)
+class _Service:
+    binding: ServiceBinding
+    wire_id: str
+    stream_id: int = 0
+    last_stream_id: int = 0
+    next_connection_id: int = 1
+    channels: dict[int, Channel] = field(factory=dict)
+    format: int = 3
+    learned: bool = False
+
+
+def _data_header(wire_service_id: str, stream_id: int, connection_id: int) -> bytes:
+    return Message(
+        type=DATA,
+        streamId=stream_id,
+        serviceId=wire_service_id,
+        connectionId=connection_id,
+    ).SerializeToString()
+
+
+class Session:
+    """
+    The decisions of one local proxy about streams and connections.
+
+    @param mode: C{"source"} or C{"destination"}.
+    @param keys: the keys of the local map (C{""} alone for an unnamed
+        single mapping; empty when the map comes from a config dir that
+        named nothing).
+    @param actions: where decisions go.
+    @param subprotocol: the subprotocol offered (and required back).
+    @param client_type: a source's C{-y V1|V2}, or L{None}.
+    @param max_connections: the most simultaneous connections of one
+        service (V3).
+    @param from_config_dir: the map came from C{--config-dir} files.
+    @param trace: log every record (verbosity 6 and up).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        mode: Literal["source", "destination"],
+        keys: Collection[str],
+        actions: SessionActions,
+        *,
+        subprotocol: str = "aws.iot.securetunneling-3.0",
+        client_type: str | None = None,
+        max_connections: int = 128,
+        from_config_dir: bool = False,
+        trace: bool = False,
+    ) -> None:
+        self.mode = mode
+        self._keys = list(keys)
+        self._actions = actions
+        self.version = subprotocol_version(subprotocol)
+        fmt = self.version
+        if mode == "source" and client_type in ("V1", "V2"):
+            fmt = min(fmt, int(client_type[1]))
+        self.format = fmt
+        self._max_connections = max(1, max_connections)
+        self._from_config_dir = from_config_dir
+        self._trace = trace
+        self._bindings: list[ServiceBinding] | None = None
+        self._services: dict[str, _Service] = {}
+        self.connected_now = False
+        self._ids_seen = False
+
+    # -- WebSocket session bracket ---------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """The service map is settled for the current WebSocket session."""
+        return self.connected_now and (self.version == 1 or self._ids_seen)
+
+    @property
+    def bindings(self) -> Sequence[ServiceBinding]:
+        """The services as resolved (empty before the first resolution)."""
+        return list(self._bindings or ())
+
+    def connected(self) -> None:
+        """A WebSocket session began; in V1 the map is settled at once."""
+        self.connected_now = True
+        self._ids_seen = False
+        for service in self._services.values():
+            service.last_stream_id = 0
+            service.next_connection_id = 1
+            service.format = self.format
+            service.learned = False
+        if self.version == 1:
+            if self._bindings is None:
+                keys = self._keys or [""]
+                self._install([ServiceBinding(keys[0], "")])
+            self._actions.services_ready(self.bindings)
+
+    def disconnected(self) -> None:
+        """The WebSocket session ended: every stream is dead."""
+        self.connected_now = False
+        self._ids_seen = False
+        self.reset_all()
+
+    def reset_all(self) -> None:
+        """Close every local connection of every service, sending nothing."""
+        for service in self._services.values():
+            self._end_stream(service)
+
+    # -- local events ----------------------------------------------------
+
+    def open_channel(self, binding: ServiceBinding) -> Channel | None:
+        """
+        Source: a local client was accepted for the service C{binding}
+        (one of those given to L{SessionActions.services_ready}). Starts a
+        stream (or, in V3, adds a connection to the active one) and returns
+        its channel, or L{None} when the client must be refused (not
+        connected, unknown service, too many connections).
+        """
+        service = self._services.get(binding.service_id)
+        if service is None or service.binding != binding or not self.ready or self.mode != "source":
+            return None
+        if service.format < 3:
+            if service.stream_id:
+                self._log.info(
+                    "A new client on service {service_id!r} replaces the "
+                    "active stream {stream_id}",
+                    service_id=service.wire_id,
+                    stream_id=service.stream_id,
+                )
+                self._end_stream(service)
+            return self._start_stream(service, 0)
+        if len(service.channels) >= self._max_connections:
+            self._log.warn(
+                "Refusing a client of service {service_id!r}: "
+                "{count} connections are active (tcp.max_active_connections)",
+                service_id=service.wire_id,
+                count=len(service.channels),
+            )
+            return None
+        connection_id = service.next_connection_id
+        service.next_connection_id += 1
+        if not service.stream_id:
+            return self._start_stream(service, connection_id)
+        channel = self._new_channel(service, connection_id)
+        self._send(CONNECTION_START, service, connection_id)
+        return channel
+
+    def local_closed(self, channel: Channel) -> None:
+        """
+        A local socket closed or failed to connect: tell the peer, unless
+        the session had already closed the channel.
+        """
+        if not channel.open:
+            return
+        channel.open = False
+        service = self._services.get(channel.binding.service_id)
+        if (
+            service is None
+            or service.stream_id != channel.stream_id
+            or service.channels.get(channel.connection_id) is not channel
+        ):
+            return
+        del service.channels[channel.connection_id]
+        if service.format >= 3 and channel.connection_id:
+            self._send(CONNECTION_RESET, service, channel.connection_id)
+        else:
+            self._send(STREAM_RESET, service, 0)
+            self._end_stream(service)
+
+    # -- received records --------------------------------------------------
+
+    def received(self, message: Message) -> None:
+        """
+        Act on one record from the tunnel.
+
+        @raise ProtocolViolation: for a record of type UNKNOWN or of an
+            unknown type not marked ignorable.
+        @raise ServiceMismatch: when SERVICE_IDS cannot fit the local map.
+        """
+        kind = message.type
+        if kind == DATA:
+            self._data(message)
+        elif kind == STREAM_START:
+            self._stream_start(message)
+        elif kind == STREAM_RESET:
+            self._stream_reset(message)
+        elif kind == CONNECTION_START:
+            self._connection_start(message)
+        elif kind == CONNECTION_RESET:
+            self._connection_reset(message)
+        elif kind == SESSION_RESET:
+            self._log.info("The service reset the session: closing every stream")
+            self.reset_all()
+        elif kind == SERVICE_IDS:
+            self._service_ids(message.availableServiceIds)
+        elif kind == Message.UNKNOWN:
+            raise ProtocolViolation("received a record of type UNKNOWN (0)")
+        elif message.ignorable:
+            self._log.debug("Ignoring a record of unknown type {type}", type=int(kind))
+        else:
+            raise ProtocolViolation(
+                f"received a record of unknown type {int(kind)} not marked ignorable"
+            )
+
+    def _data(self, message: Message) -> None:
+        service = self._lookup(message.serviceId)
+        if service is None or not service.stream_id or service.stream_id != message.streamId:
+            if self._trace:
+                self._log.debug(
+                    "Dropping DATA for stale stream {stream_id} of {service_id!r}",
+                    stream_id=message.streamId,
+                    service_id=message.serviceId,
+                )
+            return
+        channel = service.channels.get(message.connectionId if service.format >= 3 else 0)
+        if channel is None:
+            if self._trace:
+                self._log.debug(
+                    "Dropping DATA for unknown connection {connection_id} of {service_id!r}",
+                    connection_id=message.connectionId,
+                    service_id=message.serviceId,
+                )
+            return
+        if self._trace:
+            self._log.debug(
+                "DATA {size} bytes for {service_id!r} stream {stream_id} "
+                "connection {connection_id}",
+                size=len(message.payload),
+                service_id=service.wire_id,
+                stream_id=channel.stream_id,
+                connection_id=channel.connection_id,
+            )
+        self._actions.deliver(channel, message.payload)
+
+    def _stream_start(self, message: Message) -> None:
+        if self.mode != "destination":
+            self._log.warn("Ignoring a STREAM_START sent to a source")
+            return
+        if not self.ready:
+            self._log.warn("Ignoring a STREAM_START that came before SERVICE_IDS")
+            return
+        stream_id = message.streamId
+        service = self._lookup(message.serviceId)
+        if stream_id <= 0 or service is None:
+            self._log.warn(
+                "Ignoring a STREAM_START with stream id {stream_id} for service "
+                "{service_id!r}: {why}",
+                stream_id=stream_id,
+                service_id=message.serviceId,
+                why="invalid stream id" if service is not None else "service not mapped",
+            )
+            return
+        if stream_id == service.stream_id:
+            return
+        if service.stream_id:
+            self._log.info(
+                "Stream {new} of service {service_id!r} replaces stream {old}",
+                new=stream_id,
+                old=service.stream_id,
+                service_id=service.wire_id,
+            )
+            self._end_stream(service)
+        if not service.learned:
+            service.learned = True
+            if message.connectionId == 0:
+                service.format = min(service.format, 2)
+                if self.format >= 3:
+                    self._log.info(
+                        "Service {service_id!r}: the source speaks V2 (no connection ids)",
+                        service_id=message.serviceId,
+                    )
+        service.wire_id = message.serviceId
+        service.stream_id = stream_id
+        connection_id = message.connectionId if service.format >= 3 else 0
+        channel = self._new_channel(service, connection_id)
+        self._actions.open_local(channel)
+
+    def _connection_start(self, message: Message) -> None:
+        if self.mode != "destination":
+            self._log.warn("Ignoring a CONNECTION_START sent to a source")
+            return
+        service = self._lookup(message.serviceId)
+        if (
+            service is None
+            or not service.stream_id
+            or service.stream_id != message.streamId
+            or service.format < 3
+            or message.connectionId == 0
+        ):
+            self._log.warn(
+                "Ignoring a CONNECTION_START for stream {stream_id} connection "
+                "{connection_id} of {service_id!r}: no such active stream",
+                stream_id=message.streamId,
+                connection_id=message.connectionId,
+                service_id=message.serviceId,
+            )
+            return
+        connection_id = message.connectionId
+        if connection_id in service.channels or len(service.channels) >= self._max_connections:
+            self._log.warn(
+                "Refusing connection {connection_id} of {service_id!r}: {why}",
+                connection_id=connection_id,
+                service_id=service.wire_id,
+                why=("already active" if connection_id in service.channels
+                     else "too many active connections"),
+            )
+            self._send(CONNECTION_RESET, service, connection_id)
+            return
+        channel = self._new_channel(service, connection_id)
+        self._actions.open_local(channel)
+
+    def _stream_reset(self, message: Message) -> None:
+        service = self._lookup(message.serviceId)
+        if service is None or not service.stream_id or service.stream_id != message.streamId:
+            self._log.debug(
+                "Ignoring STREAM_RESET for inactive stream {stream_id} of {service_id!r}",
+                stream_id=message.streamId,
+                service_id=message.serviceId,
+            )
+            return
+        self._log.info(
+            "The peer reset stream {stream_id} of service {service_id!r}",
+            stream_id=service.stream_id,
+            service_id=service.wire_id,
+        )
+        self._end_stream(service)
+
+    def _connection_reset(self, message: Message) -> None:
+        service = self._lookup(message.serviceId)
+        if service is None or not service.stream_id or service.stream_id != message.streamId:
+            return
+        key = message.connectionId if service.format >= 3 else 0
+        channel = service.channels.pop(key, None)
+        if channel is None:
+            return
+        channel.open = False
+        self._actions.close_local(channel)
+
+    # -- SERVICE_IDS ---------------------------------------------------------
+
+    def _service_ids(self, received: Iterable[str]) -> None:
+        if self._ids_seen or not self.connected_now or self.version == 1:
+            self._log.debug("Ignoring a repeated SERVICE_IDS")
+            return
+        ids = list(dict.fromkeys(received))
+        if self._bindings is None:
+            self._install(self._resolve(ids))
+        else:
+            expected = sorted(b.service_id for b in self._bindings)
+            fresh = self._resolve(ids)
+            if sorted(b.service_id for b in fresh) != expected:
+                raise ServiceMismatch(
+                    f"after reconnecting, the tunnel announced services {ids}, "
+                    f"not {expected}"
+                )
+        self._ids_seen = True
+        self._log.info(
+            "The tunnel announced services {service_ids}", service_ids=ids
+        )
+        self._actions.services_ready(self.bindings)
+
+    def _resolve(self, ids: list[str]) -> list[ServiceBinding]:
+        keys = self._keys
+        wire = (lambda sid: "") if self.format == 1 else (lambda sid: sid)
+        if keys == [""]:
+            return [ServiceBinding("", wire(ids[0]) if len(ids) == 1 else "")]
+        if not self._from_config_dir and keys:
+            if sorted(keys) != sorted(ids):
+                raise ServiceMismatch(
+                    f"the tunnel's services {sorted(ids)} do not match the "
+                    f"mapped services {sorted(keys)}; map exactly the tunnel's services"
+                )
+            return [ServiceBinding(k, wire(k)) for k in keys]
+        bindings = []
+        for sid in ids:
+            if sid in keys:
+                bindings.append(ServiceBinding(sid, wire(sid)))
+            elif self.mode == "destination":
+                raise ServiceMismatch(
+                    f"service {sid!r} of the tunnel is found in no --config-dir file"
+                )
+            else:
+                self._log.info(
+                    "Service {service_id!r} is found in no config file: "
+                    "listening on a random port",
+                    service_id=sid,
+                )
+                bindings.append(ServiceBinding(None, wire(sid)))
+        return bindings
+
+    def _install(self, bindings: list[ServiceBinding]) -> None:
+        self._bindings = bindings
+        self._services = {}
+        for binding in bindings:
+            service = _Service(binding, binding.service_id, format=self.format)
+            self._services[binding.service_id] = service
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _lookup(self, service_id: str) -> _Service | None:
+        service = self._services.get(service_id)
+        if service is None and (self.format == 1 or service_id == "") and len(self._services) == 1:
+            # A V1 peer names no service; a V1 proxy ignores the names.
+            service = next(iter(self._services.values()))
+        return service
+
+    def _start_stream(self, service: _Service, connection_id: int) -> Channel:
+        stream_id = service.last_stream_id + 1
+        if stream_id > _MAX_STREAM_ID:
+            stream_id = 1
+        service.last_stream_id = service.stream_id = stream_id
+        channel = self._new_channel(service, connection_id)
+        self._send(STREAM_START, service, connection_id)
+        return channel
+
+    def _new_channel(self, service: _Service, connection_id: int) -> Channel:
+        channel = Channel(
+            service.binding,
+            service.wire_id,
+            service.stream_id,
+            connection_id,
+            _data_header(service.wire_id, service.stream_id, connection_id),
+        )
+        service.channels[connection_id] = channel
+        return channel
+
+    def _end_stream(self, service: _Service) -> None:
+        service.stream_id = 0
+        channels, service.channels = service.channels, {}
+        for channel in channels.values():
+            channel.open = False
+            self._actions.close_local(channel)
+
+    def _send(self, kind: _T, service: _Service, connection_id: int) -> None:
+        message = Message(
+            type=kind,
+            streamId=service.stream_id,
+            serviceId=service.wire_id,
+            connectionId=connection_id,
+        )
+        if self._trace:
+            self._log.debug(
+                "Sending {type} for {service_id!r} stream {stream_id} connection {connection_id}",
+                type=Message.Type.Name(kind),
+                service_id=service.wire_id,
+                stream_id=service.stream_id,
+                connection_id=connection_id,
+            )
+        self._actions.send(message)

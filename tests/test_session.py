@@ -1,0 +1,435 @@
+"""
+Tests for L{lpxy.proxy.session}: the protocol decisions of V1, V2 and V3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy.frames import Message
+from lpxy.proxy.session import (
+    Channel,
+    ProtocolViolation,
+    ServiceBinding,
+    ServiceMismatch,
+    Session,
+    SessionError,
+    subprotocol_version,
+)
+
+V1 = "aws.iot.securetunneling-1.0"
+V2 = "aws.iot.securetunneling-2.0"
+V3 = "aws.iot.securetunneling-3.0"
+
+
+class Recorder:
+    """A L{SessionActions} that records what the session asks for."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.delivered: list[tuple[Channel, bytes]] = []
+        self.opened: list[Channel] = []
+        self.closed: list[Channel] = []
+        self.ready: list[Sequence[ServiceBinding]] = []
+
+    def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    def deliver(self, channel: Channel, data: bytes) -> None:
+        self.delivered.append((channel, data))
+
+    def open_local(self, channel: Channel) -> None:
+        self.opened.append(channel)
+
+    def close_local(self, channel: Channel) -> None:
+        self.closed.append(channel)
+
+    def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
+        self.ready.append(bindings)
+
+    def kinds(self) -> list[tuple[str, int, str, int]]:
+        return [
+            (Message.Type.Name(m.type), m.streamId, m.serviceId, m.connectionId)
+            for m in self.sent
+        ]
+
+
+def msg(kind: str, stream: int = 0, service: str = "", connection: int = 0,
+        payload: bytes = b"", ids: Sequence[str] = (), ignorable: bool = False) -> Message:
+    return Message(
+        type=getattr(Message, kind) if isinstance(kind, str) else kind,
+        streamId=stream, serviceId=service, connectionId=connection,
+        payload=payload, availableServiceIds=ids, ignorable=ignorable,
+    )
+
+
+def make(mode: str = "source", keys: Sequence[str] = ("SSH",), ids: Sequence[str] | None = ("SSH",),
+         **kw: object) -> tuple[Session, Recorder]:
+    actions = Recorder()
+    session = Session(mode, keys, actions, **kw)  # type: ignore[arg-type]
+    session.connected()
+    if ids is not None and session.version > 1:
+        session.received(msg("SERVICE_IDS", ids=ids))
+    return session, actions
+
+
+class VersionTests(SynchronousTestCase):
+    def test_subprotocols(self) -> None:
+        self.assertEqual(
+            [subprotocol_version(s) for s in (V1, V2, V3, "other")], [1, 2, 3, 3]
+        )
+
+
+class SourceV3Tests(SynchronousTestCase):
+    def test_ready_after_service_ids(self) -> None:
+        actions = Recorder()
+        session = Session("source", ["SSH"], actions)
+        session.connected()
+        self.assertFalse(session.ready)
+        self.assertEqual(actions.ready, [])
+        self.assertIsNone(session.open_channel(ServiceBinding("SSH", "SSH")))
+        session.received(msg("SERVICE_IDS", ids=["SSH"]))
+        self.assertTrue(session.ready)
+        self.assertEqual(actions.ready, [[ServiceBinding("SSH", "SSH")]])
+
+    def test_connections(self) -> None:
+        session, actions = make()
+        (binding,) = session.bindings
+        first = session.open_channel(binding)
+        second = session.open_channel(binding)
+        assert first is not None and second is not None
+        self.assertEqual(
+            actions.kinds(),
+            [("STREAM_START", 1, "SSH", 1), ("CONNECTION_START", 1, "SSH", 2)],
+        )
+        session.received(msg("DATA", 1, "SSH", 2, b"two"))
+        session.received(msg("DATA", 1, "SSH", 1, b"one"))
+        session.received(msg("DATA", 2, "SSH", 1, b"stale"))
+        session.received(msg("DATA", 1, "SSH", 9, b"unknown"))
+        session.received(msg("DATA", 1, "HTTP", 1, b"other service"))
+        self.assertEqual(actions.delivered, [(second, b"two"), (first, b"one")])
+
+        session.local_closed(first)
+        self.assertEqual(actions.kinds()[-1], ("CONNECTION_RESET", 1, "SSH", 1))
+        session.local_closed(first)
+        self.assertEqual(len(actions.sent), 3)
+        third = session.open_channel(binding)
+        assert third is not None
+        self.assertEqual(actions.kinds()[-1], ("CONNECTION_START", 1, "SSH", 3))
+
+    def test_header_is_data_record(self) -> None:
+        session, _actions = make()
+        channel = session.open_channel(session.bindings[0])
+        assert channel is not None
+        parsed = Message.FromString(channel.header + b"\x22\x03abc")
+        self.assertEqual(
+            (parsed.type, parsed.streamId, parsed.serviceId, parsed.connectionId, parsed.payload),
+            (Message.DATA, 1, "SSH", 1, b"abc"),
+        )
+
+    def test_max_connections_refused(self) -> None:
+        session, actions = make(max_connections=2)
+        binding = session.bindings[0]
+        self.assertIsNotNone(session.open_channel(binding))
+        self.assertIsNotNone(session.open_channel(binding))
+        self.assertIsNone(session.open_channel(binding))
+        self.assertEqual(len(actions.sent), 2)
+
+    def test_stream_reset_closes_all_then_new_stream(self) -> None:
+        session, actions = make()
+        binding = session.bindings[0]
+        a, b = session.open_channel(binding), session.open_channel(binding)
+        session.received(msg("STREAM_RESET", 1, "SSH"))
+        self.assertEqual(actions.closed, [a, b])
+        session.received(msg("DATA", 1, "SSH", 1, b"late"))
+        self.assertEqual(actions.delivered, [])
+        session.open_channel(binding)
+        self.assertEqual(actions.kinds()[-1], ("STREAM_START", 2, "SSH", 3))
+
+    def test_stale_reset_ignored(self) -> None:
+        session, actions = make()
+        session.open_channel(session.bindings[0])
+        session.received(msg("STREAM_RESET", 7, "SSH"))
+        session.received(msg("CONNECTION_RESET", 1, "SSH", 5))
+        self.assertEqual(actions.closed, [])
+
+    def test_connection_reset(self) -> None:
+        session, actions = make()
+        binding = session.bindings[0]
+        a, b = session.open_channel(binding), session.open_channel(binding)
+        session.received(msg("CONNECTION_RESET", 1, "SSH", 2))
+        self.assertEqual(actions.closed, [b])
+        assert b is not None
+        session.local_closed(b)
+        self.assertEqual(len(actions.sent), 2)
+        session.received(msg("DATA", 1, "SSH", 1, b"x"))
+        self.assertEqual(actions.delivered, [(a, b"x")])
+
+    def test_reconnect_restarts_ids(self) -> None:
+        session, actions = make()
+        binding = session.bindings[0]
+        old = session.open_channel(binding)
+        session.open_channel(binding)
+        session.disconnected()
+        self.assertEqual(len(actions.closed), 2)
+        self.assertIsNone(session.open_channel(binding))
+        session.connected()
+        session.received(msg("SERVICE_IDS", ids=["SSH"]))
+        session.open_channel(binding)
+        self.assertEqual(actions.kinds()[-1], ("STREAM_START", 1, "SSH", 1))
+        sent = len(actions.sent)
+        assert old is not None
+        session.local_closed(old)
+        self.assertEqual(len(actions.sent), sent)
+
+    def test_session_reset(self) -> None:
+        session, actions = make(keys=["A", "B"], ids=["B", "A"])
+        for binding in session.bindings:
+            session.open_channel(binding)
+        session.received(msg("SESSION_RESET"))
+        self.assertEqual(len(actions.closed), 2)
+
+    def test_start_sent_to_source_ignored(self) -> None:
+        session, actions = make()
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        session.received(msg("CONNECTION_START", 1, "SSH", 1))
+        self.assertEqual((actions.opened, actions.sent), ([], []))
+
+
+class SourceOlderDestinationTests(SynchronousTestCase):
+    def test_v2_one_stream_replaced(self) -> None:
+        session, actions = make(client_type="V2")
+        binding = session.bindings[0]
+        first = session.open_channel(binding)
+        second = session.open_channel(binding)
+        self.assertEqual(
+            actions.kinds(), [("STREAM_START", 1, "SSH", 0), ("STREAM_START", 2, "SSH", 0)]
+        )
+        self.assertEqual(actions.closed, [first])
+        session.received(msg("DATA", 2, "SSH", 0, b"x"))
+        session.received(msg("DATA", 1, "SSH", 0, b"stale"))
+        self.assertEqual(actions.delivered, [(second, b"x")])
+        assert first is not None and second is not None
+        session.local_closed(first)
+        self.assertEqual(len(actions.sent), 2)
+        session.local_closed(second)
+        self.assertEqual(actions.kinds()[-1], ("STREAM_RESET", 2, "SSH", 0))
+        session.open_channel(binding)
+        self.assertEqual(actions.kinds()[-1], ("STREAM_START", 3, "SSH", 0))
+
+    def test_v1_no_service_id(self) -> None:
+        session, actions = make(client_type="V1")
+        channel = session.open_channel(session.bindings[0])
+        self.assertEqual(actions.kinds(), [("STREAM_START", 1, "", 0)])
+        session.received(msg("DATA", 1, "", 0, b"x"))
+        self.assertEqual(actions.delivered, [(channel, b"x")])
+
+    def test_v1_subprotocol_ready_at_once(self) -> None:
+        session, actions = make(keys=[""], ids=None, subprotocol=V1)
+        self.assertTrue(session.ready)
+        self.assertEqual(actions.ready, [[ServiceBinding("", "")]])
+        session.received(msg("SERVICE_IDS", ids=["X", "Y"]))
+        self.assertEqual(len(actions.ready), 1)
+        session.open_channel(session.bindings[0])
+        self.assertEqual(actions.kinds(), [("STREAM_START", 1, "", 0)])
+
+    def test_v2_subprotocol(self) -> None:
+        session, actions = make(subprotocol=V2)
+        session.open_channel(session.bindings[0])
+        self.assertEqual(actions.kinds(), [("STREAM_START", 1, "SSH", 0)])
+
+
+class DestinationTests(SynchronousTestCase):
+    def test_v3_peer(self) -> None:
+        session, actions = make("destination")
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        session.received(msg("CONNECTION_START", 1, "SSH", 2))
+        self.assertEqual(
+            [(c.stream_id, c.connection_id) for c in actions.opened], [(1, 1), (1, 2)]
+        )
+        session.received(msg("CONNECTION_START", 1, "SSH", 2))
+        self.assertEqual(actions.kinds(), [("CONNECTION_RESET", 1, "SSH", 2)])
+        one, two = actions.opened
+        session.received(msg("DATA", 1, "SSH", 2, b"b"))
+        self.assertEqual(actions.delivered, [(two, b"b")])
+        session.local_closed(one)
+        self.assertEqual(actions.kinds()[-1], ("CONNECTION_RESET", 1, "SSH", 1))
+
+    def test_replacement(self) -> None:
+        session, actions = make("destination")
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        session.received(msg("STREAM_START", 2, "SSH", 1))
+        first, second = actions.opened
+        self.assertEqual(actions.closed, [first])
+        self.assertEqual(second.stream_id, 2)
+        session.local_closed(first)
+        self.assertEqual(actions.sent, [])
+
+    def test_learns_v2_peer(self) -> None:
+        session, actions = make("destination", keys=["A", "B"], ids=["A", "B"])
+        session.received(msg("STREAM_START", 4, "A", 0))
+        (channel,) = actions.opened
+        session.received(msg("CONNECTION_START", 4, "A", 2))
+        self.assertEqual(len(actions.opened), 1)
+        session.received(msg("DATA", 4, "A", 0, b"x"))
+        self.assertEqual(actions.delivered, [(channel, b"x")])
+        session.local_closed(channel)
+        self.assertEqual(actions.kinds(), [("STREAM_RESET", 4, "A", 0)])
+        session.received(msg("STREAM_START", 1, "B", 3))
+        self.assertEqual(actions.opened[-1].connection_id, 3)
+
+    def test_v1_peer_names_no_service(self) -> None:
+        session, actions = make("destination", keys=[""], ids=None, subprotocol=V1)
+        session.received(msg("STREAM_START", 1, "", 0))
+        (channel,) = actions.opened
+        self.assertEqual(channel.binding, ServiceBinding("", ""))
+        session.received(msg("DATA", 1, "", 0, b"x"))
+        session.local_closed(channel)
+        self.assertEqual(actions.kinds(), [("STREAM_RESET", 1, "", 0)])
+
+    def test_bad_starts_ignored(self) -> None:
+        session, actions = make("destination")
+        session.received(msg("STREAM_START", 0, "SSH", 1))
+        session.received(msg("STREAM_START", 1, "NOPE", 1))
+        session.received(msg("CONNECTION_START", 3, "SSH", 1))
+        self.assertEqual((actions.opened, actions.sent), ([], []))
+
+    def test_start_before_service_ids_ignored(self) -> None:
+        session, actions = make("destination", ids=None)
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        self.assertEqual(actions.opened, [])
+
+    def test_max_connections(self) -> None:
+        session, actions = make("destination", max_connections=1)
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        session.received(msg("CONNECTION_START", 1, "SSH", 2))
+        self.assertEqual(len(actions.opened), 1)
+        self.assertEqual(actions.kinds(), [("CONNECTION_RESET", 1, "SSH", 2)])
+
+
+class ServiceIdsTests(SynchronousTestCase):
+    def test_unnamed_takes_the_one_id(self) -> None:
+        session, _actions = make(keys=[""], ids=["SSH"])
+        self.assertEqual(session.bindings, [ServiceBinding("", "SSH")])
+
+    def test_unnamed_with_no_ids(self) -> None:
+        session, actions = make(keys=[""], ids=[])
+        self.assertEqual(session.bindings, [ServiceBinding("", "")])
+        session.open_channel(session.bindings[0])
+        self.assertEqual(actions.kinds(), [("STREAM_START", 1, "", 1)])
+
+    def test_named_must_match(self) -> None:
+        self.assertRaises(ServiceMismatch, make, keys=["SSH"], ids=["SSH", "HTTP"])
+        self.assertRaises(ServiceMismatch, make, keys=["SSH", "HTTP"], ids=["SSH"])
+        session, _ = make(keys=["SSH", "HTTP"], ids=["HTTP", "SSH", "SSH"])
+        self.assertEqual(
+            sorted(b.service_id for b in session.bindings), ["HTTP", "SSH"]
+        )
+
+    def test_config_dir_source_random_port(self) -> None:
+        session, _actions = make(keys=["SSH"], ids=["SSH", "WEB"], from_config_dir=True)
+        self.assertEqual(
+            session.bindings, [ServiceBinding("SSH", "SSH"), ServiceBinding(None, "WEB")]
+        )
+
+    def test_config_dir_destination_fails(self) -> None:
+        self.assertRaises(
+            ServiceMismatch, make, "destination", keys=["SSH"], ids=["SSH", "WEB"],
+            from_config_dir=True,
+        )
+
+    def test_repeated_ignored(self) -> None:
+        session, actions = make()
+        session.received(msg("SERVICE_IDS", ids=["OTHER"]))
+        self.assertEqual(len(actions.ready), 1)
+
+    def test_changed_after_reconnect(self) -> None:
+        session, _actions = make()
+        session.disconnected()
+        session.connected()
+        self.assertRaises(
+            ServiceMismatch, session.received, msg("SERVICE_IDS", ids=["OTHER"])
+        )
+
+
+class TypeTests(SynchronousTestCase):
+    def test_unknown_type_zero(self) -> None:
+        session, _ = make()
+        self.assertRaises(ProtocolViolation, session.received, msg("UNKNOWN"))
+
+    def test_unknown_types(self) -> None:
+        session, actions = make()
+        session.received(msg(99, ignorable=True))  # type: ignore[arg-type]
+        self.assertEqual(actions.sent, [])
+        self.assertRaises(ProtocolViolation, session.received, msg(99))  # type: ignore[arg-type]
+
+
+_TYPES = st.sampled_from(list(range(0, 9)))
+_MESSAGES = st.builds(
+    lambda kind, stream, service, connection, ignorable, ids: Message(
+        type=kind, streamId=stream, serviceId=service, connectionId=connection,
+        payload=f"{service}/{stream}/{connection}".encode(), ignorable=ignorable,
+        availableServiceIds=ids,
+    ),
+    _TYPES,
+    st.integers(0, 4),
+    st.sampled_from(["A", "B", "", "Z"]),
+    st.integers(0, 4),
+    st.booleans(),
+    st.lists(st.sampled_from(["A", "B", "C"]), max_size=3),
+)
+_LOCAL = st.tuples(st.sampled_from(["open", "close"]), st.integers(0, 3))
+
+
+class PropertyTests(SynchronousTestCase):
+    def _check(self, session: Session, actions: Recorder,
+               steps: list[Message | tuple[str, int]]) -> None:
+        for step in steps:
+            before = len(actions.delivered)
+            if isinstance(step, tuple):
+                op, index = step
+                if op == "open" and session.bindings:
+                    session.open_channel(session.bindings[index % len(session.bindings)])
+                elif op == "close" and actions.opened:
+                    session.local_closed(actions.opened[index % len(actions.opened)])
+                continue
+            try:
+                session.received(step)
+            except SessionError:
+                continue
+            for channel, data in actions.delivered[before:]:
+                # Each DATA goes only to a current channel of its own stream,
+                # service and connection.
+                self.assertTrue(channel.open)
+                self.assertEqual(step.type, Message.DATA)
+                self.assertEqual(data, step.payload)
+                self.assertEqual(channel.stream_id, step.streamId)
+                if channel.wire_service_id:
+                    self.assertEqual(channel.wire_service_id, step.serviceId)
+                if channel.connection_id:
+                    self.assertEqual(channel.connection_id, step.connectionId)
+        for message in actions.sent:
+            self.assertNotEqual(message.streamId, 0)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(_MESSAGES, _LOCAL), max_size=40),
+           st.sampled_from(["source", "destination"]),
+           st.sampled_from([None, "V1", "V2"]))
+    def test_random_sequences(self, steps: list[Message | tuple[str, int]], mode: str,
+                              client_type: str | None) -> None:
+        actions = Recorder()
+        session = Session(mode, ["A", "B"], actions, client_type=client_type,  # type: ignore[arg-type]
+                          max_connections=3)
+        session.connected()
+        try:
+            session.received(msg("SERVICE_IDS", ids=["A", "B"]))
+        except SessionError:
+            self.fail("valid SERVICE_IDS refused")
+        self._check(session, actions, steps)
+        # Every channel the session opened and later closed is closed once.
+        self.assertEqual(len(actions.closed), len(set(map(id, actions.closed))))
