@@ -1,0 +1,401 @@
+# -*- test-case-name: tests.test_tunnel -*-
+"""
+The WebSocket to the tunneling service: handshake, records in and out, ping.
+
+L{TunnelProtocol} is thin, as magic-wormhole's C{WSClient} is: it parses
+and emits, and forwards every event to a L{TunnelEvents} object (the proxy's
+connector) which decides. Records arrive through a L{RecordDecoder}
+(records span and share WebSocket messages). Records to send are queued and
+written together: everything queued in one reactor turn goes out as few
+binary messages as the frame limit allows, each holding whole records, one
+C{transport.write} per message.
+
+Keepalive (protocol.md section 5): a ping right after the handshake and then
+every C{ping_period_ms}, its payload the time in milliseconds as ASCII
+digits; a pong whose payload is not one of ours is ignored; when no pong
+came back for two periods the connection is dead and is dropped. Pings from
+the service are answered by Autobahn.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Protocol, cast
+
+from attrs import frozen
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from lpxy.frames import Message, ProtocolError, RecordDecoder, encode
+
+__all__ = [
+    "Clock",
+    "CloseOutcome",
+    "TunnelEvents",
+    "TunnelFactory",
+    "TunnelProtocol",
+    "describe_rejection",
+    "set_no_delay",
+]
+
+_LENGTH = struct.Struct(">H")
+_PAYLOAD_TAG = b"\x22"  # field 4 (payload), wire type 2 (length-delimited)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def set_no_delay(transport: object) -> None:
+    """
+    Turn Nagle off on C{transport} and every transport it wraps (under TLS
+    or a web-proxy tunnel the socket is a layer or two down).
+    """
+    seen = 0
+    while transport is not None and seen < 4:
+        setter = getattr(transport, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except (AttributeError, OSError, NotImplementedError):
+                pass
+        transport = getattr(transport, "transport", None)
+        seen += 1
+
+
+@frozen
+class CloseOutcome:
+    """
+    How a tunnel connection ended.
+
+    @ivar opened: the WebSocket handshake had completed.
+    @ivar code: the close code the service sent, if any.
+    @ivar reason: the close reason or Autobahn's description of the failure.
+    @ivar http_status: the HTTP status of a refused handshake (not 101).
+    @ivar by_us: we closed it (stopping, or after a protocol error).
+    @ivar dead: no pong came back in two ping periods.
+    """
+
+    opened: bool
+    code: int | None = None
+    reason: str | None = None
+    http_status: int | None = None
+    by_us: bool = False
+    dead: bool = False
+
+
+def describe_rejection(status: int, body: str = "") -> str:
+    """One line saying what a refused handshake's status means."""
+    meanings = {
+        400: "bad request: wrong mode for this token, or a malformed request",
+        401: "unauthorized: the access token is wrong, spent or rotated, "
+             "or the client token does not match",
+        403: "forbidden: the access token is not accepted",
+        404: "not found: wrong endpoint path",
+        429: "too many requests",
+    }
+    meaning = meanings.get(status, "the service refused the connection")
+    detail = " ".join(body.split())[:200]
+    return f"{status} {meaning}" + (f" ({detail})" if detail else "")
+
+
+class TunnelEvents(Protocol):
+    """What the proxy's connector is told about its tunnel connection."""
+
+    def ws_open(self, protocol: TunnelProtocol) -> None:
+        """The handshake completed with the expected subprotocol."""
+
+    def ws_records(self, protocol: TunnelProtocol, messages: list[Message]) -> None:
+        """Whole records arrived, in order."""
+
+    def ws_error(self, protocol: TunnelProtocol, error: ProtocolError) -> None:
+        """The record stream from the service is broken."""
+
+    def ws_close(self, protocol: TunnelProtocol, outcome: CloseOutcome) -> None:
+        """The connection ended (whether or not it had opened)."""
+
+
+class Clock(Protocol):
+    """The part of C{Clock} the proxy uses (typed for mypy)."""
+
+    def seconds(self) -> float:
+        """The current time in seconds."""
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+        """Call C{f} after C{delay} seconds; return an C{IDelayedCall}."""
+
+
+class _ClockTimer:
+    """Autobahn's batched-timer interface on an injected clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.call_later = clock.callLater
+
+
+class TunnelProtocol(WebSocketClientProtocol):
+    """
+    One WebSocket connection to the tunneling service.
+
+    @ivar channel_id: the C{channel-id} header of the 101 answer.
+    """
+
+    _log = Logger()
+    factory: TunnelFactory
+    channel_id: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._opened = False
+        self._by_us = False
+        self._dead = False
+        self._decoder = RecordDecoder()
+        self._queue: list[tuple[int, bytes, Any]] = []
+        self._queued = 0
+        self._flush_call: Any = None
+        self._pinger: LoopingCall | None = None
+        self._pings: dict[bytes, float] = {}
+        self.rtt: float | None = None
+
+    # -- Autobahn callbacks ----------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        set_no_delay(self.transport)
+
+    def onConnect(self, response: Any) -> None:
+        expected = self.factory.subprotocol
+        self.channel_id = response.headers.get("channel-id")
+        if response.protocol != expected:
+            self._by_us = True
+            raise ValueError(
+                f"the service answered without subprotocol {expected!r} "
+                f"(got {response.protocol!r})"
+            )
+
+    def onOpen(self) -> None:
+        self._opened = True
+        period = self.factory.ping_period
+        if period > 0:
+            self._pinger = LoopingCall(self._ping)
+            self._pinger.clock = self.factory.clock  # type: ignore[assignment]
+            self._pinger.start(period, now=True)
+        self.factory.events.ws_open(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not isBinary:
+            self._log.warn("Ignoring a text message from the tunneling service")
+            return
+        try:
+            messages = self._decoder.feed(payload)
+        except ProtocolError as e:
+            self.factory.events.ws_error(self, e)
+            return
+        if messages:
+            self.factory.events.ws_records(self, messages)
+
+    def onPong(self, payload: bytes) -> None:
+        sent = self._pings.get(payload)
+        if sent is None:
+            self._log.debug("Ignoring a pong that answers no ping of ours")
+            return
+        now = self.factory.clock.seconds()
+        self.rtt = now - sent
+        self._pings = {p: t for p, t in self._pings.items() if t > sent}
+        if self.factory.trace:
+            self._log.debug("Pong after {rtt:.3f}s", rtt=self.rtt)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self._pinger = None
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._queue = []
+        status = None
+        if not self._opened:
+            status = self._http_status()
+        outcome = CloseOutcome(
+            opened=self._opened,
+            code=code if wasClean else None,
+            reason=reason or getattr(self, "wasNotCleanReason", None),
+            http_status=status,
+            by_us=self._by_us,
+            dead=self._dead,
+        )
+        self.factory.events.ws_close(self, outcome)
+
+    def _http_status(self) -> int | None:
+        line = getattr(self, "http_status_line", None)
+        if not line:
+            return None
+        parts = line.split()
+        try:
+            status = int(parts[1])
+        except (IndexError, ValueError):
+            return None
+        return None if status == 101 else status
+
+    @property
+    def rejection_body(self) -> str:
+        """The text after the headers of a refused handshake, if any."""
+        data = getattr(self, "data", b"") or b""
+        end = data.find(b"\r\n\r\n")
+        body = data[end + 4 :] if end >= 0 else b""
+        return body[:400].decode("utf-8", "replace")
+
+    # -- keepalive -------------------------------------------------------
+
+    def _ping(self) -> None:
+        now = self.factory.clock.seconds()
+        if self._pings and now - min(self._pings.values()) >= 2 * self.factory.ping_period:
+            self._log.warn(
+                "No pong from the tunneling service in {seconds:.0f}s: "
+                "the connection is dead",
+                seconds=2 * self.factory.ping_period,
+            )
+            self._dead = True
+            self._by_us = True
+            if self._pinger is not None and self._pinger.running:
+                self._pinger.stop()
+            self.dropConnection(abort=True)
+            return
+        payload = str(int(now * 1000)).encode("ascii")
+        self._pings[payload] = now
+        self.sendPing(payload)
+
+    # -- sending ---------------------------------------------------------
+
+    def send_message(self, message: Message) -> None:
+        """Queue a control record."""
+        record = encode(message)
+        self._enqueue(len(record), record, None)
+
+    def send_data(self, header: bytes, payload: bytes | memoryview) -> None:
+        """
+        Queue a DATA record made of a channel's serialized C{header} and
+        C{payload} (at most C{max_payload_size} bytes; not copied here).
+        """
+        size = len(payload)
+        prefix = _PAYLOAD_TAG + _varint(size)
+        body = len(header) + len(prefix) + size
+        head = _LENGTH.pack(body) + header + prefix
+        self._enqueue(len(head) + size, head, payload)
+
+    def _enqueue(self, size: int, head: bytes, payload: Any) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        self._queue.append((size, head, payload))
+        self._queued += size
+        if self._queued >= self.factory.max_frame_size:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.factory.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write everything queued, whole records packed into messages."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        queue, self._queue, self._queued = self._queue, [], 0
+        if not queue or self.state != self.STATE_OPEN:
+            return
+        limit = self.factory.max_frame_size
+        parts: list[Any] = []
+        size = 0
+        for record_size, head, payload in queue:
+            if size and size + record_size > limit:
+                self.sendMessage(b"".join(parts), isBinary=True)
+                parts, size = [], 0
+            parts.append(head)
+            if payload is not None:
+                parts.append(payload)
+            size += record_size
+        self.sendMessage(b"".join(parts), isBinary=True)
+
+    # -- control ---------------------------------------------------------
+
+    def close(self, code: int = 1000, reason: str = "local proxy closing") -> None:
+        """Close the WebSocket from our side."""
+        self._by_us = True
+        self.flush()
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason)
+        elif self.state != self.STATE_CLOSED:
+            self.dropConnection(abort=True)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the service."""
+        cast(Any, self.transport).pauseProducing()
+
+    def resume_reading(self) -> None:
+        """Read from the service again."""
+        cast(Any, self.transport).resumeProducing()
+
+    def register_write_producer(self, producer: IPushProducer) -> None:
+        """Have C{producer} paused while the WebSocket's send buffer is full."""
+        cast(Any, self.transport).registerProducer(producer, True)
+
+
+class TunnelFactory(WebSocketClientFactory):
+    """
+    Builds L{TunnelProtocol}s carrying the handshake of protocol.md section 1.
+
+    The tokens go into headers and nowhere else: not in the repr, not in
+    any log line of ours.
+    """
+
+    protocol = TunnelProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        url: str,
+        events: TunnelEvents,
+        *,
+        access_token: str,
+        client_token: str | None,
+        subprotocol: str,
+        user_agent: str,
+        clock: Clock,
+        ping_period_ms: int = 20000,
+        max_frame_size: int = 131076,
+        open_handshake_timeout: float = 30.0,
+        trace: bool = False,
+    ) -> None:
+        headers = {"access-token": access_token}
+        if client_token:
+            headers["client-token"] = client_token
+        super().__init__(
+            url,
+            protocols=[subprotocol],
+            useragent=user_agent,
+            headers=headers,
+            reactor=clock,
+        )
+        self.events = events
+        self.subprotocol = subprotocol
+        self.clock = clock
+        self.ping_period = ping_period_ms / 1000.0
+        self.max_frame_size = max_frame_size
+        self.trace = trace
+        self._batched_timer = _ClockTimer(clock)
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_frame_size,
+            maxMessagePayloadSize=max_frame_size,
+            utf8validateIncoming=False,
+            openHandshakeTimeout=open_handshake_timeout,
+            closeHandshakeTimeout=2,
+            autoPingInterval=0,
+            tcpNoDelay=True,
+        )
+
+    def __repr__(self) -> str:
+        return f"<TunnelFactory {self.url}>"
+

@@ -1,0 +1,83 @@
+"""
+Just enough of RFC 6455 to play the tunneling service against a
+L{lpxy.proxy.tunnel.TunnelProtocol} over a C{StringTransport}: answer the
+opening handshake, build server frames, and read the client's masked frames.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+BINARY, TEXT, CLOSE, PING, PONG = 2, 1, 8, 9, 10
+
+
+def parse_request(data: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Split an HTTP upgrade request into its request line, headers and the rest."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers, rest
+
+
+def accept_response(request: bytes, subprotocol: str | None, channel_id: str = "chan-1",
+                    extra: str = "") -> bytes:
+    """The 101 answer to C{request}."""
+    _, headers, _ = parse_request(request)
+    key = headers["sec-websocket-key"].encode()
+    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest()).decode()
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept}",
+        f"channel-id: {channel_id}",
+    ]
+    if subprotocol is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
+
+
+def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """An unmasked (server to client) frame."""
+    first = (0x80 if fin else 0) | opcode
+    size = len(payload)
+    if size < 126:
+        head = struct.pack(">BB", first, size)
+    elif size < 65536:
+        head = struct.pack(">BBH", first, 126, size)
+    else:
+        head = struct.pack(">BBQ", first, 127, size)
+    return head + payload
+
+
+def read_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Decode the client's (masked) frames in C{data}."""
+    frames = []
+    offset = 0
+    while offset < len(data):
+        first, second = data[offset], data[offset + 1]
+        offset += 2
+        size = second & 0x7F
+        if size == 126:
+            (size,) = struct.unpack_from(">H", data, offset)
+            offset += 2
+        elif size == 127:
+            (size,) = struct.unpack_from(">Q", data, offset)
+            offset += 8
+        mask = b""
+        if second & 0x80:
+            mask = data[offset:offset + 4]
+            offset += 4
+        payload = data[offset:offset + size]
+        offset += size
+        if mask:
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        frames.append((first & 0x0F, payload))
+    return frames

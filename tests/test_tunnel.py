@@ -1,0 +1,252 @@
+"""
+Tests for L{lpxy.proxy.tunnel}: the WebSocket client protocol over a
+C{StringTransport} and a C{Clock}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy.frames import Message, ProtocolError, RecordDecoder, encode
+from lpxy.proxy.tunnel import (
+    CloseOutcome,
+    TunnelFactory,
+    TunnelProtocol,
+    describe_rejection,
+    set_no_delay,
+)
+from tests.support.wsframes import (
+    BINARY,
+    PING,
+    PONG,
+    accept_response,
+    frame,
+    parse_request,
+    read_frames,
+)
+
+SUB = "aws.iot.securetunneling-3.0"
+TOKEN = "secret-access-token"
+CLIENT = "0123456789abcdef0123456789abcdef"
+
+
+class Transport(StringTransport):
+    """A StringTransport that, like a real one, lets Autobahn unregister
+    a producer that was never registered."""
+
+    def unregisterProducer(self) -> None:
+        if self.producer is not None:
+            super().unregisterProducer()
+
+
+class Events:
+    """Records what the protocol tells its connector."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, object]] = []
+
+    def ws_open(self, protocol: TunnelProtocol) -> None:
+        self.log.append(("open", protocol.channel_id))
+
+    def ws_records(self, protocol: TunnelProtocol, messages: list[Message]) -> None:
+        self.log.append(("records", list(messages)))
+
+    def ws_error(self, protocol: TunnelProtocol, error: ProtocolError) -> None:
+        self.log.append(("error", str(error)))
+
+    def ws_close(self, protocol: TunnelProtocol, outcome: CloseOutcome) -> None:
+        self.log.append(("close", outcome))
+
+
+class TunnelProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events = Events()
+        self.factory = TunnelFactory(
+            "ws://tunnel.example:8080/tunnel?local-proxy-mode=source",
+            self.events,
+            access_token=TOKEN,
+            client_token=CLIENT,
+            subprotocol=SUB,
+            user_agent="lpxy/0.1.0",
+            clock=self.clock,
+            ping_period_ms=20000,
+        )
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.transport = Transport()
+        self.protocol.makeConnection(self.transport)
+
+    def tearDown(self) -> None:
+        if self.protocol.state != self.protocol.STATE_CLOSED:
+            self.protocol.dropConnection(abort=True)
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(60)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def open(self, subprotocol: str | None = SUB) -> None:
+        request = self.transport.value()
+        self.transport.clear()
+        self.protocol.dataReceived(accept_response(request, subprotocol))
+
+    def server_sends(self, data: bytes, opcode: int = BINARY) -> None:
+        self.protocol.dataReceived(frame(opcode, data))
+
+    def sent(self) -> list[tuple[int, bytes]]:
+        frames = read_frames(self.transport.value())
+        self.transport.clear()
+        return frames
+
+    def test_handshake_headers(self) -> None:
+        line, headers, _ = parse_request(self.transport.value())
+        self.assertEqual(line, "GET /tunnel?local-proxy-mode=source HTTP/1.1")
+        self.assertEqual(headers["access-token"], TOKEN)
+        self.assertEqual(headers["client-token"], CLIENT)
+        self.assertEqual(headers["user-agent"], "lpxy/0.1.0")
+        self.assertEqual(headers["sec-websocket-protocol"], SUB)
+        self.assertNotIn(TOKEN, repr(self.factory))
+
+    def test_open_pings_at_once(self) -> None:
+        self.clock.advance(1.5)
+        self.open()
+        self.assertEqual(self.events.log, [("open", "chan-1")])
+        self.assertEqual(self.sent(), [(PING, b"1500")])
+        self.clock.advance(20)
+        self.assertEqual(self.sent(), [(PING, b"21500")])
+
+    def test_subprotocol_required(self) -> None:
+        self.open(subprotocol=None)
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        (event,) = self.events.log
+        self.assertEqual(event[0], "close")
+        outcome = event[1]
+        assert isinstance(outcome, CloseOutcome)
+        self.assertFalse(outcome.opened)
+        self.assertTrue(outcome.by_us)
+        self.assertIsNone(outcome.http_status)
+
+    def test_rejected(self) -> None:
+        self.transport.clear()
+        self.protocol.dataReceived(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 20\r\n\r\nInvalid access token"
+        )
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        (event,) = self.events.log
+        outcome = event[1]
+        assert isinstance(outcome, CloseOutcome)
+        self.assertEqual((outcome.opened, outcome.http_status), (False, 401))
+        self.assertEqual(self.protocol.rejection_body, "Invalid access token")
+
+    def test_records_span_messages(self) -> None:
+        self.open()
+        one = encode(Message(type=Message.DATA, streamId=1, payload=b"a" * 10))
+        two = encode(Message(type=Message.STREAM_RESET, streamId=1))
+        self.server_sends(one + two[:3])
+        self.server_sends(two[3:])
+        kinds = [
+            [m.type for m in e[1]] for e in self.events.log if e[0] == "records"  # type: ignore[union-attr]
+        ]
+        self.assertEqual(kinds, [[Message.DATA], [Message.STREAM_RESET]])
+
+    def test_bad_record(self) -> None:
+        self.open()
+        self.server_sends(b"\x00\x00")
+        self.assertEqual(self.events.log[-1][0], "error")
+
+    def test_text_ignored(self) -> None:
+        self.open()
+        self.server_sends(b"hello", opcode=1)
+        self.assertEqual(self.events.log, [("open", "chan-1")])
+
+    def test_batching(self) -> None:
+        self.open()
+        self.sent()
+        header = Message(type=Message.DATA, streamId=1, serviceId="S",
+                         connectionId=1).SerializeToString()
+        self.protocol.send_data(header, b"abc")
+        self.protocol.send_data(header, memoryview(b"xxdefxx")[2:5])
+        self.protocol.send_message(Message(type=Message.STREAM_RESET, streamId=1, serviceId="S"))
+        self.assertEqual(self.sent(), [])
+        self.clock.advance(0)
+        frames = self.sent()
+        self.assertEqual(len(frames), 1)
+        messages = RecordDecoder().feed(frames[0][1])
+        self.assertEqual(
+            [(m.type, m.payload, m.serviceId, m.connectionId) for m in messages],
+            [(Message.DATA, b"abc", "S", 1), (Message.DATA, b"def", "S", 1),
+             (Message.STREAM_RESET, b"", "S", 0)],
+        )
+
+    def test_batches_respect_frame_limit(self) -> None:
+        self.open()
+        self.sent()
+        header = Message(type=Message.DATA, streamId=1).SerializeToString()
+        chunk = bytes(range(256)) * 252  # 64512 bytes
+        for _ in range(3):
+            self.protocol.send_data(header, chunk)
+        self.clock.advance(0)
+        frames = self.sent()
+        self.assertTrue(all(len(p) <= 131076 for _, p in frames))
+        decoder = RecordDecoder()
+        counts = [len(decoder.feed(p)) for _, p in frames]
+        self.assertEqual(counts, [2, 1])
+
+    def test_foreign_pong_ignored_dead_after_two_periods(self) -> None:
+        self.open()
+        self.server_sends(b"12345", opcode=PONG)
+        self.clock.advance(20)
+        self.assertEqual(self.events.log, [("open", "chan-1")])
+        self.clock.advance(20)
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        outcome = self.events.log[-1][1]
+        assert isinstance(outcome, CloseOutcome)
+        self.assertTrue(outcome.dead)
+        self.assertTrue(outcome.opened)
+
+    def test_pong_keeps_alive(self) -> None:
+        self.open()
+        for _ in range(5):
+            (ping,) = [p for op, p in self.sent() if op == PING]
+            self.server_sends(ping, opcode=PONG)
+            self.clock.advance(20)
+        self.assertEqual(self.events.log, [("open", "chan-1")])
+        self.assertEqual(self.protocol.rtt, 0)
+
+    def test_answers_ping(self) -> None:
+        self.open()
+        self.sent()
+        self.server_sends(b"42", opcode=PING)
+        self.assertEqual(self.sent(), [(PONG, b"42")])
+
+    def test_close_code(self) -> None:
+        self.open()
+        self.protocol.dataReceived(frame(8, b"\x03\xe8closed"))
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        outcome = self.events.log[-1][1]
+        assert isinstance(outcome, CloseOutcome)
+        self.assertEqual((outcome.code, outcome.by_us), (1000, False))
+
+
+class HelpersTests(SynchronousTestCase):
+    def test_describe_rejection(self) -> None:
+        self.assertIn("token", describe_rejection(401, "Invalid access token"))
+        self.assertIn("mode", describe_rejection(400))
+
+    def test_no_delay_reaches_socket(self) -> None:
+        calls = []
+
+        class Socket:
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                calls.append(enabled)
+
+        class Wrapper:
+            transport = Socket()
+
+        set_no_delay(Wrapper())
+        self.assertEqual(calls, [True])
