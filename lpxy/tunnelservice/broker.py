@@ -211,13 +211,13 @@ class Broker:
         self,
         clock: IClock,
         store: ITunnelStore | None = None,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         arn_prefix: str = "arn:aws:iot:us-east-1:123456789012:tunnel/",
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self._clock = clock
         self._store: ITunnelStore = store if store is not None else MemoryTunnelStore()
-        self.limits = limits
+        self.limits = limits if limits is not None else Limits()
         self._arn_prefix = arn_prefix
         self._new_id = new_id
         self._sequence = 0

@@ -1,0 +1,247 @@
+# -*- test-case-name: tests.test_tunnelservice_process -*-
+"""
+The tunnel service as a Twisted service: ports serving both planes.
+
+Every port runs one twisted.web site: C{POST /} is the management API and
+C{GET /tunnel} the WebSocket data plane. A wrapping factory keeps track of
+every connection, so that stopping the service can close them all (tunnel
+peers with 1001) and finish only when they are gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
+from lpxy.tunnelservice.broker import Broker, IClock, Limits
+from lpxy.tunnelservice.websocket import TunnelServerFactory, TunnelServerProtocol
+
+__all__ = ["TunnelService"]
+
+
+class _PlainError(Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__()
+        self._status = status
+        self._text = text
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(self._status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (self._text + "\n").encode("utf-8")
+
+
+class _TunnelResource(WebSocketResource):
+    """Autobahn's resource, detaching the HTTP channel's idle timeout first."""
+
+    def render(self, request: Request) -> Any:
+        # Once the WebSocket has the transport, the channel never sees
+        # traffic again; its timeout would fire at a transport of None.
+        request.channel.setTimeout(None)
+        return super().render(request)
+
+
+class _Root(Resource):
+    """C{/} is the API, C{/tunnel} the data plane, anything else a 400."""
+
+    def __init__(self, api: Resource, tunnel: Any) -> None:
+        super().__init__()
+        self._api = api
+        self._tunnel = tunnel
+        self._wrong_path = _PlainError(
+            400, "Invalid request path: the API is POST / and tunnels are GET /tunnel"
+        )
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        if path == b"" and not request.postpath:
+            return self._api
+        if path == b"tunnel":
+            return self._tunnel
+        return self._wrong_path
+
+
+class _NoDelayWrapper(ProtocolWrapper):
+    def makeConnection(self, transport: Any) -> None:
+        try:
+            transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP (a Unix socket, a test transport)
+        super().makeConnection(transport)
+
+
+class _Tracker(WrappingFactory):
+    """Keeps every connection of a site and knows when none is left."""
+
+    protocol = _NoDelayWrapper
+
+    def __init__(self, wrappedFactory: Site) -> None:
+        super().__init__(wrappedFactory)
+        self._idle: list[defer.Deferred[None]] = []
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def close_all(self) -> defer.Deferred[None]:
+        """
+        Close every connection (tunnel peers with 1001); fire when none is left.
+        """
+        for wrapper in list(self.protocols):
+            inner = wrapper.wrappedProtocol
+            if isinstance(inner, TunnelServerProtocol):
+                inner.close(1001, "service shutting down")
+            elif wrapper.transport is not None:
+                wrapper.transport.loseConnection()
+        if not self.protocols:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class TunnelService(MultiService):
+    """
+    The tunnel service: a broker and the ports that serve it.
+
+    @param reactor: the reactor to listen with.
+    @param endpoints: server endpoint strings (or endpoint objects).
+    @param limits: the broker's limits.
+    @param max_request_size: the largest API request body accepted.
+    @param clock: the broker's time source (the reactor unless given).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoints: Sequence[Any],
+        limits: Limits | None = None,
+        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+        clock: IClock | None = None,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._endpoints = [
+            serverFromString(reactor, e) if isinstance(e, str) else e for e in endpoints
+        ]
+        self.broker = Broker(
+            clock if clock is not None else reactor,
+            limits=limits if limits is not None else Limits(),
+        )
+        self.websocket_factory = TunnelServerFactory(self.broker, reactor=reactor)
+
+        class _Request(SizeLimitedRequest):
+            max_size = max_request_size
+
+        site = Site(
+            _Root(ManagementAPI(self.broker), _TunnelResource(self.websocket_factory))
+        )
+        site.requestFactory = _Request
+        site.displayTracebacks = False
+        site.noisy = False
+        self.factory = _Tracker(site)
+        self.factory.noisy = False
+        self.ports: list[Any] = []
+        self._started_listening = False
+        self._synchronous = False
+        self._outcome: Any = None
+        self._waiting: list[defer.Deferred[list[IListeningPort]]] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._started_listening:
+            self._listen()
+
+    def _listen(self) -> None:
+        self._started_listening = True
+        self._synchronous = True
+        d = defer.gatherResults(
+            [e.listen(self.factory).addCallback(self._listened) for e in self._endpoints],
+            consumeErrors=True,
+        )
+        d.addBoth(self._listen_done)
+        self._synchronous = False
+        if isinstance(self._outcome, Failure):
+            # As twistd's own ports do: fail the start, so twistd exits 1.
+            self._outcome.raiseException()
+
+    def _listen_done(self, outcome: Any) -> None:
+        if isinstance(outcome, Failure) and isinstance(outcome.value, defer.FirstError):
+            outcome = outcome.value.subFailure
+        self._outcome = outcome
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+        if isinstance(outcome, Failure) and not self._synchronous:
+            self._log.failure("Tunnel service could not listen", outcome)
+            if self._reactor.running:
+                self._reactor.stop()
+
+    def _listened(self, port: Any) -> Any:
+        self.ports.append(port)
+        address = port.getHost()
+        host = getattr(address, "host", "")
+        self._log.info(
+            "Tunnel service listening on {host} port {port}",
+            host=host, port=getattr(address, "port", None),
+        )
+        if not _is_loopback(host):
+            self._log.warn(
+                "Port {host}:{port} is reachable beyond this machine, and API request "
+                "signatures are not verified: anyone who reaches it can open and close "
+                "tunnels.",
+                host=host, port=getattr(address, "port", None),
+            )
+        return port
+
+    def when_listening(self) -> defer.Deferred[list[IListeningPort]]:
+        """Fire with the listening ports once every endpoint listens."""
+        if self._outcome is None:
+            d: defer.Deferred[list[IListeningPort]] = defer.Deferred()
+            self._waiting.append(d)
+            return d
+        if isinstance(self._outcome, Failure):
+            return defer.fail(self._outcome)
+        return defer.succeed(self._outcome)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop listening, close every connection (peers with 1001), wait for them."""
+        yield super().stopService()
+        ports, self.ports = self.ports, []
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        self.broker.stop()
+        yield self.factory.close_all()

@@ -1,0 +1,96 @@
+# -*- test-case-name: tests.test_tunnelservice_tap -*-
+"""
+C{twistd tunnelservice}: options and service construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
+from lpxy.tunnelservice.broker import Limits
+
+__all__ = ["DEFAULT_PORT", "Options", "makeService"]
+
+DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
+
+
+def _positive(name: str) -> Any:
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise ValueError(f"--{name} must be a positive integer, not {value!r}")
+        return number
+
+    coerce.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """Command-line options of C{twistd tunnelservice}."""
+
+    synopsis = "[--port ENDPOINT]... [options]"
+    longdesc = (
+        "A self-hosted AWS IoT Secure Tunneling service. Each --port serves the "
+        "management API (AWS JSON 1.1 on POST /, for boto3 and the AWS CLI with "
+        "--endpoint-url) and the WebSocket data plane (GET /tunnel) for local "
+        "proxies. API request signatures are not verified: keep the ports on "
+        "loopback or a trusted network."
+    )
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["max-services", None, Limits().max_services, "Services per tunnel.",
+         _positive("max-services")],
+        ["max-open-tunnels", None, Limits().max_open_tunnels, "Tunnels open at once.",
+         _positive("max-open-tunnels")],
+        ["max-request-size", None, DEFAULT_MAX_REQUEST_SIZE,
+         "Largest API request body, in bytes.", _positive("max-request-size")],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["port"] = []
+
+    def opt_port(self, endpoint: str) -> None:
+        """
+        A server endpoint to listen on, e.g. tcp:8080:interface=127.0.0.1 or
+        ssl:8443:privateKey=key.pem:certKey=cert.pem (repeatable; default
+        tcp:8080:interface=127.0.0.1).
+        """
+        self["port"].append(endpoint)
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        if not self["port"]:
+            self["port"] = [DEFAULT_PORT]
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
+        for endpoint in self["port"]:
+            try:
+                serverFromString(reactor, endpoint)
+            except Exception as e:
+                raise usage.UsageError(f"--port {endpoint!r}: {e}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """Build the tunnel service from parsed L{Options}."""
+    if reactor is None:
+        from twisted.internet import reactor
+    from lpxy.tunnelservice.service import TunnelService
+
+    return TunnelService(
+        reactor,
+        options["port"],
+        limits=Limits(
+            max_services=options["max-services"],
+            max_open_tunnels=options["max-open-tunnels"],
+        ),
+        max_request_size=options["max-request-size"],
+    )

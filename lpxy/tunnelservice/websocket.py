@@ -1,0 +1,479 @@
+# -*- test-case-name: tests.test_websocket_service -*-
+"""
+The data plane: one WebSocket per tunnel end, records relayed between them.
+
+Handshake (C{GET /tunnel?local-proxy-mode=source|destination}): the request
+must name the mode once, offer at least one of the subprotocols
+C{aws.iot.securetunneling-3.0/2.0/1.0} (the newest offered is chosen), carry
+the access token in the C{access-token} header or the C{awsiot-tunnel-token}
+cookie (exactly one), and may carry a C{client-token}. A malformed request is
+answered 400, a token the broker refuses 401 (or 400 for a mode mismatch),
+with the reason as a plain-text body. On success the 101 carries a
+C{channel-id} header, and 2.0/3.0 peers first receive SERVICE_IDS.
+
+Relaying: the payloads of binary messages form a record stream. It is cut
+into records with L{RecordDecoder.feed_raw}; each record is parsed only to
+check what a client may send (never SESSION_RESET, SERVICE_IDS or UNKNOWN,
+never stream id 0, no starts from a destination, no service outside the
+tunnel's) and to follow which streams are open. Records go to the partner
+unchanged and in order, in as few messages as possible, none over
+L{MAX_FRAME_SIZE}; when a whole incoming message is whole records it is sent
+on as it is. Without a partner, DATA is dropped and starts are answered with
+a reset. When a partner goes away, the peer left gets a STREAM_RESET for
+each stream still open.
+
+Flow control invariants:
+  - Each peer's transport has the partner's reading as its streaming
+    producer: when our write buffer passes Twisted's high-water mark the
+    partner's transport stops reading, and resumes once ours drains. So at
+    most one read's worth of records plus a transport buffer is held per
+    direction, whatever the peers' speeds.
+  - Nothing else buffers: the decoder keeps at most one incomplete record.
+  - When a pairing ends (partner gone, replaced, closed) both registrations
+    are removed and the peer left is resumed, so it never stays paused.
+"""
+
+from __future__ import annotations
+
+import re
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.http import RESPONSES
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from lpxy.frames import Message, ProtocolError, RecordDecoder, encode, encode_body, parse_body
+from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused, IPeer
+from lpxy.tunnelservice.store import DESTINATION, SOURCE
+
+__all__ = [
+    "MAX_FRAME_SIZE",
+    "SUBPROTOCOLS",
+    "TunnelServerFactory",
+    "TunnelServerProtocol",
+]
+
+SUBPROTOCOLS = (
+    "aws.iot.securetunneling-3.0",
+    "aws.iot.securetunneling-2.0",
+    "aws.iot.securetunneling-1.0",
+)
+"""Supported subprotocols, newest first."""
+
+MAX_FRAME_SIZE = 131076
+TOKEN_COOKIE = "awsiot-tunnel-token"
+_CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
+
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+
+_KNOWN_TYPES = frozenset(Message.Type.values())
+_NEEDS_STREAM = frozenset({
+    Message.DATA, Message.STREAM_START, Message.STREAM_RESET,
+    Message.CONNECTION_START, Message.CONNECTION_RESET,
+})
+_FORBIDDEN = {
+    Message.UNKNOWN: "message type UNKNOWN (0)",
+    Message.SESSION_RESET: "SESSION_RESET (only the service sends it)",
+    Message.SERVICE_IDS: "SERVICE_IDS (only the service sends it)",
+}
+_STARTS = frozenset({Message.STREAM_START, Message.CONNECTION_START})
+
+
+class _Violation(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@implementer(IPushProducer)
+class _ReadingOf:
+    """The reading side of a peer, registered as the producer of its partner's transport."""
+
+    def __init__(self, peer: TunnelServerProtocol) -> None:
+        self._peer = peer
+
+    def pauseProducing(self) -> None:
+        self._peer._pause_reading()
+
+    def resumeProducing(self) -> None:
+        self._peer._resume_reading()
+
+    def stopProducing(self) -> None:
+        # The partner's transport is gone; the broker tells us separately.
+        pass
+
+
+def _pack(bodies: list[bytes]) -> list[bytes]:
+    """Re-frame record bodies into as few messages as fit L{MAX_FRAME_SIZE}."""
+    messages: list[bytes] = []
+    batch: list[bytes] = []
+    size = 0
+    for body in bodies:
+        record = encode_body(body)
+        if size + len(record) > MAX_FRAME_SIZE:
+            messages.append(b"".join(batch))
+            batch, size = [], 0
+        batch.append(record)
+        size += len(record)
+    if batch:
+        messages.append(b"".join(batch))
+    return messages
+
+
+def _refuse(status: int, reason: str) -> ConnectionDeny:
+    return ConnectionDeny(status, reason)
+
+
+class TunnelServerProtocol(WebSocketServerProtocol):
+    """One tunnel end's WebSocket: handshake rules, checks and relaying."""
+
+    _log = Logger()  # autobahn owns .log
+    factory: TunnelServerFactory
+    transport: Any
+
+    _attachment: Attachment | None = None
+    """Set while the broker counts this connection as its end's."""
+    _info: Attachment | None = None
+    """The attachment this connection had, for logging after it is let go."""
+    _partner: TunnelServerProtocol | None = None
+    _version = 0
+    _reading_paused = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._decoder = RecordDecoder()
+        self._streams: dict[str, tuple[int, int]] = {}
+        self._bytes_in = 0
+        self._bytes_out = 0
+        # twisted.web's channel registered itself as the producer of this
+        # transport before the WebSocket resource took it over.
+        self.transport.unregisterProducer()
+
+    # Handshake
+
+    def onConnect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
+        # Autobahn turns any other exception into a bare 500 and loses it.
+        try:
+            return self._on_connect(request)
+        except ConnectionDeny as deny:
+            self._log.info(
+                "Refused tunnel handshake from {peer}: {status} {reason}",
+                peer=self.peer, status=deny.code, reason=deny.reason,
+            )
+            raise
+        except BaseException:
+            self._log.failure("Error in tunnel handshake from {peer}", peer=self.peer)
+            raise
+
+    def _on_connect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
+        if request.path != "/tunnel":
+            raise _refuse(400, f"Invalid request path {request.path!r}: use /tunnel")
+        modes = request.params.get("local-proxy-mode", [])
+        if len(modes) != 1 or modes[0] not in (SOURCE, DESTINATION):
+            raise _refuse(
+                400, "Missing or invalid local-proxy-mode: use source or destination"
+            )
+        mode = modes[0]
+        offered = set(request.protocols)
+        chosen = next((p for p in SUBPROTOCOLS if p in offered), None)
+        if chosen is None:
+            raise _refuse(
+                400, "No supported subprotocol: offer one of " + ", ".join(SUBPROTOCOLS)
+            )
+        client_token = request.headers.get("client-token")
+        if client_token is not None and not _CLIENT_TOKEN.fullmatch(client_token):
+            raise _refuse(400, "Invalid client-token: use 32 to 128 of a-z, A-Z, 0-9 and -")
+        header_token = request.headers.get("access-token")
+        cookie_token = self._cookie_token(request.headers.get("cookie"))
+        if header_token is not None and cookie_token is not None:
+            raise _refuse(
+                400,
+                "Give the access token either in the access-token header "
+                f"or in the {TOKEN_COOKIE} cookie, not both",
+            )
+        token = header_token if header_token is not None else cookie_token
+        if not token:
+            raise _refuse(401, "Missing access token")
+        try:
+            attachment = self.factory.broker.connect(mode, token, client_token, self)
+        except HandshakeRefused as refused:
+            raise _refuse(refused.status, refused.reason) from None
+        self._attachment = self._info = attachment
+        self._version = SUBPROTOCOLS[::-1].index(chosen) + 1
+        self._subprotocol = chosen
+        return chosen, {"channel-id": attachment.channel_id}
+
+    def _cookie_token(self, header: str | None) -> str | None:
+        if header is None:
+            return None
+        values = []
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == TOKEN_COOKIE:
+                values.append(value)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise _refuse(400, f"More than one {TOKEN_COOKIE} cookie")
+        try:
+            cookie: SimpleCookie = SimpleCookie()
+            cookie.load(f"{TOKEN_COOKIE}={values[0]}")
+            return cookie[TOKEN_COOKIE].value
+        except (CookieError, KeyError):
+            raise _refuse(400, f"Malformed {TOKEN_COOKIE} cookie") from None
+
+    def sendHttpErrorResponse(
+        self, code: int, reason: str, responseHeaders: Any = None
+    ) -> None:
+        # Autobahn puts the reason in the status line only; clients show the body.
+        body = (reason + "\n").encode("utf-8")
+        phrase = RESPONSES.get(code, b"Error").decode("latin-1")
+        lines = [
+            f"HTTP/1.1 {code} {phrase}",
+            "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        for name, value in responseHeaders or ():
+            lines.append(f"{name}: {value}")
+        self.sendData(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
+
+    def onOpen(self) -> None:
+        try:
+            attachment = self._info
+            assert attachment is not None
+            self._log.info(
+                "Peer connected: {mode} of tunnel {tunnel_id}, channel {channel_id}, "
+                "from {peer}, {subprotocol}",
+                mode=attachment.mode, tunnel_id=attachment.tunnel_id,
+                channel_id=attachment.channel_id, peer=self.peer,
+                subprotocol=self._subprotocol,
+            )
+            if self._version >= 2:
+                self._send_records(encode(Message(
+                    type=Message.SERVICE_IDS,
+                    availableServiceIds=list(attachment.services),
+                )))
+        except BaseException:
+            self._log.failure("Error opening tunnel connection from {peer}", peer=self.peer)
+            self.sendClose(1011)
+
+    # What the broker asks of a peer (IPeer)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close this connection; the broker has already let it go."""
+        info = self._info
+        if self._attachment is not None and info is not None:
+            self._attachment = None
+            self._log.info(
+                "Closing {mode} of tunnel {tunnel_id}, channel {channel_id}: "
+                "{code} {reason}",
+                mode=info.mode, tunnel_id=info.tunnel_id,
+                channel_id=info.channel_id, code=code, reason=reason,
+            )
+        self._unpair()
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason)
+        elif self.state != self.STATE_CLOSED:
+            self.dropConnection(abort=False)
+
+    def partner_joined(self, partner: IPeer) -> None:
+        assert isinstance(partner, TunnelServerProtocol)
+        self._partner = partner
+        self._streams.clear()
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(_ReadingOf(partner), True)
+
+    def partner_left(self, partner: IPeer) -> None:
+        if partner is not self._partner:
+            return
+        self._unpair()
+        resets = [
+            Message(type=Message.STREAM_RESET, serviceId=service, streamId=stream,
+                    connectionId=connection)
+            for service, (stream, connection) in self._streams.items()
+        ]
+        self._streams.clear()
+        if resets and self.state == self.STATE_OPEN:
+            self._send_records(b"".join(encode(m) for m in resets))
+
+    def _unpair(self) -> None:
+        self._partner = None
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        self._resume_reading()
+
+    # Flow control
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    # Relaying
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._attachment is None:
+            return  # closing: nothing more is relayed
+        try:
+            if not isBinary:
+                raise _Violation(CLOSE_UNSUPPORTED_DATA, "text messages are not allowed")
+            self._relay(payload)
+        except _Violation as violation:
+            self._violated(violation.code, violation.reason)
+        except ProtocolError as e:
+            self._violated(CLOSE_PROTOCOL_ERROR, str(e))
+
+    def _violated(self, code: int, reason: str) -> None:
+        attachment = self._attachment
+        assert attachment is not None
+        self._log.warn(
+            "Closing {mode} of tunnel {tunnel_id}, channel {channel_id}, from {peer}: "
+            "{reason}",
+            mode=attachment.mode, tunnel_id=attachment.tunnel_id,
+            channel_id=attachment.channel_id, peer=self.peer, reason=reason,
+        )
+        self.factory.broker.disconnect(attachment)
+        self.close(code, reason)
+
+    def _relay(self, payload: bytes) -> None:
+        attachment = self._attachment
+        assert attachment is not None
+        self._bytes_in += len(payload)
+        whole = self._decoder.pending == 0
+        bodies = self._decoder.feed_raw(payload)
+        whole = whole and self._decoder.pending == 0
+        if not bodies:
+            return
+        controls = []
+        services = attachment.services
+        source = attachment.mode == SOURCE
+        for body in bodies:
+            message = parse_body(body)
+            kind = message.type
+            if kind == Message.DATA:
+                if message.streamId <= 0:
+                    raise _Violation(CLOSE_POLICY_VIOLATION, "DATA without a stream id")
+            elif kind in _FORBIDDEN:
+                raise _Violation(CLOSE_POLICY_VIOLATION, "a client sent " + _FORBIDDEN[kind])
+            elif kind not in _KNOWN_TYPES:
+                if not message.ignorable:
+                    raise _Violation(
+                        CLOSE_PROTOCOL_ERROR, f"unknown message type {kind} not ignorable"
+                    )
+                continue
+            else:
+                if message.streamId <= 0:
+                    raise _Violation(
+                        CLOSE_POLICY_VIOLATION,
+                        f"{Message.Type.Name(kind)} without a stream id",
+                    )
+                if kind in _STARTS and not source:
+                    raise _Violation(
+                        CLOSE_POLICY_VIOLATION,
+                        f"a destination sent {Message.Type.Name(kind)}",
+                    )
+                controls.append(message)
+            if message.serviceId and message.serviceId not in services:
+                raise _Violation(
+                    CLOSE_POLICY_VIOLATION,
+                    f"service id {message.serviceId!r} is not one of the tunnel's",
+                )
+
+        partner = self._partner
+        if partner is None or partner.state != partner.STATE_OPEN:
+            self._answer_alone(controls)
+            return
+        for message in controls:
+            self._track(message)
+            partner._track(message)
+        if whole:
+            partner._send_records(payload)
+        else:
+            for chunk in _pack(bodies):
+                partner._send_records(chunk)
+
+    def _answer_alone(self, controls: list[Message]) -> None:
+        """Without a partner, a start is answered with its reset at once."""
+        replies = []
+        for message in controls:
+            if message.type == Message.STREAM_START:
+                kind = Message.STREAM_RESET
+            elif message.type == Message.CONNECTION_START:
+                kind = Message.CONNECTION_RESET
+            else:
+                continue
+            replies.append(encode(Message(
+                type=kind, serviceId=message.serviceId, streamId=message.streamId,
+                connectionId=message.connectionId,
+            )))
+        if replies:
+            self._send_records(b"".join(replies))
+
+    def _track(self, message: Message) -> None:
+        if message.type == Message.STREAM_START:
+            self._streams[message.serviceId] = (message.streamId, message.connectionId)
+        elif message.type == Message.STREAM_RESET:
+            current = self._streams.get(message.serviceId)
+            if current is not None and current[0] == message.streamId:
+                del self._streams[message.serviceId]
+
+    def _send_records(self, data: bytes) -> None:
+        self._bytes_out += len(data)
+        self.sendMessage(data, isBinary=True)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        attachment, self._attachment = self._attachment, None
+        if attachment is not None:
+            self.factory.broker.disconnect(attachment)
+        self._unpair()
+        info = self._info
+        if info is not None:
+            self._log.info(
+                "Peer disconnected: {mode} of tunnel {tunnel_id}, channel {channel_id}, "
+                "from {peer} ({code} {reason}; {bytes_in} bytes in, {bytes_out} out)",
+                mode=info.mode, tunnel_id=info.tunnel_id,
+                channel_id=info.channel_id, peer=self.peer, code=code,
+                reason=reason, bytes_in=self._bytes_in, bytes_out=self._bytes_out,
+            )
+
+
+class TunnelServerFactory(WebSocketServerFactory):
+    """
+    Builds L{TunnelServerProtocol}s for one L{Broker}.
+
+    @param broker: decides which handshakes succeed and pairs the peers.
+    @param reactor: for Autobahn's timers (tests pass their own).
+    """
+
+    protocol = TunnelServerProtocol  # type: ignore[assignment]
+
+    def __init__(self, broker: Broker, reactor: Any = None) -> None:
+        super().__init__(server="lpxy-tunnelservice", reactor=reactor)
+        self.broker = broker
+        self.setProtocolOptions(
+            maxFramePayloadSize=MAX_FRAME_SIZE,
+            maxMessagePayloadSize=MAX_FRAME_SIZE,
+            autoFragmentSize=0,
+            utf8validateIncoming=False,
+            failByDrop=False,
+            # Peers ping us; we only answer.
+            autoPingInterval=0,
+            tcpNoDelay=True,
+            perMessageCompressionAccept=lambda offers: None,
+        )

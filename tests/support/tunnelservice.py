@@ -1,0 +1,106 @@
+"""
+A real tunnel service on a loopback port, for end-to-end tests.
+
+    fixture = await start_tunnelservice(self)
+    opened = fixture.open_tunnel(["SSH"])
+    TunnelEndpoint(host="127.0.0.1", port=fixture.port, tls=False)
+
+The service listens on 127.0.0.1 port 0 (TLS when C{tls=(key, cert)} paths
+are given), in the test's reactor. A cleanup registered on the test stops it
+and waits until every connection to it is closed, so no test leaves a
+dirty reactor behind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.trial.unittest import TestCase
+
+from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
+from lpxy.tunnelservice.broker import Broker, IClock, Limits, OpenedTunnel
+from lpxy.tunnelservice.service import TunnelService
+
+__all__ = ["OpenedTunnel", "ServiceFixture", "start_tunnelservice"]
+
+
+@attrs.define
+class ServiceFixture:
+    """A running tunnel service and shortcuts to its broker."""
+
+    port: int
+    api_url: str
+    broker: Broker
+    service: TunnelService = attrs.field(repr=False)
+
+    def open_tunnel(
+        self, services: list[str] | None = None, lifetime_minutes: int = 720
+    ) -> OpenedTunnel:
+        """Open a tunnel straight through the broker (no API request)."""
+        return self.broker.open_tunnel(
+            services=services or (), lifetime_minutes=lifetime_minutes
+        )
+
+    def close_tunnel(self, tunnel_id: str) -> None:
+        """Close a tunnel straight through the broker; its peers get 1000."""
+        self.broker.close_tunnel(tunnel_id)
+
+
+async def _start(
+    case: TestCase,
+    reactor: Any,
+    clock: IClock | None,
+    tls: tuple[str, str] | None,
+    limits: dict[str, int],
+) -> ServiceFixture:
+    if reactor is None:
+        from twisted.internet import reactor
+    max_request_size = limits.pop("max_request_size", DEFAULT_MAX_REQUEST_SIZE)
+    if tls is None:
+        description = "tcp:0:interface=127.0.0.1"
+    else:
+        key, cert = tls
+        description = (
+            f"ssl:0:interface=127.0.0.1:privateKey={quoteStringArgument(key)}"
+            f":certKey={quoteStringArgument(cert)}"
+        )
+    service = TunnelService(
+        reactor,
+        [serverFromString(reactor, description)],
+        limits=Limits(**limits),
+        max_request_size=max_request_size,
+        clock=clock,
+    )
+    service.startService()
+    case.addCleanup(service.stopService)
+    ports = await service.when_listening()
+    port = ports[0].getHost().port
+    scheme = "https" if tls is not None else "http"
+    return ServiceFixture(
+        port=port,
+        api_url=f"{scheme}://127.0.0.1:{port}",
+        broker=service.broker,
+        service=service,
+    )
+
+
+def start_tunnelservice(
+    case: TestCase,
+    reactor: Any = None,
+    clock: IClock | None = None,
+    tls: tuple[str, str] | None = None,
+    **limits: int,
+) -> defer.Deferred[ServiceFixture]:
+    """
+    Start a tunnel service for C{case}; fire with its L{ServiceFixture}.
+
+    @param reactor: the reactor to listen with (the global one by default).
+    @param clock: the broker's time source, for expiry tests (the reactor
+        by default).
+    @param tls: C{(key_pem_path, cert_pem_path)} for a TLS port.
+    @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size}.
+    """
+    return defer.Deferred.fromCoroutine(_start(case, reactor, clock, tls, dict(limits)))

@@ -1,0 +1,80 @@
+"""
+Tests for L{lpxy.tunnelservice.tap}: C{twistd tunnelservice} options.
+"""
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy.tunnelservice.service import TunnelService
+from lpxy.tunnelservice.tap import Options, makeService
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        self.assertEqual(dict(parse()), {
+            "port": ["tcp:8080:interface=127.0.0.1"],
+            "max-services": 3,
+            "max-open-tunnels": 10000,
+            "max-request-size": 65536,
+        })
+
+    def test_everything(self) -> None:
+        options = parse(
+            "--port", "tcp:9000", r"--port=tcp:9001:interface=\:\:1",
+            "--max-services", "5", "--max-open-tunnels", "7", "--max-request-size", "2048",
+        )
+        self.assertEqual(dict(options), {
+            "port": ["tcp:9000", r"tcp:9001:interface=\:\:1"],
+            "max-services": 5,
+            "max-open-tunnels": 7,
+            "max-request-size": 2048,
+        })
+
+    def test_bad_numbers(self) -> None:
+        for name in ("max-services", "max-open-tunnels", "max-request-size"):
+            for value in ("0", "-1", "many"):
+                e = self.assertRaises(UsageError, parse, f"--{name}", value)
+                self.assertIn(f"--{name} must be a positive integer", str(e))
+
+    def test_bad_endpoint(self) -> None:
+        e = self.assertRaises(UsageError, parse, "--port", "carrier-pigeon:1")
+        self.assertIn("--port 'carrier-pigeon:1'", str(e))
+        e = self.assertRaises(UsageError, parse, "--port", "tcp:notaport")
+        self.assertIn("--port 'tcp:notaport'", str(e))
+
+    def test_missing_tls_files(self) -> None:
+        e = self.assertRaises(
+            UsageError, parse, "--port", "ssl:8443:privateKey=/nonexistent.pem"
+        )
+        self.assertIn("--port", str(e))
+
+    def test_help(self) -> None:
+        text = str(Options())
+        self.assertIn("--port", text)
+        self.assertIn("--max-open-tunnels", text)
+        self.assertIn("not verified", text)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_service(self) -> None:
+        reactor = MemoryReactorClock()
+        service = makeService(
+            parse("--port", "tcp:9000", "--port", "tcp:9001", "--max-services", "4"),
+            reactor=reactor,
+        )
+        self.assertIsInstance(service, TunnelService)
+        self.assertTrue(IServiceCollection.providedBy(service))
+        assert isinstance(service, TunnelService)
+        self.assertEqual(service.broker.limits.max_services, 4)
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001])
+        self.successResultOf(service.stopService())
