@@ -1,0 +1,172 @@
+"""
+Tests for L{lpxy.proxy.relay}: bytes both ways and the flow-control
+invariants, over C{StringTransport}s.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy.proxy.relay import LocalRelay, TunnelFlow
+from lpxy.proxy.session import Channel, ServiceBinding
+
+
+class FakeWebSocket:
+    """Records what L{TunnelFlow} does to the WebSocket."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.producer: IPushProducer | None = None
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+    def register_write_producer(self, producer: IPushProducer) -> None:
+        self.producer = producer
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data: list[tuple[Channel, bytes | memoryview]] = []
+        self.closed: list[Channel] = []
+
+    def send_data(self, channel: Channel, payload: bytes | memoryview) -> None:
+        self.data.append((channel, payload))
+
+    def local_closed(self, channel: Channel) -> None:
+        self.closed.append(channel)
+
+
+def channel(connection_id: int = 1) -> Channel:
+    return Channel(ServiceBinding("S", "S"), "S", 1, connection_id, b"")
+
+
+class RelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.ws = FakeWebSocket()
+        self.flow = TunnelFlow()
+        self.flow.attach(self.ws)
+        self.sink = Sink()
+
+    def relay(self, connect: bool = True, **kw: int) -> tuple[LocalRelay, StringTransport]:
+        relay = LocalRelay(channel(), self.sink, self.flow, self.clock, **kw)
+        transport = StringTransport()
+        if connect:
+            relay.makeConnection(transport)
+        return relay, transport
+
+    def test_registers_itself_as_producer(self) -> None:
+        relay, transport = self.relay()
+        self.assertIs(transport.producer, relay)
+        self.assertTrue(transport.streaming)
+        self.assertIs(self.ws.producer, self.flow)
+        self.assertIs(relay.channel.peer, relay)
+
+    def test_cut_at_max_payload_without_copies(self) -> None:
+        relay, _ = self.relay(max_payload_size=4)
+        data = b"0123456789"
+        relay.dataReceived(data)
+        payloads = [p for _, p in self.sink.data]
+        self.assertEqual([bytes(p) for p in payloads], [b"0123", b"4567", b"89"])
+        self.assertTrue(all(isinstance(p, memoryview) and p.obj is data for p in payloads))
+        relay.dataReceived(b"ab")
+        self.assertIsInstance(self.sink.data[-1][1], bytes)
+        self.assertEqual(relay.bytes_out, 12)
+
+    def test_deliver(self) -> None:
+        relay, transport = self.relay()
+        relay.deliver(b"hello")
+        self.assertEqual(transport.value(), b"hello")
+        self.assertEqual(relay.bytes_in, 5)
+
+    def test_full_websocket_pauses_every_local_reader(self) -> None:
+        _one, t1 = self.relay()
+        _two, t2 = self.relay()
+        self.flow.pauseProducing()
+        self.assertEqual((t1.producerState, t2.producerState), ("paused", "paused"))
+        _three, t3 = self.relay()
+        self.assertEqual(t3.producerState, "paused")
+        self.flow.pauseProducing()
+        self.flow.resumeProducing()
+        self.assertEqual(
+            (t1.producerState, t2.producerState, t3.producerState),
+            ("producing", "producing", "producing"),
+        )
+
+    def test_full_local_buffer_pauses_websocket(self) -> None:
+        one, _t1 = self.relay()
+        two, _t2 = self.relay()
+        one.pauseProducing()
+        two.pauseProducing()
+        one.pauseProducing()
+        self.assertEqual(self.ws.calls, ["pause"])
+        self.assertTrue(self.flow.reading_paused)
+        one.resumeProducing()
+        self.assertEqual(self.ws.calls, ["pause"])
+        two.resumeProducing()
+        self.assertEqual(self.ws.calls, ["pause", "resume"])
+        self.assertFalse(self.flow.reading_paused)
+
+    def test_lost_connection_releases_its_pause(self) -> None:
+        one, _t1 = self.relay()
+        one.pauseProducing()
+        one.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.ws.calls, ["pause", "resume"])
+        self.assertEqual(self.sink.closed, [one.channel])
+
+    def test_pause_survives_reconnect(self) -> None:
+        one, _t1 = self.relay()
+        one.pauseProducing()
+        self.flow.detach()
+        ws = FakeWebSocket()
+        self.flow.attach(ws)
+        self.assertEqual(ws.calls, ["pause"])
+
+    def test_close_flushes_then_closes_without_reset(self) -> None:
+        relay, transport = self.relay()
+        relay.deliver(b"last words")
+        relay.close()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"last words")
+        relay.dataReceived(b"ignored")
+        relay.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.sink.closed, [])
+        self.assertEqual(self.sink.data, [])
+
+    def test_pending_until_connected_bounded(self) -> None:
+        relay, transport = self.relay(connect=False, buffer_limit=10)
+        relay.deliver(b"12345")
+        self.assertEqual(self.ws.calls, [])
+        relay.deliver(b"678901")
+        self.assertEqual(self.ws.calls, ["pause"])
+        self.assertEqual(relay.pending_size, 11)
+        relay.makeConnection(transport)
+        self.assertEqual(transport.value(), b"12345678901")
+        self.assertEqual(self.ws.calls, ["pause", "resume"])
+        self.assertEqual(relay.pending_size, 0)
+
+    def test_close_before_connected_abandons(self) -> None:
+        relay, _ = self.relay(connect=False, buffer_limit=1)
+        abandoned = []
+        relay.abandon = lambda: abandoned.append(True)
+        relay.deliver(b"xyz")
+        relay.close()
+        self.assertEqual(abandoned, [True])
+        self.assertEqual(self.ws.calls, ["pause", "resume"])
+        self.assertEqual(self.sink.closed, [])
+
+    def test_connected_while_websocket_full(self) -> None:
+        self.flow.pauseProducing()
+        _relay, transport = self.relay()
+        self.assertEqual(transport.producerState, "paused")
+        self.flow.detach()
+        self.assertEqual(transport.producerState, "producing")
