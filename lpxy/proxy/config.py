@@ -4,63 +4,76 @@ The local proxy's resolved configuration.
 
 L{ProxyConfig} is what the command line, the C{--config} file, the
 environment and the settings file amount to, once validated; everything
-after option parsing reads only this.
+after option parsing reads only this. L{resolve} builds it (protocol.md
+section 7): every bad value or combination raises L{UsageError} with one
+line naming the option and the valid form. Tokens never appear in a
+message or a repr.
+
+Precedence is command line, then C{--config} file, then environment, then
+C{--settings-json} (which only feeds the fine-grained settings). The choice
+of endpoint (C{-r} or C{-e}) and of mapping (C{-s} or C{-d}) is made by the
+first of those sources that names either; naming both in one source is an
+error.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Union
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Literal, TypeVar
 
 from attrs import field, frozen
+from twisted.logger import Logger
+from twisted.python.usage import UsageError
 
-from lpxy.proxy.settings import ProxySettings
+from lpxy.proxy.addresses import (
+    MAX_HOST,
+    LocalTarget,
+    Mode,
+    TcpTarget,
+    TunnelEndpoint,
+    UnixTarget,
+    WebProxy,
+    destination_target,
+    no_proxy_matches,
+    parse_destination_map,
+    parse_endpoint,
+    parse_no_proxy,
+    parse_source_map,
+    parse_web_proxy,
+    region_endpoint,
+    service_id,
+    source_port,
+)
+from lpxy.proxy.settings import ProxySettings, SettingsError, load_settings
 
-Mode = Literal["source", "destination"]
+__all__ = [
+    "ClientType",
+    "LocalTarget",
+    "Mode",
+    "ProxyConfig",
+    "TcpTarget",
+    "TunnelEndpoint",
+    "UnixTarget",
+    "WebProxy",
+    "resolve",
+]
+
+_log = Logger()
+_T = TypeVar("_T")
+
 ClientType = Literal["V1", "V2"]
 
+ACCESS_TOKEN_ENV = "AWSIOT_TUNNEL_ACCESS_TOKEN"
+CLIENT_TOKEN_ENV = "AWSIOT_TUNNEL_CLIENT_TOKEN"
+ENDPOINT_ENV = "AWSIOT_TUNNEL_ENDPOINT"
+REGION_ENV = "AWSIOT_TUNNEL_REGION"
 
-@frozen
-class TunnelEndpoint:
-    """Where the tunneling service's data plane is."""
-
-    host: str
-    port: int = 443
-    tls: bool = True
-
-    def url(self, mode: Mode) -> str:
-        """The WebSocket URL for C{mode}."""
-        scheme = "wss" if self.tls else "ws"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}/tunnel?local-proxy-mode={mode}"
-
-
-@frozen
-class TcpTarget:
-    """A local application reachable over TCP (destination side)."""
-
-    host: str
-    port: int
-
-
-@frozen
-class UnixTarget:
-    """A local application listening on a Unix socket (destination side)."""
-
-    path: str
-
-
-LocalTarget = Union[TcpTarget, UnixTarget]
-
-
-@frozen
-class WebProxy:
-    """An HTTP(S) web proxy to CONNECT through (C{https_proxy})."""
-
-    host: str
-    port: int = 3128
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
+# The destination's host for a bare port when -b is not given, as the
+# reference.
+DEFAULT_DESTINATION_HOST = "127.0.0.1"
+MAX_TOKEN = 4096
 
 
 @frozen
@@ -74,6 +87,12 @@ class ProxyConfig:
     the C{--config-dir} files say and C{mappings_from_config_dir} is true
     (protocol.md section 4: a source then listens on a random port for an
     announced id found nowhere; a destination fails).
+
+    C{client_token} is L{None} when none was given: the runtime then makes
+    one for the life of the process. C{web_proxy} is already L{None} when
+    C{no_proxy} matches the endpoint; C{no_proxy} is kept for the log.
+    C{verbosity} is C{-v} as given (0..255); 6 and more mean per-record
+    trace logging.
     """
 
     mode: Mode
@@ -97,3 +116,455 @@ class ProxyConfig:
     def listen_address(self) -> str:
         """The address a source listens on."""
         return self.bind_address or self.settings.default_bind_address
+
+
+# Long option name -> short letter (or None), for messages and --config.
+OPTIONS: Mapping[str, str | None] = {
+    "access-token": "t",
+    "client-token": "i",
+    "proxy-endpoint": "e",
+    "region": "r",
+    "source-listen-port": "s",
+    "destination-app": "d",
+    "local-bind-address": "b",
+    "capath": "c",
+    "no-ssl-host-verify": "k",
+    "settings-json": None,
+    "verbose": "v",
+    "mode": "m",
+    "destination-client-type": "y",
+    "config-dir": None,
+}
+FLAGS = frozenset({"no-ssl-host-verify"})
+_ENVIRONMENT = {
+    "access-token": ACCESS_TOKEN_ENV,
+    "client-token": CLIENT_TOKEN_ENV,
+    "proxy-endpoint": ENDPOINT_ENV,
+    "region": REGION_ENV,
+}
+
+
+def option_label(name: str) -> str:
+    """How messages name a command-line option: C{--region/-r}."""
+    short = OPTIONS.get(name)
+    return f"--{name}/-{short}" if short else f"--{name}"
+
+
+# --- values and where they came from -------------------------------------
+
+@frozen
+class _Given:
+    value: str = field(repr=False)
+    label: str
+
+
+class _Layers:
+    """
+    The command line, the --config file and the environment, searched in
+    that order.
+    """
+
+    def __init__(self, layers: list[dict[str, _Given]]) -> None:
+        self._layers = layers
+
+    def get(self, name: str) -> _Given | None:
+        for layer in self._layers:
+            if name in layer:
+                return layer[name]
+        return None
+
+    def choose(self, first: str, second: str) -> tuple[str, _Given] | None:
+        """
+        The name and value of C{first} or C{second} from the first layer
+        naming either; both in one layer is an error.
+        """
+        for layer in self._layers:
+            a, b = layer.get(first), layer.get(second)
+            if a is not None and b is not None:
+                raise UsageError(f"{a.label} and {b.label} are exclusive: give only one")
+            if a is not None:
+                return first, a
+            if b is not None:
+                return second, b
+        return None
+
+
+def _commandLine(options: Mapping[str, object]) -> dict[str, _Given]:
+    given = {}
+    for name in OPTIONS:
+        value = options.get(name)
+        if name in FLAGS:
+            if value:
+                given[name] = _Given("true", option_label(name))
+        elif value is not None:
+            given[name] = _Given(str(value), option_label(name))
+    return given
+
+
+def _environment(environ: Mapping[str, str]) -> dict[str, _Given]:
+    return {
+        name: _Given(environ[variable], variable)
+        for name, variable in _ENVIRONMENT.items()
+        if environ.get(variable)
+    }
+
+
+# --- the --config file -------------------------------------------------------
+
+_NOT_IN_CONFIG = frozenset({"config", "help", "version", "export-default-settings"})
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """
+    Read a C{--config} file: C{long-name = value} lines, blank lines and
+    C{#} comments.
+
+    @raise UsageError: the file is unreadable, a line is malformed, or names
+        an unknown or repeated option.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config: cannot read {path}: {_reason(e)}") from None
+    values: dict[str, str] = {}
+    for number, line in _lines(text):
+        where = f"--config {path} line {number}"
+        name, equals, value = line.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise UsageError(f"{where}: expected long-name = value, e.g. region = us-east-1")
+        if name not in OPTIONS:
+            raise UsageError(
+                f"{where}: unknown option {name!r}; expected a long option name"
+                f" other than {', '.join(sorted(_NOT_IN_CONFIG))}"
+            )
+        if name in values:
+            raise UsageError(f"{where}: {name} given twice")
+        values[name] = value.strip()
+    return values
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line and not line.startswith(("#", ";")):
+            yield number, line
+
+
+def _configLayer(path: str) -> dict[str, _Given]:
+    given = {}
+    for name, value in read_config_file(path).items():
+        label = f"{name} (--config {path})"
+        if name in FLAGS:
+            lowered = value.lower()
+            if lowered in ("true", "yes", "on", "1"):
+                given[name] = _Given("true", label)
+            elif lowered not in ("false", "no", "off", "0"):
+                raise UsageError(f"{label}: expected true or false")
+        else:
+            given[name] = _Given(value, label)
+    return given
+
+
+# --- --config-dir ------------------------------------------------------------
+
+def config_dir_files(directory: Path) -> list[Path]:
+    """Every regular file below C{directory}, in a stable order."""
+    return sorted(path for path in directory.rglob("*") if path.is_file())
+
+
+def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T]:
+    """
+    Read every file below C{directory} as C{id = endpoint} lines, each
+    endpoint passed through C{parse}; the first file naming an id wins.
+    Unreadable files are skipped with a warning.
+
+    @raise UsageError: a line is malformed.
+    """
+    mapping: dict[str, _T] = {}
+    for path in config_dir_files(directory):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            _log.warn(
+                "Skipping unreadable --config-dir file {path}: {reason}",
+                path=str(path), reason=_reason(e),
+            )
+            continue
+        seen: set[str] = set()
+        for number, line in _lines(text):
+            where = f"--config-dir file {path} line {number}"
+            name, equals, endpoint = line.partition("=")
+            name, endpoint = name.strip(), endpoint.strip()
+            try:
+                if not equals or not endpoint:
+                    raise ValueError("expected ID = ENDPOINT, e.g. SSH1 = 22")
+                service_id(name)
+                if name in seen:
+                    raise ValueError(f"service id {name!r} given twice")
+                target = parse(endpoint)
+            except ValueError as e:
+                raise UsageError(f"{where}: {e}") from None
+            seen.add(name)
+            if name in mapping:
+                _log.debug(
+                    "{path} names {service} again; the first file wins",
+                    path=str(path), service=name,
+                )
+            else:
+                mapping[name] = target
+    return mapping
+
+
+def _configDirectory(given: _Given | None, cwd: Path) -> Path | None:
+    if given is None:
+        default = cwd / "config"
+        if default.is_dir() and any(default.iterdir()):
+            return default
+        return None
+    directory = cwd / given.value
+    if not given.value or not directory.is_dir() or not any(directory.iterdir()):
+        raise UsageError(
+            f"{given.label}: {given.value!r} is not a non-empty directory of"
+            " ID = ENDPOINT files"
+        )
+    return directory
+
+
+def _webProxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, ...]]:
+    for variable in ("https_proxy", "HTTPS_PROXY"):
+        if environ.get(variable):
+            try:
+                proxy = parse_web_proxy(environ[variable])
+            except ValueError as e:
+                raise UsageError(f"{variable}: {e}") from None
+            break
+    else:
+        proxy = None
+    noProxy: tuple[str, ...] = ()
+    for variable in ("no_proxy", "NO_PROXY"):
+        if variable in environ:
+            noProxy = parse_no_proxy(environ[variable])
+            break
+    return proxy, noProxy
+
+
+# --- tokens --------------------------------------------------------------------
+
+_CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}\Z")
+
+
+def _accessToken(given: _Given) -> str:
+    token = given.value
+    if not token or len(token) > MAX_TOKEN or any(
+        ord(c) < 0x20 or ord(c) == 0x7F for c in token
+    ):
+        raise UsageError(
+            f"{given.label}: expected 1 to {MAX_TOKEN} characters without control characters"
+        )
+    return token
+
+
+def _clientToken(given: _Given) -> str:
+    if not _CLIENT_TOKEN.match(given.value):
+        raise UsageError(f"{given.label}: expected 32 to 128 characters of [a-zA-Z0-9-]")
+    return given.value
+
+
+# --- putting it together ---------------------------------------------------------
+
+_MODES: Mapping[str, Mode] = {
+    "src": "source", "source": "source", "dst": "destination", "destination": "destination",
+}
+_BIND = re.compile(r"[a-zA-Z0-9.:\[\]-]+\Z")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def _verbosity(given: _Given | None) -> int:
+    if given is None:
+        return 4
+    text = given.value.strip()
+    if not text.isdigit() or len(text) > 3 or int(text) > 255:
+        raise UsageError(
+            f"{given.label}: expected 0..255 (0 off, 1 critical, 2 error, 3 warning,"
+            f" 4 info, 5 debug, 6+ trace), got {given.value!r}"
+        )
+    return int(text)
+
+
+def _mode(layers: _Layers, mapping: tuple[str, _Given] | None) -> Mode:
+    given = layers.get("mode")
+    if given is None:
+        if mapping is None:
+            raise UsageError(
+                "give one of --source-listen-port/-s, --destination-app/-d or --mode/-m"
+            )
+        return "destination" if mapping[0] == "destination-app" else "source"
+    mode = _MODES.get(given.value.strip().lower())
+    if mode is None:
+        raise UsageError(
+            f"{given.label}: expected src, source, dst or destination, got {given.value!r}"
+        )
+    if mapping is not None:
+        name, value = mapping
+        implied = "destination" if name == "destination-app" else "source"
+        if implied != mode:
+            raise UsageError(
+                f"{value.label} means {implied} mode, but {given.label} is {given.value}"
+            )
+    return mode
+
+
+def resolve(
+    options: Mapping[str, object], environ: Mapping[str, str], cwd: Path
+) -> ProxyConfig:
+    """
+    Turn the command line (C{options}, long option names to values, L{None}
+    or false for absent), the C{--config} file it may name, C{environ} and
+    the C{--settings-json} file into a validated L{ProxyConfig}.
+
+    @param cwd: the working directory, for relative paths and the default
+        C{--config-dir}.
+
+    @raise UsageError: one line naming the option and the valid form.
+    """
+    cli = _commandLine(options)
+    layers: list[dict[str, _Given]] = [cli]
+    config = options.get("config")
+    if config is not None:
+        layers.append(_configLayer(str(cwd / str(config))))
+    layers.append(_environment(environ))
+    found = _Layers(layers)
+
+    verbosity = _verbosity(found.get("verbose"))
+
+    settings = ProxySettings()
+    settingsFile = found.get("settings-json")
+    if settingsFile is not None:
+        try:
+            settings = load_settings(cwd / settingsFile.value)
+        except SettingsError as e:
+            raise UsageError(f"{settingsFile.label}: {e}") from None
+
+    token = found.get("access-token")
+    if token is None:
+        raise UsageError(
+            "no access token: give --access-token/-t, access-token in the --config file,"
+            f" or {ACCESS_TOKEN_ENV}"
+        )
+    accessToken = _accessToken(token)
+    clientGiven = found.get("client-token")
+    clientToken = None if clientGiven is None else _clientToken(clientGiven)
+
+    chosen = found.choose("region", "proxy-endpoint")
+    if chosen is None:
+        raise UsageError(
+            "give one of --region/-r or --proxy-endpoint/-e"
+            f" (or {REGION_ENV} or {ENDPOINT_ENV})"
+        )
+    name, where = chosen
+    try:
+        if name == "region":
+            endpoint = region_endpoint(where.value, settings)
+        else:
+            endpoint = parse_endpoint(where.value)
+    except ValueError as e:
+        raise UsageError(f"{where.label}: {e}") from None
+
+    bindGiven = found.get("local-bind-address")
+    bindAddress = None
+    if bindGiven is not None:
+        if len(bindGiven.value) > MAX_HOST or not _BIND.match(bindGiven.value):
+            raise UsageError(
+                f"{bindGiven.label}: expected a host name or IP address, got {bindGiven.value!r}"
+            )
+        bindAddress = bindGiven.value.strip("[]") if bindGiven.value.startswith("[") else (
+            bindGiven.value
+        )
+
+    mapping = found.choose("source-listen-port", "destination-app")
+    mode = _mode(found, mapping)
+    defaultHost = bindAddress or DEFAULT_DESTINATION_HOST
+    sourcePorts: dict[str, int] = {}
+    destinationApps: dict[str, LocalTarget] = {}
+    if mapping is not None:
+        given = mapping[1]
+        try:
+            if mode == "source":
+                sourcePorts = parse_source_map(given.value)
+            else:
+                destinationApps = parse_destination_map(given.value, defaultHost)
+        except ValueError as e:
+            raise UsageError(f"{given.label}: {e}") from None
+
+    directory = _configDirectory(found.get("config-dir"), cwd)
+    fromDirectory = mapping is None
+    if fromDirectory and directory is not None:
+        if mode == "source":
+            sourcePorts = read_config_dir(directory, source_port)
+        else:
+            destinationApps = read_config_dir(
+                directory, lambda text: destination_target(text, defaultHost)
+            )
+    if mode == "destination" and not destinationApps:
+        raise UsageError(
+            "destination mode needs --destination-app/-d or ID = ENDPOINT files"
+            " in --config-dir (default ./config)"
+        )
+
+    clientType: ClientType | None = None
+    typeGiven = found.get("destination-client-type")
+    if typeGiven is not None:
+        if typeGiven.value.strip().upper() not in ("V1", "V2"):
+            raise UsageError(f"{typeGiven.label}: expected V1 or V2, got {typeGiven.value!r}")
+        if mode != "source":
+            raise UsageError(
+                f"{typeGiven.label} is for source mode only: a destination learns its"
+                " peer's version"
+            )
+        clientType = "V1" if typeGiven.value.strip().upper() == "V1" else "V2"
+
+    capath = found.get("capath")
+    if capath is not None and not (cwd / capath.value).exists():
+        raise UsageError(
+            f"{capath.label}: no such directory or file {capath.value!r}; expected a"
+            " directory of hashed CA certificates or a PEM bundle file"
+        )
+
+    webProxy, noProxy = _webProxy(environ)
+    if webProxy is not None and no_proxy_matches(endpoint.host, endpoint.port, noProxy):
+        _log.info(
+            "Not using the web proxy for {host}: it matches NO_PROXY", host=endpoint.host
+        )
+        webProxy = None
+
+    if "access-token" in cli:
+        _log.warn(
+            "The access token was given on the command line, where other users of"
+            " this machine can see it; set {variable} instead",
+            variable=ACCESS_TOKEN_ENV,
+        )
+
+    return ProxyConfig(
+        mode=mode,
+        access_token=accessToken,
+        endpoint=endpoint,
+        client_token=clientToken,
+        source_ports=sourcePorts,
+        destination_apps=destinationApps,
+        bind_address=bindAddress,
+        capath=None if capath is None else str(cwd / capath.value),
+        verify_ssl=found.get("no-ssl-host-verify") is None,
+        verbosity=verbosity,
+        destination_client_type=clientType,
+        config_dir=None if directory is None or not fromDirectory else str(directory),
+        mappings_from_config_dir=fromDirectory,
+        settings=settings,
+        web_proxy=webProxy,
+        no_proxy=noProxy,
+    )
