@@ -6,6 +6,7 @@ certificate of a test CA the system does not trust.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from OpenSSL import SSL
@@ -21,6 +22,8 @@ from twisted.internet.ssl import VerificationError
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import TestCase
 
+from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
+from lpxy.proxy.endpoints import tunnel_client_endpoint
 from lpxy.proxy.tls import CAPathError, client_tls_options
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.connecthelpers import EchoServerFactory, PingClientFactory
@@ -262,6 +265,79 @@ class NoVerifyTests(TestCase):
         """
         with capturedLogs():
             client_tls_options("localhost", self.mktemp(), False)
+
+
+class TunnelEndpointTests(TestCase):
+    """
+    The service endpoint as the proxy builds it (L{tunnel_client_endpoint},
+    direct C{wss://}) against the loopback server.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        self.pki = _pki(self)
+        self.loopback = _Loopback(self, self.pki)
+        yield self.loopback.start()
+
+    def config(self, capath: str | None, verify: bool = True) -> ProxyConfig:
+        return ProxyConfig(
+            mode="destination",
+            access_token="not-a-real-token",
+            endpoint=TunnelEndpoint("localhost", self.loopback.port.getHost().port),
+            capath=capath,
+            verify_ssl=verify,
+        )
+
+    @inlineCallbacks
+    def ping(self, config: ProxyConfig):
+        """
+        Connect, have a message echoed, return the TCP socket's
+        C{TCP_NODELAY}; raise what ended the connection instead.
+        """
+        # "localhost" may resolve to ::1 first, where nothing listens; the
+        # endpoint then goes on to 127.0.0.1.
+        protocol = yield tunnel_client_endpoint(reactor, config).connect(PingClientFactory())
+        try:
+            yield protocol.answer
+            tls_transport = protocol.transport
+            sock = tls_transport.transport.getHandle()
+            no_delay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            yield protocol.lost
+            yield self.loopback.server.all_lost()
+        return no_delay
+
+    @inlineCallbacks
+    def test_refused_without_trust(self):
+        """
+        Without C{--capath} the test CA is not trusted.
+        """
+        with self.assertRaises(SSL.Error):
+            yield self.ping(self.config(None))
+
+    @inlineCallbacks
+    def test_tcp_nodelay_under_tls(self):
+        """
+        Accepted with C{--capath}; the socket beneath the TLS layer has
+        C{TCP_NODELAY} set.
+        """
+        no_delay = yield self.ping(self.config(str(self.pki.ca_dir)))
+        self.assertTrue(no_delay)
+
+    @inlineCallbacks
+    def test_no_verify(self):
+        """
+        C{-k} connects to the untrusted server, saying so in the log.
+        """
+        with capturedLogs() as events:
+            config = self.config(None, verify=False)
+            endpoint = tunnel_client_endpoint(reactor, config)
+        self.assertIn("DISABLED", events[-1]["log_format"])
+        protocol = yield endpoint.connect(PingClientFactory())
+        answer = yield protocol.answer
+        yield protocol.lost
+        yield self.loopback.server.all_lost()
+        self.assertEqual(answer, b"ping")
 
 
 class CAPathTests(TestCase):

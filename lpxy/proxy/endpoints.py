@@ -1,0 +1,454 @@
+# -*- test-case-name: tests.test_endpoints -*-
+"""
+How the local proxy reaches the tunneling service: the client endpoint
+that C{ClientService} connects with.
+
+Layers, innermost first::
+
+    NoDelayEndpoint(HostnameEndpoint(service or web proxy))
+    [wrapClientTLS(web proxy TLS options, ...)]        https:// web proxy
+    [HTTPConnectEndpoint(..., service host, port)]     through a web proxy
+    [wrapClientTLS(service TLS options, ...)]          wss:// (the usual)
+
+C{TCP_NODELAY} is set on the real TCP connection, the innermost layer:
+under TLS the WebSocket's transport is Twisted's TLS protocol, where a
+no-delay request never reaches the socket, and every small message then
+waits for the peer's delayed ACK (about 40 ms).
+"""
+
+from __future__ import annotations
+
+import re
+from base64 import b64encode
+from collections.abc import Callable, Iterable
+from ipaddress import ip_address, ip_network
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.address import HostnameAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from lpxy.proxy.config import ProxyConfig
+from lpxy.proxy.tls import client_tls_options
+
+_log = Logger()
+
+#: Seconds a web proxy may take to answer CONNECT.
+CONNECT_TIMEOUT = 30.0
+#: The most a web proxy's answer head may hold, in bytes.
+MAX_ANSWER_HEAD = 16 * 1024
+
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([^\r\n]*))?\r?$")
+
+
+# What this module uses of Twisted's interfaces, spelled as typing protocols
+# so that mypy can check the calls (it does not see through zope interfaces).
+
+
+class _Endpoint(TypingProtocol):
+    def connect(self, protocolFactory: Any) -> Deferred[Any]: ...
+
+
+class _Protocol(TypingProtocol):
+    def makeConnection(self, transport: Any) -> None: ...
+    def dataReceived(self, data: bytes) -> None: ...
+    def connectionLost(self, reason: Failure) -> None: ...
+
+
+class _ProtocolFactory(TypingProtocol):
+    def buildProtocol(self, addr: Any) -> _Protocol | None: ...
+    def doStart(self) -> None: ...
+    def doStop(self) -> None: ...
+
+
+class _Transport(TypingProtocol):
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+
+
+class _TCPTransport(TypingProtocol):
+    def setTcpNoDelay(self, enabled: bool) -> None: ...
+
+
+class _DelayedCall(TypingProtocol):
+    def cancel(self) -> None: ...
+
+
+class _Clock(TypingProtocol):
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object
+    ) -> _DelayedCall: ...
+
+
+class WebProxyError(ConnectError):
+    """
+    The web proxy did not open a tunnel.
+    """
+
+    MESSAGE = "The web proxy did not open a tunnel"
+
+
+def authority(host: str, port: int) -> str:
+    """
+    C{host:port} as an HTTP request target and C{Host} value, with an
+    IPv6 literal in brackets.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bypasses_proxy(host: str, no_proxy: Iterable[str]) -> bool:
+    """
+    Whether C{NO_PROXY} says to reach C{host} directly.
+
+    Entries, case-insensitive: C{*} (every host); a name, matching itself
+    and every name under it; the same with a leading C{.} or C{*.}; an IP
+    address (IPv6 with or without brackets); an IP network C{10.0.0.0/8}.
+    A C{:port} on an entry is ignored.
+    """
+    host = host.strip().strip("[]").rstrip(".").lower()
+    host_ip = _ip(host)
+    for raw in no_proxy:
+        entry = _without_port(raw.strip().lower())
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if "/" in entry:
+            try:
+                network = ip_network(entry, strict=False)
+            except ValueError:
+                continue
+            if host_ip is not None and host_ip in network:
+                return True
+            continue
+        entry_ip = _ip(entry)
+        if entry_ip is not None or host_ip is not None:
+            if entry_ip == host_ip:
+                return True
+            continue
+        domain = entry.removeprefix("*").lstrip(".").rstrip(".")
+        if domain and (host == domain or host.endswith("." + domain)):
+            return True
+    return False
+
+
+def _ip(text: str) -> object | None:
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _without_port(entry: str) -> str:
+    if entry.startswith("["):
+        return entry[1:].partition("]")[0]
+    name, colon, port = entry.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:
+        return name
+    return entry
+
+
+@implementer(IStreamClientEndpoint)
+class NoDelayEndpoint:
+    """
+    Sets C{TCP_NODELAY} on each TCP connection that the wrapped endpoint
+    makes.
+
+    The wrapped endpoint must connect the protocol directly to a TCP
+    transport (a L{HostnameEndpoint}, say); TLS and CONNECT go outside.
+    The option is set as soon as the connection is made: bytes the protocol
+    writes in C{connectionMade} (a TLS ClientHello) are still only queued
+    then, the reactor sends them later.
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint) -> None:
+        self._wrapped = cast(_Endpoint, wrapped)
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Connect with the wrapped endpoint, then switch Nagle off.
+        """
+        return self._wrapped.connect(protocolFactory).addCallback(self._no_delay)
+
+    @staticmethod
+    def _no_delay(protocol: IProtocol) -> IProtocol:
+        transport = getattr(protocol, "transport", None)
+        if ITCPTransport.providedBy(transport):
+            cast(_TCPTransport, transport).setTcpNoDelay(True)
+        else:
+            _log.warn(
+                "Cannot set TCP_NODELAY: {transport!r} is not a TCP transport",
+                transport=transport,
+            )
+        return protocol
+
+
+@implementer(IStreamClientEndpoint)
+class HTTPConnectEndpoint:
+    """
+    Reaches C{host}:C{port} through an HTTP web proxy: on a connection to
+    the proxy, made by C{proxy}, sends C{CONNECT host:port HTTP/1.1}; on
+    any 2xx answer the connection belongs to the protocol being connected,
+    which then talks (through the proxy) to C{host}:C{port}.
+
+    Any other answer, the proxy closing first, or no answer within
+    C{timeout} seconds fails the connection attempt with a
+    L{WebProxyError}, once the connection to the proxy is closed.  The
+    credentials go to the proxy as C{Basic} C{Proxy-Authorization}; they
+    appear in no message.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        proxy: IStreamClientEndpoint,
+        host: str,
+        port: int,
+        *,
+        proxy_name: str,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._clock = cast(_Clock, clock)
+        self._proxy = cast(_Endpoint, proxy)
+        self._proxy_name = proxy_name
+        self._target = authority(host, port)
+        self._address = HostnameAddress(host.encode("utf-8"), port)
+        self._timeout = timeout
+        head = [f"CONNECT {self._target} HTTP/1.1", f"Host: {self._target}"]
+        if username is not None or password is not None:
+            secret = f"{username or ''}:{password or ''}".encode()
+            head.append("Proxy-Authorization: Basic " + b64encode(secret).decode("ascii"))
+        self._request = ("\r\n".join(head) + "\r\n\r\n").encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"<HTTPConnectEndpoint {self._target} via {self._proxy_name}>"
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        """
+        Connect to the proxy, ask for the tunnel, and fire with the
+        protocol C{protocolFactory} built once the tunnel is open.
+        """
+        factory = _ConnectFactory(self, protocolFactory)
+        connected = self._proxy.connect(factory)
+
+        def tunnel(protocol: IProtocol) -> Deferred[IProtocol]:
+            return cast(_ConnectProtocol, protocol).tunnel
+
+        return connected.addCallback(tunnel)
+
+    def _error(self, text: str) -> WebProxyError:
+        # ConnectError adds the final full stop.
+        text = text.rstrip(".")
+        return WebProxyError(string=f"{self._proxy_name}, CONNECT {self._target}: {text}")
+
+
+class _ConnectFactory(Factory):
+    # Builds the protocol that asks for the tunnel; passes start and stop
+    # on to the factory of the protocol that will use it.
+
+    def __init__(self, endpoint: HTTPConnectEndpoint, wrapped: IProtocolFactory) -> None:
+        self.endpoint = endpoint
+        self.wrapped = cast(_ProtocolFactory, wrapped)
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr: object) -> _ConnectProtocol:
+        return _ConnectProtocol(self.endpoint, self.wrapped)
+
+
+class _ConnectProtocol(Protocol):
+    """
+    Asks the web proxy for the tunnel, then passes everything between the
+    transport and the protocol that uses the tunnel.
+
+    A refusal aborts the connection and fails C{tunnel} once it is closed,
+    so that nothing of a failed attempt is left when its caller hears.
+    """
+
+    def __init__(self, endpoint: HTTPConnectEndpoint, wrapped: _ProtocolFactory) -> None:
+        self._endpoint = endpoint
+        self._factory = wrapped
+        self.tunnel: Deferred[IProtocol] = Deferred(self._cancel)
+        self._head = b""
+        self._user: _Protocol | None = None
+        self._failure: WebProxyError | None = None
+        self._timer: _DelayedCall | None = None
+
+    @property
+    def _transport(self) -> _Transport:
+        return cast(_Transport, self.transport)
+
+    def connectionMade(self) -> None:
+        self._timer = self._endpoint._clock.callLater(
+            self._endpoint._timeout, self._timed_out
+        )
+        self._transport.write(self._endpoint._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._user is not None:
+            self._user.dataReceived(data)
+            return
+        if self._failure is not None or self.tunnel.called:
+            return  # refused or cancelled: the connection is closing
+        self._head += data
+        end = _END_OF_HEAD.search(self._head)
+        if end is None:
+            if len(self._head) > MAX_ANSWER_HEAD:
+                self._fail(f"answer head longer than {MAX_ANSWER_HEAD} bytes")
+            return
+        head, rest = self._head[: end.start()], self._head[end.end() :]
+        self._head = b""
+        self._answered(head.split(b"\n", 1)[0], rest)
+
+    def _answered(self, status_line: bytes, rest: bytes) -> None:
+        match = _STATUS_LINE.match(status_line)
+        if match is None:
+            self._fail("not an HTTP answer: " + _printable(status_line))
+            return
+        status = int(match.group(1))
+        reason = _printable(match.group(2) or b"")
+        if not 200 <= status < 300:
+            hint = ""
+            if status == 407:
+                hint = " (proxy credentials missing or refused)"
+            self._fail(f"refused with {status} {reason}".rstrip() + hint)
+            return
+        self._stop_timer()
+        user = self._factory.buildProtocol(self._endpoint._address)
+        if user is None:
+            self._fail("the connecting factory built no protocol")
+            return
+        _log.debug(
+            "{proxy} opened a tunnel to {target}",
+            proxy=self._endpoint._proxy_name,
+            target=self._endpoint._target,
+        )
+        self._user = user
+        user.makeConnection(self.transport)
+        self.tunnel.callback(cast(IProtocol, user))
+        if rest:
+            user.dataReceived(rest)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_timer()
+        if self._user is not None:
+            self._user.connectionLost(reason)
+        elif not self.tunnel.called:
+            error = self._failure or self._endpoint._error(
+                "connection closed before an answer: " + reason.getErrorMessage()
+            )
+            self.tunnel.errback(error)
+
+    def _fail(self, text: str) -> None:
+        self._stop_timer()
+        if self._failure is None:
+            self._failure = self._endpoint._error(text)
+            self._transport.abortConnection()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(f"no answer within {self._endpoint._timeout:g} seconds")
+
+    def _cancel(self, tunnel: Deferred[IProtocol]) -> None:
+        # Deferred.cancel fires CancelledError itself after this.
+        self._stop_timer()
+        self._transport.abortConnection()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            timer, self._timer = self._timer, None
+            timer.cancel()
+
+
+def _printable(text: bytes, limit: int = 100) -> str:
+    # What a proxy says goes into logs: keep it short and plain.
+    shown = "".join(
+        c if c.isprintable() else "?" for c in text[:limit].decode("latin-1")
+    )
+    return shown + ("..." if len(text) > limit else "")
+
+
+def tcp_endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
+    """
+    A TCP client endpoint to C{host} (name, IPv4 or bare IPv6 literal) with
+    C{TCP_NODELAY} on.
+    """
+    tcp = cast(IStreamClientEndpoint, HostnameEndpoint(reactor, host, port))
+    return cast(IStreamClientEndpoint, NoDelayEndpoint(tcp))
+
+
+def tunnel_client_endpoint(reactor: Any, config: ProxyConfig) -> IStreamClientEndpoint:
+    """
+    The endpoint to connect to the tunneling service with, as C{config}
+    says: directly or through its web proxy (unless C{NO_PROXY} names the
+    service host), under TLS (verified as L{client_tls_options} says, for
+    an C{https://} web proxy too) unless the endpoint is C{ws://}.
+
+    @param reactor: provides L{IReactorTCP}, L{IReactorTime} and
+        L{IReactorPluggableNameResolver}.
+    @raise lpxy.proxy.tls.CAPathError: for an unusable C{--capath}.
+    """
+    target = config.endpoint
+    web_proxy = config.web_proxy
+    if web_proxy is not None and bypasses_proxy(target.host, config.no_proxy):
+        _log.info(
+            "Connecting to {host} directly: NO_PROXY names it", host=target.host
+        )
+        web_proxy = None
+    endpoint: IStreamClientEndpoint
+    if web_proxy is None:
+        endpoint = tcp_endpoint(reactor, target.host, target.port)
+    else:
+        proxy_name = "web proxy " + authority(web_proxy.host, web_proxy.port)
+        endpoint = tcp_endpoint(reactor, web_proxy.host, web_proxy.port)
+        if web_proxy.tls:
+            endpoint = wrapClientTLS(
+                client_tls_options(web_proxy.host, config.capath, config.verify_ssl),
+                endpoint,
+            )
+        _log.info(
+            "Connecting to {target} through {proxy} (https: {tls},"
+            " credentials: {credentials})",
+            target=authority(target.host, target.port),
+            proxy=proxy_name,
+            tls=web_proxy.tls,
+            credentials=web_proxy.username is not None,
+        )
+        endpoint = cast(
+            IStreamClientEndpoint,
+            HTTPConnectEndpoint(
+                cast(IReactorTime, reactor),
+                endpoint,
+                target.host,
+                target.port,
+                proxy_name=proxy_name,
+                username=web_proxy.username,
+                password=web_proxy.password,
+            ),
+        )
+    if target.tls:
+        endpoint = wrapClientTLS(
+            client_tls_options(target.host, config.capath, config.verify_ssl), endpoint
+        )
+    return endpoint
