@@ -599,6 +599,43 @@ class ConnectExchangeTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.lose()
 
+    def test_proxy_unreachable(self) -> None:
+        """
+        Failing to reach the proxy is a L{WebProxyError} that says so and
+        why.
+        """
+
+        class Refusing:
+            def connect(self, factory):
+                return fail(ConnectionRefusedError("Connection refused"))
+
+        endpoint = HTTPConnectEndpoint(
+            self.clock,
+            Refusing(),
+            "tunnel.example.com",
+            443,
+            proxy_name="web proxy proxy.example.com:3128",
+        )
+        error = self.failureResultOf(endpoint.connect(PingClientFactory()), WebProxyError)
+        self.assertIn("web proxy proxy.example.com:3128", str(error.value))
+        self.assertIn("cannot reach it: Connection was refused", str(error.value))
+
+    def test_cancel_while_reaching_proxy(self) -> None:
+        """
+        Cancelling before the proxy is reached stays a cancellation.
+        """
+
+        class Pending:
+            def connect(self, factory):
+                return Deferred()
+
+        endpoint = HTTPConnectEndpoint(
+            self.clock, Pending(), "tunnel.example.com", 443, proxy_name="web proxy p:1"
+        )
+        d = endpoint.connect(PingClientFactory())
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
     def test_repr_keeps_secrets(self) -> None:
         """
         The endpoint's repr says where it goes, not with what password.
@@ -847,6 +884,7 @@ class EndToEndTests(TestCase):
             endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         port = yield endpoint.listen(factory)
         self.addCleanup(port.stopListening)
+        self.proxy_port = port
         return factory, port.getHost().port
 
     @inlineCallbacks
@@ -951,6 +989,22 @@ class EndToEndTests(TestCase):
         self.assertNotIn(PASSWORD, str(caught.exception))
         for p in proxy.protocols:
             yield p.lost
+
+    @inlineCallbacks
+    def test_proxy_down(self):
+        """
+        Nothing listening at the proxy's address: the attempt fails,
+        naming the proxy.
+        """
+        _, proxy_port = yield self.listen_proxy()
+        yield self.proxy_port.stopListening()
+        endpoint = tunnel_client_endpoint(
+            reactor, self.config(True, WebProxy("127.0.0.1", proxy_port))
+        )
+        with self.assertRaises(WebProxyError) as caught:
+            yield endpoint.connect(PingClientFactory())
+        self.assertIn(f"web proxy 127.0.0.1:{proxy_port}", str(caught.exception))
+        self.assertIn("cannot reach it", str(caught.exception))
 
     @inlineCallbacks
     def test_untrusted_https_proxy(self):

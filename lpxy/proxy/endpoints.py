@@ -26,7 +26,7 @@ from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.address import HostnameAddress
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
@@ -251,7 +251,13 @@ class HTTPConnectEndpoint:
         def tunnel(protocol: IProtocol) -> Deferred[IProtocol]:
             return cast(_ConnectProtocol, protocol).tunnel
 
-        return connected.addCallback(tunnel)
+        def unreachable(reason: Failure) -> Failure:
+            # Say that it was the proxy that could not be reached.
+            if reason.check(CancelledError):
+                return reason
+            return Failure(self._error("cannot reach it: " + reason.getErrorMessage()))
+
+        return connected.addCallbacks(tunnel, unreachable)
 
     def _error(self, text: str) -> WebProxyError:
         # ConnectError adds the final full stop.
