@@ -1,0 +1,107 @@
+# -*- test-case-name: tests.test_source -*-
+"""
+The source side: one listening port per service of the tunnel.
+
+The listeners start once, after the first WebSocket session settled the
+services, and stay for the life of the proxy (protocol.md section 6: lpxy
+keeps them across reconnects). Every accepted socket is handed to an
+C{accept} callable, which returns the protocol to carry it or L{None} to
+close it at once (while the tunnel is down, or when the service has too
+many connections).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+
+from lpxy.proxy.session import ServiceBinding
+
+__all__ = ["ServiceListenerFactory", "SourceListeners"]
+
+Accept = Callable[[ServiceBinding, IAddress], "Protocol | None"]
+
+
+class ServiceListenerFactory(ServerFactory):
+    """Builds the protocol of each client accepted for one service."""
+
+    def __init__(self, binding: ServiceBinding, accept: Accept) -> None:
+        self.binding = binding
+        self._accept = accept
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
+        return self._accept(self.binding, addr)
+
+
+class SourceListeners:
+    """
+    The listening ports of a source proxy, one per service.
+
+    @param reactor: provides C{IReactorTCP}.
+    @param address: the address to listen on (C{-b} or the setting
+        C{default_bind_address}).
+    @param ports: the configured port per map key.
+    @param accept: decides each accepted client's fate.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: str,
+        ports: Mapping[str, int],
+        accept: Accept,
+    ) -> None:
+        self._reactor = reactor
+        self._address = address
+        self._ports = dict(ports)
+        self._accept = accept
+        self._listening: dict[str, Any] = {}
+        self.started = False
+
+    def port_for(self, service_id: str) -> int | None:
+        """The port the service with C{service_id} listens on, once it does."""
+        port = self._listening.get(service_id)
+        return None if port is None else int(port.getHost().port)
+
+    def _endpoint(self, port: int) -> Any:
+        if isIPv6Address(self._address.strip("[]")):
+            return TCP6ServerEndpoint(self._reactor, port, interface=self._address.strip("[]"))
+        return TCP4ServerEndpoint(self._reactor, port, interface=self._address)
+
+    @inlineCallbacks
+    def start(self, bindings: Sequence[ServiceBinding]) -> Any:
+        """
+        Listen for every service; fires with C{{service_id: port}}, or fails
+        with the first error (after closing what did open).
+        """
+        self.started = True
+        try:
+            for binding in bindings:
+                port = self._ports.get(binding.key, 0) if binding.key is not None else 0
+                factory = ServiceListenerFactory(binding, self._accept)
+                listening = yield self._endpoint(port).listen(factory)
+                self._listening[binding.service_id] = listening
+                self._log.info(
+                    "Listening on {address}:{port} for service {service_id!r}",
+                    address=self._address,
+                    port=listening.getHost().port,
+                    service_id=binding.service_id,
+                )
+        except BaseException:
+            yield self.stop()
+            raise
+        return {sid: self.port_for(sid) for sid in self._listening}
+
+    def stop(self) -> Deferred[Any]:
+        """Stop listening."""
+        listening, self._listening = self._listening, {}
+        return DeferredList([maybeDeferred(port.stopListening) for port in listening.values()])

@@ -1,0 +1,91 @@
+"""
+Tests for L{lpxy.proxy.source}: listening per service on loopback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from lpxy.proxy.session import ServiceBinding
+from lpxy.proxy.source import SourceListeners
+
+
+class Client(Protocol):
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost.callback(None)
+
+
+class Greeter(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"hello")
+        self.transport.loseConnection()
+
+
+class SourceListenersTests(TestCase):
+    @inlineCallbacks
+    def test_listen_accept_refuse(self) -> Any:
+        accepted: list[tuple[ServiceBinding, IAddress]] = []
+        refuse = [False]
+
+        def accept(binding: ServiceBinding, addr: IAddress) -> Protocol | None:
+            accepted.append((binding, addr))
+            return None if refuse[0] else Greeter()
+
+        listeners = SourceListeners(reactor, "127.0.0.1", {"A": 0}, accept)
+        self.addCleanup(listeners.stop)
+        ports = yield listeners.start([ServiceBinding("A", "A"), ServiceBinding(None, "B")])
+        self.assertEqual(sorted(ports), ["A", "B"])
+        self.assertNotEqual(ports["A"], ports["B"])
+        self.assertEqual(listeners.port_for("A"), ports["A"])
+
+        client = Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", ports["B"])
+        yield endpoint.connect(_factory(client))
+        yield client.lost
+        self.assertEqual(client.received, b"hello")
+        self.assertEqual(accepted[0][0], ServiceBinding(None, "B"))
+
+        refuse[0] = True
+        client = Client()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", ports["A"]).connect(_factory(client))
+        yield client.lost
+        self.assertEqual(client.received, b"")
+        self.assertEqual(accepted[1][0], ServiceBinding("A", "A"))
+
+    @inlineCallbacks
+    def test_port_in_use_fails_and_closes_the_rest(self) -> Any:
+        first = SourceListeners(reactor, "127.0.0.1", {"A": 0}, lambda b, a: None)
+        self.addCleanup(first.stop)
+        ports = yield first.start([ServiceBinding("A", "A")])
+        second = SourceListeners(reactor, "127.0.0.1", {"B": 0, "A": ports["A"]},
+                                 lambda b, a: None)
+        with self.assertRaises(CannotListenError):
+            yield second.start([ServiceBinding("B", "B"), ServiceBinding("A", "A")])
+        self.assertIsNone(second.port_for("B"))
+
+
+def _factory(protocol: Protocol) -> Any:
+    from twisted.internet.protocol import Factory
+
+    class One(Factory):
+        def buildProtocol(self, addr: IAddress) -> Protocol:
+            return protocol
+
+    return One()
