@@ -42,7 +42,6 @@ from lpxy.proxy.endpoints import (
     NoDelayEndpoint,
     WebProxyError,
     authority,
-    bypasses_proxy,
     tunnel_client_endpoint,
 )
 from tests.support.certs import TestPKI, make_test_pki
@@ -695,59 +694,10 @@ class NoDelayEndpointTests(SynchronousTestCase):
         self.failureResultOf(d, ConnectionRefusedError)
 
 
-class BypassTests(SynchronousTestCase):
+class AuthorityTests(SynchronousTestCase):
     """
-    L{bypasses_proxy}: which hosts C{NO_PROXY} takes out of the proxy.
+    L{authority}: C{host:port} for HTTP.
     """
-
-    def check(self, host: str, entries: tuple[str, ...], expected: bool) -> None:
-        self.assertEqual(
-            bypasses_proxy(host, entries), expected, f"{host!r} with NO_PROXY {entries!r}"
-        )
-
-    def test_empty(self) -> None:
-        self.check("tunnel.example.com", (), False)
-        self.check("tunnel.example.com", ("", " "), False)
-
-    def test_star(self) -> None:
-        self.check("tunnel.example.com", ("*",), True)
-        self.check("::1", ("*",), True)
-
-    def test_names(self) -> None:
-        self.check("example.com", ("example.com",), True)
-        self.check("tunnel.example.com", ("example.com",), True)
-        self.check("tunnel.example.com", (".example.com",), True)
-        self.check("tunnel.example.com", ("*.example.com",), True)
-        self.check("example.com", (".example.com",), True)
-        self.check("TUNNEL.Example.COM.", ("example.com",), True)
-        self.check("notexample.com", ("example.com",), False)
-        self.check("example.com.evil", ("example.com",), False)
-        self.check("tunnel.example.com", ("other.example.com",), False)
-
-    def test_ports_ignored(self) -> None:
-        self.check("tunnel.example.com", ("example.com:443",), True)
-        self.check("::1", ("[::1]:443",), True)
-
-    def test_ip(self) -> None:
-        self.check("10.1.2.3", ("10.1.2.3",), True)
-        self.check("10.1.2.3", ("10.1.2.4",), False)
-        self.check("2001:db8::1", ("2001:DB8:0::1",), True)
-        self.check("2001:db8::1", ("[2001:db8::1]",), True)
-        self.check("[2001:db8::1]", ("2001:db8::1",), True)
-
-    def test_ip_is_not_a_name(self) -> None:
-        """
-        An address does not match a "domain" made of its last digits.
-        """
-        self.check("10.1.2.3", ("2.3",), False)
-        self.check("10.1.2.3", (".2.3",), False)
-
-    def test_networks(self) -> None:
-        self.check("10.1.2.3", ("10.0.0.0/8",), True)
-        self.check("11.1.2.3", ("10.0.0.0/8",), False)
-        self.check("2001:db8::1", ("2001:db8::/32",), True)
-        self.check("tunnel.example.com", ("10.0.0.0/8",), False)
-        self.check("10.1.2.3", ("not/anet",), False)
 
     def test_authority(self) -> None:
         self.assertEqual(authority("h.example", 3), "h.example:3")

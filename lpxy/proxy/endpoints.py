@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import re
 from base64 import b64encode
-from collections.abc import Callable, Iterable
-from ipaddress import ip_address, ip_network
+from collections.abc import Callable
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -41,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from lpxy.proxy.addresses import no_proxy_matches
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.tls import client_tls_options
 
@@ -109,58 +109,6 @@ def authority(host: str, port: int) -> str:
     IPv6 literal in brackets.
     """
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def bypasses_proxy(host: str, no_proxy: Iterable[str]) -> bool:
-    """
-    Whether C{NO_PROXY} says to reach C{host} directly.
-
-    Entries, case-insensitive: C{*} (every host); a name, matching itself
-    and every name under it; the same with a leading C{.} or C{*.}; an IP
-    address (IPv6 with or without brackets); an IP network C{10.0.0.0/8}.
-    A C{:port} on an entry is ignored.
-    """
-    host = host.strip().strip("[]").rstrip(".").lower()
-    host_ip = _ip(host)
-    for raw in no_proxy:
-        entry = _without_port(raw.strip().lower())
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        if "/" in entry:
-            try:
-                network = ip_network(entry, strict=False)
-            except ValueError:
-                continue
-            if host_ip is not None and host_ip in network:
-                return True
-            continue
-        entry_ip = _ip(entry)
-        if entry_ip is not None or host_ip is not None:
-            if entry_ip == host_ip:
-                return True
-            continue
-        domain = entry.removeprefix("*").lstrip(".").rstrip(".")
-        if domain and (host == domain or host.endswith("." + domain)):
-            return True
-    return False
-
-
-def _ip(text: str) -> object | None:
-    try:
-        return ip_address(text)
-    except ValueError:
-        return None
-
-
-def _without_port(entry: str) -> str:
-    if entry.startswith("["):
-        return entry[1:].partition("]")[0]
-    name, colon, port = entry.rpartition(":")
-    if colon and port.isdigit() and ":" not in name:
-        return name
-    return entry
 
 
 @implementer(IStreamClientEndpoint)
@@ -417,7 +365,9 @@ def tunnel_client_endpoint(reactor: Any, config: ProxyConfig) -> IStreamClientEn
     """
     target = config.endpoint
     web_proxy = config.web_proxy
-    if web_proxy is not None and bypasses_proxy(target.host, config.no_proxy):
+    # Config resolution already drops the proxy then; a config built some
+    # other way (tests, benchmarks) gets the same rule here.
+    if web_proxy is not None and no_proxy_matches(target.host, target.port, config.no_proxy):
         _log.info(
             "Connecting to {host} directly: NO_PROXY names it", host=target.host
         )
