@@ -119,9 +119,10 @@ class NoDelayEndpoint:
 
     The wrapped endpoint must connect the protocol directly to a TCP
     transport (a L{HostnameEndpoint}, say); TLS and CONNECT go outside.
-    The option is set as soon as the connection is made: bytes the protocol
-    writes in C{connectionMade} (a TLS ClientHello) are still only queued
-    then, the reactor sends them later.
+    The option is set when the wrapped endpoint's Deferred fires, which
+    L{HostnameEndpoint} does from within C{connectionMade}: what the
+    protocol wrote there (a TLS ClientHello) is still only queued, for the
+    reactor to send later.
     """
 
     def __init__(self, wrapped: IStreamClientEndpoint) -> None:
@@ -389,12 +390,12 @@ def tunnel_client_endpoint(reactor: Any, config: ProxyConfig) -> IStreamClientEn
             target=authority(target.host, target.port),
             proxy=proxy_name,
             tls=web_proxy.tls,
-            credentials=web_proxy.username is not None,
+            credentials=web_proxy.username is not None or web_proxy.password is not None,
         )
         endpoint = cast(
             IStreamClientEndpoint,
             HTTPConnectEndpoint(
-                cast(IReactorTime, reactor),
+                reactor,
                 endpoint,
                 target.host,
                 target.port,
