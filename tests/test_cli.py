@@ -1,0 +1,166 @@
+"""
+Tests for L{lpxy.proxy.cli}, the C{localproxy} console script.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import react
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy.proxy import cli
+from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
+from tests.support.fakeproxy import FakeProxyService
+
+TOKEN = "cli-test-token"
+CONFIG = ProxyConfig(
+    mode="source", access_token=TOKEN, endpoint=TunnelEndpoint("h"),
+    source_ports={"": 1},
+)
+
+
+class ParseTests(SynchronousTestCase):
+    """
+    L{cli.parse}: one line and status 1 for a usage error.
+    """
+
+    def test_ok(self) -> None:
+        """
+        Good options give the configuration.
+        """
+        config = cli.parse(
+            ["-e", "h", "-s", "1"], io.StringIO(), {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN},
+            Path(self.mktemp()),
+        )
+        self.assertEqual(config, CONFIG)
+
+    def test_usageError(self) -> None:
+        """
+        A bad option is one line on standard error naming the problem, and
+        exit status 1.
+        """
+        for argv, message in {
+            ("-t", TOKEN, "-e", "h", "-s", "0"):
+            "--source-listen-port/-s: port '0' is not 1..65535: expected PORT or"
+            " ID=PORT[,ID=PORT...], e.g. 5555 or SSH1=5555,HTTP1=8080",
+            ("--nope",): "option --nope not recognized",
+            ("-e", "h", "-s", "1"): "no access token: give --access-token/-t, access-token"
+            " in the --config file, or AWSIOT_TUNNEL_ACCESS_TOKEN",
+        }.items():
+            stderr = io.StringIO()
+            e = self.assertRaises(
+                SystemExit, cli.parse, list(argv), stderr, {}, Path(self.mktemp())
+            )
+            self.assertEqual(e.code, 1)
+            self.assertEqual(
+                stderr.getvalue(),
+                f"localproxy: error: {message} (see localproxy --help)\n",
+            )
+
+
+class RunTests(SynchronousTestCase):
+    """
+    L{cli.run} starts the service and turns its end into the exit status.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+        self.made: list[FakeProxyService] = []
+
+    def factory(self, config: ProxyConfig, reactor: Any) -> FakeProxyService:
+        service = FakeProxyService(config, reactor)
+        self.made.append(service)
+        return service
+
+    def test_startAndStopOnShutdown(self) -> None:
+        """
+        The service starts at once and stops before the reactor shuts down.
+        """
+        d = cli.run(self.reactor, CONFIG, self.factory)
+        [service] = self.made
+        self.assertIs(service.config, CONFIG)
+        self.assertEqual(service.starts, 1)
+        self.assertEqual(
+            self.reactor.triggers["before"]["shutdown"], [(service.stopService, (), {})]
+        )
+        self.assertNoResult(d)
+
+    def test_zero(self) -> None:
+        """
+        Status 0 is a plain result.
+        """
+        d = cli.run(self.reactor, CONFIG, self.factory)
+        self.made[0].finish(0)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_nonZero(self) -> None:
+        """
+        Another status is a L{SystemExit} carrying it.
+        """
+        d = cli.run(self.reactor, CONFIG, self.factory)
+        self.made[0].finish(3)
+        self.assertEqual(self.failureResultOf(d, SystemExit).value.code, 3)
+
+
+class MainTests(SynchronousTestCase):
+    """
+    L{cli.main} parses, starts logging and runs the service under
+    L{react}.
+    """
+
+    def setUp(self) -> None:
+        self.verbosity: list[int] = []
+        self.patch(cli, "Options", _FixedOptions)
+
+    def test_reactAndExit(self) -> None:
+        """
+        With a reactor that stops at once and a service that is done with
+        status 2 as soon as it starts, the process exits 2.
+        """
+        class DoneAtOnce(FakeProxyService):
+            def startService(self) -> None:
+                super().startService()
+                self.finish(2)
+
+        reactor = MemoryReactor()
+        e = self.assertRaises(
+            SystemExit, cli.main, ["-v", "5"],
+            _react=lambda main, argv: react(main, argv, _reactor=reactor),
+            _service_factory=DoneAtOnce,
+            _start_logging=self.verbosity.append,
+        )
+        self.assertEqual(e.code, 2)
+        self.assertEqual(self.verbosity, [5])
+
+    def test_closedOnShutdown(self) -> None:
+        """
+        When the reactor stops before the service is done (a signal), the
+        exit status is 0.
+        """
+        reactor = MemoryReactor()
+        e = self.assertRaises(
+            SystemExit, cli.main, [],
+            _react=lambda main, argv: react(main, argv, _reactor=reactor),
+            _service_factory=FakeProxyService,
+            _start_logging=self.verbosity.append,
+        )
+        self.assertEqual(e.code, 0)
+        self.assertEqual(self.verbosity, [4])
+
+
+class _FixedOptions(dict):  # type: ignore[type-arg]
+    """Stands in for L{cli.Options}: parses C{-v N} only."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__()
+
+    def parseOptions(self, argv: list[str]) -> None:
+        verbosity = int(argv[1]) if argv[:1] == ["-v"] else 4
+        self["proxy-config"] = ProxyConfig(
+            mode="source", access_token=TOKEN, endpoint=TunnelEndpoint("h"),
+            verbosity=verbosity,
+        )

@@ -1,0 +1,220 @@
+"""
+Tests for L{lpxy.proxy.tap}: the options of C{twistd localproxy} and
+L{makeService}.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.testing import MemoryReactor
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy import __version__
+from lpxy.proxy import runner
+from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
+from lpxy.proxy.settings import ProxySettings
+from lpxy.proxy.tap import Options, makeService
+from tests.support.fakeproxy import FakeProxyService
+from tests.test_runner import keepProcessState
+from tests.test_settings import REFERENCE_TEXT
+
+TOKEN = "tap-test-token"
+CLIENT = "c" * 40
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    Every flag, short and long, lands in the resolved configuration.
+    """
+
+    def setUp(self) -> None:
+        self.cwd = Path(self.mktemp()).resolve()
+        self.cwd.mkdir()
+        (self.cwd / "cas").mkdir()
+        (self.cwd / "s.json").write_text("{}")
+        (self.cwd / "maps").mkdir()
+        (self.cwd / "maps" / "m").write_text("SSH1 = 22\n")
+
+    def parse(self, argv: list[str], environ: dict[str, str] | None = None) -> Options:
+        options = Options(environ=environ or {}, cwd=self.cwd)
+        options.parseOptions(argv)
+        return options
+
+    def test_longAndShort(self) -> None:
+        """
+        The short and the long spelling of each option give the same
+        configuration, and it is the expected one.
+        """
+        long = self.parse([
+            "--access-token", TOKEN, "--client-token", CLIENT,
+            "--proxy-endpoint", "tunnel.example.com:8443",
+            "--source-listen-port", "SSH1=5555", "--local-bind-address", "127.0.0.1",
+            "--capath", "cas", "--no-ssl-host-verify", "--settings-json", "s.json",
+            "--verbose", "5", "--mode", "source", "--destination-client-type", "V1",
+        ])
+        short = self.parse([
+            "-t", TOKEN, "-i", CLIENT, "-e", "tunnel.example.com:8443", "-s", "SSH1=5555",
+            "-b", "127.0.0.1", "-c", "cas", "-k", "--settings-json=s.json", "-v5",
+            "-m", "source", "-y", "V1",
+        ])
+        expected = ProxyConfig(
+            mode="source", access_token=TOKEN, client_token=CLIENT,
+            endpoint=TunnelEndpoint("tunnel.example.com", 8443),
+            source_ports={"SSH1": 5555}, bind_address="127.0.0.1",
+            capath=str(self.cwd / "cas"), verify_ssl=False, verbosity=5,
+            destination_client_type="V1", settings=ProxySettings(),
+        )
+        self.assertEqual(long["proxy-config"], expected)
+        self.assertEqual(short["proxy-config"], expected)
+
+    def test_destinationAndConfigDir(self) -> None:
+        """
+        C{-r}, C{-d}, C{--config-dir} and C{--config}.
+        """
+        (self.cwd / "c.conf").write_text("region = eu-west-1\n")
+        options = self.parse(
+            ["--config", "c.conf", "-m", "dst", "--config-dir", "maps"],
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN},
+        )
+        self.assertEqual(options["proxy-config"], ProxyConfig(
+            mode="destination", access_token=TOKEN,
+            endpoint=TunnelEndpoint("data.tunneling.iot.eu-west-1.amazonaws.com"),
+            destination_apps={"SSH1": TcpTarget("127.0.0.1", 22)},
+            config_dir=str(self.cwd / "maps"), mappings_from_config_dir=True,
+        ))
+        options = self.parse(["-r", "us-east-1", "-d", "web:80", "-t", TOKEN])
+        self.assertEqual(
+            options["proxy-config"].destination_apps, {"": TcpTarget("web", 80)}
+        )
+
+    def test_usageErrors(self) -> None:
+        """
+        Bad values, unknown options and missing arguments are
+        L{UsageError}s of one line.
+        """
+        cases = {
+            ("-t", TOKEN, "-r", "us-east-1", "-e", "h", "-s", "1"):
+                "--region/-r and --proxy-endpoint/-e are exclusive: give only one",
+            ("-t", TOKEN, "-r", "us-east-1", "-s", "1", "--colour"):
+                "option --colour not recognized",
+            ("-t",): "option -t requires argument",
+            ("-t", TOKEN, "-r", "us-east-1", "-s", "1", "extra"):
+                "Wrong number of arguments.",
+        }
+        for argv, message in cases.items():
+            e = self.assertRaises(UsageError, self.parse, list(argv))
+            self.assertEqual(str(e), message)
+
+    def test_version(self) -> None:
+        """
+        C{-V} and C{--version} print the version and exit 0 at once, whatever
+        the other options say.
+        """
+        for flag in ("-V", "--version"):
+            out = io.StringIO()
+            options = Options(environ={}, cwd=self.cwd, stdout=out)
+            e = self.assertRaises(
+                SystemExit, options.parseOptions, [flag, "-v", "999", "-r", "x", "-e", "y"]
+            )
+            self.assertEqual(e.code, 0)
+            self.assertEqual(out.getvalue(), f"localproxy (lpxy) {__version__}\n")
+
+    def test_help(self) -> None:
+        """
+        C{-h} and C{--help} print every option and exit 0.
+        """
+        for flag in ("-h", "--help"):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            e = self.assertRaises(SystemExit, self.parse, [flag])
+            self.assertEqual(e.code, 0)
+            text = out.getvalue()
+            self.assertTrue(text.startswith("Usage: localproxy [options]\n"), text)
+            for name in [
+                "-t, --access-token=", "-i, --client-token=", "-e, --proxy-endpoint=",
+                "-r, --region=", "-s, --source-listen-port=", "-d, --destination-app=",
+                "-b, --local-bind-address=", "-c, --capath=", "-k, --no-ssl-host-verify",
+                "--export-default-settings=", "--settings-json=", "--config=",
+                "-v, --verbose=", "-m, --mode=", "-y, --destination-client-type=",
+                "--config-dir=", "-V, --version", "-h, --help",
+            ]:
+                self.assertIn(name, text)
+
+    def test_exportDefaultSettings(self) -> None:
+        """
+        C{--export-default-settings FILE} writes the reference's file and
+        exits 0 at once.
+        """
+        e = self.assertRaises(
+            SystemExit, self.parse, ["--export-default-settings", "out.json", "-v", "999"]
+        )
+        self.assertEqual(e.code, 0)
+        self.assertEqual((self.cwd / "out.json").read_text(), REFERENCE_TEXT)
+
+    def test_exportUnwritable(self) -> None:
+        """
+        A file that cannot be written is a usage error.
+        """
+        e = self.assertRaises(
+            UsageError, self.parse, ["--export-default-settings", "no/such/dir.json"]
+        )
+        self.assertEqual(
+            str(e),
+            "--export-default-settings: cannot write no/such/dir.json: No such file or directory",
+        )
+
+    def test_underTwistd(self) -> None:
+        """
+        As a twistd subcommand, the options point twistd's C{--logger} at
+        the filtered observer with the chosen verbosity.
+        """
+        keepProcessState(self)
+        parent = {"logger": None, "logfile": None, "nodaemon": 1, "syslog": 0}
+        options = Options(environ={}, cwd=self.cwd)
+        options.parent = parent  # what twistd's ServerOptions does
+        options.parseOptions(["-t", TOKEN, "-r", "us-east-1", "-s", "1", "-v", "2"])
+        self.assertEqual(parent["logger"], "lpxy.proxy.runner.twistd_observer")
+        self.assertEqual(runner.PROCESS_FILTER.verbosity, 2)
+        self.assertEqual(
+            options.getSynopsis(), "Usage: twistd [twistd options] localproxy [options]"
+        )
+
+    def test_tokenNotInRepr(self) -> None:
+        """
+        The resolved configuration never shows the tokens.
+        """
+        options = self.parse(["-t", TOKEN, "-i", CLIENT, "-r", "us-east-1", "-s", "1"])
+        self.assertNotIn(TOKEN, repr(options["proxy-config"]))
+        self.assertNotIn(CLIENT, repr(options["proxy-config"]))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """
+    L{makeService} builds the proxy service inside an L{runner.EndProcess}.
+    """
+
+    def test_service(self) -> None:
+        """
+        The service factory gets the configuration and the reactor; the
+        root service runs it.
+        """
+        options = Options(environ={"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN})
+        options.parseOptions(["-r", "us-east-1", "-s", "5555"])
+        reactor = MemoryReactor()
+        made: list[FakeProxyService] = []
+
+        def factory(config: ProxyConfig, reactor: Any) -> FakeProxyService:
+            made.append(FakeProxyService(config, reactor))
+            return made[0]
+
+        root = makeService(options, reactor, factory)
+        self.assertIsInstance(root, runner.EndProcess)
+        [proxy] = made
+        self.assertIs(proxy.config, options["proxy-config"])
+        self.assertIs(proxy.reactor, reactor)
+        self.assertEqual(list(root), [proxy])
