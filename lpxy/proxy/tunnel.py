@@ -24,6 +24,7 @@ from typing import Any, Protocol, cast
 
 from attrs import frozen
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -144,6 +145,10 @@ class TunnelProtocol(WebSocketClientProtocol):
     One WebSocket connection to the tunneling service.
 
     @ivar channel_id: the C{channel-id} header of the 101 answer.
+    @ivar ready: fired by the connector once the connection is usable (the
+        handshake done and, in V2/V3, the services settled); the proxy's
+        C{ClientService} waits on it (C{prepareConnection}). Cancelling it
+        drops the connection.
     """
 
     _log = Logger()
@@ -162,6 +167,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._pinger: LoopingCall | None = None
         self._pings: dict[bytes, float] = {}
         self.rtt: float | None = None
+        self.ready: Deferred[None] = Deferred(lambda _: self.abort())
 
     # -- Autobahn callbacks ----------------------------------------------
 
@@ -329,6 +335,12 @@ class TunnelProtocol(WebSocketClientProtocol):
         if self.state == self.STATE_OPEN:
             self.sendClose(code, reason)
         elif self.state != self.STATE_CLOSED:
+            self.dropConnection(abort=True)
+
+    def abort(self) -> None:
+        """Drop the connection at once (after a protocol error, or cancelled)."""
+        self._by_us = True
+        if self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
 
     def pause_reading(self) -> None:

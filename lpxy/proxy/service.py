@@ -1,0 +1,512 @@
+# -*- test-case-name: tests.test_proxy_service -*-
+"""
+The local proxy as a service: the tunnel connection, the listeners, the end.
+
+L{LocalProxyService} is a C{MultiService} owning a C{ClientService} for the
+WebSocket (design.md, "Connecting and reconnecting"). Its
+C{prepareConnection} waits for L{TunnelProtocol.ready}: a connection counts
+only once the handshake is done and, in V2/V3, SERVICE_IDS has settled the
+services (and, for a source, the listeners are up). L{ProxyConnector} is the
+glue, like magic-wormhole's C{RendezvousConnector}: it hears the tunnel
+protocol's events, feeds the L{Session}, carries out the session's
+decisions on relays and listeners, and says when the proxy is done.
+
+Exit statuses (L{LocalProxyService.whenDone}):
+ - 0 (L{EXIT_CLOSED}): the service closed the tunnel (Close 1000:
+   CloseTunnel, expiry, replacement);
+ - 1 (L{EXIT_CONFIG}): the tunnel does not fit the configuration (its
+   services do not match the map, a port cannot be listened on);
+ - 2 (L{EXIT_REJECTED}): the handshake was refused with a 4xx status;
+ - 3 (L{EXIT_GAVE_UP}): the connection retries are spent, or a protocol
+   error with C{reconnect_on_data_error} false.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+from automat import NoTransition
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lpxy import __version__
+from lpxy.frames import Message, ProtocolError
+from lpxy.proxy.config import ProxyConfig
+from lpxy.proxy.destination import AppConnector
+from lpxy.proxy.relay import LocalRelay, TunnelFlow
+from lpxy.proxy.session import (
+    Channel,
+    ProtocolViolation,
+    ServiceBinding,
+    ServiceMismatch,
+    Session,
+)
+from lpxy.proxy.source import SourceListeners
+from lpxy.proxy.tunnel import CloseOutcome, TunnelFactory, TunnelProtocol, describe_rejection
+
+__all__ = [
+    "EXIT_CLOSED",
+    "EXIT_CONFIG",
+    "EXIT_GAVE_UP",
+    "EXIT_REJECTED",
+    "LocalProxyService",
+    "ProxyConnector",
+    "TunnelConnectionFailed",
+]
+
+EXIT_CLOSED = 0
+EXIT_CONFIG = 1
+EXIT_REJECTED = 2
+EXIT_GAVE_UP = 3
+
+USER_AGENT = f"lpxy/{__version__}"
+
+
+class TunnelConnectionFailed(Exception):
+    """The tunnel connection ended before it was ready; the message says why."""
+
+
+class _Gate(Protocol):
+    """
+    Stands between a transport and the protocol C{ClientService} built.
+
+    C{ClientService} (Twisted 26.10) has no transition for a connection lost
+    while C{prepareConnection} is pending or after it failed: its
+    disconnection notice then raises C{NoTransition} out of
+    C{connectionLost}, which the reactor would log as a traceback. Our
+    C{prepareConnection} fails exactly when a connection closes during the
+    WebSocket handshake (a 4xx, a dropped upgrade), so this gate swallows
+    that one exception after the protocol has heard of the loss.
+    """
+
+    def __init__(self, wrapped: Any) -> None:
+        self.wrapped = wrapped
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.wrapped.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.wrapped.dataReceived(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        try:
+            self.wrapped.connectionLost(reason)
+        except NoTransition:
+            pass
+
+
+class _GateFactory(Factory):
+    def __init__(self, wrapped: Any) -> None:
+        self._wrapped = wrapped
+
+    def doStart(self) -> None:
+        self._wrapped.doStart()
+
+    def doStop(self) -> None:
+        self._wrapped.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        built = self._wrapped.buildProtocol(addr)
+        return None if built is None else _Gate(built)
+
+
+class _GatedEndpoint:
+    """Wraps an endpoint so every connection goes through a L{_Gate}."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        connecting: Deferred[Any] = self._endpoint.connect(_GateFactory(factory))
+        return connecting.addCallback(lambda gate: gate.wrapped)
+
+    def __repr__(self) -> str:
+        return repr(self._endpoint)
+
+
+class ProxyConnector:
+    """
+    Joins the tunnel protocol, the session, the relays and the listeners.
+
+    It is the L{TunnelEvents} of the tunnel factory, the L{SessionActions}
+    of the session and the L{RelaySink} of every relay.
+
+    @ivar finished: called with an exit status when the proxy must end.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: ProxyConfig, reactor: Any, clock: Any) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._clock = clock
+        settings = config.settings
+        self._settings = settings
+        keys = list(
+            config.source_ports if config.mode == "source" else config.destination_apps
+        )
+        self.session = Session(
+            config.mode,
+            keys,
+            self,
+            subprotocol=settings.websocket.subprotocol,
+            client_type=config.destination_client_type,
+            max_connections=settings.tcp.max_active_connections,
+            from_config_dir=config.mappings_from_config_dir or not keys,
+            trace=config.verbosity >= 6,
+        )
+        self.flow = TunnelFlow()
+        self.protocol: TunnelProtocol | None = None
+        self.listeners: SourceListeners | None = None
+        self.apps: AppConnector | None = None
+        if config.mode == "source":
+            self.listeners = SourceListeners(
+                reactor, config.listen_address, config.source_ports, self.accept
+            )
+        else:
+            self.apps = AppConnector(
+                reactor,
+                retry_count=settings.tcp.connection_retry_count,
+                retry_delay=settings.tcp.connection_retry_delay_ms / 1000.0,
+                clock=clock,
+            )
+        self.stopping = False
+        self.finished: Any = None
+        self.reconnected: Any = None
+
+    def _end(self, status: int) -> None:
+        if self.finished is not None:
+            self.finished(status)
+
+    # -- TunnelEvents ----------------------------------------------------
+
+    def ws_open(self, protocol: TunnelProtocol) -> None:
+        self.protocol = protocol
+        self.flow.attach(protocol)
+        self._log.info(
+            "Connected to {endpoint} as {mode}: channel id {channel_id}, "
+            "subprotocol {subprotocol}",
+            endpoint=self._config.endpoint.url(self._config.mode).split("/tunnel")[0],
+            mode=self._config.mode,
+            channel_id=protocol.channel_id,
+            subprotocol=protocol.factory.subprotocol,
+        )
+        self.session.connected()
+
+    def ws_records(self, protocol: TunnelProtocol, messages: list[Message]) -> None:
+        received = self.session.received
+        try:
+            for message in messages:
+                received(message)
+        except ProtocolViolation as e:
+            self._protocol_error(protocol, str(e))
+        except ServiceMismatch as e:
+            self._log.error("{error}", error=str(e))
+            protocol.abort()
+            self._end(EXIT_CONFIG)
+
+    def ws_error(self, protocol: TunnelProtocol, error: ProtocolError) -> None:
+        self._protocol_error(protocol, str(error))
+
+    def _protocol_error(self, protocol: TunnelProtocol, text: str) -> None:
+        if self._settings.websocket.reconnect_on_data_error:
+            self._log.warn(
+                "Protocol error from the tunneling service: {error}; reconnecting",
+                error=text,
+            )
+        else:
+            self._log.error(
+                "Protocol error from the tunneling service: {error}; stopping "
+                "(websocket.reconnect_on_data_error is false)",
+                error=text,
+            )
+            self._end(EXIT_GAVE_UP)
+        protocol.abort()
+
+    def ws_close(self, protocol: TunnelProtocol, outcome: CloseOutcome) -> None:
+        was_ready = protocol.ready.called
+        if self.protocol is protocol:
+            self.protocol = None
+            self.flow.detach()
+            self.session.disconnected()
+        if not self.stopping:
+            self._decide(protocol, outcome, was_ready)
+        if not protocol.ready.called:
+            # Decided first: failing this tells ClientService, whose retry
+            # budget may then end the proxy with its own status.
+            protocol.ready.errback(Failure(TunnelConnectionFailed(self._why(outcome))))
+            protocol.ready.addErrback(lambda _: None)
+
+    def _decide(self, protocol: TunnelProtocol, outcome: CloseOutcome, was_ready: bool) -> None:
+        delay = self._settings.websocket.retry_delay_ms / 1000.0
+        if outcome.http_status is not None and 400 <= outcome.http_status < 500:
+            self._log.error(
+                "The tunneling service refused the connection: {meaning}; not retrying",
+                meaning=describe_rejection(outcome.http_status, protocol.rejection_body),
+            )
+            self._end(EXIT_REJECTED)
+        elif outcome.opened and outcome.code == 1000 and not outcome.by_us:
+            self._log.info(
+                "The tunneling service closed the tunnel ({reason})",
+                reason=outcome.reason or "no reason given",
+            )
+            self._end(EXIT_CLOSED)
+        elif was_ready:
+            self._log.warn(
+                "Lost the tunnel connection ({reason}); reconnecting in {delay}s",
+                reason=self._why(outcome),
+                delay=delay,
+            )
+            if self.reconnected is not None:
+                self.reconnected()
+        else:
+            self._log.warn(
+                "Could not connect to the tunneling service ({reason}); "
+                "retrying in {delay}s",
+                reason=self._why(outcome),
+                delay=delay,
+            )
+
+    @staticmethod
+    def _why(outcome: CloseOutcome) -> str:
+        if outcome.dead:
+            return "no pong in two ping periods"
+        if outcome.http_status is not None:
+            return f"HTTP status {outcome.http_status}"
+        if outcome.code is not None:
+            return f"close code {outcome.code}: {outcome.reason or ''}".rstrip(": ")
+        return outcome.reason or "connection lost"
+
+    # -- readiness -------------------------------------------------------
+
+    def prepare(self, protocol: Any) -> Deferred[None]:
+        """C{prepareConnection}: wait until the tunnel is usable."""
+        ready: Deferred[None] = protocol.ready
+        return ready
+
+    def _mark_ready(self) -> None:
+        protocol = self.protocol
+        if protocol is not None and not protocol.ready.called:
+            protocol.ready.callback(None)
+
+    # -- SessionActions --------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        if self.protocol is not None:
+            self.protocol.send_message(message)
+
+    def deliver(self, channel: Channel, data: bytes) -> None:
+        relay = channel.peer
+        if relay is not None:
+            relay.deliver(data)  # type: ignore[attr-defined]
+
+    def open_local(self, channel: Channel) -> None:
+        assert self.apps is not None
+        target = self._config.destination_apps.get(channel.binding.key or "")
+        relay = self._relay(channel)
+        if target is None:
+            self._log.error(
+                "No local application for service {service_id!r}",
+                service_id=channel.binding.service_id,
+            )
+            relay.give_up()
+            self.session.local_closed(channel)
+            return
+        self.apps.connect(relay, target, lambda: self.session.local_closed(channel))
+
+    def close_local(self, channel: Channel) -> None:
+        relay = channel.peer
+        if relay is not None:
+            relay.close()  # type: ignore[attr-defined]
+
+    def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
+        listeners = self.listeners
+        if listeners is None or listeners.started:
+            self._mark_ready()
+            return
+        listeners.start(bindings).addCallbacks(
+            lambda _: self._mark_ready(), self._listen_failed
+        )
+
+    def _listen_failed(self, reason: Failure) -> None:
+        self._log.error("Cannot listen: {error}", error=reason.getErrorMessage())
+        if self.protocol is not None:
+            self.protocol.abort()
+        self._end(EXIT_CONFIG)
+
+    # -- RelaySink -------------------------------------------------------
+
+    def send_data(self, channel: Channel, payload: bytes | memoryview) -> None:
+        protocol = self.protocol
+        if protocol is not None:
+            protocol.send_data(channel.header, payload)
+
+    def local_closed(self, channel: Channel) -> None:
+        self.session.local_closed(channel)
+
+    # -- source ----------------------------------------------------------
+
+    def accept(self, binding: ServiceBinding, addr: IAddress) -> Protocol | None:
+        """A local client connected to the port of C{binding}."""
+        if self.protocol is None or not self.session.ready:
+            self._log.info(
+                "Refusing a client of service {service_id!r}: the tunnel is not connected",
+                service_id=binding.service_id,
+            )
+            return None
+        channel = self.session.open_channel(binding)
+        if channel is None:
+            return None
+        host = getattr(addr, "host", None)
+        port = getattr(addr, "port", None)
+        relay = self._relay(channel)
+        if host is not None:
+            relay.peer_description = f"{host}:{port}"
+        return relay
+
+    def _relay(self, channel: Channel) -> LocalRelay:
+        settings = self._settings
+        return LocalRelay(
+            channel,
+            self,
+            self.flow,
+            self._clock,
+            max_payload_size=settings.message.max_payload_size,
+            buffer_limit=settings.tcp.write_buffer_size,
+        )
+
+    # -- stopping --------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Close every stream and the WebSocket, cleanly."""
+        self.stopping = True
+        self.session.reset_all()
+        if self.protocol is not None:
+            self.protocol.close(1000, "local proxy stopping")
+
+
+class LocalProxyService(MultiService):
+    """
+    The local proxy: a tunnel connection kept up by a C{ClientService},
+    plus the listeners (source) or application connections (destination).
+
+    @param config: the validated configuration.
+    @param reactor: the reactor (the global one by default).
+    @param endpoint: the tunnel endpoint (by default
+        L{lpxy.proxy.endpoints.tunnel_client_endpoint}); for tests.
+    @param clock: the time source (the reactor by default); for tests.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: Any = None,
+        *,
+        endpoint: Any = None,
+        clock: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self._config = config
+        if endpoint is None:
+            from lpxy.proxy.endpoints import tunnel_client_endpoint
+
+            endpoint = tunnel_client_endpoint(reactor, config)
+        self.client_token = config.client_token or str(uuid.uuid4())
+        settings = config.settings.websocket
+        self.connector = ProxyConnector(config, reactor, self._clock)
+        self.connector.finished = self._finish
+        self.connector.reconnected = self._lost
+        self.factory = TunnelFactory(
+            config.endpoint.url(config.mode),
+            self.connector,
+            access_token=config.access_token,
+            client_token=self.client_token,
+            subprotocol=settings.subprotocol,
+            user_agent=USER_AGENT,
+            clock=self._clock,
+            ping_period_ms=settings.ping_period_ms,
+            max_frame_size=settings.max_frame_size,
+            trace=config.verbosity >= 6,
+        )
+        delay = max(0, settings.retry_delay_ms) / 1000.0
+        self._retries = settings.connect_retry_count
+        self.client = ClientService(
+            cast(Any, _GatedEndpoint(endpoint)),
+            cast(Any, self.factory),
+            retryPolicy=lambda attempt: delay,
+            clock=self._clock,
+            prepareConnection=self.connector.prepare,
+        )
+        self.client.setServiceParent(self)
+        self._done: Deferred[int] = Deferred()
+        self._status: int | None = None
+
+    def whenDone(self) -> Deferred[int]:
+        """Fires with the exit status when the proxy ends on its own."""
+        return self._done
+
+    def startService(self) -> None:
+        super().startService()
+        if self._retries >= 0:
+            self._arm(self._retries + 1)
+
+    def _arm(self, failures: int) -> None:
+        self.client.whenConnected(failAfterFailures=failures).addErrback(self._spent)
+
+    def _spent(self, reason: Failure) -> None:
+        if reason.check(CancelledError) or self._status is not None:
+            return
+        self._log.error(
+            "Giving up: could not connect to the tunneling service after "
+            "{retries} retries ({error})",
+            retries=self._retries,
+            error=reason.getErrorMessage(),
+        )
+        self._finish(EXIT_GAVE_UP)
+
+    def _lost(self) -> None:
+        if self._retries < 0:
+            return
+        if self._retries == 0:
+            self._log.error("Not reconnecting: websocket.connect_retry_count is 0")
+            self._finish(EXIT_GAVE_UP)
+            return
+        # After ClientService has seen the loss (it is still connected now).
+        self._clock.callLater(0, self._arm, self._retries)
+
+    def _finish(self, status: int) -> None:
+        if self._status is not None:
+            return
+        self._status = status
+        # Never from inside ClientService's own state machine: it refuses
+        # re-entrant stops.
+        self._clock.callLater(0, self._stop_and_report, status)
+
+    def _stop_and_report(self, status: int) -> None:
+        self.connector.shutdown()
+        stopped = self.client.stopService() if self.client.running else succeed(None)
+        if self.connector.listeners is not None:
+            self.connector.listeners.stop()
+        stopped.addBoth(lambda _: self._done.callback(status))
+
+    def stopService(self) -> Deferred[None]:
+        self.connector.shutdown()
+        if self.connector.listeners is not None:
+            self.connector.listeners.stop()
+        return super().stopService()

@@ -1,0 +1,260 @@
+"""
+Tests for L{lpxy.proxy.service}: the retry policy, readiness and the exit
+statuses, with a C{Clock}, a fake endpoint and C{StringTransport}s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy.frames import Message, encode
+from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
+from lpxy.proxy.service import LocalProxyService
+from lpxy.proxy.settings import ProxySettings, TcpSettings, WebSocketSettings
+from tests.support.wsframes import BINARY, accept_response, frame, parse_request
+from tests.test_tunnel import Transport
+
+TOKEN = "the-access-token"
+
+
+class FakeEndpoint:
+    """Connection attempts completed by the test."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Deferred[Any], Any]] = []
+        self.connections: list[tuple[Any, Transport]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.attempts.append((d, factory))
+        return d
+
+    def succeed(self) -> tuple[Any, Transport]:
+        d, factory = self.attempts[-1]
+        protocol = factory.buildProtocol(None)
+        transport = Transport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        d.callback(protocol)
+        return protocol, transport
+
+    def fail(self) -> None:
+        d, _ = self.attempts[-1]
+        d.errback(ConnectionRefusedError())
+
+
+def config(mode: str = "destination", retries: int = -1, **websocket: Any) -> ProxyConfig:
+    settings = ProxySettings(
+        websocket=WebSocketSettings(retry_delay_ms=2500, connect_retry_count=retries,
+                                    **websocket),
+        tcp=TcpSettings(connection_retry_count=0),
+    )
+    maps: dict[str, Any] = (
+        {"destination_apps": {"SSH": TcpTarget("127.0.0.1", 22)}}
+        if mode == "destination" else {"source_ports": {"SSH": 5555}}
+    )
+    return ProxyConfig(
+        mode=mode,  # type: ignore[arg-type]
+        access_token=TOKEN,
+        endpoint=TunnelEndpoint("127.0.0.1", 8080, tls=False),
+        settings=settings,
+        **maps,
+    )
+
+
+class ServiceTests(SynchronousTestCase):
+    def build(self, cfg: ProxyConfig) -> LocalProxyService:
+        self.clock = Clock()
+        self.reactor = MemoryReactor()
+        self.endpoint = FakeEndpoint()
+        self.service = LocalProxyService(
+            cfg, self.reactor, endpoint=self.endpoint, clock=self.clock
+        )
+        self.done = self.service.whenDone()
+        self.service.startService()
+        return self.service
+
+    def tearDown(self) -> None:
+        if self.service.running:
+            self.service.stopService()
+            for protocol, transport in self.endpoint.connections:
+                if transport.disconnecting and not getattr(transport, "lost", False):
+                    transport.lost = True
+                    protocol.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(100)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def handshake(self, status: bytes | None = None,
+                  ids: list[str] | None = None) -> tuple[Any, Transport]:
+        protocol, transport = self.endpoint.succeed()
+        request = transport.value()
+        transport.clear()
+        if status is not None:
+            protocol.dataReceived(status)
+            protocol.connectionLost(Failure(ConnectionDone()))
+            transport.lost = True
+            return protocol, transport
+        protocol.dataReceived(accept_response(request, "aws.iot.securetunneling-3.0"))
+        if ids is not None:
+            protocol.dataReceived(
+                frame(BINARY, encode(Message(type=Message.SERVICE_IDS, availableServiceIds=ids)))
+            )
+        return protocol, transport
+
+    def lose(self, protocol: Any, transport: Transport) -> None:
+        transport.lost = True
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_ready_after_service_ids(self) -> None:
+        self.build(config())
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        protocol, _ = self.handshake()
+        connected = self.service.client.whenConnected()
+        self.assertNoResult(connected)
+        protocol.dataReceived(
+            frame(BINARY, encode(Message(type=Message.SERVICE_IDS, availableServiceIds=["SSH"])))
+        )
+        self.successResultOf(connected)
+
+    def test_client_token_generated_once(self) -> None:
+        self.build(config())
+        protocol, transport = self.handshake(ids=["SSH"])
+        first = self.service.client_token
+        self.assertRegex(first, r"^[a-zA-Z0-9-]{32,128}$")
+        self.lose(protocol, transport)
+        self.clock.advance(2.5)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        _, transport2 = self.endpoint.succeed()
+        _, headers2, _ = parse_request(transport2.value())
+        self.assertEqual(headers2["client-token"], first)
+        self.assertEqual(headers2["access-token"], TOKEN)
+
+    def test_rejected_is_final(self) -> None:
+        self.build(config())
+        self.handshake(b"HTTP/1.1 401 Unauthorized\r\n\r\nInvalid access token")
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 2)
+        self.clock.advance(60)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_server_error_retries(self) -> None:
+        self.build(config())
+        self.handshake(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+        self.clock.advance(2.4)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        self.assertNoResult(self.done)
+
+    def test_retries_exhausted(self) -> None:
+        self.build(config(retries=2))
+        for _ in range(3):
+            self.endpoint.fail()
+            self.clock.advance(2.5)
+        self.assertEqual(self.successResultOf(self.done), 3)
+        self.assertEqual(len(self.endpoint.attempts), 3)
+
+    def test_no_retry(self) -> None:
+        self.build(config(retries=0))
+        self.endpoint.fail()
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 3)
+
+    def test_no_retry_after_loss(self) -> None:
+        self.build(config(retries=0))
+        protocol, transport = self.handshake(ids=["SSH"])
+        self.lose(protocol, transport)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 3)
+
+    def test_budget_rearmed_after_loss(self) -> None:
+        self.build(config(retries=1))
+        self.endpoint.fail()
+        self.clock.advance(2.5)
+        protocol, transport = self.handshake(ids=["SSH"])
+        # The failure before the connection does not count after it: the
+        # loss allows one retry again.
+        self.lose(protocol, transport)
+        self.clock.advance(2.5)
+        self.assertNoResult(self.done)
+        self.endpoint.fail()
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 3)
+        self.assertEqual(len(self.endpoint.attempts), 3)
+
+    def test_close_1000_exits_zero(self) -> None:
+        self.build(config())
+        protocol, transport = self.handshake(ids=["SSH"])
+        protocol.dataReceived(frame(8, b"\x03\xe8tunnel closed"))
+        self.lose(protocol, transport)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 0)
+        self.clock.advance(60)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_close_1001_reconnects(self) -> None:
+        self.build(config())
+        protocol, transport = self.handshake(ids=["SSH"])
+        protocol.dataReceived(frame(8, b"\x03\xe9going away"))
+        self.lose(protocol, transport)
+        self.clock.advance(2.5)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        self.assertNoResult(self.done)
+
+    def test_protocol_error_reconnects(self) -> None:
+        self.build(config())
+        protocol, transport = self.handshake(ids=["SSH"])
+        protocol.dataReceived(frame(BINARY, encode(Message(type=Message.UNKNOWN, streamId=1))))
+        self.assertTrue(transport.disconnecting)
+        self.lose(protocol, transport)
+        self.clock.advance(2.5)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+
+    def test_protocol_error_final(self) -> None:
+        self.build(config(reconnect_on_data_error=False))
+        protocol, transport = self.handshake(ids=["SSH"])
+        protocol.dataReceived(frame(BINARY, b"\x00\x00"))
+        self.lose(protocol, transport)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 3)
+
+    def test_service_mismatch(self) -> None:
+        self.build(config())
+        protocol, transport = self.handshake(ids=["HTTP"])
+        self.lose(protocol, transport)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 1)
+
+    def test_source_listens_after_service_ids_once(self) -> None:
+        self.build(config("source"))
+        protocol, transport = self.handshake()
+        self.assertEqual(self.reactor.tcpServers, [])
+        protocol.dataReceived(
+            frame(BINARY, encode(Message(type=Message.SERVICE_IDS, availableServiceIds=["SSH"])))
+        )
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in self.reactor.tcpServers],
+            [(5555, "localhost")],
+        )
+        self.lose(protocol, transport)
+        factory = self.reactor.tcpServers[0][1]
+        self.assertIsNone(factory.buildProtocol(None))
+        self.clock.advance(2.5)
+        self.handshake(ids=["SSH"])
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+
+    def test_stop_closes_websocket(self) -> None:
+        self.build(config())
+        protocol, transport = self.handshake(ids=["SSH"])
+        transport.clear()
+        self.service.stopService()
+        self.assertTrue(transport.value().startswith(b"\x88"))
+        self.lose(protocol, transport)
+        self.assertNoResult(self.done)
