@@ -10,21 +10,19 @@ from pathlib import Path
 from cryptography import x509
 from OpenSSL.crypto import X509, X509Store, X509StoreContext, X509StoreContextError
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     SSL4ServerEndpoint,
     serverFromString,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IAddress, IStreamServerEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.protocols.basic import LineReceiver
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.support.certs import TestPKI, make_test_pki, subject_hash
+from tests.support.connecthelpers import EchoServerFactory, PingClientFactory
 
 
 def _verify(store: X509Store, cert_path: Path) -> None:
@@ -106,41 +104,6 @@ class PKIFilesTests(TestCase):
         self.assertTrue(description.endswith(":interface=\\:\\:1"))
 
 
-class _Echo(Protocol):
-    def __init__(self, lost: Deferred[None]) -> None:
-        self.lost = lost
-
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost.callback(None)
-
-
-class _EchoFactory(Factory):
-    def __init__(self) -> None:
-        self.lost: Deferred[None] = Deferred()
-
-    def buildProtocol(self, addr: IAddress) -> _Echo:
-        return _Echo(self.lost)
-
-
-class _OneLine(LineReceiver):
-    def __init__(self) -> None:
-        self.line: Deferred[bytes] = Deferred()
-        self.lost: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.sendLine(b"hello over tls")
-
-    def lineReceived(self, line: bytes) -> None:
-        self.line.callback(line)
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost.callback(None)
-
-
 class LoopbackServerTests(TestCase):
     """
     The server helpers give a working TLS server on loopback.
@@ -148,18 +111,20 @@ class LoopbackServerTests(TestCase):
 
     @inlineCallbacks
     def _round_trip(self, server: IStreamServerEndpoint, pki: TestPKI):
-        factory = _EchoFactory()
+        factory = EchoServerFactory()
         port = yield server.listen(factory)
         self.addCleanup(port.stopListening)
         client = wrapClientTLS(
             optionsForClientTLS("localhost", trustRoot=pki.ca_certificate()),
             HostnameEndpoint(reactor, "127.0.0.1", port.getHost().port),
         )
-        protocol = yield client.connect(Factory.forProtocol(_OneLine))
-        line = yield protocol.line
-        self.assertEqual(line, b"hello over tls")
+        protocol = yield client.connect(PingClientFactory(b"hello over tls"))
+        answer = yield protocol.answer
+        self.assertEqual(answer, b"hello over tls")
         yield protocol.lost
-        yield factory.lost
+        yield factory.all_lost()
+        [server] = factory.protocols
+        self.assertEqual(server.server_name, b"localhost")
 
     def _pki(self) -> TestPKI:
         directory = Path(self.mktemp())
