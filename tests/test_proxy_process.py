@@ -1,0 +1,269 @@
+"""
+Process tests: C{twistd -n localproxy} and the C{localproxy} console script
+run as children from an installed copy, outside the source tree: help,
+version, bad options, settings export, and how they end (SIGTERM, a closed
+tunnel, a rejected token).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from lpxy import __version__
+from tests.support.installed import localproxy_argv, outside_dir, twistd_argv
+from tests.support.proxyprocess import ChildProcess, spawn
+from tests.support.tunnelservice import start_tunnelservice
+from tests.test_settings import REFERENCE_TEXT
+
+SECRET = "process-test-secret-token"
+
+
+def twistd(*args: str) -> list[str]:
+    return twistd_argv("-n", "--pidfile=", "localproxy", *args)
+
+
+class EntryPointTests(TestCase):
+    """
+    What both commands do before any connection.
+    """
+
+    timeout = 120
+
+    async def runChild(self, argv: list[str], env: dict[str, str] | None = None) -> ChildProcess:
+        child = spawn(self, argv, env)
+        await child.ended
+        return child
+
+    async def test_help(self) -> None:
+        """
+        C{--help} and C{-h} list every option and exit 0.
+        """
+        for argv in (twistd("--help"), localproxy_argv("-h")):
+            child = await self.runChild(argv)
+            self.assertEqual(child.status, 0, child.output)
+            for name in ("--access-token", "--destination-client-type", "--config-dir"):
+                self.assertIn(name, child.stdout.decode())
+        self.assertIn(
+            "Usage: localproxy [options]", (await self.runChild(localproxy_argv("-h"))).output
+        )
+
+    async def test_version(self) -> None:
+        """
+        C{-V} prints the version and exits 0.
+        """
+        for argv in (twistd("-V"), localproxy_argv("--version")):
+            child = await self.runChild(argv)
+            self.assertEqual(child.status, 0, child.output)
+            self.assertEqual(child.stdout.decode(), f"localproxy (lpxy) {__version__}\n")
+
+    async def test_exportDefaultSettings(self) -> None:
+        """
+        C{--export-default-settings FILE} writes the reference's file.
+        """
+        for index, make in enumerate((twistd, localproxy_argv)):
+            path = Path(outside_dir()) / f"settings-{index}.json"
+            child = await self.runChild(make("--export-default-settings", str(path)))
+            self.assertEqual(child.status, 0, child.output)
+            self.assertEqual(path.read_text(), REFERENCE_TEXT)
+
+    async def test_badOptionsTwistd(self) -> None:
+        """
+        Under twistd a bad option exits 1; after twistd's usage text, the
+        last line names the problem; no traceback, no token.
+        """
+        child = await self.runChild(
+            twistd("-r", "us-east-1", "-e", "h", "-s", "5555"),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": SECRET},
+        )
+        self.assertEqual(child.status, 1, child.output)
+        last = child.stdout.decode().strip().splitlines()[-1]
+        self.assertTrue(
+            last.endswith(
+                ": --region/-r and --proxy-endpoint/-e are exclusive: give only one"
+            ),
+            last,
+        )
+        self.assertNotIn("Traceback", child.output)
+        self.assertNotIn(SECRET, child.output)
+
+    async def test_badOptionsConsole(self) -> None:
+        """
+        The console script prints one line to standard error and exits 1,
+        for each kind of mistake.
+        """
+        cases = {
+            ("-r", "us-east-1", "-s", "99999"): "--source-listen-port/-s: port '99999'",
+            ("-r", "us-east-1", "-s", "1", "-v", "x"): "--verbose/-v: expected 0..255",
+            ("-r", "us-east-1", "-m", "sideways"): "--mode/-m: expected src",
+            ("-r", "us-east-1", "-s", "1", "--settings-json", "/nonexistent.json"):
+                "--settings-json: cannot read /nonexistent.json",
+            ("--colour",): "option --colour not recognized",
+        }
+        for args, start in cases.items():
+            child = await self.runChild(
+                localproxy_argv(*args), {"AWSIOT_TUNNEL_ACCESS_TOKEN": SECRET}
+            )
+            self.assertEqual(child.status, 1, child.output)
+            self.assertEqual(child.stdout, b"")
+            lines = child.stderr.decode().splitlines()
+            self.assertEqual(len(lines), 1, child.output)
+            self.assertTrue(lines[0].startswith(f"localproxy: error: {start}"), lines[0])
+            self.assertNotIn(SECRET, child.output)
+
+    async def test_nonZeroStatusUnderTwistd(self) -> None:
+        """
+        When the proxy service ends with a status, twistd exits with it,
+        after its own shutdown (a stand-in service, from a .tac file).
+        """
+        cwd = outside_dir()
+        Path(cwd, "fake.tac").write_text(FAKE_TAC)
+        child = spawn(self, twistd_argv("-n", "--pidfile=", "-y", "fake.tac"), cwd=cwd)
+        status = await child.ended
+        self.assertEqual(status, 3, child.output)
+        self.assertIn("fake stopped", child.output)
+        self.assertIn("Server Shut Down.", child.output)
+
+
+# A .tac file running makeService with a service that ends with status 3 as
+# soon as the reactor runs.
+FAKE_TAC = """
+from twisted.application import service
+from twisted.internet import defer, reactor
+from twisted.logger import Logger
+
+from lpxy.proxy.tap import Options, makeService
+
+
+class Fake(service.Service):
+    log = Logger()
+
+    def __init__(self, config, reactor):
+        self.done = defer.Deferred()
+
+    def startService(self):
+        service.Service.startService(self)
+        reactor.callLater(0, self.done.callback, 3)
+
+    def stopService(self):
+        self.log.info("fake stopped")
+        return service.Service.stopService(self)
+
+    def whenDone(self):
+        return self.done
+
+
+options = Options(environ={"AWSIOT_TUNNEL_ACCESS_TOKEN": "t"})
+options.parseOptions(["-e", "ws://127.0.0.1:1", "-s", "5555"])
+application = service.Application("fake")
+makeService(options, reactor, Fake).setServiceParent(application)
+"""
+
+
+class LifecycleTests(TestCase):
+    """
+    The real proxy against a real tunnel service on loopback: exit
+    statuses of both commands.
+    """
+
+    timeout = 120
+
+    async def start(
+        self, make: object, token: str | None = None, *extra: str
+    ) -> tuple[ChildProcess, object]:
+        fixture = await start_tunnelservice(self)
+        opened = fixture.open_tunnel()
+        assert callable(make)
+        child = spawn(
+            self,
+            make("-e", f"ws://127.0.0.1:{fixture.port}", "-d", "1", *extra),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": token or opened.destination_token},
+        )
+        return child, (fixture, opened)
+
+    async def sigterm(self, make: object) -> None:
+        child, _ = await self.start(make)
+        await child.wait_for("Connected to ws://127.0.0.1")
+        child.signal("TERM")
+        status = await child.ended
+        self.assertEqual(status, 0, child.output)
+        self.assertIn("Received SIGTERM", child.output)
+        self.assertNotIn("Traceback", child.output)
+
+    async def test_sigtermTwistd(self) -> None:
+        """
+        SIGTERM ends C{twistd localproxy} with status 0.
+        """
+        await self.sigterm(twistd)
+
+    async def test_sigtermConsole(self) -> None:
+        """
+        SIGTERM ends C{localproxy} with status 0.
+        """
+        await self.sigterm(localproxy_argv)
+
+    async def closed(self, make: object) -> None:
+        child, (fixture, opened) = await self.start(make)  # type: ignore[misc]
+        await child.wait_for("Connected to ws://127.0.0.1")
+        fixture.close_tunnel(opened.tunnel_id)
+        status = await child.ended
+        self.assertEqual(status, 0, child.output)
+        self.assertIn("closed the tunnel", child.output)
+        self.assertNotIn("Traceback", child.output)
+
+    async def test_closeTunnelTwistd(self) -> None:
+        """
+        CloseTunnel ends C{twistd localproxy} with status 0.
+        """
+        await self.closed(twistd)
+
+    async def test_closeTunnelConsole(self) -> None:
+        """
+        CloseTunnel ends C{localproxy} with status 0.
+        """
+        await self.closed(localproxy_argv)
+
+    async def rejected(self, make: object) -> None:
+        child, _ = await self.start(make, token=SECRET)
+        status = await child.ended
+        self.assertEqual(status, 2, child.output)
+        self.assertEqual(child.output.count("refused the connection"), 1, child.output)
+        self.assertEqual(child.output.count("Starting factory"), 1, child.output)
+        self.assertNotIn("retrying in", child.output)
+        self.assertNotIn("Traceback", child.output)
+        self.assertNotIn(SECRET, child.output)
+
+    async def test_rejectedTwistd(self) -> None:
+        """
+        A token the service refuses ends C{twistd localproxy} at once with
+        status 2, without retrying.
+        """
+        await self.rejected(twistd)
+
+    async def test_rejectedConsole(self) -> None:
+        """
+        The same for C{localproxy}.
+        """
+        await self.rejected(localproxy_argv)
+
+    async def quiet(self, make: object) -> None:
+        child, _ = await self.start(make, SECRET, "-v", "2")
+        status = await child.ended
+        self.assertEqual(status, 2, child.output)
+        self.assertIn("#error] The tunneling service refused the connection", child.output)
+        self.assertNotIn("#info]", child.output)
+        self.assertNotIn("#warn]", child.output)
+
+    async def test_verbosityTwistd(self) -> None:
+        """
+        C{-v 2} leaves only errors in twistd's log, Twisted's own lines
+        included.
+        """
+        await self.quiet(twistd)
+
+    async def test_verbosityConsole(self) -> None:
+        """
+        The same for C{localproxy}.
+        """
+        await self.quiet(localproxy_argv)
