@@ -103,6 +103,11 @@ class TunnelFlow:
         return bool(self._pausers)
 
     @property
+    def relays(self) -> frozenset[LocalRelay]:
+        """The local connections alive now."""
+        return frozenset(self._relays)
+
+    @property
     def writing_paused(self) -> bool:
         """Whether the local connections are paused for a full WebSocket."""
         return self._ws_full

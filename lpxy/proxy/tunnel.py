@@ -218,6 +218,16 @@ class TunnelProtocol(WebSocketClientProtocol):
             self._log.debug("Pong after {rtt:.3f}s", rtt=self.rtt)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Autobahn leaves these timers behind when the TCP connection goes
+        # first; the connection is gone, so none of them has work left.
+        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+            timer = getattr(self, name, None)
+            if timer is not None:
+                try:
+                    timer.cancel()
+                except Exception:
+                    pass
+                setattr(self, name, None)
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._pinger = None

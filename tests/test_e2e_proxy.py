@@ -1,0 +1,273 @@
+"""
+End to end on loopback: tunnelservice + destination proxy + source proxy +
+applications, real sockets, one reactor, for each protocol version and the
+backward-compatible pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from tests.support.proxyhelpers import (
+    V1,
+    V2,
+    V3,
+    AppFactory,
+    AppProtocol,
+    buffered,
+    connect_client,
+    gather,
+    make_config,
+    start_app,
+    start_pair,
+    start_proxy,
+    tcp,
+)
+from tests.support.tunnelservice import start_tunnelservice
+
+
+def _turns(n: int) -> Deferred[None]:
+    """Fires after C{n} reactor turns (no wall-clock wait)."""
+    d: Deferred[None] = Deferred()
+
+    def step(left: int) -> None:
+        if left:
+            reactor.callLater(0, step, left - 1)  # type: ignore[attr-defined]
+        else:
+            d.callback(None)
+
+    step(n)
+    return d
+
+
+class EchoTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def echo_through(self, services: list[str] | None, *, source: str = V3,
+                     destination: str = V3, client_type: str | None = None,
+                     size: int = 200_000) -> Any:
+        fixture = yield start_tunnelservice(self)
+        app_port, _ = yield Deferred.fromCoroutine(start_app(self))
+        key = services[0] if services else ""
+        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, services, {key: tcp(app_port)},
+            source_subprotocol=source, destination_subprotocol=destination,
+            client_type=client_type,
+        ))
+        for _ in range(2):
+            client = yield Deferred.fromCoroutine(connect_client(self, ports[key]))
+            payload = os.urandom(size)
+            client.transport.write(payload)
+            got = yield client.received(size)
+            self.assertEqual(got, payload)
+            client.transport.loseConnection()
+            yield client.closed
+
+    def test_single_port_v3(self) -> Any:
+        return self.echo_through(["SSH"])
+
+    def test_unnamed_no_services(self) -> Any:
+        return self.echo_through(None)
+
+    def test_v2(self) -> Any:
+        return self.echo_through(["SSH"], source=V2, destination=V2)
+
+    def test_v1(self) -> Any:
+        return self.echo_through(None, source=V1, destination=V1)
+
+    def test_v3_source_y_v2_to_v2(self) -> Any:
+        return self.echo_through(["SSH"], source=V3, destination=V2, client_type="V2")
+
+    def test_v3_source_y_v1_to_v1(self) -> Any:
+        return self.echo_through(None, source=V3, destination=V1, client_type="V1")
+
+    def test_v2_source_to_v1(self) -> Any:
+        return self.echo_through(None, source=V2, destination=V1)
+
+    @inlineCallbacks
+    def test_two_services_distinct_data(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        port_a, _ = yield Deferred.fromCoroutine(start_app(self))
+        port_b, _ = yield Deferred.fromCoroutine(start_app(self))
+        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["A", "B"], {"A": tcp(port_a), "B": tcp(port_b)},
+        ))
+        a = yield Deferred.fromCoroutine(connect_client(self, ports["A"]))
+        b = yield Deferred.fromCoroutine(connect_client(self, ports["B"]))
+        data_a, data_b = b"A" * 300_000, b"B" * 300_000
+        a.transport.write(data_a)
+        b.transport.write(data_b)
+        got = yield gather(a.received(len(data_a)), b.received(len(data_b)))
+        self.assertEqual(got, [data_a, data_b])
+
+    @inlineCallbacks
+    def test_v3_many_connections(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        app_port, app = yield Deferred.fromCoroutine(start_app(self))
+        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["SSH"], {"SSH": tcp(app_port)},
+        ))
+        clients = []
+        for _ in range(32):
+            client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+            clients.append(client)
+        payloads = [os.urandom(100_000) for _ in clients]
+        for client, payload in zip(clients, payloads, strict=True):
+            client.transport.write(payload)
+        got = yield gather(*(c.received(len(p)) for c, p in zip(clients, payloads, strict=True)))
+        self.assertEqual(got, payloads)
+        self.assertEqual(len(app.accepted), 32)
+
+
+class FailureTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_refused_destination_app(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        number = port.getHost().port
+        yield port.stopListening()
+        _, source, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["SSH"], {"SSH": tcp(number)},
+        ))
+        client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        client.transport.write(b"hello?")
+        yield client.closed
+        self.assertEqual(bytes(client.data), b"")
+        # The service still works for the next client once the app is up.
+        self.assertEqual(source.whenDone().called, False)
+
+    @inlineCallbacks
+    def test_close_tunnel_exits_zero(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        app_port, _ = yield Deferred.fromCoroutine(start_app(self))
+        destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["SSH"], {"SSH": tcp(app_port)},
+        ))
+        client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        client.transport.write(b"ping")
+        yield client.received(4)
+        fixture.close_tunnel(self.tunnel_id)  # type: ignore[attr-defined]
+        statuses = yield gather(source.whenDone(), destination.whenDone())
+        self.assertEqual(statuses, [0, 0])
+        yield client.closed
+
+    @inlineCallbacks
+    def test_rejected_token_exits_two_without_retry(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        config = make_config(fixture, "not-a-token", "source", source_ports={"SSH": 0},
+                             retry_delay_ms=1)
+        service = yield Deferred.fromCoroutine(start_proxy(self, config, wait=False))
+        status = yield service.whenDone()
+        self.assertEqual(status, 2)
+        self.assertFalse(service.client.running)
+
+    @inlineCallbacks
+    def test_cut_and_reconnect(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        app_port, _ = yield Deferred.fromCoroutine(start_app(self))
+        _destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["SSH"], {"SSH": tcp(app_port)},
+        ))
+        client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        client.transport.write(b"before")
+        yield client.received(6)
+        # Cut the source's WebSocket: its streams die, it reconnects (the
+        # generated client token makes the access token reusable).
+        protocol = source.connector.protocol
+        assert protocol is not None
+        protocol.transport.abortConnection()
+        yield client.closed
+        yield source.client.whenConnected()
+        while source.connector.protocol is None or not source.connector.session.ready:
+            yield _turns(1)
+        client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        client.transport.write(b"after")
+        got = yield client.received(5)
+        self.assertEqual(got, b"after")
+
+
+@implementer(IPushProducer)
+class Pusher:
+    """Writes C{total} bytes to a transport as fast as it is allowed to."""
+
+    def __init__(self, transport: Any, total: int) -> None:
+        self.transport = transport
+        self.total = total
+        self.sent = 0
+        self.paused = False
+        self.chunk = os.urandom(65536)
+        transport.registerProducer(self, True)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.sent < self.total:
+            self.transport.write(self.chunk)
+            self.sent += len(self.chunk)
+        if self.sent >= self.total:
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class SlowReaderTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_memory_bounded(self) -> Any:
+        total = 64 * 1024 * 1024
+        samples: list[int] = []
+        done: Deferred[None] = Deferred()
+
+        class Slow(AppFactory):
+            def on_data(self, protocol: AppProtocol, data: bytes) -> None:
+                transport: Any = protocol.transport
+                samples.append(measure())
+                if protocol.received >= total:
+                    if not done.called:
+                        done.callback(None)
+                    return
+                transport.pauseProducing()
+                _turns(4).addCallback(lambda _: transport.resumeProducing())
+
+        fixture = yield start_tunnelservice(self)
+        app_port, _ = yield Deferred.fromCoroutine(
+            start_app(self, factory=Slow(echo=False))
+        )
+        destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["BULK"], {"BULK": tcp(app_port)},
+        ))
+
+        def measure() -> int:
+            worst = 0
+            for proxy in (source, destination):
+                held = sum(buffered(r.transport) + r.pending_size
+                           for r in proxy.connector.flow.relays)
+                protocol = proxy.connector.protocol
+                if protocol is not None:
+                    held += buffered(protocol.transport)
+                worst = max(worst, held)
+            return worst
+
+        client = yield Deferred.fromCoroutine(connect_client(self, ports["BULK"]))
+        pusher = Pusher(client.transport, total)
+        pusher.resumeProducing()
+        yield done
+        self.assertGreater(len(samples), 100)
+        # Without flow control the destination would hold most of the 64 MB.
+        self.assertLess(max(samples), 2 * 1024 * 1024)
+        self.assertEqual(pusher.sent, total)
