@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.proxy import cli
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
-from tests.support.fakeproxy import FakeProxyService
+from tests.support.entrypoints import FakeProxyService
 
 TOKEN = "cli-test-token"
 CONFIG = ProxyConfig(

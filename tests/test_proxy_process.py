@@ -12,10 +12,10 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from lpxy import __version__
+from tests.support.entrypoints import REFERENCE_TEXT
 from tests.support.installed import localproxy_argv, outside_dir, twistd_argv
 from tests.support.proxyprocess import ChildProcess, spawn
 from tests.support.tunnelservice import start_tunnelservice
-from tests.test_settings import REFERENCE_TEXT
 
 SECRET = "process-test-secret-token"
 

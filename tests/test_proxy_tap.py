@@ -19,9 +19,7 @@ from lpxy.proxy import runner
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
 from lpxy.proxy.settings import ProxySettings
 from lpxy.proxy.tap import Options, makeService
-from tests.support.fakeproxy import FakeProxyService
-from tests.test_runner import keepProcessState
-from tests.test_settings import REFERENCE_TEXT
+from tests.support.entrypoints import REFERENCE_TEXT, FakeProxyService, keep_process_state
 
 TOKEN = "tap-test-token"
 CLIENT = "c" * 40
@@ -173,7 +171,7 @@ class OptionsTests(SynchronousTestCase):
         As a twistd subcommand, the options point twistd's C{--logger} at
         the filtered observer with the chosen verbosity.
         """
-        keepProcessState(self)
+        keep_process_state(self)
         parent = {"logger": None, "logfile": None, "nodaemon": 1, "syslog": 0}
         options = Options(environ={}, cwd=self.cwd)
         options.parent = parent  # what twistd's ServerOptions does

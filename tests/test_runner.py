@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.proxy import runner
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
-from tests.support.fakeproxy import FakeProxyService
+from tests.support.entrypoints import FakeProxyService, keep_process_state
 
 CONFIG = ProxyConfig(mode="source", access_token="t", endpoint=TunnelEndpoint("h"))
 
@@ -25,21 +25,6 @@ def event(level: LogLevel | None) -> dict[str, Any]:
     if level is not None:
         e["log_level"] = level
     return e
-
-
-def keepProcessState(case: SynchronousTestCase) -> None:
-    """Put the module-wide state back after a test changes it."""
-    verbosity = runner.PROCESS_FILTER.verbosity
-    twistd = dict(runner._twistd)
-    status = list(runner._exitStatus)
-
-    def restore() -> None:
-        runner.PROCESS_FILTER.verbosity = verbosity
-        runner._twistd.clear()
-        runner._twistd.update(twistd)
-        runner._exitStatus[:] = status
-
-    case.addCleanup(restore)
 
 
 class VerbosityTests(SynchronousTestCase):
@@ -112,7 +97,7 @@ class ConsoleLoggingTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        keepProcessState(self)
+        keep_process_state(self)
 
     def test_text(self) -> None:
         """
@@ -137,7 +122,7 @@ class TwistdLoggingTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        keepProcessState(self)
+        keep_process_state(self)
 
     def test_setsLogger(self) -> None:
         """
@@ -258,7 +243,7 @@ class ExitStatusTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        keepProcessState(self)
+        keep_process_state(self)
         runner._exitStatus.clear()
         self.registered: list[tuple[Any, ...]] = []
 

@@ -23,47 +23,11 @@ from lpxy.proxy.settings import (
     load_settings,
     merge_settings,
 )
+from tests.support.entrypoints import REFERENCE_TEXT
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 REFERENCE_FILE = REFERENCE / "default-settings.json"
 
-# The reference file's bytes, kept here so the test does not depend on a
-# file outside the repository.
-REFERENCE_TEXT = """\
-{
-    "tunneling": {
-        "proxy": {
-            "default_bind_address": "localhost",
-            "message": {
-                "data_length_size": "2",
-                "data_frame_max_size": "65538",
-                "max_payload_size": "64512",
-                "max_size": "65536"
-            },
-            "tcp": {
-                "connection_retry_count": "5",
-                "connection_retry_delay_ms": "2500",
-                "read_buffer_size": "131076",
-                "max_active_connections": "128"
-            },
-            "websocket": {
-                "ping_period_ms": "20000",
-                "retry_delay_ms": "2500",
-                "connect_retry_count": "-1",
-                "reconnect_on_data_error": "true",
-                "subprotocol": "aws.iot.securetunneling-3.0",
-                "max_frame_size": "131076",
-                "write_buffer_size": "131076",
-                "read_buffer_size": "131076"
-            },
-            "region_endpoint_overrides": {
-                "cn-north-1": "data.tunneling.iot.cn-north-1.amazonaws.com.cn",
-                "cn-northwest-1": "data.tunneling.iot.cn-northwest-1.amazonaws.com.cn"
-            }
-        }
-    }
-}
-"""
 
 
 def proxyTree(**proxy: object) -> dict[str, object]:
