@@ -548,6 +548,11 @@ class Broker:
                 expiry.cancel()
         self._expiries.clear()
 
+    def peer(self, tunnel_id: str, mode: str) -> IPeer | None:
+        """The live connection of one tunnel end, if any."""
+        attachment = self._live.get((tunnel_id, mode))
+        return attachment.peer if attachment is not None else None
+
     @property
     def connection_count(self) -> int:
         """How many data-plane connections are live."""

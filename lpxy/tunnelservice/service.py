@@ -43,6 +43,9 @@ class _PlainError(Resource):
     def render(self, request: Request) -> bytes:
         request.setResponseCode(self._status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        # A refused WebSocket client waits for the close, not for keep-alive.
+        request.setHeader(b"connection", b"close")
+        request.channel.persistent = False
         return (self._text + "\n").encode("utf-8")
 
 

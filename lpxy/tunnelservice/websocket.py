@@ -283,7 +283,10 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             )
         self._unpair()
         if self.state == self.STATE_OPEN:
-            self.sendClose(code, reason)
+            # sendClose allows only 1000 and 3000-4999; we also need 1001, 1002, 1008.
+            self.sendCloseFrame(
+                code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False
+            )
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=False)
 
@@ -438,6 +441,11 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         self.sendMessage(data, isBinary=True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Autobahn leaves this timer running when the peer drops the TCP
+        # connection instead of answering our close.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         attachment, self._attachment = self._attachment, None
         if attachment is not None:
             self.factory.broker.disconnect(attachment)
@@ -474,6 +482,9 @@ class TunnelServerFactory(WebSocketServerFactory):
             failByDrop=False,
             # Peers ping us; we only answer.
             autoPingInterval=0,
+            # twisted.web has read the whole request before the WebSocket
+            # takes over, so the opening handshake cannot stall.
+            openHandshakeTimeout=0,
             tcpNoDelay=True,
             perMessageCompressionAccept=lambda offers: None,
         )

@@ -1,0 +1,598 @@
+"""
+Tests for L{lpxy.tunnelservice.websocket}: Autobahn clients acting as source
+and destination against a real tunnel service on loopback.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from lpxy.frames import Message, RecordDecoder, encode, encode_all
+from lpxy.tunnelservice.store import DESTINATION, SOURCE
+from lpxy.tunnelservice.websocket import MAX_FRAME_SIZE, TunnelServerProtocol
+from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
+
+V1, V2, V3 = (f"aws.iot.securetunneling-{v}" for v in ("1.0", "2.0", "3.0"))
+CT1 = "c" * 32
+CT2 = "d" * 40
+
+
+class HandshakeFailed(Exception):
+    pass
+
+
+class Peer(WebSocketClientProtocol):
+    """A test client: records every message, and lets tests wait for more."""
+
+    def onConnect(self, response: Any) -> None:
+        self.response = response
+
+    def onOpen(self) -> None:
+        self.decoder = RecordDecoder()
+        self.raw = bytearray()
+        self.messages: list[Message] = []
+        self.frames: list[bytes] = []
+        self._waiting: list[tuple[int, defer.Deferred[list[Message]]]] = []
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.frames.append(payload)
+        self.raw += payload
+        self.messages.extend(self.decoder.feed(payload))
+        still = []
+        for count, d in self._waiting:
+            if len(self.messages) >= count:
+                d.callback(self.messages[:count])
+            else:
+                still.append((count, d))
+        self._waiting = still
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.opened.called:
+            self.factory.opened.errback(HandshakeFailed(reason))
+        for _, d in self._waiting if hasattr(self, "_waiting") else ():
+            d.errback(HandshakeFailed(f"closed {code} {reason}"))
+        self.factory.closed.callback((code, reason))
+
+    def wait_messages(self, count: int) -> defer.Deferred[list[Message]]:
+        """Fire when C{count} messages in all have arrived."""
+        if len(self.messages) >= count:
+            return defer.succeed(self.messages[:count])
+        d: defer.Deferred[list[Message]] = defer.Deferred()
+        self._waiting.append((count, d))
+        return d
+
+    def send(self, *messages: Message) -> None:
+        self.sendMessage(encode_all(messages), isBinary=True)
+
+    @property
+    def closed(self) -> defer.Deferred[tuple[int | None, str | None]]:
+        return self.factory.closed
+
+
+def data(stream: int, payload: bytes, service: str = "", connection: int = 0) -> Message:
+    return Message(type=Message.DATA, streamId=stream, serviceId=service,
+                   connectionId=connection, payload=payload)
+
+
+def start(stream: int, service: str = "", connection: int = 0) -> Message:
+    return Message(type=Message.STREAM_START, streamId=stream, serviceId=service,
+                   connectionId=connection)
+
+
+def reset(stream: int, service: str = "", connection: int = 0) -> Message:
+    return Message(type=Message.STREAM_RESET, streamId=stream, serviceId=service,
+                   connectionId=connection)
+
+
+def record_of(size: int, fill: bytes) -> bytes:
+    """A DATA record of exactly C{size} bytes, length prefix included."""
+    length = size - 20
+    while True:
+        record = encode(data(1, fill * length, "SSH"))
+        if len(record) == size:
+            return record
+        length += size - len(record)
+
+
+class RawHandshake(Protocol):
+    """Sends a hand-written upgrade request and keeps the whole answer."""
+
+    def __init__(self, request: bytes, done: defer.Deferred[bytes]) -> None:
+        self._request = request
+        self._done = done
+        self._data = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self._done.callback(self._data)
+
+
+class ServiceTestCase(TestCase):
+    clock: Clock | None = None
+
+    async def setUp(self) -> None:
+        self.fixture: ServiceFixture = await start_tunnelservice(self, clock=self.clock)
+
+    async def connect(
+        self,
+        mode: str,
+        token: str | None,
+        protocols: list[str] | None = None,
+        client_token: str | None = None,
+        cookie: bool = False,
+        fragment: int = 0,
+    ) -> Peer:
+        headers = {}
+        if token is not None:
+            if cookie:
+                headers["cookie"] = f"awsiot-tunnel-token={token}"
+            else:
+                headers["access-token"] = token
+        if client_token is not None:
+            headers["client-token"] = client_token
+        factory = WebSocketClientFactory(
+            f"ws://127.0.0.1:{self.fixture.port}/tunnel?local-proxy-mode={mode}",
+            protocols=protocols or [V3],
+            headers=headers,
+        )
+        factory.protocol = Peer
+        factory.setProtocolOptions(autoFragmentSize=fragment, openHandshakeTimeout=0)
+        factory.opened = defer.Deferred()
+        factory.closed = defer.Deferred()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.fixture.port)
+        peer = await endpoint.connect(factory)
+        self.addCleanup(self._close, peer)
+        await factory.opened
+        return peer
+
+    async def _close(self, peer: Peer) -> None:
+        if peer.state == peer.STATE_OPEN:
+            peer.sendClose(1000)
+        await peer.factory.closed
+
+    async def raw(self, request: bytes) -> tuple[int, bytes, bytes]:
+        """Send a raw request; return (status, headers, body) of the answer."""
+        done: defer.Deferred[bytes] = defer.Deferred()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.fixture.port)
+        await endpoint.connect(Factory.forProtocol(lambda: RawHandshake(request, done)))
+        answer = await done
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), head, body
+
+    def server_side(self, tunnel_id: str, mode: str) -> TunnelServerProtocol:
+        peer = self.fixture.broker.peer(tunnel_id, mode)
+        assert isinstance(peer, TunnelServerProtocol)
+        return peer
+
+    async def pair(
+        self, services: list[str] | None = None, version: str = V3
+    ) -> tuple[Peer, Peer, Any]:
+        opened = self.fixture.open_tunnel(services)
+        source = await self.connect(SOURCE, opened.source_token, [version])
+        destination = await self.connect(DESTINATION, opened.destination_token, [version])
+        if version != V1:
+            await source.wait_messages(1)
+            await destination.wait_messages(1)
+        return source, destination, opened
+
+
+def upgrade(path: str, *headers: str, protocol: str | None = V3) -> bytes:
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if protocol is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+    lines.extend(headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class HandshakeTests(ServiceTestCase):
+    async def test_newest_subprotocol_and_channel_id(self) -> None:
+        opened = self.fixture.open_tunnel(["SSH"])
+        peer = await self.connect(SOURCE, opened.source_token, [V1, V3, V2, "other"])
+        self.assertEqual(peer.response.protocol, V3)
+        info = self.fixture.broker.peer(opened.tunnel_id, SOURCE)
+        assert isinstance(info, TunnelServerProtocol)
+        assert info._info is not None
+        self.assertEqual(peer.response.headers["channel-id"], info._info.channel_id)
+        peer2 = await self.connect(DESTINATION, opened.destination_token, [V1, V2])
+        self.assertEqual(peer2.response.protocol, V2)
+
+    async def test_service_ids(self) -> None:
+        opened = self.fixture.open_tunnel(["SSH", "HTTP"])
+        for mode, token, version in [
+            (SOURCE, opened.source_token, V3),
+            (DESTINATION, opened.destination_token, V2),
+        ]:
+            peer = await self.connect(mode, token, [version])
+            [message] = await peer.wait_messages(1)
+            self.assertEqual(message.type, Message.SERVICE_IDS)
+            self.assertEqual(list(message.availableServiceIds), ["SSH", "HTTP"])
+
+    async def test_service_ids_empty(self) -> None:
+        opened = self.fixture.open_tunnel()
+        peer = await self.connect(SOURCE, opened.source_token, [V2])
+        [message] = await peer.wait_messages(1)
+        self.assertEqual(message.type, Message.SERVICE_IDS)
+        self.assertEqual(list(message.availableServiceIds), [])
+
+    async def test_v1_gets_no_service_ids(self) -> None:
+        source, destination, _ = await self.pair(version=V1)
+        source.send(start(1), data(1, b"hi"))
+        messages = await destination.wait_messages(2)
+        self.assertEqual([m.type for m in messages], [Message.STREAM_START, Message.DATA])
+        self.assertEqual(source.messages, [])
+
+    async def test_cookie(self) -> None:
+        opened = self.fixture.open_tunnel()
+        peer = await self.connect(SOURCE, opened.source_token, cookie=True)
+        self.assertEqual(peer.response.protocol, V3)
+
+    async def test_connection_state(self) -> None:
+        opened = self.fixture.open_tunnel()
+        peer = await self.connect(SOURCE, opened.source_token)
+        record = self.fixture.broker.describe(opened.tunnel_id)
+        self.assertTrue(record.source.connected)
+        self.assertFalse(record.destination.connected)
+        peer.sendClose(1000)
+        await peer.closed
+        self.assertFalse(record.source.connected)
+
+
+class RejectionTests(ServiceTestCase):
+    async def refused(self, request: bytes) -> tuple[int, str]:
+        status, head, body = await self.raw(request)
+        self.assertIn(b"content-type: text/plain", head.lower())
+        return status, body.decode()
+
+    async def test_malformed(self) -> None:
+        opened = self.fixture.open_tunnel()
+        token = f"access-token: {opened.source_token}"
+        cases = [
+            (upgrade("/elsewhere?local-proxy-mode=source", token), "Invalid request path"),
+            (upgrade("/tunnel", token), "local-proxy-mode"),
+            (upgrade("/tunnel?local-proxy-mode=sideways", token), "local-proxy-mode"),
+            (upgrade("/tunnel?local-proxy-mode=destination", token), "local-proxy-mode"),
+            (upgrade("/tunnel?local-proxy-mode=source", token, protocol=None),
+             "No supported subprotocol"),
+            (upgrade("/tunnel?local-proxy-mode=source", token, protocol="chat"),
+             "No supported subprotocol"),
+            (upgrade("/tunnel?local-proxy-mode=source", token, "client-token: short"),
+             "Invalid client-token"),
+            (upgrade("/tunnel?local-proxy-mode=source", token,
+                     f"cookie: awsiot-tunnel-token={opened.source_token}"), "not both"),
+        ]
+        for request, reason in cases:
+            status, body = await self.refused(request)
+            self.assertEqual(status, 400, request)
+            self.assertIn(reason, body)
+        # none of these spent the token
+        await self.connect(SOURCE, opened.source_token)
+
+    async def test_unauthorized(self) -> None:
+        opened = self.fixture.open_tunnel()
+        path = "/tunnel?local-proxy-mode=source"
+        status, body = await self.refused(upgrade(path))
+        self.assertEqual((status, body), (401, "Missing access token\n"))
+        status, body = await self.refused(upgrade(path, "access-token: nonsense"))
+        self.assertEqual(status, 401)
+        self.assertIn("Invalid access token", body)
+
+        await self.connect(SOURCE, opened.source_token)
+        status, body = await self.refused(upgrade(path, f"access-token: {opened.source_token}"))
+        self.assertEqual(status, 401)
+        self.assertIn("previously used", body)
+
+    async def test_client_token_mismatch(self) -> None:
+        opened = self.fixture.open_tunnel()
+        await self.connect(SOURCE, opened.source_token, client_token=CT1)
+        path = "/tunnel?local-proxy-mode=source"
+        for extra in ([f"client-token: {CT2}"], []):
+            status, body = await self.refused(
+                upgrade(path, f"access-token: {opened.source_token}", *extra)
+            )
+            self.assertEqual(status, 401)
+            self.assertIn("Invalid client token", body)
+
+    async def test_rotated_token(self) -> None:
+        opened = self.fixture.open_tunnel()
+        self.fixture.broker.rotate(opened.tunnel_id, "all")
+        status, body = await self.refused(
+            upgrade("/tunnel?local-proxy-mode=source", f"access-token: {opened.source_token}")
+        )
+        self.assertEqual(status, 401)
+        self.assertIn("Invalid access token", body)
+
+    async def test_autobahn_client_sees_refusal(self) -> None:
+        with self.assertRaises(HandshakeFailed):
+            await self.connect(SOURCE, "nonsense")
+
+
+class RelayTests(ServiceTestCase):
+    async def test_relay_order_both_ways(self) -> None:
+        source, destination, _ = await self.pair(["SSH", "HTTP"])
+        sent = [start(1, "SSH", 1)] + [data(1, bytes([i]) * (i * 100 + 1), "SSH", 1)
+                                       for i in range(50)]
+        sent += [Message(type=Message.CONNECTION_START, streamId=1, serviceId="SSH",
+                         connectionId=2), data(1, b"two", "SSH", 2),
+                 Message(type=Message.CONNECTION_RESET, streamId=1, serviceId="SSH",
+                         connectionId=2),
+                 start(1, "HTTP", 1), data(1, b"GET /", "HTTP", 1)]
+        for message in sent:
+            source.send(message)
+        got = await destination.wait_messages(1 + len(sent))
+        self.assertEqual(got[1:], sent)
+        self.assertEqual(bytes(destination.raw[len(encode(got[0])):]), encode_all(sent))
+
+        back = [data(1, b"reply", "SSH", 1), reset(1, "HTTP", 1),
+                Message(type=Message.CONNECTION_RESET, streamId=1, serviceId="SSH",
+                        connectionId=1)]
+        destination.send(*back)
+        self.assertEqual((await source.wait_messages(1 + len(back)))[1:], back)
+
+    async def test_packed_and_split_records(self) -> None:
+        source, destination, _ = await self.pair(["SSH"])
+        sent = [start(1, "SSH", 1)] + [data(1, bytes([i]) * 3000, "SSH", 1) for i in range(40)]
+        stream = encode_all(sent)
+        # records cut at arbitrary points, and many records per message
+        cuts = [0, 1, 2, 7, 3001, 3002, 10000, 60000, len(stream)]
+        for a, b in itertools.pairwise(cuts):
+            source.sendMessage(stream[a:b], isBinary=True)
+        got = await destination.wait_messages(1 + len(sent))
+        self.assertEqual(got[1:], sent)
+        self.assertTrue(all(len(f) <= MAX_FRAME_SIZE for f in destination.frames))
+        # a message of whole records goes on as it is
+        whole = encode_all([data(1, b"a", "SSH"), data(1, b"b" * 35000, "SSH")])
+        source.sendMessage(whole, isBinary=True)
+        await destination.wait_messages(3 + len(sent))
+        self.assertEqual(destination.frames[-1], whole)
+
+    async def test_fragmented_frames(self) -> None:
+        opened = self.fixture.open_tunnel(["SSH"])
+        source = await self.connect(SOURCE, opened.source_token, fragment=1000)
+        destination = await self.connect(DESTINATION, opened.destination_token)
+        await destination.wait_messages(1)
+        sent = [start(1, "SSH"), data(1, b"x" * 50000, "SSH"), data(1, b"y", "SSH")]
+        source.send(*sent)
+        self.assertEqual((await destination.wait_messages(4))[1:], sent)
+
+    async def test_largest_frames(self) -> None:
+        source, destination, _ = await self.pair(["SSH"])
+        head = encode(start(1, "SSH"))
+        first = record_of(65537, b"z")
+        second = record_of(MAX_FRAME_SIZE - len(head) - len(first), b"w")
+        payload = head + first + second
+        self.assertEqual(len(payload), MAX_FRAME_SIZE)
+        source.sendMessage(payload, isBinary=True)
+        # then a record split so that the next message would exceed the limit
+        rest = encode(data(1, b"v" * 65000, "SSH")) * 2
+        source.sendMessage(rest[:100], isBinary=True)
+        source.sendMessage(rest[100:], isBinary=True)
+        await destination.wait_messages(6)
+        self.assertTrue(all(len(f) <= MAX_FRAME_SIZE for f in destination.frames))
+
+    async def test_oversized_frame_refused(self) -> None:
+        source, _, opened = await self.pair(["SSH"])
+        source.sendMessage(b"\x00" * (MAX_FRAME_SIZE + 1), isBinary=True)
+        code, _ = await source.closed
+        self.assertEqual(code, 1009)
+        self.assertFalse(self.fixture.broker.describe(opened.tunnel_id).source.connected)
+
+    async def test_no_partner(self) -> None:
+        opened = self.fixture.open_tunnel(["SSH"])
+        source = await self.connect(SOURCE, opened.source_token)
+        source.send(start(4, "SSH", 1), data(4, b"lost", "SSH", 1),
+                    Message(type=Message.CONNECTION_START, streamId=4, serviceId="SSH",
+                            connectionId=2))
+        got = await source.wait_messages(3)
+        self.assertEqual(got[1:], [
+            reset(4, "SSH", 1),
+            Message(type=Message.CONNECTION_RESET, streamId=4, serviceId="SSH",
+                    connectionId=2),
+        ])
+
+    async def test_ignorable_unknown_type_relayed(self) -> None:
+        source, destination, _ = await self.pair()
+        odd = Message(type=42, ignorable=True, streamId=1)  # type: ignore[arg-type]
+        source.send(odd, start(1))
+        self.assertEqual((await destination.wait_messages(3))[1:], [odd, start(1)])
+
+    async def test_stream_reset_when_peer_leaves(self) -> None:
+        source, destination, _ = await self.pair(["SSH", "HTTP", "DB"])
+        source.send(start(1, "SSH", 1), start(2, "HTTP"), start(3, "DB", 5), reset(3, "DB", 5),
+                    start(1, "SSH", 1))
+        await destination.wait_messages(6)
+        source.sendClose(1000)
+        await source.closed
+        got = await destination.wait_messages(8)
+        self.assertEqual(
+            sorted(got[6:], key=lambda m: m.serviceId),
+            [reset(2, "HTTP"), reset(1, "SSH", 1)],
+        )
+
+    async def test_stream_reset_to_source_when_destination_leaves(self) -> None:
+        source, destination, _ = await self.pair(version=V1)
+        source.send(start(3), data(3, b"x"))
+        await destination.wait_messages(2)
+        destination.sendClose(1000)
+        await destination.closed
+        self.assertEqual(await source.wait_messages(1), [reset(3)])
+
+
+class ViolationTests(ServiceTestCase):
+    async def violate(self, *messages: Message, mode: str = SOURCE,
+                      raw: bytes | None = None, binary: bool = True) -> tuple[int, str]:
+        source, destination, opened = await self.pair(["SSH"])
+        source.send(start(1, "SSH"))
+        await destination.wait_messages(2)
+        offender = source if mode == SOURCE else destination
+        offender.sendMessage(raw if raw is not None else encode_all(messages), isBinary=binary)
+        code, reason = await offender.closed
+        self.assertFalse(self.fixture.broker.describe(opened.tunnel_id).end(mode).connected)
+        if mode == SOURCE:
+            self.assertEqual((await destination.wait_messages(3))[2], reset(1, "SSH"))
+        else:
+            self.assertEqual((await source.wait_messages(2))[1], reset(1, "SSH"))
+        assert code is not None and reason is not None
+        return code, reason
+
+    async def test_forbidden_types(self) -> None:
+        for message, text in [
+            (Message(type=Message.SESSION_RESET), "SESSION_RESET"),
+            (Message(type=Message.SERVICE_IDS, availableServiceIds=["SSH"]), "SERVICE_IDS"),
+            (Message(type=Message.UNKNOWN, streamId=1), "UNKNOWN"),
+        ]:
+            with self.subTest(text):
+                code, reason = await self.violate(message)
+                self.assertEqual(code, 1008)
+                self.assertIn(text, reason)
+
+    async def test_stream_id_zero(self) -> None:
+        for kind in (Message.DATA, Message.STREAM_START, Message.STREAM_RESET,
+                     Message.CONNECTION_START, Message.CONNECTION_RESET):
+            code, reason = await self.violate(Message(type=kind, serviceId="SSH", streamId=0))
+            self.assertEqual(code, 1008)
+            self.assertIn("stream id", reason)
+
+    async def test_unknown_service(self) -> None:
+        code, reason = await self.violate(data(1, b"x", "FTP"))
+        self.assertEqual(code, 1008)
+        self.assertIn("FTP", reason)
+
+    async def test_destination_starts(self) -> None:
+        code, reason = await self.violate(start(2, "SSH"), mode=DESTINATION)
+        self.assertEqual(code, 1008)
+        self.assertIn("destination sent STREAM_START", reason)
+
+    async def test_unknown_type_not_ignorable(self) -> None:
+        code, _ = await self.violate(Message(type=42, streamId=1))  # type: ignore[arg-type]
+        self.assertEqual(code, 1002)
+
+    async def test_bad_records(self) -> None:
+        code, reason = await self.violate(raw=b"\x00\x00")
+        self.assertEqual(code, 1002)
+        self.assertIn("length", reason)
+        code, reason = await self.violate(raw=b"\x00\x02\xff\xff")
+        self.assertEqual(code, 1002)
+
+    async def test_text_message(self) -> None:
+        code, _ = await self.violate(raw=b"hello", binary=False)
+        self.assertEqual(code, 1003)
+
+
+class TokenTests(ServiceTestCase):
+    async def test_client_token_reconnect(self) -> None:
+        opened = self.fixture.open_tunnel()
+        first = await self.connect(SOURCE, opened.source_token, client_token=CT1)
+        first.sendClose(1000)
+        await first.closed
+        second = await self.connect(SOURCE, opened.source_token, client_token=CT1)
+        self.assertEqual(second.response.protocol, V3)
+
+    async def test_replacement(self) -> None:
+        opened = self.fixture.open_tunnel(["SSH"])
+        old = await self.connect(SOURCE, opened.source_token, client_token=CT1)
+        destination = await self.connect(DESTINATION, opened.destination_token)
+        await old.wait_messages(1)
+        old.send(start(1, "SSH"), data(1, b"a", "SSH"))
+        await destination.wait_messages(3)
+        new = await self.connect(SOURCE, opened.source_token, client_token=CT1)
+        self.assertEqual(await old.closed, (1000, "replaced by a new connection"))
+        self.assertEqual((await destination.wait_messages(4))[3], reset(1, "SSH"))
+        await new.wait_messages(1)
+        new.send(start(1, "SSH"), data(1, b"b", "SSH"))
+        self.assertEqual((await destination.wait_messages(6))[4:],
+                         [start(1, "SSH"), data(1, b"b", "SSH")])
+        self.assertTrue(self.fixture.broker.describe(opened.tunnel_id).source.connected)
+
+    async def test_rotation_closes(self) -> None:
+        source, destination, opened = await self.pair(["SSH"])
+        rotated = self.fixture.broker.rotate(opened.tunnel_id, DESTINATION)
+        self.assertEqual(await destination.closed, (1000, "access token rotated"))
+        self.assertEqual(source.state, source.STATE_OPEN)
+        assert rotated.destination_token is not None
+        again = await self.connect(DESTINATION, rotated.destination_token)
+        self.assertEqual((await again.wait_messages(1))[0].type, Message.SERVICE_IDS)
+
+
+class LifecycleTests(ServiceTestCase):
+    async def test_close_tunnel(self) -> None:
+        source, destination, opened = await self.pair()
+        self.fixture.close_tunnel(opened.tunnel_id)
+        self.assertEqual(await source.closed, (1000, "tunnel closed"))
+        self.assertEqual(await destination.closed, (1000, "tunnel closed"))
+        status, _, body = await self.raw(upgrade(
+            "/tunnel?local-proxy-mode=source", f"access-token: {opened.source_token}"))
+        self.assertEqual(status, 401)
+        self.assertIn(b"tunnel is closed", body)
+
+    async def test_stop_service(self) -> None:
+        source, destination, _ = await self.pair()
+        await self.fixture.service.stopService()
+        self.assertEqual((await source.closed)[0], 1001)
+        self.assertEqual((await destination.closed)[0], 1001)
+
+
+class ExpiryTests(ServiceTestCase):
+    async def setUp(self) -> None:
+        self.clock = Clock()
+        await super().setUp()
+
+    async def test_expiry(self) -> None:
+        opened = self.fixture.open_tunnel(lifetime_minutes=1)
+        source = await self.connect(SOURCE, opened.source_token)
+        assert self.clock is not None
+        self.clock.advance(60)
+        self.assertEqual(await source.closed, (1000, "tunnel lifetime expired"))
+        status, _, _ = await self.raw(upgrade(
+            "/tunnel?local-proxy-mode=destination",
+            f"access-token: {opened.destination_token}"))
+        self.assertEqual(status, 401)
+
+
+class FlowControlTests(ServiceTestCase):
+    async def test_slow_destination_pauses_source(self) -> None:
+        source, destination, opened = await self.pair(["SSH"])
+        server_source = self.server_side(opened.tunnel_id, SOURCE)
+        paused: defer.Deferred[None] = defer.Deferred()
+        original = server_source._pause_reading
+
+        def pause() -> None:
+            original()
+            if not paused.called:
+                paused.callback(None)
+
+        server_source._pause_reading = pause  # type: ignore[method-assign]
+        destination.transport.pauseProducing()
+        record = encode(data(1, b"p" * 64000, "SSH"))
+        total = 400
+        source.send(start(1, "SSH"))
+        for _ in range(total):
+            source.sendMessage(record * 2, isBinary=True)
+        await paused
+        # the service stopped reading long before the source's data ran out
+        self.assertLess(server_source._bytes_in, total * len(record))
+        self.assertTrue(server_source._reading_paused)
+        destination.transport.resumeProducing()
+        got = await destination.wait_messages(2 + 2 * total)
+        self.assertEqual(sum(len(m.payload) for m in got), 2 * total * 64000)
+        self.assertFalse(server_source._reading_paused)
