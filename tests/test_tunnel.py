@@ -5,10 +5,12 @@ C{StringTransport} and a C{Clock}.
 
 from __future__ import annotations
 
+import txaio
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -231,6 +233,28 @@ class TunnelProtocolTests(SynchronousTestCase):
         outcome = self.events.log[-1][1]
         assert isinstance(outcome, CloseOutcome)
         self.assertEqual((outcome.code, outcome.by_us), (1000, False))
+
+
+class TokenNeverLoggedTests(SynchronousTestCase):
+    def test_debug_logging(self) -> None:
+        """
+        Even with Autobahn's loggers at debug, no log event of a handshake
+        carries the access token.
+        """
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, "info")
+        case = TunnelProtocolTests("test_open_pings_at_once")
+        case.setUp()
+        case.open()
+        case.protocol.close()
+        case.tearDown()
+        self.assertTrue(events)
+        text = " ".join((formatEvent(e) or "") + repr(e) for e in events)
+        self.assertNotIn(TOKEN, text)
+        self.assertNotIn(CLIENT, text)
 
 
 class HelpersTests(SynchronousTestCase):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Protocol, cast
 
+import txaio
 from attrs import frozen
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred
@@ -152,6 +153,9 @@ class TunnelProtocol(WebSocketClientProtocol):
     """
 
     _log = Logger()
+    # Autobahn's own logger, pinned at info: at debug Autobahn logs the
+    # whole upgrade request, access-token header included.
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
     factory: TunnelFactory
     channel_id: str | None = None
 
@@ -375,6 +379,7 @@ class TunnelFactory(WebSocketClientFactory):
     """
 
     protocol = TunnelProtocol  # type: ignore[assignment]
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
 
     def __init__(
         self,
