@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from lpxy.proxy.config import UnixTarget
 from tests.support.proxyhelpers import (
     V1,
     V2,
@@ -108,6 +109,12 @@ class EchoTests(TestCase):
         b.transport.write(data_b)
         got = yield gather(a.received(len(data_a)), b.received(len(data_b)))
         self.assertEqual(got, [data_a, data_b])
+        # Ending A's stream (a STREAM_RESET each way) leaves B flowing.
+        a.transport.loseConnection()
+        yield a.closed
+        b.transport.write(b"still here")
+        got = yield b.received(len(data_b) + 10)
+        self.assertEqual(got[-10:], b"still here")
 
     @inlineCallbacks
     def test_v3_many_connections(self) -> Any:
@@ -126,6 +133,46 @@ class EchoTests(TestCase):
         got = yield gather(*(c.received(len(p)) for c, p in zip(clients, payloads, strict=True)))
         self.assertEqual(got, payloads)
         self.assertEqual(len(app.accepted), 32)
+
+    @inlineCallbacks
+    def test_v3_connection_limit(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        app_port, _ = yield Deferred.fromCoroutine(start_app(self))
+        destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["SSH"], {"SSH": tcp(app_port)}, max_active_connections=2,
+        ))
+        kept = []
+        for _ in range(2):
+            client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+            client.transport.write(b"hi")
+            yield client.received(2)
+            kept.append(client)
+        refused = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        yield refused.closed
+        for client in kept:
+            client.transport.write(b"!")
+            got = yield client.received(3)
+            self.assertEqual(got, b"hi!")
+        # Every local socket of both proxies has Nagle off.
+        relays = source.connector.flow.relays | destination.connector.flow.relays
+        self.assertEqual(len(relays), 4)
+        for relay in relays:
+            self.assertTrue(relay.transport.getTcpNoDelay())
+
+    @inlineCallbacks
+    def test_unix_socket_app(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        path = self.mktemp()
+        app = AppFactory()
+        listening = reactor.listenUNIX(path, app)  # type: ignore[attr-defined]
+        self.addCleanup(lambda: gather(listening.stopListening(), app.all_closed()))
+        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["SSH"], {"SSH": UnixTarget(path)},
+        ))
+        client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        client.transport.write(b"over unix")
+        got = yield client.received(9)
+        self.assertEqual(got, b"over unix")
 
 
 class FailureTests(TestCase):

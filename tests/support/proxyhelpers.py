@@ -205,6 +205,7 @@ def make_config(
     retry_delay_ms: int = 100,
     connect_retry_count: int = -1,
     connection_retry_count: int = 0,
+    max_active_connections: int = 128,
 ) -> ProxyConfig:
     """A configuration for a proxy talking to C{fixture} over plain ws://."""
     settings = ProxySettings(
@@ -214,7 +215,8 @@ def make_config(
             connect_retry_count=connect_retry_count,
         ),
         tcp=TcpSettings(connection_retry_count=connection_retry_count,
-                        connection_retry_delay_ms=50),
+                        connection_retry_delay_ms=50,
+                        max_active_connections=max_active_connections),
     )
     return ProxyConfig(
         mode=mode,  # type: ignore[arg-type]
@@ -272,6 +274,7 @@ async def start_pair(
     source_subprotocol: str = V3,
     destination_subprotocol: str = V3,
     client_type: str | None = None,
+    max_active_connections: int = 128,
 ) -> tuple[LocalProxyService, LocalProxyService, dict[str, int]]:
     """
     Open a tunnel and start a destination (serving C{apps}) then a source
@@ -285,7 +288,7 @@ async def start_pair(
     source = await start_proxy(case, make_config(
         fixture, opened.source_token, "source",
         source_ports={key: 0 for key in apps}, subprotocol=source_subprotocol,
-        client_type=client_type,
+        client_type=client_type, max_active_connections=max_active_connections,
     ))
     listeners = source.connector.listeners
     assert listeners is not None
