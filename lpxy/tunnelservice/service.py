@@ -11,6 +11,7 @@ peers with 1001) and finish only when they are gone.
 from __future__ import annotations
 
 import ipaddress
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,6 +137,9 @@ class TunnelService(MultiService):
     @param limits: the broker's limits.
     @param max_request_size: the largest API request body accepted.
     @param clock: the broker's time source (the reactor unless given).
+    @param exit_zero_on_signals: once the reactor runs, make SIGTERM and
+        SIGINT stop it without twistd re-raising the signal afterwards, so
+        the process exits 0 (for C{twistd tunnelservice}; never in tests).
     """
 
     _log = Logger()
@@ -147,9 +151,11 @@ class TunnelService(MultiService):
         limits: Limits | None = None,
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         clock: IClock | None = None,
+        exit_zero_on_signals: bool = False,
     ) -> None:
         super().__init__()
         self._reactor = reactor
+        self._exit_zero_on_signals = exit_zero_on_signals
         self._endpoints = [
             serverFromString(reactor, e) if isinstance(e, str) else e for e in endpoints
         ]
@@ -184,6 +190,25 @@ class TunnelService(MultiService):
         super().startService()
         if not self._started_listening:
             self._listen()
+        if self._exit_zero_on_signals:
+            self._reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _install_signal_handlers(self) -> None:
+        # twistd kills itself again with the signal that stopped the
+        # reactor; a SIGTERM is an ordinary way to stop this service.
+        def handler(number: int, frame: object) -> None:
+            self._log.info(
+                "Received {signal}, shutting down.", signal=signal.Signals(number).name
+            )
+            self._reactor.callFromThread(self._stop_reactor)
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, handler)
+        self._log.info("Tunnel service ready")
+
+    def _stop_reactor(self) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
 
     def _listen(self) -> None:
         self._started_listening = True
@@ -195,8 +220,11 @@ class TunnelService(MultiService):
         d.addBoth(self._listen_done)
         self._synchronous = False
         if isinstance(self._outcome, Failure):
-            # As twistd's own ports do: fail the start, so twistd exits 1.
-            self._outcome.raiseException()
+            # Fail the start, so that twistd exits 1, with one line.
+            self._log.critical(
+                "Tunnel service cannot listen: {error}", error=self._outcome.getErrorMessage()
+            )
+            raise SystemExit(f"tunnelservice: {self._outcome.getErrorMessage()}")
 
     def _listen_done(self, outcome: Any) -> None:
         if isinstance(outcome, Failure) and isinstance(outcome.value, defer.FirstError):

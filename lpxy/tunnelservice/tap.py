@@ -93,4 +93,5 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             max_open_tunnels=options["max-open-tunnels"],
         ),
         max_request_size=options["max-request-size"],
+        exit_zero_on_signals=True,
     )
