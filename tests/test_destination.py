@@ -9,7 +9,12 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -131,7 +136,13 @@ class AppConnectorTests(SynchronousTestCase):
 
     def test_endpoints(self) -> None:
         connector = AppConnector(reactor)
-        self.assertIsInstance(connector.endpoint_for(TcpTarget("::1", 22)), HostnameEndpoint)
+        self.assertIsInstance(connector.endpoint_for(TcpTarget("::1", 22)), TCP6ClientEndpoint)
+        self.assertIsInstance(
+            connector.endpoint_for(TcpTarget("127.0.0.1", 22)), TCP4ClientEndpoint
+        )
+        self.assertIsInstance(
+            connector.endpoint_for(TcpTarget("localhost", 22)), HostnameEndpoint
+        )
         self.assertIsInstance(
             connector.endpoint_for(UnixTarget("/run/app.sock")), UNIXClientEndpoint
         )

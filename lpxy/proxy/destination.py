@@ -18,7 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -148,6 +154,12 @@ class AppConnector:
     def endpoint_for(self, target: LocalTarget) -> Any:
         """The client endpoint reaching C{target}."""
         if isinstance(target, TcpTarget):
+            # An address needs no name resolution (HostnameEndpoint would
+            # still go through the resolver's thread pool).
+            if isIPAddress(target.host):
+                return TCP4ClientEndpoint(self._reactor, target.host, target.port)
+            if isIPv6Address(target.host):
+                return TCP6ClientEndpoint(self._reactor, target.host, target.port)
             return HostnameEndpoint(self._reactor, target.host, target.port)
         return UNIXClientEndpoint(self._reactor, target.path)
 
