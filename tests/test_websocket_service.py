@@ -8,11 +8,13 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lpxy.frames import Message, RecordDecoder, encode, encode_all
@@ -31,6 +33,9 @@ class HandshakeFailed(Exception):
 
 class Peer(WebSocketClientProtocol):
     """A test client: records every message, and lets tests wait for more."""
+
+    # at debug, Autobahn would log our own request, token included
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
 
     def onConnect(self, response: Any) -> None:
         self.response = response
@@ -596,3 +601,35 @@ class FlowControlTests(ServiceTestCase):
         got = await destination.wait_messages(2 + 2 * total)
         self.assertEqual(sum(len(m.payload) for m in got), 2 * total * 64000)
         self.assertFalse(server_source._reading_paused)
+
+
+class TokenNeverLoggedTests(ServiceTestCase):
+    async def test_debug_logging(self) -> None:
+        """
+        Even with Autobahn's loggers at debug, no log event of the service
+        carries an access token or a client token.
+        """
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, "info")
+        opened = self.fixture.open_tunnel(["SSH"])
+        source = await self.connect(SOURCE, opened.source_token, client_token=CT1)
+        destination = await self.connect(DESTINATION, opened.destination_token, cookie=True)
+        await destination.wait_messages(1)
+        status, _, _ = await self.raw(upgrade(
+            "/tunnel?local-proxy-mode=destination",
+            f"access-token: {opened.destination_token}"))
+        self.assertEqual(status, 401)
+        status, _, _ = await self.raw(upgrade(
+            "/tunnel?local-proxy-mode=source",
+            f"access-token: {opened.source_token}", f"client-token: {CT2}"))
+        self.assertEqual(status, 401)
+        source.sendClose(1000)
+        await source.closed
+        text = " ".join((formatEvent(e) or "") + repr(e) for e in events)
+        self.assertIn("Peer connected", text)
+        self.assertIn("Peer disconnected", text)
+        for secret in (opened.source_token, opened.destination_token, CT1, CT2):
+            self.assertNotIn(secret, text)

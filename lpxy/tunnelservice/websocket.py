@@ -39,6 +39,7 @@ import re
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
@@ -138,6 +139,9 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     """One tunnel end's WebSocket: handshake rules, checks and relaying."""
 
     _log = Logger()  # autobahn owns .log
+    # Autobahn's own logger, pinned at info: at debug Autobahn logs the
+    # whole upgrade request, access-token header included.
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
     factory: TunnelServerFactory
     transport: Any
 
@@ -470,6 +474,7 @@ class TunnelServerFactory(WebSocketServerFactory):
     """
 
     protocol = TunnelServerProtocol  # type: ignore[assignment]
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
 
     def __init__(self, broker: Broker, reactor: Any = None) -> None:
         super().__init__(server="lpxy-tunnelservice", reactor=reactor)
