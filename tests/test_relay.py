@@ -142,6 +142,15 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.sink.closed, [])
         self.assertEqual(self.sink.data, [])
 
+    def test_closed_relay_releases_its_pause(self) -> None:
+        relay, transport = self.relay()
+        relay.pauseProducing()
+        relay.close()
+        self.assertEqual(self.ws.calls, ["pause", "resume"])
+        relay.pauseProducing()
+        self.assertEqual(self.ws.calls, ["pause", "resume"])
+        self.assertTrue(transport.disconnecting)
+
     def test_pending_until_connected_bounded(self) -> None:
         relay, transport = self.relay(connect=False, buffer_limit=10)
         relay.deliver(b"12345")

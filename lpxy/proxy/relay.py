@@ -30,10 +30,12 @@ Invariants (design.md, "Data flow and flow control"):
     arrives for it, up to C{buffer_limit} bytes; beyond that it is a pauser
     of the WebSocket (invariant 1) until it connects or gives up.
 
- 4. A relay is a pauser only while it is alive: its removal (connection
-    lost, producer stopped, abandoned) always removes its pause, so a dead
-    connection never keeps the WebSocket stalled. Pause and resume are
-    idempotent on both sides.
+ 4. A relay is a pauser only while the tunnel can still send it data: its
+    close (the channel ended: nothing more will be delivered, what it holds
+    only drains), removal (connection lost, producer stopped) or
+    abandonment always removes its pause, so a finished or dead connection
+    never keeps the WebSocket stalled, not even the next WebSocket after a
+    reconnect. Pause and resume are idempotent on both sides.
 
  5. Nothing is copied on the way out but the one join of a WebSocket
     message: local reads are cut at C{max_payload_size} with memoryview
@@ -311,6 +313,7 @@ class LocalRelay(Protocol):
         if self._closing:
             return
         self._closing = True
+        self._flow.remove_pauser(self)
         transport: Any = self.transport
         if transport is not None:
             transport.loseConnection()
@@ -348,7 +351,7 @@ class LocalRelay(Protocol):
 
     def pauseProducing(self) -> None:
         """The local socket's send buffer is full."""
-        if not self._gone:
+        if not (self._gone or self._closing):
             self._flow.add_pauser(self)
 
     def resumeProducing(self) -> None:

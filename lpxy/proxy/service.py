@@ -179,10 +179,12 @@ class ProxyConnector:
                 clock=clock,
             )
         self.stopping = False
+        self.ending = False
         self.finished: Any = None
         self.reconnected: Any = None
 
     def _end(self, status: int) -> None:
+        self.ending = True
         if self.finished is not None:
             self.finished(status)
 
@@ -237,7 +239,7 @@ class ProxyConnector:
             self.protocol = None
             self.flow.detach()
             self.session.disconnected()
-        if not self.stopping:
+        if not (self.stopping or self.ending):
             self._decide(protocol, outcome, was_ready)
         if not protocol.ready.called:
             # Decided first: failing this tells ClientService, whose retry
@@ -356,7 +358,7 @@ class ProxyConnector:
 
     def accept(self, binding: ServiceBinding, addr: IAddress) -> Protocol | None:
         """A local client connected to the port of C{binding}."""
-        if self.protocol is None or not self.session.ready:
+        if self.protocol is None or not self.session.ready or self.stopping:
             self._log.info(
                 "Refusing a client of service {service_id!r}: the tunnel is not connected",
                 service_id=binding.service_id,
