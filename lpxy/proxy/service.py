@@ -119,17 +119,32 @@ class _GateFactory(Factory):
 
 
 class _GatedEndpoint:
-    """Wraps an endpoint so every connection goes through a L{_Gate}."""
+    """
+    Wraps an endpoint so every connection goes through a L{_Gate}, and
+    names the failure of an attempt that never connected.
+    """
 
-    def __init__(self, endpoint: Any) -> None:
+    _log = Logger()
+
+    def __init__(self, endpoint: Any, description: str) -> None:
         self._endpoint = endpoint
+        self._description = description
 
     def connect(self, factory: Any) -> Deferred[Any]:
         connecting: Deferred[Any] = self._endpoint.connect(_GateFactory(factory))
-        return connecting.addCallback(lambda gate: gate.wrapped)
+        return connecting.addCallbacks(lambda gate: gate.wrapped, self._failed)
+
+    def _failed(self, reason: Failure) -> Failure:
+        if not reason.check(CancelledError):
+            self._log.warn(
+                "Could not connect to {endpoint}: {error}",
+                endpoint=self._description,
+                error=reason.getErrorMessage(),
+            )
+        return reason
 
     def __repr__(self) -> str:
-        return repr(self._endpoint)
+        return f"<tunnel endpoint {self._description}>"
 
 
 class ProxyConnector:
@@ -447,9 +462,10 @@ class LocalProxyService(MultiService):
             trace=config.verbosity >= 6,
         )
         delay = max(0, settings.retry_delay_ms) / 1000.0
+        endpoint_name = config.endpoint.url(config.mode).split("/tunnel")[0]
         self._retries = settings.connect_retry_count
         self.client = ClientService(
-            cast(Any, _GatedEndpoint(endpoint)),
+            cast(Any, _GatedEndpoint(endpoint, endpoint_name)),
             cast(Any, self.factory),
             retryPolicy=lambda attempt: delay,
             clock=self._clock,
