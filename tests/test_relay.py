@@ -5,6 +5,8 @@ invariants, over C{StringTransport}s.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
@@ -179,3 +181,73 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "paused")
         self.flow.detach()
         self.assertEqual(transport.producerState, "producing")
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["full", "drain", "pause", "resume", "close", "lost", "new",
+                         "reconnect"]),
+        st.integers(0, 3),
+    ),
+    max_size=60,
+)
+
+
+class FlowPropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(_OPS)
+    def test_invariants(self, ops: list[tuple[str, int]]) -> None:
+        """
+        Whatever happens, the WebSocket is read exactly when no live, open
+        relay is over its mark, and every live relay reads exactly when the
+        WebSocket is not full.
+        """
+        clock = Clock()
+        flow = TunnelFlow()
+        ws = FakeWebSocket()
+        flow.attach(ws)
+        sink = Sink()
+        relays: list[tuple[LocalRelay, StringTransport]] = []
+        over: set[LocalRelay] = set()
+
+        def reading(fake: FakeWebSocket) -> bool:
+            state = True
+            for call in fake.calls:
+                state = call == "resume"
+            return state
+
+        for op, index in ops:
+            live = [(r, t) for r, t in relays if not t.disconnecting]
+            if op == "new" or not live:
+                relay = LocalRelay(channel(), sink, flow, clock)
+                transport = StringTransport()
+                relay.makeConnection(transport)
+                relays.append((relay, transport))
+                continue
+            relay, transport = live[index % len(live)]
+            if op == "full":
+                flow.pauseProducing()
+            elif op == "drain":
+                flow.resumeProducing()
+            elif op == "pause":
+                relay.pauseProducing()
+                over.add(relay)
+            elif op == "resume":
+                relay.resumeProducing()
+                over.discard(relay)
+            elif op == "close":
+                relay.close()
+                over.discard(relay)
+            elif op == "lost":
+                transport.disconnecting = True
+                relay.connectionLost(Failure(ConnectionDone()))
+                over.discard(relay)
+            elif op == "reconnect":
+                flow.detach()
+                ws = FakeWebSocket()
+                flow.attach(ws)
+            live = [(r, t) for r, t in relays if not t.disconnecting]
+            self.assertEqual(reading(ws), not over)
+            for _, t in live:
+                expected = "paused" if flow.writing_paused else "producing"
+                self.assertEqual(t.producerState, expected)

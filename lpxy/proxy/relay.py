@@ -313,7 +313,7 @@ class LocalRelay(Protocol):
         if self._closing:
             return
         self._closing = True
-        self._flow.remove_pauser(self)
+        self._flow.remove_relay(self)
         transport: Any = self.transport
         if transport is not None:
             transport.loseConnection()
@@ -333,7 +333,7 @@ class LocalRelay(Protocol):
 
     def pause_local(self) -> None:
         """The WebSocket is full: stop reading the local socket."""
-        if self._paused_local:
+        if self._paused_local or self._closing:
             return
         self._paused_local = True
         transport: Any = self.transport
@@ -346,7 +346,7 @@ class LocalRelay(Protocol):
             return
         self._paused_local = False
         transport: Any = self.transport
-        if transport is not None and not self._gone:
+        if transport is not None and not (self._gone or self._closing):
             transport.resumeProducing()
 
     def pauseProducing(self) -> None:
