@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.frames import Message
@@ -433,3 +435,18 @@ class PropertyTests(SynchronousTestCase):
         self._check(session, actions, steps)
         # Every channel the session opened and later closed is closed once.
         self.assertEqual(len(actions.closed), len(set(map(id, actions.closed))))
+
+
+class TraceTests(SynchronousTestCase):
+    def _events(self, trace: bool) -> list[str]:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        session, _ = make(trace=trace)
+        session.open_channel(session.bindings[0])
+        session.received(msg("DATA", 1, "SSH", 1, b"x"))
+        return [formatEvent(e) for e in observer if e.get("log_level") == LogLevel.debug]
+
+    def test_per_record_only_when_tracing(self) -> None:
+        self.assertEqual(self._events(False), [])
+        traced = self._events(True)
+        self.assertTrue(any(t.startswith("DATA 1 bytes") for t in traced))
+        self.assertTrue(any(t.startswith("Sending STREAM_START") for t in traced))
