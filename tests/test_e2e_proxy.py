@@ -135,6 +135,27 @@ class EchoTests(TestCase):
         self.assertEqual(len(app.accepted), 32)
 
     @inlineCallbacks
+    def test_v2_new_client_replaces_stream(self) -> Any:
+        fixture = yield start_tunnelservice(self)
+        app_port, app = yield Deferred.fromCoroutine(start_app(self))
+        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+            self, fixture, ["SSH"], {"SSH": tcp(app_port)},
+            source_subprotocol=V2, destination_subprotocol=V2,
+        ))
+        first = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        first.transport.write(b"one")
+        yield first.received(3)
+        second = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
+        yield first.closed
+        second.transport.write(b"two")
+        got = yield second.received(3)
+        self.assertEqual(got, b"two")
+        # The destination replaced the first stream's app connection too.
+        yield app.accepted[0].closed
+        self.assertEqual(len(app.accepted), 2)
+        self.assertEqual(app.live, {app.accepted[1]})
+
+    @inlineCallbacks
     def test_v3_connection_limit(self) -> Any:
         fixture = yield start_tunnelservice(self)
         app_port, _ = yield Deferred.fromCoroutine(start_app(self))

@@ -67,6 +67,7 @@ class AppProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.received = 0
+        self.closed: Deferred[None] = Deferred()
         self.factory.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -78,6 +79,7 @@ class AppProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.gone(self)
+        self.closed.callback(None)
 
 
 class AppFactory(Factory):
