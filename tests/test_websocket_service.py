@@ -6,20 +6,27 @@ and destination against a real tunnel service on loopback.
 from __future__ import annotations
 
 import itertools
+import socket
+from pathlib import Path
 from typing import Any
 
+import boto3
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.trial.unittest import TestCase
 
 from lpxy.frames import Message, RecordDecoder, encode, encode_all
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.websocket import MAX_FRAME_SIZE, TunnelServerProtocol
+from tests.support.certs import make_test_pki
 from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
 
 V1, V2, V3 = (f"aws.iot.securetunneling-{v}" for v in ("1.0", "2.0", "3.0"))
@@ -128,9 +135,12 @@ class RawHandshake(Protocol):
 
 class ServiceTestCase(TestCase):
     clock: Clock | None = None
+    tls: tuple[str, str] | None = None
 
     async def setUp(self) -> None:
-        self.fixture: ServiceFixture = await start_tunnelservice(self, clock=self.clock)
+        self.fixture: ServiceFixture = await start_tunnelservice(
+            self, clock=self.clock, tls=self.tls
+        )
 
     async def connect(
         self,
@@ -140,6 +150,7 @@ class ServiceTestCase(TestCase):
         client_token: str | None = None,
         cookie: bool = False,
         fragment: int = 0,
+        tls: Any = None,
     ) -> Peer:
         headers = {}
         if token is not None:
@@ -149,8 +160,9 @@ class ServiceTestCase(TestCase):
                 headers["access-token"] = token
         if client_token is not None:
             headers["client-token"] = client_token
+        scheme = "ws" if tls is None else "wss"
         factory = WebSocketClientFactory(
-            f"ws://127.0.0.1:{self.fixture.port}/tunnel?local-proxy-mode={mode}",
+            f"{scheme}://127.0.0.1:{self.fixture.port}/tunnel?local-proxy-mode={mode}",
             protocols=protocols or [V3],
             headers=headers,
         )
@@ -158,7 +170,9 @@ class ServiceTestCase(TestCase):
         factory.setProtocolOptions(autoFragmentSize=fragment, openHandshakeTimeout=0)
         factory.opened = defer.Deferred()
         factory.closed = defer.Deferred()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.fixture.port)
+        endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", self.fixture.port)
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
         peer = await endpoint.connect(factory)
         self.addCleanup(self._close, peer)
         await factory.opened
@@ -633,3 +647,54 @@ class TokenNeverLoggedTests(ServiceTestCase):
         self.assertIn("Peer disconnected", text)
         for secret in (opened.source_token, opened.destination_token, CT1, CT2):
             self.assertNotIn(secret, text)
+
+
+def _nodelay(transport: Any) -> int:
+    while isinstance(transport, ProtocolWrapper):  # TLS: the TCP transport under it
+        transport = transport.transport
+    sock = transport.getHandle()
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+class NoDelayTests(ServiceTestCase):
+    async def test_tcp_nodelay(self) -> None:
+        _, _, opened = await self.pair()
+        for mode in (SOURCE, DESTINATION):
+            self.assertTrue(_nodelay(self.server_side(opened.tunnel_id, mode).transport))
+
+
+class TLSTests(ServiceTestCase):
+    async def setUp(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        self.pki = make_test_pki(directory)
+        self.tls = (str(self.pki.server_key_path), str(self.pki.server_cert_path))
+        await super().setUp()
+        self.client_tls = optionsForClientTLS("localhost", trustRoot=self.pki.ca_certificate())
+
+    async def test_relay_over_tls(self) -> None:
+        self.assertTrue(self.fixture.api_url.startswith("https://127.0.0.1:"))
+        opened = self.fixture.open_tunnel(["SSH"])
+        source = await self.connect(SOURCE, opened.source_token, tls=self.client_tls)
+        destination = await self.connect(
+            DESTINATION, opened.destination_token, tls=self.client_tls
+        )
+        await source.wait_messages(1)
+        await destination.wait_messages(1)
+        sent = [start(1, "SSH"), data(1, b"secret" * 10000, "SSH")]
+        source.send(*sent)
+        self.assertEqual((await destination.wait_messages(3))[1:], sent)
+        self.assertTrue(_nodelay(self.server_side(opened.tunnel_id, SOURCE).transport))
+
+    async def test_api_over_tls(self) -> None:
+        def describe() -> Any:
+            client = boto3.client(
+                "iotsecuretunneling", endpoint_url=self.fixture.api_url,
+                region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x",
+                verify=str(self.pki.ca_cert_path),
+            )
+            opened = client.open_tunnel()
+            return client.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
+
+        tunnel = await deferToThread(describe)
+        self.assertEqual(tunnel["status"], "OPEN")

@@ -3,9 +3,10 @@
 The tunnel service as a Twisted service: ports serving both planes.
 
 Every port runs one twisted.web site: C{POST /} is the management API and
-C{GET /tunnel} the WebSocket data plane. A wrapping factory keeps track of
-every connection, so that stopping the service can close them all (tunnel
-peers with 1001) and finish only when they are gone.
+C{GET /tunnel} the WebSocket data plane. Every connection, HTTP or
+WebSocket, is kept in one L{Connections} set, so that stopping the service
+can close them all (tunnel peers with 1001) and finish only when they are
+gone.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.broker import Broker, IClock, Limits
-from lpxy.tunnelservice.websocket import TunnelServerFactory, TunnelServerProtocol
+from lpxy.tunnelservice.websocket import Connections, TunnelServerFactory
 
 __all__ = ["TunnelService"]
 
@@ -51,13 +53,23 @@ class _PlainError(Resource):
 
 
 class _TunnelResource(WebSocketResource):
-    """Autobahn's resource, detaching the HTTP channel's idle timeout first."""
+    """Autobahn's resource, letting go of the HTTP channel it takes over."""
+
+    def __init__(self, factory: TunnelServerFactory) -> None:
+        super().__init__(factory)
+        self._connections = factory.connections
 
     def render(self, request: Request) -> Any:
+        channel = request.channel
         # Once the WebSocket has the transport, the channel never sees
-        # traffic again; its timeout would fire at a transport of None.
-        request.channel.setTimeout(None)
-        return super().render(request)
+        # traffic again: its timeout would fire at a transport of None, and
+        # it would never report its connection lost.
+        channel.setTimeout(None)
+        try:
+            return super().render(request)
+        finally:
+            if channel.transport is None:
+                self._connections.discard(channel)
 
 
 class _Root(Resource):
@@ -79,46 +91,30 @@ class _Root(Resource):
         return self._wrong_path
 
 
-class _NoDelayWrapper(ProtocolWrapper):
-    def makeConnection(self, transport: Any) -> None:
+class _Channel(HTTPChannel):
+    """An HTTP connection that the service keeps track of, with Nagle off."""
+
+    site: _Site
+
+    def connectionMade(self) -> None:
         try:
-            transport.setTcpNoDelay(True)
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
         except (AttributeError, OSError):
-            pass  # not TCP (a Unix socket, a test transport)
-        super().makeConnection(transport)
+            pass  # not TCP (a Unix socket)
+        super().connectionMade()
+        self.site.connections.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.site.connections.discard(self)
 
 
-class _Tracker(WrappingFactory):
-    """Keeps every connection of a site and knows when none is left."""
+class _Site(Site):
+    protocol = _Channel  # type: ignore[assignment]
 
-    protocol = _NoDelayWrapper
-
-    def __init__(self, wrappedFactory: Site) -> None:
-        super().__init__(wrappedFactory)
-        self._idle: list[defer.Deferred[None]] = []
-
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            idle, self._idle = self._idle, []
-            for d in idle:
-                d.callback(None)
-
-    def close_all(self) -> defer.Deferred[None]:
-        """
-        Close every connection (tunnel peers with 1001); fire when none is left.
-        """
-        for wrapper in list(self.protocols):
-            inner = wrapper.wrappedProtocol
-            if isinstance(inner, TunnelServerProtocol):
-                inner.close(1001, "service shutting down")
-            elif wrapper.transport is not None:
-                wrapper.transport.loseConnection()
-        if not self.protocols:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(d)
-        return d
+    def __init__(self, resource: Resource, connections: Connections) -> None:
+        super().__init__(resource)
+        self.connections = connections
 
 
 def _is_loopback(host: str) -> bool:
@@ -163,19 +159,22 @@ class TunnelService(MultiService):
             clock if clock is not None else reactor,
             limits=limits if limits is not None else Limits(),
         )
-        self.websocket_factory = TunnelServerFactory(self.broker, reactor=reactor)
+        self.connections = Connections()
+        self.websocket_factory = TunnelServerFactory(
+            self.broker, reactor=reactor, connections=self.connections
+        )
 
         class _Request(SizeLimitedRequest):
             max_size = max_request_size
 
-        site = Site(
-            _Root(ManagementAPI(self.broker), _TunnelResource(self.websocket_factory))
+        site = _Site(
+            _Root(ManagementAPI(self.broker), _TunnelResource(self.websocket_factory)),
+            self.connections,
         )
         site.requestFactory = _Request
         site.displayTracebacks = False
         site.noisy = False
-        self.factory = _Tracker(site)
-        self.factory.noisy = False
+        self.factory = site
         self.ports: list[Any] = []
         self._started_listening = False
         self._synchronous = False
@@ -275,4 +274,4 @@ class TunnelService(MultiService):
         ports, self.ports = self.ports, []
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         self.broker.stop()
-        yield self.factory.close_all()
+        yield self.connections.close_all()

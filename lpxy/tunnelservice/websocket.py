@@ -45,8 +45,11 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from zope.interface import implementer  # type: ignore[import-untyped]
 
@@ -57,6 +60,7 @@ from lpxy.tunnelservice.store import DESTINATION, SOURCE
 __all__ = [
     "MAX_FRAME_SIZE",
     "SUBPROTOCOLS",
+    "Connections",
     "TunnelServerFactory",
     "TunnelServerProtocol",
 ]
@@ -72,6 +76,7 @@ MAX_FRAME_SIZE = 131076
 TOKEN_COOKIE = "awsiot-tunnel-token"
 _CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 
+CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
@@ -87,6 +92,47 @@ _FORBIDDEN = {
     Message.SERVICE_IDS: "SERVICE_IDS (only the service sends it)",
 }
 _STARTS = frozenset({Message.STREAM_START, Message.CONNECTION_START})
+
+
+class Connections:
+    """
+    The open connections of a service, HTTP and WebSocket alike, so that
+    stopping it can close them all and know when they are gone.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[Any] = set()
+        self._idle: list[defer.Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, connection: Any) -> None:
+        """Track a connection (a protocol with a transport)."""
+        self._open.add(connection)
+
+    def discard(self, connection: Any) -> None:
+        """A connection is gone (or no longer ours)."""
+        self._open.discard(connection)
+        if not self._open:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def close_all(self) -> defer.Deferred[None]:
+        """
+        Close every connection, tunnel peers with 1001; fire once none is left.
+        """
+        for connection in list(self._open):
+            if isinstance(connection, TunnelServerProtocol):
+                connection.close(CLOSE_GOING_AWAY, "service shutting down")
+            elif connection.transport is not None:
+                connection.transport.loseConnection()
+        if not self._open:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        return d
 
 
 class _Violation(Exception):
@@ -162,6 +208,11 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         # twisted.web's channel registered itself as the producer of this
         # transport before the WebSocket resource took it over.
         self.transport.unregisterProducer()
+        self.factory.connections.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.factory.connections.discard(self)
 
     # Handshake
 
@@ -471,14 +522,18 @@ class TunnelServerFactory(WebSocketServerFactory):
 
     @param broker: decides which handshakes succeed and pairs the peers.
     @param reactor: for Autobahn's timers (tests pass their own).
+    @param connections: where the open connections are tracked.
     """
 
     protocol = TunnelServerProtocol  # type: ignore[assignment]
     log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
 
-    def __init__(self, broker: Broker, reactor: Any = None) -> None:
+    def __init__(
+        self, broker: Broker, reactor: Any = None, connections: Connections | None = None
+    ) -> None:
         super().__init__(server="lpxy-tunnelservice", reactor=reactor)
         self.broker = broker
+        self.connections = connections if connections is not None else Connections()
         self.setProtocolOptions(
             maxFramePayloadSize=MAX_FRAME_SIZE,
             maxMessagePayloadSize=MAX_FRAME_SIZE,
