@@ -211,6 +211,19 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertTrue(outcome.dead)
         self.assertTrue(outcome.opened)
 
+    def test_paused_reading_is_not_dead(self) -> None:
+        self.open()
+        self.protocol.pause_reading()
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(200)
+        self.assertEqual(self.events.log, [("open", "chan-1")])
+        self.protocol.resume_reading()
+        self.clock.advance(20)
+        self.assertEqual(self.events.log, [("open", "chan-1")])
+        self.clock.advance(20)
+        self.clock.advance(20)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_pong_keeps_alive(self) -> None:
         self.open()
         for _ in range(5):

@@ -13,8 +13,9 @@ C{transport.write} per message.
 Keepalive (protocol.md section 5): a ping right after the handshake and then
 every C{ping_period_ms}, its payload the time in milliseconds as ASCII
 digits; a pong whose payload is not one of ours is ignored; when no pong
-came back for two periods the connection is dead and is dropped. Pings from
-the service are answered by Autobahn.
+came back for two periods the connection is dead and is dropped (time
+spent with reading paused by flow control does not count: no pong can be
+read then). Pings from the service are answered by Autobahn.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._flush_call: Any = None
         self._pinger: LoopingCall | None = None
         self._pings: dict[bytes, float] = {}
+        self._reading_paused = False
         self.rtt: float | None = None
         self.ready: Deferred[None] = Deferred(lambda _: self.abort())
 
@@ -274,6 +276,10 @@ class TunnelProtocol(WebSocketClientProtocol):
     # -- keepalive -------------------------------------------------------
 
     def _ping(self) -> None:
+        if self._reading_paused:
+            # Flow control stopped reading: pongs cannot arrive, and the
+            # connection is not dead for it. The wait restarts on resume.
+            return
         now = self.factory.clock.seconds()
         if self._pings and now - min(self._pings.values()) >= 2 * self.factory.ping_period:
             self._log.warn(
@@ -359,10 +365,13 @@ class TunnelProtocol(WebSocketClientProtocol):
 
     def pause_reading(self) -> None:
         """Stop reading from the service."""
+        self._reading_paused = True
         cast(Any, self.transport).pauseProducing()
 
     def resume_reading(self) -> None:
         """Read from the service again."""
+        self._reading_paused = False
+        self._pings.clear()
         cast(Any, self.transport).resumeProducing()
 
     def register_write_producer(self, producer: IPushProducer) -> None:
