@@ -74,6 +74,9 @@ class Peer(WebSocketClientProtocol):
             d.errback(HandshakeFailed(f"closed {code} {reason}"))
         self.factory.closed.callback((code, reason))
 
+    def onPong(self, payload: bytes) -> None:
+        self.factory.pong.callback(payload)
+
     def wait_messages(self, count: int) -> defer.Deferred[list[Message]]:
         """Fire when C{count} messages in all have arrived."""
         if len(self.messages) >= count:
@@ -170,6 +173,7 @@ class ServiceTestCase(TestCase):
         factory.setProtocolOptions(autoFragmentSize=fragment, openHandshakeTimeout=0)
         factory.opened = defer.Deferred()
         factory.closed = defer.Deferred()
+        factory.pong = defer.Deferred()
         endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", self.fixture.port)
         if tls is not None:
             endpoint = wrapClientTLS(tls, endpoint)
@@ -260,6 +264,12 @@ class HandshakeTests(ServiceTestCase):
         messages = await destination.wait_messages(2)
         self.assertEqual([m.type for m in messages], [Message.STREAM_START, Message.DATA])
         self.assertEqual(source.messages, [])
+
+    async def test_ping_answered(self) -> None:
+        source, destination, _ = await self.pair()
+        source.sendPing(b"1700000000123")
+        self.assertEqual(await source.factory.pong, b"1700000000123")
+        self.assertEqual(len(destination.messages), 1)  # only SERVICE_IDS
 
     async def test_cookie(self) -> None:
         opened = self.fixture.open_tunnel()

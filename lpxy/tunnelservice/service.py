@@ -34,6 +34,8 @@ from lpxy.tunnelservice.websocket import Connections, TunnelServerFactory
 
 __all__ = ["TunnelService"]
 
+_HTTP_IDLE_TIMEOUT = 120
+
 
 class _PlainError(Resource):
     isLeaf = True
@@ -113,7 +115,8 @@ class _Site(Site):
     protocol = _Channel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource, connections: Connections) -> None:
-        super().__init__(resource)
+        # An idle API connection is closed after this; boto3 reconnects.
+        super().__init__(resource, timeout=_HTTP_IDLE_TIMEOUT)
         self.connections = connections
 
 
