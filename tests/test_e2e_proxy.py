@@ -59,7 +59,7 @@ class EchoTests(TestCase):
         fixture = yield start_tunnelservice(self)
         app_port, _ = yield Deferred.fromCoroutine(start_app(self))
         key = services[0] if services else ""
-        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+        _, _, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, services, {key: tcp(app_port)},
             source_subprotocol=source, destination_subprotocol=destination,
             client_type=client_type,
@@ -99,7 +99,7 @@ class EchoTests(TestCase):
         fixture = yield start_tunnelservice(self)
         port_a, _ = yield Deferred.fromCoroutine(start_app(self))
         port_b, _ = yield Deferred.fromCoroutine(start_app(self))
-        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+        _, _, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["A", "B"], {"A": tcp(port_a), "B": tcp(port_b)},
         ))
         a = yield Deferred.fromCoroutine(connect_client(self, ports["A"]))
@@ -120,7 +120,7 @@ class EchoTests(TestCase):
     def test_v3_many_connections(self) -> Any:
         fixture = yield start_tunnelservice(self)
         app_port, app = yield Deferred.fromCoroutine(start_app(self))
-        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+        _, _, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": tcp(app_port)},
         ))
         clients = []
@@ -138,7 +138,7 @@ class EchoTests(TestCase):
     def test_v2_new_client_replaces_stream(self) -> Any:
         fixture = yield start_tunnelservice(self)
         app_port, app = yield Deferred.fromCoroutine(start_app(self))
-        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+        _, _, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": tcp(app_port)},
             source_subprotocol=V2, destination_subprotocol=V2,
         ))
@@ -159,7 +159,7 @@ class EchoTests(TestCase):
     def test_v3_connection_limit(self) -> Any:
         fixture = yield start_tunnelservice(self)
         app_port, _ = yield Deferred.fromCoroutine(start_app(self))
-        destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+        destination, source, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": tcp(app_port)}, max_active_connections=2,
         ))
         kept = []
@@ -187,7 +187,7 @@ class EchoTests(TestCase):
         app = AppFactory()
         listening = reactor.listenUNIX(path, app)  # type: ignore[attr-defined]
         self.addCleanup(lambda: gather(listening.stopListening(), app.all_closed()))
-        _, _, ports = yield Deferred.fromCoroutine(start_pair(
+        _, _, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": UnixTarget(path)},
         ))
         client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
@@ -205,7 +205,7 @@ class FailureTests(TestCase):
         port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         number = port.getHost().port
         yield port.stopListening()
-        _, source, ports = yield Deferred.fromCoroutine(start_pair(
+        _, source, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": tcp(number)},
         ))
         client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
@@ -220,13 +220,13 @@ class FailureTests(TestCase):
     def test_close_tunnel_exits_zero(self) -> Any:
         fixture = yield start_tunnelservice(self)
         app_port, _ = yield Deferred.fromCoroutine(start_app(self))
-        destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+        destination, source, ports, tunnel_id = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": tcp(app_port)},
         ))
         client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
         client.transport.write(b"ping")
         yield client.received(4)
-        fixture.close_tunnel(self.tunnel_id)  # type: ignore[attr-defined]
+        fixture.close_tunnel(tunnel_id)
         statuses = yield gather(source.whenDone(), destination.whenDone())
         self.assertEqual(statuses, [0, 0])
         yield client.closed
@@ -245,7 +245,7 @@ class FailureTests(TestCase):
     def test_cut_and_reconnect(self) -> Any:
         fixture = yield start_tunnelservice(self)
         app_port, _ = yield Deferred.fromCoroutine(start_app(self))
-        _destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+        _destination, source, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": tcp(app_port)},
         ))
         client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
@@ -319,7 +319,7 @@ class SlowReaderTests(TestCase):
         app_port, _ = yield Deferred.fromCoroutine(
             start_app(self, factory=Slow(echo=False))
         )
-        destination, source, ports = yield Deferred.fromCoroutine(start_pair(
+        destination, source, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["BULK"], {"BULK": tcp(app_port)},
         ))
 

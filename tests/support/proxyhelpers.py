@@ -10,7 +10,7 @@ tests leave a clean reactor.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
@@ -35,6 +35,7 @@ __all__ = [
     "V3",
     "AppFactory",
     "Client",
+    "ProxyPair",
     "buffered",
     "connect_client",
     "start_app",
@@ -194,6 +195,15 @@ async def connect_client(case: TestCase, port: int) -> Client:
     return client
 
 
+class ProxyPair(NamedTuple):
+    """A destination and a source proxy joined by one tunnel."""
+
+    destination: LocalProxyService
+    source: LocalProxyService
+    ports: dict[str, int]
+    tunnel_id: str
+
+
 def make_config(
     fixture: ServiceFixture,
     token: str,
@@ -277,10 +287,11 @@ async def start_pair(
     destination_subprotocol: str = V3,
     client_type: str | None = None,
     max_active_connections: int = 128,
-) -> tuple[LocalProxyService, LocalProxyService, dict[str, int]]:
+) -> ProxyPair:
     """
     Open a tunnel and start a destination (serving C{apps}) then a source
-    (listening on random ports); fire with both and the source's ports.
+    (listening on random ports); fire with both, the source's port per map
+    key, and the tunnel id.
     """
     opened = fixture.open_tunnel(services)
     destination = await start_proxy(case, make_config(
@@ -294,14 +305,12 @@ async def start_pair(
     ))
     listeners = source.connector.listeners
     assert listeners is not None
-    ports = {
-        key: listeners.port_for(binding.service_id)
-        for key in apps
-        for binding in source.connector.session.bindings
-        if binding.key == key
-    }
-    case.tunnel_id = opened.tunnel_id  # type: ignore[attr-defined]
-    return destination, source, ports  # type: ignore[return-value]
+    ports = {}
+    for binding in source.connector.session.bindings:
+        port = listeners.port_for(binding.service_id)
+        assert binding.key is not None and port is not None
+        ports[binding.key] = port
+    return ProxyPair(destination, source, ports, opened.tunnel_id)
 
 
 def tcp(port: int) -> TcpTarget:
