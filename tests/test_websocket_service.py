@@ -271,6 +271,15 @@ class HandshakeTests(ServiceTestCase):
         self.assertEqual(await source.factory.pong, b"1700000000123")
         self.assertEqual(len(destination.messages), 1)  # only SERVICE_IDS
 
+    async def test_internal_error_on_open(self) -> None:
+        opened = self.fixture.open_tunnel(["SSH"])
+        # a record the service cannot encode makes onOpen fail
+        self.fixture.broker.describe(opened.tunnel_id).services = (1,)  # type: ignore[assignment]
+        peer = await self.connect(SOURCE, opened.source_token)
+        self.assertEqual(await peer.closed, (1011, "internal error"))
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertFalse(self.fixture.broker.describe(opened.tunnel_id).source.connected)
+
     async def test_cookie(self) -> None:
         opened = self.fixture.open_tunnel()
         peer = await self.connect(SOURCE, opened.source_token, cookie=True)

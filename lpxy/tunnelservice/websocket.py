@@ -80,6 +80,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
 
 _KNOWN_TYPES = frozenset(Message.Type.values())
 _NEEDS_STREAM = frozenset({
@@ -321,7 +322,9 @@ class TunnelServerProtocol(WebSocketServerProtocol):
                 )))
         except BaseException:
             self._log.failure("Error opening tunnel connection from {peer}", peer=self.peer)
-            self.sendClose(1011)
+            if self._attachment is not None:
+                self.factory.broker.disconnect(self._attachment)
+            self.close(CLOSE_INTERNAL_ERROR, "internal error")
 
     # What the broker asks of a peer (IPeer)
 
