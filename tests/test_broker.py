@@ -139,6 +139,19 @@ class LifetimeTests(BrokerTestCase):
         self.assertEqual(record.last_updated_at, 1005)
         self.assertFalse(record.source.connected)
         self.assertEqual(self.broker.connection_count, 0)
+        # only the removal of the closed tunnel, three hours on, is left
+        [removal] = self.clock.getDelayedCalls()
+        self.assertEqual(removal.getTime(), 1005 + 3 * 3600)
+
+    def test_closed_tunnels_are_forgotten(self) -> None:
+        opened = self.broker.open_tunnel(lifetime_minutes=1)
+        self.clock.advance(60)
+        self.assertEqual(self.broker.describe(opened.tunnel_id).status, CLOSED)
+        self.clock.advance(3 * 3600 - 1)
+        self.assertEqual(self.broker.list_tunnels()[0][0].tunnel_id, opened.tunnel_id)
+        self.clock.advance(1)
+        self.assertRaises(ResourceNotFound, self.broker.describe, opened.tunnel_id)
+        self.assertEqual(self.broker.list_tunnels(), ([], None))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_closed_refuses_handshakes(self) -> None:

@@ -139,6 +139,8 @@ class Limits:
 
     max_services: int = 3
     max_open_tunnels: int = 10000
+    closed_retention_seconds: float = 3 * 60 * 60
+    """How long a closed tunnel can still be described and listed."""
 
 
 @attrs.frozen
@@ -222,6 +224,7 @@ class Broker:
         self._new_id = new_id
         self._sequence = 0
         self._open_count = 0
+        # Each tunnel's one timer: its expiry while open, its removal once closed.
         self._expiries: dict[str, _DelayedCall] = {}
         self._live: dict[tuple[str, str], Attachment] = {}
 
@@ -311,14 +314,20 @@ class Broker:
         if record.status == OPEN:
             self._close(record, "tunnel closed", "CloseTunnel")
         if delete:
-            self._store.remove(tunnel_id)
-            self._log.info("Tunnel {tunnel_id} deleted", tunnel_id=tunnel_id)
+            self._forget(tunnel_id)
 
     def _expire(self, tunnel_id: str) -> None:
         del self._expiries[tunnel_id]
         record = self._store.get(tunnel_id)
         if record is not None and record.status == OPEN:
             self._close(record, "tunnel lifetime expired", "lifetime expired")
+
+    def _forget(self, tunnel_id: str) -> None:
+        timer = self._expiries.pop(tunnel_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._store.remove(tunnel_id)
+        self._log.info("Tunnel {tunnel_id} deleted", tunnel_id=tunnel_id)
 
     def _close(self, record: TunnelRecord, reason: str, why: str) -> None:
         expiry = self._expiries.pop(record.tunnel_id, None)
@@ -334,6 +343,10 @@ class Broker:
         for attachment in attachments:
             self._detach(attachment, notify=False)
         self._store.save(record)
+        # Closed tunnels stay visible for a while, as AWS keeps them, then go.
+        self._expiries[record.tunnel_id] = self._clock.callLater(
+            self.limits.closed_retention_seconds, self._forget, record.tunnel_id
+        )
         self._log.info(
             "Tunnel {tunnel_id} closed ({why})", tunnel_id=record.tunnel_id, why=why
         )
