@@ -387,6 +387,21 @@ class RelayTests(ServiceTestCase):
         destination.send(*back)
         self.assertEqual((await source.wait_messages(1 + len(back)))[1:], back)
 
+    async def test_mixed_versions(self) -> None:
+        """A 3.0 source speaking V2 to a 2.0 destination: records pass as they are."""
+        opened = self.fixture.open_tunnel(["SSH"])
+        source = await self.connect(SOURCE, opened.source_token, [V3])
+        destination = await self.connect(DESTINATION, opened.destination_token, [V2])
+        for peer in (source, destination):
+            [ids] = await peer.wait_messages(1)
+            self.assertEqual(list(ids.availableServiceIds), ["SSH"])
+        sent = [start(1, "SSH"), data(1, b"v2 style", "SSH")]
+        source.send(*sent)
+        self.assertEqual((await destination.wait_messages(3))[1:], sent)
+        destination.send(data(1, b"back", "SSH"), reset(1, "SSH"))
+        self.assertEqual((await source.wait_messages(3))[1:],
+                         [data(1, b"back", "SSH"), reset(1, "SSH")])
+
     async def test_packed_and_split_records(self) -> None:
         source, destination, _ = await self.pair(["SSH"])
         sent = [start(1, "SSH", 1)] + [data(1, bytes([i]) * 3000, "SSH", 1) for i in range(40)]
