@@ -184,6 +184,20 @@ class TunnelProtocolTests(SynchronousTestCase):
              (Message.STREAM_RESET, b"", "S", 0)],
         )
 
+    def test_data_records_parse_at_every_length_size(self) -> None:
+        self.open()
+        self.sent()
+        header = Message(type=Message.DATA, streamId=7, serviceId="S",
+                         connectionId=3).SerializeToString()
+        sizes = [1, 127, 128, 16383, 16384, 64512]
+        for size in sizes:
+            self.protocol.send_data(header, b"x" * size)
+        self.clock.advance(0)
+        decoder = RecordDecoder()
+        messages = [m for _, p in self.sent() for m in decoder.feed(p)]
+        self.assertEqual([len(m.payload) for m in messages], sizes)
+        self.assertTrue(all((m.streamId, m.connectionId) == (7, 3) for m in messages))
+
     def test_batches_respect_frame_limit(self) -> None:
         self.open()
         self.sent()

@@ -48,6 +48,10 @@ _PAYLOAD_TAG = b"\x22"  # field 4 (payload), wire type 2 (length-delimited)
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
