@@ -211,18 +211,36 @@ class SignalTests(SynchronousTestCase):
 
     def test_handlers(self) -> None:
         """
-        Handlers go in for SIGTERM and SIGINT; each asks the reactor thread
-        to stop the reactor.
+        Handlers go in for SIGTERM and SIGINT when the reactor owns them;
+        each asks the reactor thread to stop the reactor.
         """
         installed: dict[int, Any] = {}
         reactor = FakeReactor()
-        runner.exit_zero_on_signals(reactor, lambda n, h: installed.__setitem__(n, h))
+        runner.exit_zero_on_signals(
+            reactor, installed.__setitem__, lambda number: reactor.callFromThread
+        )
         self.assertEqual(set(installed), {signal.SIGTERM, signal.SIGINT})
         installed[signal.SIGTERM](signal.SIGTERM, None)
         self.assertEqual(reactor.fromThread, [(runner.stop_reactor, (reactor,))])
         self.assertFalse(reactor.hasStopped)
         runner.stop_reactor(reactor)
         self.assertTrue(reactor.hasStopped)
+
+    def test_othersLeftAlone(self) -> None:
+        """
+        An ignored or default handler, or a plain function (twistd
+        C{--debug}'s), is not replaced.
+        """
+        installed: dict[int, Any] = {}
+        handlers = {
+            signal.SIGTERM: signal.SIG_IGN,
+            signal.SIGINT: signal.default_int_handler,
+        }
+        runner.exit_zero_on_signals(FakeReactor(), installed.__setitem__, handlers.__getitem__)
+        self.assertEqual(installed, {})
+        handlers = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: lambda *a: None}
+        runner.exit_zero_on_signals(FakeReactor(), installed.__setitem__, handlers.__getitem__)
+        self.assertEqual(installed, {})
 
     def test_stopTwice(self) -> None:
         """

@@ -21,6 +21,7 @@ L{twistd_observer} as twistd's C{--logger}.
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import signal
 import sys
@@ -168,11 +169,16 @@ def stop_reactor(reactor: Any) -> None:
 def exit_zero_on_signals(
     reactor: Any,
     install: Callable[[int, Callable[[int, FrameType | None], None]], object] = signal.signal,
+    current: Callable[[int], object] = signal.getsignal,
 ) -> None:
     """
     Replace the reactor's SIGTERM and SIGINT handlers (call this once it
     runs) with ones that stop it the same way but leave no signal for
     twistd to re-raise, so the process exits 0.
+
+    Only handlers the reactor installed (bound methods) are replaced: an
+    ignored SIGINT (a background job), Python's default one and twistd
+    C{--debug}'s debugger hook stay as they are.
     """
 
     def handler(number: int, frame: FrameType | None) -> None:
@@ -180,7 +186,8 @@ def exit_zero_on_signals(
         reactor.callFromThread(stop_reactor, reactor)
 
     for number in (signal.SIGTERM, signal.SIGINT):
-        install(number, handler)
+        if inspect.ismethod(current(number)):
+            install(number, handler)
 
 
 _exitStatus: list[int] = []
