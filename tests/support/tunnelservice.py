@@ -54,11 +54,11 @@ async def _start(
     reactor: Any,
     clock: IClock | None,
     tls: tuple[str, str] | None,
-    limits: dict[str, int],
+    limits: dict[str, float],
 ) -> ServiceFixture:
     if reactor is None:
         from twisted.internet import reactor
-    max_request_size = limits.pop("max_request_size", DEFAULT_MAX_REQUEST_SIZE)
+    max_request_size = int(limits.pop("max_request_size", DEFAULT_MAX_REQUEST_SIZE))
     if tls is None:
         description = "tcp:0:interface=127.0.0.1"
     else:
@@ -70,13 +70,13 @@ async def _start(
     service = TunnelService(
         reactor,
         [serverFromString(reactor, description)],
-        limits=Limits(**limits),
+        limits=Limits(**limits),  # type: ignore[arg-type]
         max_request_size=max_request_size,
         clock=clock,
     )
     service.startService()
     case.addCleanup(service.stopService)
-    ports = await service.when_listening()
+    ports: list[Any] = await service.when_listening()
     port = ports[0].getHost().port
     scheme = "https" if tls is not None else "http"
     return ServiceFixture(
@@ -92,7 +92,7 @@ def start_tunnelservice(
     reactor: Any = None,
     clock: IClock | None = None,
     tls: tuple[str, str] | None = None,
-    **limits: int,
+    **limits: float,
 ) -> defer.Deferred[ServiceFixture]:
     """
     Start a tunnel service for C{case}; fire with its L{ServiceFixture}.
@@ -101,6 +101,7 @@ def start_tunnelservice(
     @param clock: the broker's time source, for expiry tests (the reactor
         by default).
     @param tls: C{(key_pem_path, cert_pem_path)} for a TLS port.
-    @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size}.
+    @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
+        C{closed_retention_seconds}.
     """
     return defer.Deferred.fromCoroutine(_start(case, reactor, clock, tls, dict(limits)))
