@@ -267,3 +267,49 @@ class LifecycleTests(TestCase):
         The same for C{localproxy}.
         """
         await self.quiet(localproxy_argv)
+
+
+class ConfigSourcesTests(TestCase):
+    """
+    A C{--config} file, the default C{./config} directory and the
+    environment together, in a real C{twistd localproxy}.
+    """
+
+    timeout = 120
+
+    async def destination(self, mapping: str) -> tuple[ChildProcess, int]:
+        fixture = await start_tunnelservice(self)
+        opened = fixture.open_tunnel(["SSH1"])
+        cwd = outside_dir()
+        Path(cwd, "proxy.conf").write_text(
+            f"# the tunnel\nproxy-endpoint = ws://127.0.0.1:{fixture.port}\nmode = dst\n"
+        )
+        Path(cwd, "config").mkdir()
+        Path(cwd, "config", "apps.ini").write_text(mapping)
+        child = spawn(
+            self,
+            twistd("--config", "proxy.conf"),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": opened.destination_token},
+            cwd=cwd,
+        )
+        await child.wait_for("Connected to ws://127.0.0.1")
+        fixture.close_tunnel(opened.tunnel_id)
+        return child, await child.ended
+
+    async def test_mapped(self) -> None:
+        """
+        The tunnel's service is found in ./config: the proxy runs until the
+        tunnel is closed, then exits 0.
+        """
+        child, status = await self.destination("SSH1 = 2222\n")
+        self.assertEqual(status, 0, child.output)
+        self.assertIn("closed the tunnel", child.output)
+
+    async def test_unmapped(self) -> None:
+        """
+        The tunnel's service is in no ./config file: the destination exits
+        1 naming it (so the directory was what the proxy read).
+        """
+        child, status = await self.destination("OTHER = 2222\n")
+        self.assertEqual(status, 1, child.output)
+        self.assertIn("service 'SSH1' of the tunnel is found in no --config-dir file", child.output)

@@ -40,6 +40,11 @@ class ChildProcess(ProcessProtocol):
         d: Deferred[None] = Deferred()
         self._waiting.append((text.encode(), d))
         self._check()
+        if self.status is not None and not d.called:
+            self._waiting.clear()
+            d.errback(AssertionError(
+                f"ended with {self.status} before {text!r} appeared:\n{self.output}"
+            ))
         return d
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
