@@ -205,7 +205,10 @@ class TunnelService(MultiService):
             self._reactor.callFromThread(self._stop_reactor)
 
         for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, handler)
+            # Only take over a handler the reactor installed: a signal the
+            # process was started with ignored (SIGINT under nohup) stays so.
+            if callable(signal.getsignal(number)):
+                signal.signal(number, handler)
         self._log.info("Tunnel service ready")
 
     def _stop_reactor(self) -> None:
