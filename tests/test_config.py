@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from attrs import evolve
 from twisted.internet.testing import EventLoggingObserver
@@ -452,6 +452,24 @@ class ConfigDirTests(ResolveCase):
         config = self.resolve({"region": "us-east-1", "mode": "src"},
                               {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN})
         self.assertEqual(config.source_ports, {"SSH1": 2})
+
+    def test_unlistableDirectorySkipped(self) -> None:
+        """
+        A directory below that cannot be listed is skipped with a warning.
+        """
+        self.file("config/a.ini", "SSH1 = 5555\n")
+        walk = os.walk
+
+        def failingWalk(top: object, onerror: Any = None) -> Any:
+            onerror(PermissionError(13, "Permission denied", str(self.cwd / "config/locked")))
+            return walk(top)
+
+        self.patch(os, "walk", failingWalk)
+        config = self.resolve({"region": "us-east-1", "mode": "src"},
+                              {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN})
+        self.assertEqual(config.source_ports, {"SSH1": 5555})
+        [warning] = self.warnings()
+        self.assertIn("config/locked: Permission denied", warning)
 
     def test_emptyDefaultIgnored(self) -> None:
         """

@@ -18,6 +18,7 @@ error.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -269,8 +270,21 @@ def _configLayer(path: str) -> dict[str, _Given]:
 # --- --config-dir ------------------------------------------------------------
 
 def config_dir_files(directory: Path) -> list[Path]:
-    """Every regular file below C{directory}, in a stable order."""
-    return sorted(path for path in directory.rglob("*") if path.is_file())
+    """
+    Every regular file below C{directory}, in a stable order; directories
+    that cannot be listed are skipped with a warning.
+    """
+
+    def unlisted(e: OSError) -> None:
+        _log.warn(
+            "Skipping unreadable --config-dir directory {path}: {reason}",
+            path=e.filename, reason=_reason(e),
+        )
+
+    files: list[Path] = []
+    for root, _, names in os.walk(directory, onerror=unlisted):
+        files.extend(Path(root, name) for name in names if Path(root, name).is_file())
+    return sorted(files)
 
 
 def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T]:
@@ -316,14 +330,19 @@ def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T
     return mapping
 
 
+def _nonEmptyDirectory(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(path.iterdir())
+    except OSError:
+        return False
+
+
 def _configDirectory(given: _Given | None, cwd: Path) -> Path | None:
     if given is None:
         default = cwd / "config"
-        if default.is_dir() and any(default.iterdir()):
-            return default
-        return None
+        return default if _nonEmptyDirectory(default) else None
     directory = cwd / given.value
-    if not given.value or not directory.is_dir() or not any(directory.iterdir()):
+    if not given.value or not _nonEmptyDirectory(directory):
         raise UsageError(
             f"{given.label}: {given.value!r} is not a non-empty directory of"
             " ID = ENDPOINT files"
