@@ -49,7 +49,7 @@ class Peer(WebSocketClientProtocol):
         for message in self.factory.decoder.feed(payload):
             if message.type == Message.DATA:
                 self.factory.received += len(message.payload)
-                if self.factory.received >= self.factory.expected:
+                if self.factory.received >= self.factory.expected and not self.factory.done.called:
                     self.factory.done.callback(time.perf_counter())
 
 

@@ -10,6 +10,7 @@ with a working directory outside it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,10 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".tox", ".venv", "build", "dist", "*.egg-info", "_trial_temp*",
+    "__pycache__", ".mypy_cache", ".ruff_cache", ".hypothesis",
+)
 
 
 @cache
@@ -27,10 +32,14 @@ def installed_copy() -> Path:
     """
     target = Path(tempfile.mkdtemp(prefix="lpxy-installed-"))
     build = Path(tempfile.mkdtemp(prefix="lpxy-build-"))
+    # Build from a private copy: parallel trial workers building in the same
+    # tree collide in its build/ directory.
+    source = build / "src"
+    shutil.copytree(ROOT, source, ignore=_NOT_SOURCE)
     subprocess.run(
         [
             sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-            "--no-compile", "--target", str(target), str(ROOT),
+            "--no-compile", "--target", str(target), str(source),
         ],
         check=True,
         cwd=build,
