@@ -19,6 +19,7 @@ from lpxy.proxy import runner
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
 from lpxy.proxy.settings import ProxySettings
 from lpxy.proxy.tap import Options, makeService
+from tests.support.certs import make_test_pki
 from tests.support.entrypoints import REFERENCE_TEXT, FakeProxyService, keep_process_state
 
 TOKEN = "tap-test-token"
@@ -107,6 +108,23 @@ class OptionsTests(SynchronousTestCase):
         for argv, message in cases.items():
             e = self.assertRaises(UsageError, self.parse, list(argv))
             self.assertEqual(str(e), message)
+
+    def test_badBundle(self) -> None:
+        """
+        A C{--capath} file that holds no PEM certificate is a usage error
+        at once; a good bundle is accepted.
+        """
+        (self.cwd / "bad.pem").write_text("not a certificate\n")
+        e = self.assertRaises(
+            UsageError, self.parse, ["-t", TOKEN, "-r", "us-east-1", "-s", "1", "-c", "bad.pem"]
+        )
+        self.assertTrue(
+            str(e).startswith(f"--capath {self.cwd / 'bad.pem'}: not a PEM file"), str(e)
+        )
+        self.assertNotIn("\n", str(e))
+        ca = str(make_test_pki(self.cwd).ca_cert_path)
+        options = self.parse(["-t", TOKEN, "-r", "us-east-1", "-s", "1", "-c", ca])
+        self.assertEqual(options["proxy-config"].capath, ca)
 
     def test_version(self) -> None:
         """

@@ -137,10 +137,27 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         cwd = Path.cwd() if self._cwd is None else self._cwd
         config = resolve(self, self._environ, cwd)
+        _checkBundle(config)
         self["proxy-config"] = config
         parent = getattr(self, "parent", None)
         if parent is not None:
             runner.filter_twistd_logging(parent, config.verbosity)
+
+
+def _checkBundle(config: ProxyConfig) -> None:
+    """
+    Load a C{--capath} PEM bundle now, so that a bad one is a usage error
+    rather than a failure when the service starts. (A directory is read
+    only while verifying.)
+    """
+    if config.capath is None or not config.verify_ssl or not os.path.isfile(config.capath):
+        return
+    from lpxy.proxy.tls import CAPathError, PlatformTrustWith
+
+    try:
+        PlatformTrustWith(config.capath)
+    except CAPathError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 ServiceFactory = Callable[[ProxyConfig, Any], Any]
