@@ -1,0 +1,238 @@
+"""
+More end-to-end wiring for the local proxy, beyond L{tests.support.proxyhelpers}:
+a pair of proxies from any two configurations, the real socket under a
+(TLS, web-proxy) transport, a fake HTTP CONNECT web proxy, a log recorder
+and a per-connection round trip of random data.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from lpxy.proxy.config import ProxyConfig
+from lpxy.proxy.service import LocalProxyService
+from tests.support.proxyhelpers import ProxyPair, connect_client, start_proxy
+
+__all__ = [
+    "ConnectProxyFactory",
+    "LogRecorder",
+    "echo_round_trip",
+    "listener_ports",
+    "no_delay",
+    "start_configured_pair",
+    "tcp_socket",
+]
+
+
+def listener_ports(source: LocalProxyService) -> dict[str, int]:
+    """The port a source listens on, per service id."""
+    listeners = source.connector.listeners
+    assert listeners is not None
+    ports = {}
+    for binding in source.connector.session.bindings:
+        port = listeners.port_for(binding.service_id)
+        assert port is not None, binding
+        ports[binding.service_id] = port
+    return ports
+
+
+async def start_configured_pair(
+    case: TestCase, destination: ProxyConfig, source: ProxyConfig, tunnel_id: str = ""
+) -> ProxyPair:
+    """
+    Start a destination then a source proxy from the two configurations;
+    fire, once both are connected (the source listening), with the pair and
+    the source's port per service id.
+    """
+    dst = await start_proxy(case, destination)
+    src = await start_proxy(case, source)
+    return ProxyPair(dst, src, listener_ports(src), tunnel_id)
+
+
+def tcp_socket(transport: Any) -> socket.socket:
+    """
+    The socket under C{transport}, through the TLS and web-proxy layers
+    (each of which keeps the transport it runs over as C{.transport}).
+    """
+    for _ in range(6):
+        handle = transport.getHandle()
+        if isinstance(handle, socket.socket):
+            return handle
+        transport = transport.transport
+    raise AssertionError(f"no socket under {transport!r}")
+
+
+def no_delay(transport: Any) -> bool:
+    """C{TCP_NODELAY} as the kernel has it on the socket under C{transport}."""
+    sock = tcp_socket(transport)
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+@implementer(ILogObserver)
+class LogRecorder:
+    """Keeps every log event published while a test runs."""
+
+    def __init__(self, case: TestCase) -> None:
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self)
+        case.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    def texts(self, containing: str = "") -> list[str]:
+        """The formatted events whose text contains C{containing}."""
+        texts = [formatEvent(event) for event in self.events]
+        return [text for text in texts if containing in text]
+
+
+async def echo_round_trip(case: TestCase, port: int, size: int = 100_000) -> bytes:
+    """
+    Connect a client to 127.0.0.1:C{port} (a source's listener in front of
+    an echo application), send C{size} random bytes, check they come back
+    intact, close, and return them.
+    """
+    client = await connect_client(case, port)
+    payload = os.urandom(size)
+    assert client.transport is not None
+    client.transport.write(payload)
+    got = await client.received(size)
+    case.assertEqual(got, payload)
+    client.transport.loseConnection()
+    await client.closed
+    return payload
+
+
+# --- a fake HTTP CONNECT web proxy ----------------------------------------
+
+
+class _Outbound(Protocol):
+    """The web proxy's leg to the target: passes bytes back to the client."""
+
+    def __init__(self, inbound: _ConnectProxy) -> None:
+        self.inbound = inbound
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.inbound.transport is not None
+        self.inbound.transport.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.inbound.transport is not None:
+            self.inbound.transport.loseConnection()
+
+
+class _ConnectProxy(Protocol):
+    """
+    Reads one CONNECT request head, checks C{Proxy-Authorization} when the
+    factory wants it, then relays both ways to the target on loopback.
+    """
+
+    def __init__(self, factory: ConnectProxyFactory) -> None:
+        self.proxy = factory
+        self.head = b""
+        self.outbound: _Outbound | None = None
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.proxy.live.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.outbound is not None:
+            assert self.outbound.transport is not None
+            self.outbound.transport.write(data)
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        head, rest = self.head.split(b"\r\n\r\n", 1)
+        self.head = b""
+        request, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self.proxy.requests.append((request, headers))
+        assert self.transport is not None
+        method, target, _version = request.split(" ")
+        wanted = self.proxy.authorization
+        if method != "CONNECT":
+            self._refuse(b"405 Method Not Allowed")
+            return
+        if wanted is not None and headers.get("proxy-authorization") != wanted:
+            self._refuse(b"407 Proxy Authentication Required")
+            return
+        host, _, port = target.rpartition(":")
+        self.transport.pauseProducing()
+        self.outbound = _Outbound(self)
+        connecting = connectProtocol(
+            TCP4ClientEndpoint(reactor, host, int(port)), self.outbound
+        )
+        connecting.addCallbacks(self._opened, self._unreachable, (rest,))
+
+    def _refuse(self, status: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\n\r\n")
+        self.transport.loseConnection()
+
+    def _opened(self, outbound: _Outbound, rest: bytes) -> None:
+        assert self.transport is not None and outbound.transport is not None
+        self.proxy.opened += 1
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            outbound.transport.write(rest)
+        self.transport.resumeProducing()
+
+    def _unreachable(self, reason: Failure) -> None:
+        self.outbound = None
+        self._refuse(b"502 Bad Gateway")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.proxy.live.discard(self)
+        if self.outbound is not None and self.outbound.transport is not None:
+            self.outbound.transport.loseConnection()
+        self.lost.callback(None)
+
+
+class ConnectProxyFactory(Factory):
+    """
+    A web proxy for tests. C{requests} holds each request line with its
+    headers (lower-case names); C{opened} counts the tunnels it opened.
+
+    @param authorization: the C{Proxy-Authorization} value it demands
+        (407 otherwise), or L{None} to accept any request.
+    """
+
+    def __init__(self, authorization: str | None = None) -> None:
+        self.authorization = authorization
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.opened = 0
+        self.live: set[_ConnectProxy] = set()
+        self.connections: list[_ConnectProxy] = []
+
+    def buildProtocol(self, addr: Any) -> _ConnectProxy:
+        protocol = _ConnectProxy(self)
+        self.connections.append(protocol)
+        return protocol
+
+    async def listen(self, case: TestCase) -> int:
+        """Listen on loopback for C{case}; return the port."""
+        port = reactor.listenTCP(0, self, interface="127.0.0.1")  # type: ignore[attr-defined]
+
+        async def stop() -> None:
+            await port.stopListening()
+            for protocol in list(self.live):
+                await protocol.lost
+
+        case.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+        return int(port.getHost().port)

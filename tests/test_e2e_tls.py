@@ -1,0 +1,163 @@
+"""
+End to end over TLS: the tunnel service on a TLS port with a certificate
+from a test CA made here, a destination and a source proxy talking C{wss}
+to it, echo data through them; trust from C{--capath} (a hashed directory or
+a PEM bundle), none (refused) and C{-k}; C{TCP_NODELAY} on every real
+socket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from attrs import evolve
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
+from lpxy.proxy.service import EXIT_GAVE_UP
+from tests.support.certs import TestPKI, make_test_pki
+from tests.support.e2ehelpers import (
+    LogRecorder,
+    echo_round_trip,
+    no_delay,
+    start_configured_pair,
+)
+from tests.support.proxyhelpers import (
+    connect_client,
+    make_config,
+    start_app,
+    start_proxy,
+    tcp,
+)
+from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
+
+
+def over_tls(
+    config: ProxyConfig, fixture: ServiceFixture, capath: str | Path | None,
+    verify: bool = True, host: str = "127.0.0.1",
+) -> ProxyConfig:
+    """C{config}, reaching C{fixture}'s TLS port with this trust."""
+    return evolve(
+        config,
+        endpoint=TunnelEndpoint(host, fixture.port, tls=True),
+        capath=None if capath is None else str(capath),
+        verify_ssl=verify,
+    )
+
+
+class TLSTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        self.pki: TestPKI = make_test_pki(directory)
+        self.fixture = yield start_tunnelservice(
+            self, tls=(str(self.pki.server_key_path), str(self.pki.server_cert_path))
+        )
+        self.app_port, self.app = yield Deferred.fromCoroutine(start_app(self))
+        self.opened = self.fixture.open_tunnel(["SSH"])
+
+    def configs(
+        self, capath: str | Path | None, verify: bool = True, **source: Any
+    ) -> tuple[ProxyConfig, ProxyConfig]:
+        """The destination's (trusting the test CA) and the source's."""
+        destination = over_tls(
+            make_config(self.fixture, self.opened.destination_token, "destination",
+                        destination_apps={"SSH": tcp(self.app_port)}),
+            self.fixture, self.pki.ca_dir,
+        )
+        source_config = over_tls(
+            make_config(self.fixture, self.opened.source_token, "source",
+                        source_ports={"SSH": 0}, **source),
+            self.fixture, capath, verify,
+        )
+        return destination, source_config
+
+    @inlineCallbacks
+    def relay(self, capath: str | Path | None, verify: bool = True) -> Any:
+        destination, source = self.configs(capath, verify)
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, self.opened.tunnel_id)
+        )
+        for _ in range(2):
+            yield Deferred.fromCoroutine(echo_round_trip(self, pair.ports["SSH"], 300_000))
+        return pair
+
+    @inlineCallbacks
+    def refused(self, capath: str | Path | None) -> Any:
+        """
+        A source that does not trust the test CA never gets through: every
+        attempt fails on the certificate and is retried, up to
+        C{connect_retry_count}; then the proxy ends with L{EXIT_GAVE_UP}.
+        It never listened, the service never saw it, no stream started.
+        """
+        logs = LogRecorder(self)
+        destination, source = self.configs(
+            capath, connect_retry_count=2, retry_delay_ms=1
+        )
+        dst = yield Deferred.fromCoroutine(start_proxy(self, destination))
+        src = yield Deferred.fromCoroutine(start_proxy(self, source, wait=False))
+        status = yield src.whenDone()
+        self.assertEqual(status, EXIT_GAVE_UP)
+        failures = logs.texts("Could not connect to the tunneling service")
+        self.assertEqual(len(failures), 3, failures)
+        for text in failures:
+            self.assertIn("certificate verify failed", text)
+        self.assertEqual(len(logs.texts("Giving up")), 1)
+        listeners = src.connector.listeners
+        assert listeners is not None
+        self.assertFalse(listeners.started)
+        self.assertIsNone(self.fixture.broker.peer(self.opened.tunnel_id, "source"))
+        self.assertEqual(dst.connector.flow.relays, set())
+        self.assertEqual(self.app.accepted, [])
+        self.assertNoResult(dst.whenDone())
+
+    def test_refused_without_trust(self) -> Any:
+        return self.refused(None)
+
+    def test_refused_other_ca(self) -> Any:
+        """A C{--capath} of another CA does not make the service trusted."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        return self.refused(make_test_pki(directory).ca_dir)
+
+    def test_capath_hashed_directory(self) -> Any:
+        return self.relay(self.pki.ca_dir)
+
+    def test_capath_bundle_file(self) -> Any:
+        return self.relay(self.pki.ca_cert_path)
+
+    @inlineCallbacks
+    def test_no_verify(self) -> Any:
+        """C{-k}: the untrusted service is accepted, with a loud warning."""
+        logs = LogRecorder(self)
+        yield self.relay(None, verify=False)
+        warnings = logs.texts("TLS verification of 127.0.0.1 is DISABLED")
+        self.assertEqual(len(warnings), 1)
+
+    @inlineCallbacks
+    def test_tcp_nodelay(self) -> Any:
+        """
+        Nagle is off on the socket under each proxy's TLS WebSocket, and
+        on the local sockets at both ends (client side and app side).
+        """
+        destination, source = self.configs(self.pki.ca_dir)
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, self.opened.tunnel_id)
+        )
+        client = yield Deferred.fromCoroutine(connect_client(self, pair.ports["SSH"]))
+        client.transport.write(b"hello")
+        yield client.received(5)
+        for proxy in (pair.source, pair.destination):
+            protocol = proxy.connector.protocol
+            assert protocol is not None
+            # The WebSocket runs over TLS: its transport is not the socket's.
+            self.assertIsInstance(protocol.transport.getHandle(), SSL.Connection)
+            self.assertTrue(no_delay(protocol.transport))
+            [relay] = proxy.connector.flow.relays
+            self.assertTrue(no_delay(relay.transport))
