@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from lpxy.frames import Message
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.service import LocalProxyService
 from tests.support.proxyhelpers import ProxyPair, connect_client, start_proxy
@@ -27,11 +28,13 @@ from tests.support.proxyhelpers import ProxyPair, connect_client, start_proxy
 __all__ = [
     "ConnectProxyFactory",
     "LogRecorder",
+    "RecordTap",
     "echo_round_trip",
     "listener_ports",
     "no_delay",
     "start_configured_pair",
     "tcp_socket",
+    "unused_port",
 ]
 
 
@@ -58,6 +61,39 @@ async def start_configured_pair(
     dst = await start_proxy(case, destination)
     src = await start_proxy(case, source)
     return ProxyPair(dst, src, listener_ports(src), tunnel_id)
+
+
+def unused_port() -> int:
+    """
+    A loopback port that nothing listened on a moment ago, for a test that
+    must name a fixed port (a C{--config-dir} mapping). The kernel hands
+    out ephemeral ports in turn, so another taker in between is unlikely.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RecordTap:
+    """
+    Sees every record a proxy receives from the tunnel service, by
+    standing in front of its connector's C{ws_records}.
+    """
+
+    def __init__(self, proxy: LocalProxyService) -> None:
+        self.messages: list[Message] = []
+        connector = proxy.connector
+        original = connector.ws_records
+
+        def ws_records(protocol: Any, messages: list[Message]) -> None:
+            self.messages.extend(messages)
+            original(protocol, messages)
+
+        connector.ws_records = ws_records  # type: ignore[method-assign]
+
+    def data_sizes(self) -> list[int]:
+        """The payload size of each DATA record, in order."""
+        return [len(m.payload) for m in self.messages if m.type == Message.DATA]
 
 
 def tcp_socket(transport: Any) -> socket.socket:
@@ -95,6 +131,18 @@ class LogRecorder:
         """The formatted events whose text contains C{containing}."""
         texts = [formatEvent(event) for event in self.events]
         return [text for text in texts if containing in text]
+
+    def mentioning(self, secret: str) -> list[str]:
+        """
+        The events whose text, or any of whose fields, holds C{secret}.
+        """
+        found = []
+        for event in self.events:
+            text = formatEvent(event)
+            fields = " ".join(repr(value) for value in event.values())
+            if secret in text or secret in fields:
+                found.append(text)
+        return found
 
 
 async def echo_round_trip(case: TestCase, port: int, size: int = 100_000) -> bytes:
