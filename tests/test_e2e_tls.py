@@ -27,6 +27,7 @@ from tests.support.e2ehelpers import (
 )
 from tests.support.proxyhelpers import (
     connect_client,
+    gather,
     make_config,
     start_app,
     start_proxy,
@@ -161,3 +162,57 @@ class TLSTests(TestCase):
             self.assertTrue(no_delay(protocol.transport))
             [relay] = proxy.connector.flow.relays
             self.assertTrue(no_delay(relay.transport))
+
+    @inlineCallbacks
+    def test_host_name_and_sni(self) -> Any:
+        """
+        By host name: the certificate's DNS name is checked, and the
+        service sees it as SNI.
+        """
+        destination, source = self.configs(self.pki.ca_cert_path)
+        source = over_tls(source, self.fixture, self.pki.ca_cert_path, host="localhost")
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, self.opened.tunnel_id)
+        )
+        yield Deferred.fromCoroutine(echo_round_trip(self, pair.ports["SSH"]))
+        protocol = pair.source.connector.protocol
+        assert protocol is not None
+        self.assertEqual(protocol.transport.getHandle().get_servername(), b"localhost")
+        peer: Any = self.fixture.broker.peer(self.opened.tunnel_id, "source")
+        self.assertEqual(peer.transport.getHandle().get_servername(), b"localhost")
+
+    @inlineCallbacks
+    def test_cut_and_reconnect(self) -> Any:
+        """
+        The TCP connection under the source's TLS WebSocket is cut: the
+        stream ends, the proxy reconnects over TLS and carries new data.
+        """
+        destination, source = self.configs(self.pki.ca_dir)
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, self.opened.tunnel_id)
+        )
+        client = yield Deferred.fromCoroutine(connect_client(self, pair.ports["SSH"]))
+        client.transport.write(b"before")
+        yield client.received(6)
+        protocol = pair.source.connector.protocol
+        assert protocol is not None
+        protocol.transport.transport.abortConnection()
+        yield client.closed
+        yield pair.source.client.whenConnected()
+        self.assertIsNot(pair.source.connector.protocol, protocol)
+        yield Deferred.fromCoroutine(echo_round_trip(self, pair.ports["SSH"]))
+
+    @inlineCallbacks
+    def test_close_tunnel_exits_zero(self) -> Any:
+        """CloseTunnel reaches both proxies through TLS: both end with 0."""
+        destination, source = self.configs(self.pki.ca_dir)
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, self.opened.tunnel_id)
+        )
+        client = yield Deferred.fromCoroutine(connect_client(self, pair.ports["SSH"]))
+        client.transport.write(b"ping")
+        yield client.received(4)
+        self.fixture.close_tunnel(self.opened.tunnel_id)
+        statuses = yield gather(pair.source.whenDone(), pair.destination.whenDone())
+        self.assertEqual(statuses, [0, 0])
+        yield client.closed
