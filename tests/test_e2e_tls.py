@@ -216,3 +216,19 @@ class TLSTests(TestCase):
         statuses = yield gather(pair.source.whenDone(), pair.destination.whenDone())
         self.assertEqual(statuses, [0, 0])
         yield client.closed
+
+    @inlineCallbacks
+    def test_untrusted_retried_for_ever(self) -> Any:
+        """
+        With the default C{connect_retry_count} of -1 a certificate
+        failure is retried without end; stopping the proxy then leaves
+        nothing behind.
+        """
+        logs = LogRecorder(self)
+        _, source = self.configs(None, retry_delay_ms=1)
+        proxy = yield Deferred.fromCoroutine(start_proxy(self, source, wait=False))
+        yield logs.when("Could not connect to the tunneling service", 5)
+        self.assertNoResult(proxy.whenDone())
+        yield proxy.stopService()
+        self.assertFalse(proxy.client.running)
+        self.assertEqual(logs.texts("Giving up"), [])

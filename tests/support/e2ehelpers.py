@@ -121,11 +121,27 @@ class LogRecorder:
 
     def __init__(self, case: TestCase) -> None:
         self.events: list[LogEvent] = []
+        self._waiting: list[tuple[str, int, Deferred[None]]] = []
         globalLogPublisher.addObserver(self)
         case.addCleanup(globalLogPublisher.removeObserver, self)
 
     def __call__(self, event: LogEvent) -> None:
         self.events.append(event)
+        waiting, self._waiting = self._waiting, []
+        for containing, count, d in waiting:
+            self._check(containing, count, d)
+
+    def _check(self, containing: str, count: int, d: Deferred[None]) -> None:
+        if len(self.texts(containing)) >= count:
+            d.callback(None)
+        else:
+            self._waiting.append((containing, count, d))
+
+    def when(self, containing: str, count: int = 1) -> Deferred[None]:
+        """Fires once C{count} events contain C{containing}."""
+        d: Deferred[None] = Deferred()
+        self._check(containing, count, d)
+        return d
 
     def texts(self, containing: str = "") -> list[str]:
         """The formatted events whose text contains C{containing}."""
