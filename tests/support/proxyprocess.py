@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -97,7 +98,10 @@ def spawn(
     def cleanup() -> Deferred[int] | None:
         if child.ended.called:
             return None
-        child.signal("KILL")
+        try:
+            child.signal("KILL")
+        except ProcessExitedAlready:
+            pass
         return child.ended
 
     case.addCleanup(cleanup)
