@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
@@ -22,10 +22,11 @@ from lpxy.proxy.tap import Options
 from tests.support.e2ehelpers import (
     LogRecorder,
     RecordTap,
+    echo_round_trip,
     start_configured_pair,
     unused_port,
 )
-from tests.support.proxyhelpers import connect_client, start_app
+from tests.support.proxyhelpers import connect_client, make_config, start_app, tcp
 from tests.support.tunnelservice import start_tunnelservice
 
 SOURCE_PAYLOAD = 700
@@ -146,3 +147,64 @@ class ConfigurationTests(TestCase):
             self.assertGreaterEqual(len(sizes), 2 * math.ceil(size / limit))
         for token in (opened.source_token, opened.destination_token):
             self.assertEqual(logs.mentioning(token), [])
+
+
+class FrameSizeSettingTests(TestCase):
+    """
+    C{websocket.max_frame_size} does not limit WebSocket messages: the
+    peer and the service send messages of up to 131076 bytes whatever it
+    says (the reference uses it only for socket buffer sizes).
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def relay_bulk(self, max_frame_size: int) -> Any:
+        logs = LogRecorder(self)
+        fixture = yield start_tunnelservice(self)
+        app_port, _ = yield Deferred.fromCoroutine(start_app(self))
+        opened = fixture.open_tunnel(["BULK"])
+        cwd = Path(self.mktemp()).absolute()
+        write(cwd / "settings.json", json.dumps(
+            {"tunneling": {"proxy": {"websocket": {"max_frame_size": max_frame_size}}}}
+        ))
+        source = parse(
+            ["-e", f"ws://127.0.0.1:{fixture.port}", "-m", "src", "-b", "127.0.0.1",
+             "--settings-json", "settings.json"],
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": opened.source_token},
+            cwd,
+        )
+        self.assertEqual(source.settings.websocket.max_frame_size, max_frame_size)
+        destination = make_config(fixture, opened.destination_token, "destination",
+                                  destination_apps={"BULK": tcp(app_port)})
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, opened.tunnel_id)
+        )
+        connected = pair.source.connector.protocol
+        assert connected is not None
+        sizes: list[int] = []
+        on_message = connected.onMessage
+
+        def measured(payload: bytes, isBinary: bool) -> None:
+            sizes.append(len(payload))
+            on_message(payload, isBinary)
+
+        connected.onMessage = measured  # type: ignore[method-assign]
+        # Several bulk connections at once: both proxies pack records into
+        # messages of up to 131076 bytes.
+        yield gatherResults([
+            Deferred.fromCoroutine(echo_round_trip(self, pair.ports["BULK"], 1_000_000))
+            for _ in range(8)
+        ], consumeErrors=True)
+        self.assertIs(pair.source.connector.protocol, connected)
+        # The destination did send messages bigger than the setting.
+        self.assertGreater(max(sizes), max(max_frame_size, 70_000))
+        self.assertEqual(logs.texts("Lost the tunnel connection"), [])
+        unused = logs.texts(f"websocket.max_frame_size {max_frame_size} is not used")
+        self.assertEqual(len(unused), 1)
+
+    def test_below_one_record(self) -> Any:
+        return self.relay_bulk(8192)
+
+    def test_below_the_wire_limit(self) -> Any:
+        return self.relay_bulk(70_000)

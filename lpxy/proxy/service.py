@@ -56,6 +56,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_GAVE_UP",
     "EXIT_REJECTED",
+    "WIRE_FRAME_LIMIT",
     "LocalProxyService",
     "ProxyConnector",
     "TunnelConnectionFailed",
@@ -67,6 +68,13 @@ EXIT_REJECTED = 2
 EXIT_GAVE_UP = 3
 
 USER_AGENT = f"lpxy/{__version__}"
+
+#: The largest WebSocket message either end of a tunnel sends or accepts
+#: (protocol.md section 2). It is the wire's limit, not a setting: the
+#: peer and the service send messages this big whatever we configure, and
+#: refuse bigger ones. The reference's C{websocket.max_frame_size} only
+#: sizes its socket buffers.
+WIRE_FRAME_LIMIT = 131076
 
 
 class TunnelConnectionFailed(Exception):
@@ -458,9 +466,16 @@ class LocalProxyService(MultiService):
             user_agent=USER_AGENT,
             clock=self._clock,
             ping_period_ms=settings.ping_period_ms,
-            max_frame_size=settings.max_frame_size,
+            max_frame_size=WIRE_FRAME_LIMIT,
             trace=config.verbosity >= 6,
         )
+        if settings.max_frame_size != WIRE_FRAME_LIMIT:
+            self._log.info(
+                "websocket.max_frame_size {size} is not used: WebSocket messages"
+                " are limited to {limit} bytes by the protocol",
+                size=settings.max_frame_size,
+                limit=WIRE_FRAME_LIMIT,
+            )
         delay = max(0, settings.retry_delay_ms) / 1000.0
         endpoint_name = config.endpoint.url(config.mode).split("/tunnel")[0]
         self._retries = settings.connect_retry_count
