@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
+from lpxy.proxy.service import EXIT_CONFIG
 from lpxy.proxy.tap import Options
 from tests.support.e2ehelpers import (
     LogRecorder,
@@ -26,7 +27,13 @@ from tests.support.e2ehelpers import (
     start_configured_pair,
     unused_port,
 )
-from tests.support.proxyhelpers import connect_client, make_config, start_app, tcp
+from tests.support.proxyhelpers import (
+    connect_client,
+    make_config,
+    start_app,
+    start_proxy,
+    tcp,
+)
 from tests.support.tunnelservice import start_tunnelservice
 
 SOURCE_PAYLOAD = 700
@@ -208,3 +215,41 @@ class FrameSizeSettingTests(TestCase):
 
     def test_below_the_wire_limit(self) -> Any:
         return self.relay_bulk(70_000)
+
+
+class BusyPortTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_mapped_port_in_use(self) -> Any:
+        """
+        A C{--config-dir} mapping to a port something else holds: the
+        source says it cannot listen and ends with status 1, without
+        retrying; the destination carries on.
+        """
+        logs = LogRecorder(self)
+        fixture = yield start_tunnelservice(self)
+        busy_port, _ = yield Deferred.fromCoroutine(start_app(self))
+        app_port, _ = yield Deferred.fromCoroutine(start_app(self))
+        opened = fixture.open_tunnel(["SSH"])
+        destination = yield Deferred.fromCoroutine(start_proxy(self, make_config(
+            fixture, opened.destination_token, "destination",
+            destination_apps={"SSH": tcp(app_port)},
+        )))
+        cwd = Path(self.mktemp()).absolute()
+        write(cwd / "config" / "ssh", f"SSH = {busy_port}\n")
+        source = parse(
+            ["-e", f"ws://127.0.0.1:{fixture.port}", "-m", "src", "-b", "127.0.0.1"],
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": opened.source_token},
+            cwd,
+        )
+        self.assertEqual(source.source_ports, {"SSH": busy_port})
+        proxy = yield Deferred.fromCoroutine(start_proxy(self, source, wait=False))
+        status = yield proxy.whenDone()
+        self.assertEqual(status, EXIT_CONFIG)
+        cannot = logs.texts("Cannot listen")
+        self.assertEqual(len(cannot), 1)
+        self.assertIn(str(busy_port), cannot[0])
+        self.assertEqual(logs.texts("Could not connect"), [])
+        self.assertEqual(len(logs.texts("Connected to ws://")), 2)
+        self.assertNoResult(destination.whenDone())
