@@ -232,3 +232,28 @@ class TLSTests(TestCase):
         yield proxy.stopService()
         self.assertFalse(proxy.client.running)
         self.assertEqual(logs.texts("Giving up"), [])
+
+    @inlineCallbacks
+    def test_destination_cut(self) -> Any:
+        """
+        The destination's TLS connection is cut: the service resets the
+        source's stream (its client is closed), the destination
+        reconnects, and the next client gets through.
+        """
+        destination, source = self.configs(self.pki.ca_dir)
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, self.opened.tunnel_id)
+        )
+        client = yield Deferred.fromCoroutine(connect_client(self, pair.ports["SSH"]))
+        client.transport.write(b"before")
+        yield client.received(6)
+        [app_side] = self.app.accepted
+        protocol = pair.destination.connector.protocol
+        assert protocol is not None
+        protocol.transport.transport.abortConnection()
+        yield gather(client.closed, app_side.closed)
+        yield pair.destination.client.whenConnected()
+        self.assertIsNot(pair.destination.connector.protocol, protocol)
+        # The source kept its WebSocket.
+        self.assertIsNotNone(pair.source.connector.protocol)
+        yield Deferred.fromCoroutine(echo_round_trip(self, pair.ports["SSH"]))
