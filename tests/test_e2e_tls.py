@@ -21,11 +21,16 @@ from lpxy.proxy.service import EXIT_GAVE_UP
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.e2ehelpers import (
     LogRecorder,
+    Pusher,
     echo_round_trip,
     no_delay,
     start_configured_pair,
+    turns,
 )
 from tests.support.proxyhelpers import (
+    AppFactory,
+    AppProtocol,
+    buffered,
     connect_client,
     gather,
     make_config,
@@ -257,3 +262,71 @@ class TLSTests(TestCase):
         # The source kept its WebSocket.
         self.assertIsNotNone(pair.source.connector.protocol)
         yield Deferred.fromCoroutine(echo_round_trip(self, pair.ports["SSH"]))
+
+
+class SlowReaderTLSTests(TestCase):
+    """
+    Flow control holds under TLS, where each WebSocket sits on Twisted's
+    TLS layer: pushing far more than any buffer into an application that
+    reads slowly keeps what every proxy holds small.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_memory_bounded(self) -> Any:
+        total = 48 * 1024 * 1024
+        worst = [0]
+        reads = [0]
+        done: Deferred[None] = Deferred()
+        pair: Any = None
+
+        def held(proxy: Any) -> int:
+            size = sum(buffered(r.transport) + r.pending_size
+                       for r in proxy.connector.flow.relays)
+            protocol = proxy.connector.protocol
+            if protocol is not None:
+                size += buffered(protocol.transport)
+                size += sum(len(b) for b in getattr(protocol.transport, "_appSendBuffer", []))
+            return size
+
+        class Slow(AppFactory):
+            def on_data(self, protocol: AppProtocol, data: bytes) -> None:
+                reads[0] += 1
+                worst[0] = max(worst[0], held(pair.source), held(pair.destination))
+                if protocol.received >= total:
+                    if not done.called:
+                        done.callback(None)
+                    return
+                transport: Any = protocol.transport
+                transport.pauseProducing()
+                turns(4).addCallback(lambda _: transport.resumeProducing())
+
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        pki = make_test_pki(directory)
+        fixture = yield start_tunnelservice(
+            self, tls=(str(pki.server_key_path), str(pki.server_cert_path))
+        )
+        app_port, _ = yield Deferred.fromCoroutine(start_app(self, factory=Slow(echo=False)))
+        opened = fixture.open_tunnel(["BULK"])
+        destination = over_tls(
+            make_config(fixture, opened.destination_token, "destination",
+                        destination_apps={"BULK": tcp(app_port)}),
+            fixture, pki.ca_dir,
+        )
+        source = over_tls(
+            make_config(fixture, opened.source_token, "source", source_ports={"BULK": 0}),
+            fixture, pki.ca_dir,
+        )
+        pair = yield Deferred.fromCoroutine(
+            start_configured_pair(self, destination, source, opened.tunnel_id)
+        )
+        client = yield Deferred.fromCoroutine(connect_client(self, pair.ports["BULK"]))
+        pusher = Pusher(client.transport, total)
+        pusher.resumeProducing()
+        yield done
+        self.assertGreater(reads[0], 100)
+        # Without flow control the destination would hold most of it.
+        self.assertLess(worst[0], 2 * 1024 * 1024)
+        self.assertEqual(pusher.sent, total)

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -28,12 +29,14 @@ from tests.support.proxyhelpers import ProxyPair, connect_client, start_proxy
 __all__ = [
     "ConnectProxyFactory",
     "LogRecorder",
+    "Pusher",
     "RecordTap",
     "echo_round_trip",
     "listener_ports",
     "no_delay",
     "start_configured_pair",
     "tcp_socket",
+    "turns",
     "unused_port",
 ]
 
@@ -176,6 +179,52 @@ async def echo_round_trip(case: TestCase, port: int, size: int = 100_000) -> byt
     client.transport.loseConnection()
     await client.closed
     return payload
+
+
+def turns(n: int) -> Deferred[None]:
+    """Fires after C{n} turns of the reactor (no wall-clock wait)."""
+    d: Deferred[None] = Deferred()
+
+    def step(left: int) -> None:
+        if left:
+            reactor.callLater(0, step, left - 1)  # type: ignore[attr-defined]
+        else:
+            d.callback(None)
+
+    step(n)
+    return d
+
+
+@implementer(IPushProducer)
+class Pusher:
+    """
+    Writes C{total} bytes of one random chunk, repeated, to a transport as
+    fast as the transport lets it; C{done} fires once all is written.
+    """
+
+    def __init__(self, transport: Any, total: int, chunk: int = 65536) -> None:
+        self.transport = transport
+        self.total = total
+        self.sent = 0
+        self.paused = False
+        self.chunk = os.urandom(chunk)
+        self.done: Deferred[None] = Deferred()
+        transport.registerProducer(self, True)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.sent < self.total:
+            self.transport.write(self.chunk)
+            self.sent += len(self.chunk)
+        if self.sent >= self.total and not self.done.called:
+            self.transport.unregisterProducer()
+            self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.paused = True
 
 
 # --- a fake HTTP CONNECT web proxy ----------------------------------------
