@@ -13,6 +13,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from lpxy.frames import Message, encode
 from lpxy.proxy.settings import (
     ProxySettings,
     SettingsError,
@@ -228,6 +229,22 @@ class LoadTests(SynchronousTestCase):
         self.assertSettingsError(
             proxyTree(message={"max_payload_size": "0"}),
             "tunneling.proxy.message.max_payload_size: expected an integer >= 1, got 0",
+        )
+
+    def test_payloadMustFitARecord(self) -> None:
+        """
+        The largest payload setting still fits the largest DATA record in a
+        2-byte length; one more byte is refused, naming the key.
+        """
+        largest = load_settings(self.write(proxyTree(message={"max_payload_size": 65384})))
+        record = Message(
+            type=Message.DATA, streamId=2**31 - 1, ignorable=True, serviceId="x" * 128,
+            connectionId=2**32 - 1, payload=b"x" * largest.message.max_payload_size,
+        )
+        self.assertEqual(len(encode(record)), 2 + 65535)
+        self.assertSettingsError(
+            proxyTree(message={"max_payload_size": 65385}),
+            "tunneling.proxy.message.max_payload_size: expected an integer <= 65384, got 65385",
         )
 
     def test_badBoolean(self) -> None:

@@ -124,6 +124,13 @@ _MINIMUM = {
     "retry_delay_ms": 0,
 }
 
+# The largest value an integer setting accepts, where the wire sets one: a
+# DATA record with the largest stream id, connection id and a 128-character
+# service id must still fit a 2-byte record length (65535).
+_MAXIMUM = {
+    "max_payload_size": 65384,
+}
+
 
 def _text(value: object) -> str:
     if isinstance(value, bool):
@@ -254,7 +261,9 @@ def _mergeGroup(group: Any, value: object, key: str) -> Any:
         elif attribute.type in (bool, "bool"):
             changes[name] = _boolean(item, itemKey)
         elif attribute.type in (int, "int"):
-            changes[name] = _integer(item, itemKey, _MINIMUM.get(name, 1))
+            changes[name] = _integer(
+                item, itemKey, _MINIMUM.get(name, 1), _MAXIMUM.get(name)
+            )
         elif name == "subprotocol":
             changes[name] = _subprotocol(item, itemKey)
         else:
@@ -275,7 +284,7 @@ def _mergeOverrides(base: Mapping[str, str], value: object) -> Mapping[str, str]
 _INTEGER = re.compile(r"-?[0-9]+\Z")
 
 
-def _integer(value: object, key: str, minimum: int) -> int:
+def _integer(value: object, key: str, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool):
         number = None
     elif isinstance(value, int):
@@ -288,6 +297,8 @@ def _integer(value: object, key: str, minimum: int) -> int:
         raise SettingsError(f"{key}: expected an integer, got {_shown(value)}")
     if number < minimum:
         raise SettingsError(f"{key}: expected an integer >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise SettingsError(f"{key}: expected an integer <= {maximum}, got {number}")
     return number
 
 
