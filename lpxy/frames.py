@@ -90,8 +90,8 @@ class RecordDecoder:
     Turns arbitrary chunks of the record stream into whole records.
 
     Feed it every WebSocket payload in order. Bytes of an incomplete record
-    are kept until the rest arrives; at most one record's worth (plus the
-    latest chunk) is ever buffered. After a L{ProtocolError} the stream is
+    are kept until the rest arrives; at most one record's worth is ever
+    buffered. After a L{ProtocolError} the stream is
     unusable and every later call raises again.
     """
 
@@ -111,31 +111,73 @@ class RecordDecoder:
         """
         Add C{data} and return the bodies of the records now complete.
 
+        Each body is copied once, straight out of C{data}; only a record
+        that spans chunks goes through the decoder's own buffer.
+
         @raise ProtocolError: on a zero or over-limit length.
         """
         if self._error is not None:
             raise self._error
-        buffer = self._buffer
-        buffer += data
+        # Slicing bytes copies once; any other buffer is sliced as a view
+        # and copied by bytes().
+        raw = data if type(data) is bytes else None
+        chunk = raw if raw is not None else memoryview(data).cast("B")
+        end = len(chunk)
         bodies: list[bytes] = []
         offset = 0
-        end = len(buffer)
+        buffer = self._buffer
+        if buffer:
+            offset = self._complete(chunk, bodies)
+            if buffer:
+                return bodies
+        unpack = _LENGTH.unpack_from
+        limit = self._max_size
         while end - offset >= LENGTH_PREFIX_SIZE:
-            (size,) = _LENGTH.unpack_from(buffer, offset)
-            if size == 0 or size > self._max_size:
-                self._error = ProtocolError(
-                    f"invalid record length {size} (must be 1..{self._max_size})"
-                )
-                buffer.clear()
-                raise self._error
+            (size,) = unpack(chunk, offset)
+            if size == 0 or size > limit:
+                raise self._fail(size)
             start = offset + LENGTH_PREFIX_SIZE
-            if end - start < size:
+            stop = start + size
+            if stop > end:
                 break
-            bodies.append(bytes(buffer[start : start + size]))
-            offset = start + size
-        if offset:
-            del buffer[:offset]
+            bodies.append(raw[start:stop] if raw is not None else bytes(chunk[start:stop]))
+            offset = stop
+        if offset < end:
+            buffer += chunk[offset:]
         return bodies
+
+    def _complete(self, chunk: bytes | memoryview, bodies: list[bytes]) -> int:
+        """
+        Move into the buffer what the record begun there still lacks; once
+        whole, add its body to C{bodies}. Return how much of C{chunk} was
+        used.
+        """
+        buffer = self._buffer
+        used = 0
+        held = len(buffer)
+        if held < LENGTH_PREFIX_SIZE:
+            used = LENGTH_PREFIX_SIZE - held
+            buffer += chunk[:used]
+            if len(buffer) < LENGTH_PREFIX_SIZE:
+                return len(chunk)
+        (size,) = _LENGTH.unpack_from(buffer)
+        if size == 0 or size > self._max_size:
+            raise self._fail(size)
+        missing = LENGTH_PREFIX_SIZE + size - len(buffer)
+        buffer += chunk[used : used + missing]
+        if len(buffer) < LENGTH_PREFIX_SIZE + size:
+            return len(chunk)
+        with memoryview(buffer) as view:
+            bodies.append(bytes(view[LENGTH_PREFIX_SIZE:]))
+        buffer.clear()
+        return used + missing
+
+    def _fail(self, size: int) -> ProtocolError:
+        self._error = ProtocolError(
+            f"invalid record length {size} (must be 1..{self._max_size})"
+        )
+        self._buffer.clear()
+        return self._error
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """

@@ -106,6 +106,53 @@ class DecoderTests(SynchronousTestCase):
             [message.SerializeToString()] * 2,
         )
 
+    def test_bodiesAreBytesWhateverTheInput(self) -> None:
+        records = encode(data(1, b"abc", "S")) + encode(data(2, b"de"))
+        for kind in (bytes, bytearray, memoryview):
+            bodies = RecordDecoder().feed_raw(kind(records))
+            self.assertEqual([type(b) for b in bodies], [bytes, bytes])
+            self.assertEqual(
+                bodies,
+                [data(1, b"abc", "S").SerializeToString(), data(2, b"de").SerializeToString()],
+            )
+
+    def test_inputMutatedLater(self) -> None:
+        """Bodies and held bytes are copies, not views of the caller's buffer."""
+        record = encode(data(1, b"abcdef"))
+        chunk = bytearray(record + record[:5])
+        decoder = RecordDecoder()
+        [body] = decoder.feed_raw(chunk)
+        chunk[:] = b"\xff" * len(chunk)
+        self.assertEqual(body, data(1, b"abcdef").SerializeToString())
+        self.assertEqual(decoder.feed_raw(record[5:]), [body])
+
+    def test_lengthPrefixSplit(self) -> None:
+        record = encode(data(1, b"x" * 300))
+        decoder = RecordDecoder()
+        self.assertEqual(decoder.feed_raw(record[:1]), [])
+        self.assertEqual(decoder.pending, 1)
+        self.assertEqual(decoder.feed_raw(b""), [])
+        self.assertEqual(decoder.feed_raw(record[1:2]), [])
+        self.assertEqual(decoder.pending, 2)
+        self.assertEqual(decoder.feed_raw(record[2:] + record), [record[2:]] * 2)
+        self.assertEqual(decoder.pending, 0)
+
+    def test_badLengthAfterHeldBytesPoisons(self) -> None:
+        """A bad length completed from held bytes poisons the stream too."""
+        decoder = RecordDecoder(max_size=100)
+        self.assertEqual(decoder.feed_raw(b"\x00"), [])
+        exc = self.assertRaises(ProtocolError, decoder.feed_raw, b"\x65" + b"x" * 200)
+        self.assertIn("invalid record length 101", str(exc))
+        self.assertEqual(decoder.pending, 0)
+        self.assertRaises(ProtocolError, decoder.feed_raw, encode(data(1, b"ok")))
+
+    def test_unparsableBodyPoisons(self) -> None:
+        decoder = RecordDecoder()
+        self.assertRaises(ProtocolError, decoder.feed, b"\x00\x02\x08\xff" + b"\x00")
+        self.assertEqual(decoder.pending, 0)
+        self.assertRaises(ProtocolError, decoder.feed, encode(data(1, b"ok")))
+        self.assertRaises(ProtocolError, decoder.feed_raw, encode(data(1, b"ok")))
+
     def test_badMaxSize(self) -> None:
         self.assertRaises(ValueError, RecordDecoder, 0)
         self.assertRaises(ValueError, RecordDecoder, MAX_RECORD_SIZE + 1)
@@ -121,6 +168,27 @@ class PropertyTests(SynchronousTestCase):
         for chunk in rechunk(stream, cuts):
             received.extend(decoder.feed(chunk))
         self.assertEqual(received, sent)
+        self.assertEqual(decoder.pending, 0)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.binary(min_size=1, max_size=700), min_size=1, max_size=10),
+        st.lists(st.integers(0, 10**6)),
+        st.lists(st.sampled_from([bytes, bytearray, memoryview])),
+    )
+    def test_rawBodiesAnyChunkingAndInputType(self, bodies, cuts, kinds) -> None:
+        """
+        Bodies come out whole and in order however the stream is cut and
+        whatever buffer type each chunk is; nothing is left held.
+        """
+        stream = b"".join(encode_body(b) for b in bodies)
+        decoder = RecordDecoder()
+        received: list[bytes] = []
+        for i, chunk in enumerate(rechunk(stream, cuts)):
+            kind = kinds[i % len(kinds)] if kinds else bytes
+            received.extend(decoder.feed_raw(kind(chunk)))
+            self.assertLessEqual(decoder.pending, max(len(b) for b in bodies) + 2)
+        self.assertEqual(received, bodies)
         self.assertEqual(decoder.pending, 0)
 
     @settings(max_examples=500, deadline=None)

@@ -1,0 +1,108 @@
+"""
+Where the local proxy's time goes: CPU per megabyte in each process.
+
+Brings up the same tunnelservice and source and destination proxies as
+L{bench.proxy} (TLS on loopback), then repeats each measurement a few times
+and prints medians, so that one change of the data path can be compared
+with the next on a noisy machine:
+
+- one-way throughput (MB/s) and, during it, the CPU time (user + system)
+  each process spends per megabyte relayed, this benchmark's own process
+  (the writing and reading applications) included;
+- round trip p50 for 1 byte, and connection setup p50 (connect to first
+  echoed byte), each over several rounds.
+
+On a machine with few cores the processes compete for CPU, so the CPU per
+megabyte is the steadier figure; throughput follows from it.
+
+    python -m bench.proxy_cpu [MiB per run] [runs]
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, protocol, task
+
+from bench.common import MiB, api, free_port, localproxy, report, spawn, stop, twistd, wait_for_port
+from bench.proxy import Echo, SinkFactory, listen, round_trip_p50, setup_p50, throughput
+from tests.support.certs import make_test_pki
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process C{pid} so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+async def main(reactor_: object, mib: str = "256", runs: str = "5") -> None:
+    total, rounds = int(mib) * MiB, int(runs)
+    pki = make_test_pki(Path(tempfile.mkdtemp(prefix="lpxy-bench-")))
+    echo_port = await listen(protocol.Factory.forProtocol(Echo))
+    sink = SinkFactory()
+    sink_port = await listen(sink)
+    apps = {"ECHO": echo_port, "SINK": sink_port}
+    processes = []
+    try:
+        service_port = free_port()
+        service = spawn(twistd("tunnelservice", "--port",
+                               pki.server_endpoint_string(service_port)))
+        processes.append(service)
+        wait_for_port(service_port, service)
+        context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
+        tunnel = api(f"https://localhost:{service_port}", "OpenTunnel",
+                     {"destinationConfig": {"services": list(apps)}}, context=context)
+        common = ["-e", f"localhost:{service_port}", "-c", str(pki.ca_cert_path),
+                  "-b", "127.0.0.1"]
+        destination = spawn(
+            localproxy(*common, "-d", ",".join(f"{k}={v}" for k, v in apps.items())),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["destinationAccessToken"]})
+        processes.append(destination)
+        ports = {name: free_port() for name in apps}
+        source = spawn(
+            localproxy(*common, "-s", ",".join(f"{k}={v}" for k, v in ports.items())),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["sourceAccessToken"]})
+        processes.append(source)
+        for port in ports.values():
+            wait_for_port(port, source)
+        pids = {"source": source.pid, "tunnelservice": service.pid,
+                "destination": destination.pid, "apps (bench)": os.getpid()}
+
+        await throughput(ports["SINK"], sink, 16 * MiB)  # warm up
+        speeds: list[float] = []
+        cpu: dict[str, list[float]] = {name: [] for name in pids}
+        for _ in range(rounds):
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            speeds.append(await throughput(ports["SINK"], sink, total))
+            for name, pid in pids.items():
+                cpu[name].append((cpu_seconds(pid) - before[name]) * 1e9 / total)
+        rtts = [await round_trip_p50(ports["ECHO"], 300) for _ in range(rounds)]
+        setups = [await setup_p50(ports["ECHO"], 100) for _ in range(rounds)]
+
+        def spread(values: list[float], fmt: str) -> str:
+            return (f"{statistics.median(values):{fmt}} "
+                    f"({min(values):{fmt}}..{max(values):{fmt}})")
+
+        rows = [("measure", f"median (min..max) of {rounds}")]
+        rows.append((f"throughput {mib} MiB, MB/s", spread(speeds, ".1f")))
+        for name, values in cpu.items():
+            rows.append((f"CPU {name}, ms/MB", spread(values, ".2f")))
+        rows.append(("round trip p50, ms", spread(rtts, ".3f")))
+        rows.append(("setup p50, ms", spread(setups, ".3f")))
+        report(rows)
+    finally:
+        for process in processes:
+            stop(process)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    task.react(lambda r, *a: defer.ensureDeferred(main(r, *a)), sys.argv[1:])
