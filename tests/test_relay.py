@@ -66,6 +66,36 @@ class RelayTests(SynchronousTestCase):
             relay.makeConnection(transport)
         return relay, transport
 
+    def test_reads_whole_records_worth(self) -> None:
+        """
+        The local transport reads (and holds) the largest multiple of the
+        payload size within the buffer limit, so that reads fill records.
+        """
+        relay = LocalRelay(channel(), self.sink, self.flow, self.clock)
+        transport = StringTransport()
+        transport.bufferSize = 65536  # type: ignore[attr-defined]
+        relay.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, 2 * 64512)  # type: ignore[attr-defined]
+
+        relay = LocalRelay(
+            channel(2), self.sink, self.flow, self.clock,
+            max_payload_size=30000, buffer_limit=100000,
+        )
+        transport = StringTransport()
+        transport.bufferSize = 4096  # type: ignore[attr-defined]
+        relay.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, 90000)  # type: ignore[attr-defined]
+
+    def test_never_reads_less_than_twisted_default(self) -> None:
+        relay = LocalRelay(
+            channel(), self.sink, self.flow, self.clock,
+            max_payload_size=1000, buffer_limit=10000,
+        )
+        transport = StringTransport()
+        transport.bufferSize = 65536  # type: ignore[attr-defined]
+        relay.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, 65536)  # type: ignore[attr-defined]
+
     def test_registers_itself_as_producer(self) -> None:
         relay, transport = self.relay()
         self.assertIs(transport.producer, relay)

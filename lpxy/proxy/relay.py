@@ -40,7 +40,10 @@ Invariants (design.md, "Data flow and flow control"):
  5. Nothing is copied on the way out but the one join of a WebSocket
     message: local reads are cut at C{max_payload_size} with memoryview
     slices and handed to the tunnel with the channel's pre-serialized
-    header.
+    header. A local transport reads (and holds unsent) up to the largest
+    multiple of C{max_payload_size} within C{buffer_limit}, never less than
+    Twisted's default: each read fills whole records, and the bounds above
+    stay per connection.
 """
 
 from __future__ import annotations
@@ -232,6 +235,13 @@ class LocalRelay(Protocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         set_no_delay(transport)
+        # Twisted reads (and buffers writes up to) C{bufferSize} bytes, 64
+        # KiB by default: a read then makes one full record and a sliver.
+        # Reading whole records' worth, up to the buffer limit, fills each
+        # WebSocket message instead (module docstring, invariant 5).
+        size = self._limit - self._limit % self._max
+        if size > getattr(transport, "bufferSize", size):
+            transport.bufferSize = size
         if self.peer_description is None:
             self.peer_description = str(transport.getPeer())
         transport.registerProducer(self, True)
