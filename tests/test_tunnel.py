@@ -198,6 +198,34 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertEqual([len(m.payload) for m in messages], sizes)
         self.assertTrue(all((m.streamId, m.connectionId) == (7, 3) for m in messages))
 
+    def test_data_records_are_what_protobuf_serializes(self) -> None:
+        """
+        A DATA record built from a channel header and a payload has exactly
+        the bytes of C{encode} of the whole message, whatever the field
+        values and varint lengths.
+        """
+        self.open()
+        self.sent()
+        expected = []
+        combinations = [
+            (stream_id, service_id, connection_id, ignorable, size)
+            for stream_id in (1, 127, 128, 16384, 2**31 - 1)
+            for service_id in ("", "S", "SSH1", "\u00e9t\u00e9", "x" * 128)
+            for connection_id in (0, 1, 128, 2**21, 2**32 - 1)
+            for ignorable in (False, True)
+            for size in (0, 1, 127, 128, 300)
+        ]
+        combinations += [(7, "HTTP", 3, False, size) for size in (16383, 16384, 64512)]
+        for stream_id, service_id, connection_id, ignorable, size in combinations:
+            header = Message(type=Message.DATA, streamId=stream_id, serviceId=service_id,
+                             connectionId=connection_id, ignorable=ignorable)
+            payload = bytes(range(256)) * (size // 256) + b"p" * (size % 256)
+            self.protocol.send_data(header.SerializeToString(), memoryview(payload))
+            header.payload = payload
+            expected.append(encode(header))
+        self.clock.advance(0)
+        self.assertEqual(b"".join(p for _, p in self.sent()), b"".join(expected))
+
     def test_batches_respect_frame_limit(self) -> None:
         self.open()
         self.sent()

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from lpxy.frames import Message, ProtocolError, RecordDecoder, encode
+from lpxy.frames import Message, ProtocolError, RecordDecoder, encode, encode_body
 
 __all__ = [
     "Clock",
@@ -45,6 +45,7 @@ __all__ = [
 
 _LENGTH = struct.Struct(">H")
 _PAYLOAD_TAG = b"\x22"  # field 4 (payload), wire type 2 (length-delimited)
+_SPLITS_KEPT = 1024  # DATA headers whose split is remembered (one per channel)
 
 
 def _varint(value: int) -> bytes:
@@ -58,6 +59,20 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _split_header(header: bytes) -> tuple[bytes, bytes]:
+    """
+    Cut a serialized DATA header where its payload (field 4) belongs:
+    after fields 1 to 3 (varints, one-byte tags), before fields 5 to 7.
+    """
+    offset, end = 0, len(header)
+    while offset < end and header[offset] < 0x20:
+        offset += 1
+        while offset < end and header[offset] & 0x80:
+            offset += 1
+        offset += 1
+    return header[:offset], header[offset:]
 
 
 def set_no_delay(transport: object) -> None:
@@ -170,7 +185,8 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._by_us = False
         self._dead = False
         self._decoder = RecordDecoder()
-        self._queue: list[tuple[int, bytes, Any]] = []
+        self._queue: list[tuple[int, bytes, Any, bytes]] = []
+        self._splits: dict[bytes, tuple[bytes, bytes]] = {}
         self._queued = 0
         self._flush_call: Any = None
         self._pinger: LoopingCall | None = None
@@ -306,23 +322,37 @@ class TunnelProtocol(WebSocketClientProtocol):
     def send_message(self, message: Message) -> None:
         """Queue a control record."""
         record = encode(message)
-        self._enqueue(len(record), record, None)
+        self._enqueue(len(record), record, None, b"")
 
     def send_data(self, header: bytes, payload: bytes | memoryview) -> None:
         """
-        Queue a DATA record made of a channel's serialized C{header} and
-        C{payload} (at most C{max_payload_size} bytes; not copied here).
+        Queue a DATA record made of a channel's serialized C{header} (a
+        C{Message} of type DATA without payload) and C{payload} (at most
+        C{max_payload_size} bytes; not copied here). The record's bytes are
+        exactly what protobuf serializes for the whole message: the payload
+        goes between the header's fields 1-3 and its fields 5-7.
         """
         size = len(payload)
+        if not size:
+            # proto3 leaves an empty payload out.
+            record = encode_body(header)
+            self._enqueue(len(record), record, None, b"")
+            return
+        split = self._splits.get(header)
+        if split is None:
+            if len(self._splits) >= _SPLITS_KEPT:
+                self._splits.clear()
+            split = self._splits[header] = _split_header(header)
+        lead, trail = split
         prefix = _PAYLOAD_TAG + _varint(size)
         body = len(header) + len(prefix) + size
-        head = _LENGTH.pack(body) + header + prefix
-        self._enqueue(len(head) + size, head, payload)
+        head = _LENGTH.pack(body) + lead + prefix
+        self._enqueue(len(head) + size + len(trail), head, payload, trail)
 
-    def _enqueue(self, size: int, head: bytes, payload: Any) -> None:
+    def _enqueue(self, size: int, head: bytes, payload: Any, trail: bytes) -> None:
         if self.state != self.STATE_OPEN:
             return
-        self._queue.append((size, head, payload))
+        self._queue.append((size, head, payload, trail))
         self._queued += size
         if self._queued >= self.factory.max_frame_size:
             self.flush()
@@ -340,13 +370,15 @@ class TunnelProtocol(WebSocketClientProtocol):
         limit = self.factory.max_frame_size
         parts: list[Any] = []
         size = 0
-        for record_size, head, payload in queue:
+        for record_size, head, payload, trail in queue:
             if size and size + record_size > limit:
                 self.sendMessage(b"".join(parts), isBinary=True)
                 parts, size = [], 0
             parts.append(head)
             if payload is not None:
                 parts.append(payload)
+            if trail:
+                parts.append(trail)
             size += record_size
         self.sendMessage(b"".join(parts), isBinary=True)
 
