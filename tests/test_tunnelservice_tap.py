@@ -3,7 +3,8 @@ Tests for L{lpxy.tunnelservice.tap}: C{twistd tunnelservice} options.
 """
 
 from twisted.application.service import IServiceCollection
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -78,3 +79,27 @@ class MakeServiceTests(SynchronousTestCase):
         service.startService()
         self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001])
         self.successResultOf(service.stopService())
+
+
+class ReachabilityWarningTests(SynchronousTestCase):
+    """
+    A port that other machines can reach logs a warning at start, since
+    API signatures are not verified; a Unix socket does not.
+    """
+
+    def warnings_for(self, *ports: str) -> list[str]:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = makeService(parse(*ports), reactor=MemoryReactorClock())
+        service.privilegedStartService()
+        service.startService()
+        self.successResultOf(service.stopService())
+        return [
+            f"{e['host']}:{e['port']}" for e in events
+            if e["log_level"] == LogLevel.warn and "reachable beyond" in e["log_format"]
+        ]
+
+    def test_everywhere(self) -> None:
+        self.assertEqual(self.warnings_for("--port", "tcp:9000"), ["0.0.0.0:9000"])
+
+    def test_unix_socket(self) -> None:
+        self.assertEqual(self.warnings_for("--port", "unix:/tmp/lpxy-test.sock"), [])

@@ -19,6 +19,7 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import connectionDone
@@ -120,9 +121,12 @@ class _Site(Site):
         self.connections = connections
 
 
-def _is_loopback(host: str) -> bool:
+def _is_local(address: Any) -> bool:
+    """Whether only this machine can reach a listening address."""
+    if isinstance(address, UNIXAddress):
+        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(getattr(address, "host", "")).is_loopback
     except ValueError:
         return False
 
@@ -254,7 +258,7 @@ class TunnelService(MultiService):
             "Tunnel service listening on {host} port {port}",
             host=host, port=getattr(address, "port", None),
         )
-        if not _is_loopback(host):
+        if not _is_local(address):
             self._log.warn(
                 "Port {host}:{port} is reachable beyond this machine, and API request "
                 "signatures are not verified: anyone who reaches it can open and close "
