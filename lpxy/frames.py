@@ -90,8 +90,10 @@ class RecordDecoder:
     Turns arbitrary chunks of the record stream into whole records.
 
     Feed it every WebSocket payload in order. Bytes of an incomplete record
-    are kept until the rest arrives; at most one record's worth is ever
-    buffered. After a L{ProtocolError} the stream is
+    are kept until the rest arrives: at most one record's worth, held as
+    views of the chunks it came in when those are immutable C{bytes} (so at
+    most one record plus the chunk its first piece came from stays in
+    memory). After a L{ProtocolError} the stream is
     unusable and every later call raises again.
     """
 
@@ -99,20 +101,28 @@ class RecordDecoder:
         if not 0 < max_size <= MAX_RECORD_SIZE:
             raise ValueError(f"max_size must be 1..{MAX_RECORD_SIZE}, not {max_size}")
         self._max_size = max_size
-        self._buffer = bytearray()
+        # The record begun in an earlier chunk: its pieces (the length
+        # prefix's first byte, or body bytes once the length is known) and
+        # their total size. Pieces of immutable chunks are views of them;
+        # the body is joined, the one copy, when its last piece arrives.
+        self._pieces: list[bytes | memoryview] = []
+        self._held = 0
+        self._size: int | None = None
         self._error: ProtocolError | None = None
 
     @property
     def pending(self) -> int:
         """The number of bytes held for an incomplete record."""
-        return len(self._buffer)
+        if self._size is None:
+            return self._held
+        return LENGTH_PREFIX_SIZE + self._held
 
     def feed_raw(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """
         Add C{data} and return the bodies of the records now complete.
 
-        Each body is copied once, straight out of C{data}; only a record
-        that spans chunks goes through the decoder's own buffer.
+        Each body is copied once: sliced straight out of C{data}, or joined
+        from its pieces when it spans chunks.
 
         @raise ProtocolError: on a zero or over-limit length.
         """
@@ -125,10 +135,9 @@ class RecordDecoder:
         end = len(chunk)
         bodies: list[bytes] = []
         offset = 0
-        buffer = self._buffer
-        if buffer:
-            offset = self._complete(chunk, bodies)
-            if buffer:
+        if self._held or self._size is not None:
+            offset = self._complete(chunk, raw is not None, bodies)
+            if offset == end:
                 return bodies
         unpack = _LENGTH.unpack_from
         limit = self._max_size
@@ -139,44 +148,55 @@ class RecordDecoder:
             start = offset + LENGTH_PREFIX_SIZE
             stop = start + size
             if stop > end:
-                break
+                self._size = size
+                self._hold(chunk, start, raw is not None)
+                return bodies
             bodies.append(raw[start:stop] if raw is not None else bytes(chunk[start:stop]))
             offset = stop
         if offset < end:
-            buffer += chunk[offset:]
+            self._hold(chunk, offset, raw is not None)
         return bodies
 
-    def _complete(self, chunk: bytes | memoryview, bodies: list[bytes]) -> int:
+    def _hold(self, chunk: bytes | memoryview, start: int, immutable: bool) -> None:
+        piece = memoryview(chunk)[start:] if immutable else bytes(chunk[start:])
+        self._pieces.append(piece)
+        self._held += len(piece)
+
+    def _complete(self, chunk: bytes | memoryview, immutable: bool, bodies: list[bytes]) -> int:
         """
-        Move into the buffer what the record begun there still lacks; once
+        Add to the record begun earlier what it lacks from C{chunk}; once
         whole, add its body to C{bodies}. Return how much of C{chunk} was
-        used.
+        used (all of it while the record is still incomplete).
         """
-        buffer = self._buffer
+        end = len(chunk)
         used = 0
-        held = len(buffer)
-        if held < LENGTH_PREFIX_SIZE:
-            used = LENGTH_PREFIX_SIZE - held
-            buffer += chunk[:used]
-            if len(buffer) < LENGTH_PREFIX_SIZE:
-                return len(chunk)
-        (size,) = _LENGTH.unpack_from(buffer)
-        if size == 0 or size > self._max_size:
-            raise self._fail(size)
-        missing = LENGTH_PREFIX_SIZE + size - len(buffer)
-        buffer += chunk[used : used + missing]
-        if len(buffer) < LENGTH_PREFIX_SIZE + size:
-            return len(chunk)
-        with memoryview(buffer) as view:
-            bodies.append(bytes(view[LENGTH_PREFIX_SIZE:]))
-        buffer.clear()
+        if self._size is None:
+            used = LENGTH_PREFIX_SIZE - self._held
+            if end < used:
+                if end:
+                    self._hold(chunk, 0, immutable)
+                return end
+            (size,) = _LENGTH.unpack(b"".join([*self._pieces, chunk[:used]]))
+            if size == 0 or size > self._max_size:
+                raise self._fail(size)
+            self._size = size
+            self._pieces = []
+            self._held = 0
+        missing = self._size - self._held
+        if end - used < missing:
+            if end > used:
+                self._hold(chunk, used, immutable)
+            return end
+        pieces, self._pieces, self._held, self._size = self._pieces, [], 0, None
+        pieces.append(chunk[used : used + missing])
+        bodies.append(b"".join(pieces))
         return used + missing
 
     def _fail(self, size: int) -> ProtocolError:
         self._error = ProtocolError(
             f"invalid record length {size} (must be 1..{self._max_size})"
         )
-        self._buffer.clear()
+        self._pieces, self._held, self._size = [], 0, None
         return self._error
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
@@ -191,7 +211,7 @@ class RecordDecoder:
                 messages.append(parse_body(body))
             except ProtocolError as e:
                 self._error = e
-                self._buffer.clear()
+                self._pieces, self._held, self._size = [], 0, None
                 raise
         return messages
 
