@@ -25,25 +25,37 @@ class OptionsTests(SynchronousTestCase):
             "max-services": 3,
             "max-open-tunnels": 10000,
             "max-request-size": 65536,
+            "ping-interval": 30,
+            "idle-timeout": 90,
         })
 
     def test_everything(self) -> None:
         options = parse(
             "--port", "tcp:9000", r"--port=tcp:9001:interface=\:\:1",
             "--max-services", "5", "--max-open-tunnels", "7", "--max-request-size", "2048",
+            "--ping-interval", "5", "--idle-timeout", "12",
         )
         self.assertEqual(dict(options), {
             "port": ["tcp:9000", r"tcp:9001:interface=\:\:1"],
             "max-services": 5,
             "max-open-tunnels": 7,
             "max-request-size": 2048,
+            "ping-interval": 5,
+            "idle-timeout": 12,
         })
 
     def test_bad_numbers(self) -> None:
-        for name in ("max-services", "max-open-tunnels", "max-request-size"):
+        for name in ("max-services", "max-open-tunnels", "max-request-size",
+                     "ping-interval", "idle-timeout"):
             for value in ("0", "-1", "many"):
                 e = self.assertRaises(UsageError, parse, f"--{name}", value)
                 self.assertIn(f"--{name} must be a positive integer", str(e))
+
+    def test_idle_timeout_after_ping_interval(self) -> None:
+        for argv in (["--idle-timeout", "30"], ["--ping-interval", "100"]):
+            e = self.assertRaises(UsageError, parse, *argv)
+            self.assertIn("--idle-timeout", str(e))
+            self.assertIn("must be more than --ping-interval", str(e))
 
     def test_bad_endpoint(self) -> None:
         e = self.assertRaises(UsageError, parse, "--port", "carrier-pigeon:1")
@@ -68,13 +80,17 @@ class MakeServiceTests(SynchronousTestCase):
     def test_service(self) -> None:
         reactor = MemoryReactorClock()
         service = makeService(
-            parse("--port", "tcp:9000", "--port", "tcp:9001", "--max-services", "4"),
+            parse("--port", "tcp:9000", "--port", "tcp:9001", "--max-services", "4",
+                  "--ping-interval", "7", "--idle-timeout", "20"),
             reactor=reactor,
         )
         self.assertIsInstance(service, TunnelService)
         self.assertTrue(IServiceCollection.providedBy(service))
         assert isinstance(service, TunnelService)
         self.assertEqual(service.broker.limits.max_services, 4)
+        factory = service.websocket_factory
+        self.assertEqual((factory.ping_interval, factory.idle_timeout), (7, 20))
+        self.assertIs(factory.clock, reactor)
         service.privilegedStartService()
         service.startService()
         self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001])

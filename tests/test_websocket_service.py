@@ -18,6 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper
@@ -93,6 +94,13 @@ class Peer(WebSocketClientProtocol):
         return self.factory.closed
 
 
+class PongLessPeer(Peer):
+    """A peer that never answers a ping (its pongs are lost, or very late)."""
+
+    def onPing(self, payload: bytes) -> None:
+        pass
+
+
 def data(stream: int, payload: bytes, service: str = "", connection: int = 0) -> Message:
     return Message(type=Message.DATA, streamId=stream, serviceId=service,
                    connectionId=connection, payload=payload)
@@ -154,6 +162,7 @@ class ServiceTestCase(TestCase):
         cookie: bool = False,
         fragment: int = 0,
         tls: Any = None,
+        protocol: type[Peer] = Peer,
     ) -> Peer:
         headers = {}
         if token is not None:
@@ -169,7 +178,7 @@ class ServiceTestCase(TestCase):
             protocols=protocols or [V3],
             headers=headers,
         )
-        factory.protocol = Peer
+        factory.protocol = protocol
         factory.setProtocolOptions(autoFragmentSize=fragment, openHandshakeTimeout=0)
         factory.opened = defer.Deferred()
         factory.closed = defer.Deferred()
@@ -620,6 +629,111 @@ class ExpiryTests(ServiceTestCase):
             "/tunnel?local-proxy-mode=destination",
             f"access-token: {opened.destination_token}"))
         self.assertEqual(status, 401)
+
+
+def next_pong(server: TunnelServerProtocol) -> defer.Deferred[bytes]:
+    """Fire when the service's side of a connection next receives a pong."""
+    d: defer.Deferred[bytes] = defer.Deferred()
+
+    def on_pong(payload: bytes) -> None:
+        del server.onPong
+        d.callback(payload)
+
+    server.onPong = on_pong  # type: ignore[method-assign]
+    return d
+
+
+class KeepaliveTests(ServiceTestCase):
+    """
+    The service pings a peer after 30 s of silence and drops it after 90 s
+    without anything from it: a half-open connection does not stay CONNECTED.
+    """
+
+    async def setUp(self) -> None:
+        self.clock = Clock()
+        await super().setUp()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def advance(self, seconds: float) -> None:
+        assert self.clock is not None
+        self.clock.advance(seconds)
+
+    async def test_silent_peer_dropped_answering_peer_kept(self) -> None:
+        opened = self.fixture.open_tunnel(["SSH"])
+        source = await self.connect(SOURCE, opened.source_token, protocol=PongLessPeer)
+        destination = await self.connect(DESTINATION, opened.destination_token)
+        await source.wait_messages(1)
+        await destination.wait_messages(1)
+        source.send(start(1, "SSH", 1))
+        await destination.wait_messages(2)
+        server_destination = self.server_side(opened.tunnel_id, DESTINATION)
+        for _ in range(2):
+            pong = next_pong(server_destination)
+            self.advance(30)
+            await pong
+            self.assertTrue(self.fixture.broker.describe(opened.tunnel_id).source.connected)
+        pong = next_pong(server_destination)
+        self.advance(30)
+        self.assertEqual((await source.closed)[0], 1006)
+        record = self.fixture.broker.describe(opened.tunnel_id)
+        self.assertFalse(record.source.connected)
+        self.assertEqual(record.source.last_updated_at, 90)
+        self.assertEqual((await destination.wait_messages(3))[2], reset(1, "SSH", 1))
+        [dropped] = [e for e in self.events if "Dropping" in e["log_format"]]
+        self.assertEqual(
+            (dropped["mode"], dropped["tunnel_id"], dropped["silent"]),
+            (SOURCE, opened.tunnel_id, 90),
+        )
+        # the destination answers its pings and stays
+        await pong
+        for _ in range(4):
+            pong = next_pong(server_destination)
+            self.advance(30)
+            await pong
+        self.assertTrue(self.fixture.broker.describe(opened.tunnel_id).destination.connected)
+        self.assertEqual(destination.state, destination.STATE_OPEN)
+
+    async def test_any_data_counts(self) -> None:
+        """A peer slow to pong but sending data is alive; once it stops, it is dropped."""
+        opened = self.fixture.open_tunnel(["SSH"])
+        source = await self.connect(SOURCE, opened.source_token, protocol=PongLessPeer)
+        destination = await self.connect(
+            DESTINATION, opened.destination_token, protocol=PongLessPeer
+        )
+        await source.wait_messages(1)
+        await destination.wait_messages(1)
+        source.send(start(1, "SSH"))
+        await destination.wait_messages(2)
+        for i in range(6):
+            source.send(data(1, b"up", "SSH"))
+            destination.send(data(1, b"down", "SSH"))
+            await destination.wait_messages(3 + i)
+            await source.wait_messages(2 + i)
+            self.advance(30)
+        self.assertEqual(source.state, source.STATE_OPEN)
+        self.assertEqual(destination.state, destination.STATE_OPEN)
+        record = self.fixture.broker.describe(opened.tunnel_id)
+        self.assertTrue(record.source.connected and record.destination.connected)
+        self.advance(60)
+        self.assertEqual((await source.closed)[0], 1006)
+        self.assertEqual((await destination.closed)[0], 1006)
+
+    async def test_not_reading_is_not_silence(self) -> None:
+        """While flow control keeps the service from reading a peer, it is not dropped."""
+        opened = self.fixture.open_tunnel()
+        source = await self.connect(SOURCE, opened.source_token, protocol=PongLessPeer)
+        server_source = self.server_side(opened.tunnel_id, SOURCE)
+        server_source._pause_reading()
+        for _ in range(10):
+            self.advance(30)
+        self.assertEqual([e for e in self.events if "Dropping" in e["log_format"]], [])
+        self.assertEqual(server_source.state, server_source.STATE_OPEN)
+        server_source._resume_reading()
+        self.advance(30)
+        self.advance(30)
+        self.advance(30)
+        self.assertEqual((await source.closed)[0], 1006)
+        self.assertFalse(self.fixture.broker.describe(opened.tunnel_id).source.connected)
 
 
 class FlowControlTests(ServiceTestCase):

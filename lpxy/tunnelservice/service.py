@@ -31,7 +31,12 @@ from twisted.web.server import Request, Site
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.broker import Broker, IClock, Limits
-from lpxy.tunnelservice.websocket import Connections, TunnelServerFactory
+from lpxy.tunnelservice.websocket import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_PING_INTERVAL,
+    Connections,
+    TunnelServerFactory,
+)
 
 __all__ = ["TunnelService"]
 
@@ -139,7 +144,11 @@ class TunnelService(MultiService):
     @param endpoints: server endpoint strings (or endpoint objects).
     @param limits: the broker's limits.
     @param max_request_size: the largest API request body accepted.
-    @param clock: the broker's time source (the reactor unless given).
+    @param clock: the time source of the broker and of the peers' liveness
+        checks (the reactor unless given).
+    @param ping_interval: seconds of silence after which a peer is pinged.
+    @param idle_timeout: seconds without anything from a peer after which
+        it is dropped.
     @param exit_zero_on_signals: once the reactor runs, make SIGTERM and
         SIGINT stop it without twistd re-raising the signal afterwards, so
         the process exits 0 (for C{twistd tunnelservice}; never in tests).
@@ -155,6 +164,8 @@ class TunnelService(MultiService):
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         clock: IClock | None = None,
         exit_zero_on_signals: bool = False,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -168,7 +179,8 @@ class TunnelService(MultiService):
         )
         self.connections = Connections()
         self.websocket_factory = TunnelServerFactory(
-            self.broker, reactor=reactor, connections=self.connections
+            self.broker, reactor=reactor, connections=self.connections, clock=clock,
+            ping_interval=ping_interval, idle_timeout=idle_timeout,
         )
 
         class _Request(SizeLimitedRequest):

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.broker import Limits
+from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
 __all__ = ["DEFAULT_PORT", "Options", "makeService"]
 
@@ -50,6 +51,13 @@ class Options(usage.Options):
          _positive("max-open-tunnels")],
         ["max-request-size", None, DEFAULT_MAX_REQUEST_SIZE,
          "Largest API request body, in bytes.", _positive("max-request-size")],
+        ["ping-interval", None, int(DEFAULT_PING_INTERVAL),
+         "Ping a tunnel peer after this many seconds of silence.",
+         _positive("ping-interval")],
+        ["idle-timeout", None, int(DEFAULT_IDLE_TIMEOUT),
+         "Drop a tunnel peer after this many seconds without anything from it "
+         "(a dead connection); more than --ping-interval.",
+         _positive("idle-timeout")],
     ]
 
     def __init__(self) -> None:
@@ -67,6 +75,11 @@ class Options(usage.Options):
     opt_p = opt_port
 
     def postOptions(self) -> None:
+        if self["idle-timeout"] <= self["ping-interval"]:
+            raise usage.UsageError(
+                f"--idle-timeout ({self['idle-timeout']}) must be more than "
+                f"--ping-interval ({self['ping-interval']})"
+            )
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
         from twisted.internet import reactor
@@ -94,4 +107,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ),
         max_request_size=options["max-request-size"],
         exit_zero_on_signals=True,
+        ping_interval=options["ping-interval"],
+        idle_timeout=options["idle-timeout"],
     )

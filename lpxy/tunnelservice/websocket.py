@@ -31,6 +31,14 @@ Flow control invariants:
   - Nothing else buffers: the decoder keeps at most one incomplete record.
   - When a pairing ends (partner gone, replaced, closed) both registrations
     are removed and the peer left is resumed, so it never stays paused.
+
+Liveness: a peer whose TCP connection died silently (half-open) would stay
+CONNECTED for ever, so every peer is watched. Any bytes from it count as a
+sign of life. After C{ping_interval} seconds of silence the service pings
+it (proxies answer pings); once nothing at all has arrived for
+C{idle_timeout} seconds the connection is dropped, which disconnects its end
+and resets the partner's streams. While the service itself is not reading
+from a peer (flow control), that peer's silence is not held against it.
 """
 
 from __future__ import annotations
@@ -54,10 +62,12 @@ from twisted.web.http import RESPONSES
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy.frames import Message, ProtocolError, RecordDecoder, encode, encode_body, parse_body
-from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused, IPeer
+from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused, IClock, IPeer
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 
 __all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_PING_INTERVAL",
     "MAX_FRAME_SIZE",
     "SUBPROTOCOLS",
     "Connections",
@@ -81,6 +91,9 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+
+DEFAULT_PING_INTERVAL = 30.0
+DEFAULT_IDLE_TIMEOUT = 90.0
 
 _KNOWN_TYPES = frozenset(Message.Type.values())
 _NEEDS_STREAM = frozenset({
@@ -199,6 +212,8 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     _partner: TunnelServerProtocol | None = None
     _version = 0
     _reading_paused = False
+    _keepalive: Any = None
+    _heard = 0.0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -211,9 +226,57 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         self.transport.unregisterProducer()
         self.factory.connections.add(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        self._heard = self.factory.clock.seconds()
+        super().dataReceived(data)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_keepalive()
         super().connectionLost(reason)
         self.factory.connections.discard(self)
+
+    # Liveness
+
+    def _start_keepalive(self) -> None:
+        self._heard = self.factory.clock.seconds()
+        self._keepalive = self.factory.clock.callLater(
+            self.factory.ping_interval, self._check_alive
+        )
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
+
+    def _check_alive(self) -> None:
+        self._keepalive = None
+        if self.state != self.STATE_OPEN:
+            return
+        factory = self.factory
+        now = factory.clock.seconds()
+        if self._reading_paused:
+            # We are not reading: whatever it sends waits in the kernel.
+            self._heard = now
+        silent = now - self._heard
+        if silent >= factory.idle_timeout:
+            info = self._info
+            self._log.warn(
+                "Dropping {mode} of tunnel {tunnel_id}, channel {channel_id}, from "
+                "{peer}: nothing received for {silent:.0f} seconds",
+                mode=info.mode if info else None,
+                tunnel_id=info.tunnel_id if info else None,
+                channel_id=info.channel_id if info else None,
+                peer=self.peer, silent=silent,
+            )
+            self.wasClean = False
+            self.wasNotCleanReason = "peer silent"
+            self.dropConnection(abort=True)
+            return
+        if silent >= factory.ping_interval:
+            self.sendPing(b"%d" % (now * 1000,))
+        self._keepalive = factory.clock.callLater(
+            min(factory.ping_interval, factory.idle_timeout - silent), self._check_alive
+        )
 
     # Handshake
 
@@ -306,6 +369,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         try:
+            self._start_keepalive()
             attachment = self._info
             assert attachment is not None
             self._log.info(
@@ -504,6 +568,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        self._stop_keepalive()
         attachment, self._attachment = self._attachment, None
         if attachment is not None:
             self.factory.broker.disconnect(attachment)
@@ -526,16 +591,30 @@ class TunnelServerFactory(WebSocketServerFactory):
     @param broker: decides which handshakes succeed and pairs the peers.
     @param reactor: for Autobahn's timers (tests pass their own).
     @param connections: where the open connections are tracked.
+    @param clock: the time source of the liveness checks (the reactor unless given).
+    @param ping_interval: seconds of silence after which a peer is pinged.
+    @param idle_timeout: seconds of silence after which a peer is dropped.
     """
 
     protocol = TunnelServerProtocol  # type: ignore[assignment]
     log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
 
     def __init__(
-        self, broker: Broker, reactor: Any = None, connections: Connections | None = None
+        self,
+        broker: Broker,
+        reactor: Any = None,
+        connections: Connections | None = None,
+        clock: IClock | None = None,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
+        if not 0 < ping_interval < idle_timeout:
+            raise ValueError("need 0 < ping_interval < idle_timeout")
         super().__init__(server="lpxy-tunnelservice", reactor=reactor)
         self.broker = broker
+        self.clock: IClock = clock if clock is not None else self.reactor
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
         self.connections = connections if connections is not None else Connections()
         self.setProtocolOptions(
             maxFramePayloadSize=MAX_FRAME_SIZE,
@@ -543,7 +622,8 @@ class TunnelServerFactory(WebSocketServerFactory):
             autoFragmentSize=0,
             utf8validateIncoming=False,
             failByDrop=False,
-            # Peers ping us; we only answer.
+            # Our own liveness check instead, which counts any bytes as
+            # life and spares a peer we are not reading from.
             autoPingInterval=0,
             # twisted.web has read the whole request before the WebSocket
             # takes over, so the opening handshake cannot stall.

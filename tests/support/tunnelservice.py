@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.broker import Broker, IClock, Limits, OpenedTunnel
 from lpxy.tunnelservice.service import TunnelService
+from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
 __all__ = ["OpenedTunnel", "ServiceFixture", "start_tunnelservice"]
 
@@ -55,6 +56,7 @@ async def _start(
     clock: IClock | None,
     tls: tuple[str, str] | None,
     limits: dict[str, float],
+    keepalive: dict[str, float],
 ) -> ServiceFixture:
     if reactor is None:
         from twisted.internet import reactor
@@ -73,6 +75,7 @@ async def _start(
         limits=Limits(**limits),  # type: ignore[arg-type]
         max_request_size=max_request_size,
         clock=clock,
+        **keepalive,
     )
     service.startService()
     case.addCleanup(service.stopService)
@@ -92,16 +95,24 @@ def start_tunnelservice(
     reactor: Any = None,
     clock: IClock | None = None,
     tls: tuple[str, str] | None = None,
+    *,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     **limits: float,
 ) -> defer.Deferred[ServiceFixture]:
     """
     Start a tunnel service for C{case}; fire with its L{ServiceFixture}.
 
     @param reactor: the reactor to listen with (the global one by default).
-    @param clock: the broker's time source, for expiry tests (the reactor
-        by default).
+    @param clock: the time source of the broker and of the peers' liveness
+        checks, for expiry and keepalive tests (the reactor by default).
+    @param ping_interval: seconds of a peer's silence before the service pings it.
+    @param idle_timeout: seconds of a peer's silence before the service drops it.
     @param tls: C{(key_pem_path, cert_pem_path)} for a TLS port.
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
         C{closed_retention_seconds}.
     """
-    return defer.Deferred.fromCoroutine(_start(case, reactor, clock, tls, dict(limits)))
+    keepalive = {"ping_interval": ping_interval, "idle_timeout": idle_timeout}
+    return defer.Deferred.fromCoroutine(
+        _start(case, reactor, clock, tls, dict(limits), keepalive)
+    )
