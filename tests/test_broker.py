@@ -21,7 +21,7 @@ from lpxy.tunnelservice.broker import (
     Limits,
     ResourceNotFound,
 )
-from lpxy.tunnelservice.store import CLOSED, DESTINATION, OPEN, SOURCE
+from lpxy.tunnelservice.store import CLOSED, DESTINATION, OPEN, SOURCE, MemoryTunnelStore
 
 CT1 = "a" * 32
 CT2 = "b" * 32
@@ -353,3 +353,46 @@ class ListAndTagTests(BrokerTestCase):
                      self.broker.tags):
             self.assertRaises(ResourceNotFound, call, arn + "x")
             self.assertRaises(ResourceNotFound, call, "arn:other")
+
+
+class StoreStateTests(SynchronousTestCase):
+    """
+    What must outlive a broker is in its store: a new broker over the same
+    store (as after a restart with a persistent store) carries on.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryTunnelStore()
+        self.limits = Limits(max_open_tunnels=2)
+
+    def broker(self) -> Broker:
+        return Broker(self.clock, store=self.store, limits=self.limits)
+
+    def test_open_count_from_store(self) -> None:
+        first = self.broker()
+        a = first.open_tunnel()
+        first.open_tunnel()
+        second = self.broker()
+        self.assertRaises(LimitExceeded, second.open_tunnel)
+        second.close_tunnel(a.tunnel_id)
+        self.assertEqual(self.store.open_count(), 1)
+        second.open_tunnel()
+        self.assertRaises(LimitExceeded, first.open_tunnel)
+
+    def test_sequence_from_store(self) -> None:
+        first = self.broker()
+        a = first.open_tunnel()
+        first.close_tunnel(a.tunnel_id, delete=True)
+        b = first.open_tunnel()
+        second = self.broker()
+        c = second.open_tunnel()
+        page, token = second.list_tunnels(max_results=1)
+        self.assertEqual([r.tunnel_id for r in page], [c.tunnel_id])
+        page, token = second.list_tunnels(max_results=1, next_token=token)
+        self.assertEqual([r.tunnel_id for r in page], [b.tunnel_id])
+        self.assertIsNone(token)
+        self.assertEqual(
+            [self.store.get(t.tunnel_id).sequence for t in (b, c)],  # type: ignore[union-attr]
+            [2, 3],
+        )

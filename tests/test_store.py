@@ -5,6 +5,7 @@ Tests for L{lpxy.tunnelservice.store}.
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.tunnelservice.store import (
+    CLOSED,
     DESTINATION,
     SOURCE,
     EndRecord,
@@ -75,3 +76,31 @@ class MemoryTunnelStoreTests(SynchronousTestCase):
 
     def test_tokens_not_in_repr(self) -> None:
         self.assertNotIn("a-s", repr(record("a", 1)))
+
+    def test_next_sequence(self) -> None:
+        numbers = [self.store.next_sequence() for _ in range(3)]
+        self.assertEqual(numbers, sorted(set(numbers)))
+        r = record("a", numbers[-1])
+        self.store.add(r)
+        self.store.remove("a")
+        self.assertGreater(self.store.next_sequence(), numbers[-1])
+
+    def test_open_count(self) -> None:
+        self.assertEqual(self.store.open_count(), 0)
+        for name in "abc":
+            self.store.add(record(name, self.store.next_sequence()))
+        self.assertEqual(self.store.open_count(), 3)
+        r = self.store.get("b")
+        assert r is not None
+        r.status = CLOSED
+        self.store.save(r)
+        self.assertEqual(self.store.open_count(), 2)
+        self.store.save(r)
+        self.assertEqual(self.store.open_count(), 2)
+        self.store.remove("b")
+        self.store.remove("a")
+        self.assertEqual(self.store.open_count(), 1)
+        closed = record("d", self.store.next_sequence())
+        closed.status = CLOSED
+        self.store.add(closed)
+        self.assertEqual(self.store.open_count(), 1)

@@ -222,8 +222,6 @@ class Broker:
         self.limits = limits if limits is not None else Limits()
         self._arn_prefix = arn_prefix
         self._new_id = new_id
-        self._sequence = 0
-        self._open_count = 0
         # Each tunnel's one timer: its expiry while open, its removal once closed.
         self._expiries: dict[str, _DelayedCall] = {}
         self._live: dict[tuple[str, str], Attachment] = {}
@@ -253,18 +251,17 @@ class Broker:
             raise InvalidRequest("Service names must be unique")
         if not 1 <= lifetime_minutes <= 720:
             raise InvalidRequest("maxLifetimeTimeoutMinutes must be between 1 and 720")
-        if self._open_count >= self.limits.max_open_tunnels:
+        if self._store.open_count() >= self.limits.max_open_tunnels:
             raise LimitExceeded(
                 f"At most {self.limits.max_open_tunnels} tunnels can be open at once"
             )
         now = self._clock.seconds()
         tunnel_id = self._new_id()
         source_token, destination_token = _new_token(), _new_token()
-        self._sequence += 1
         record = TunnelRecord(
             tunnel_id=tunnel_id,
             arn=self._arn_prefix + tunnel_id,
-            sequence=self._sequence,
+            sequence=self._store.next_sequence(),
             description=description,
             thing_name=thing_name,
             services=services,
@@ -278,7 +275,6 @@ class Broker:
             tags=dict(tags),
         )
         self._store.add(record)
-        self._open_count += 1
         self._expiries[tunnel_id] = self._clock.callLater(
             lifetime_minutes * 60, self._expire, tunnel_id
         )
@@ -335,7 +331,6 @@ class Broker:
             expiry.cancel()
         record.status = CLOSED
         record.last_updated_at = self._clock.seconds()
-        self._open_count -= 1
         attachments = [
             a for mode in MODES
             if (a := self._live.get((record.tunnel_id, mode))) is not None

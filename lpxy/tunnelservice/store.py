@@ -7,6 +7,12 @@ them again, by tunnel id or by the hash of an access token. Records are
 mutable: the broker changes one and then hands it back with
 L{ITunnelStore.save}, which a persistent store would write out. Only token
 hashes are ever stored, never tokens.
+
+Everything that must outlive the broker lives here too: the creation
+sequence numbers (which page tokens refer to) and how many tunnels are open,
+so that a broker started over a persistent store carries on where the last
+one stopped. What the broker keeps itself (live connections, timers) ends
+with the process anyway.
 """
 
 from __future__ import annotations
@@ -109,6 +115,17 @@ class ITunnelStore(Protocol):
         """Every record, the most recently created first."""
         ...
 
+    def next_sequence(self) -> int:
+        """
+        A creation sequence number for a new record: higher than any this
+        store has handed out before, even for records since removed.
+        """
+        ...
+
+    def open_count(self) -> int:
+        """How many stored records have the status L{OPEN}."""
+        ...
+
 
 class MemoryTunnelStore:
     """An L{ITunnelStore} in a few dictionaries; nothing survives a restart."""
@@ -117,6 +134,8 @@ class MemoryTunnelStore:
         self._tunnels: dict[str, TunnelRecord] = {}
         self._tokens: dict[bytes, tuple[str, str]] = {}
         self._indexed: dict[str, tuple[bytes, ...]] = {}
+        self._open: set[str] = set()
+        self._sequence = 0
 
     def _unindex(self, tunnel_id: str) -> None:
         for token_hash in self._indexed.pop(tunnel_id, ()):
@@ -130,6 +149,10 @@ class MemoryTunnelStore:
             self._tokens[token_hash] = (record.tunnel_id, mode)
             hashes.append(token_hash)
         self._indexed[record.tunnel_id] = tuple(hashes)
+        if record.status == OPEN:
+            self._open.add(record.tunnel_id)
+        else:
+            self._open.discard(record.tunnel_id)
 
     def add(self, record: TunnelRecord) -> None:
         if record.tunnel_id in self._tunnels:
@@ -149,6 +172,7 @@ class MemoryTunnelStore:
     def remove(self, tunnel_id: str) -> None:
         self._tunnels.pop(tunnel_id, None)
         self._unindex(tunnel_id)
+        self._open.discard(tunnel_id)
 
     def find_token(self, token_hash: bytes) -> tuple[TunnelRecord, str] | None:
         found = self._tokens.get(token_hash)
@@ -160,3 +184,10 @@ class MemoryTunnelStore:
     def newest_first(self) -> Iterator[TunnelRecord]:
         # Records are only ever appended, so insertion order is creation order.
         return reversed(self._tunnels.values())
+
+    def next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def open_count(self) -> int:
+        return len(self._open)
