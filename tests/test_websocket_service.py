@@ -20,7 +20,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.trial.unittest import TestCase
 
@@ -375,26 +375,64 @@ class RejectionTests(ServiceTestCase):
 
 
 class RelayTests(ServiceTestCase):
-    async def test_relay_order_both_ways(self) -> None:
-        source, destination, _ = await self.pair(["SSH", "HTTP"])
-        sent = [start(1, "SSH", 1)] + [data(1, bytes([i]) * (i * 100 + 1), "SSH", 1)
-                                       for i in range(50)]
-        sent += [Message(type=Message.CONNECTION_START, streamId=1, serviceId="SSH",
-                         connectionId=2), data(1, b"two", "SSH", 2),
-                 Message(type=Message.CONNECTION_RESET, streamId=1, serviceId="SSH",
-                         connectionId=2),
-                 start(1, "HTTP", 1), data(1, b"GET /", "HTTP", 1)]
+    async def relay_both_ways(self, version: str) -> None:
+        """
+        STREAM_START, DATA, STREAM_RESET (and in 3.0 CONNECTION_START and
+        CONNECTION_RESET) from source to destination and back, one record
+        per WebSocket message as the reference sends them: they arrive in
+        order and byte for byte. A 1.0 peer sends no serviceId, a 1.0 or
+        2.0 peer no connectionId.
+        """
+        v1, v3 = version == V1, version == V3
+        ssh = "" if v1 else "SSH"
+
+        def conn(n: int) -> int:
+            return n if v3 else 0
+
+        def connection(kind: Message.Type, stream: int, n: int) -> Message:
+            return Message(type=kind, streamId=stream, serviceId=ssh, connectionId=n)
+
+        source, destination, _ = await self.pair(None if v1 else ["SSH", "HTTP"], version)
+        sent = [start(1, ssh, conn(1))]
+        sent += [data(1, bytes([i]) * (i * 100 + 1), ssh, conn(1)) for i in range(50)]
+        if v3:
+            sent += [connection(Message.CONNECTION_START, 1, 2), data(1, b"two", ssh, 2),
+                     connection(Message.CONNECTION_RESET, 1, 2)]
+        sent += [reset(1, ssh, conn(1)), start(2, ssh, conn(1)), data(2, b"again", ssh, conn(1))]
+        if not v1:
+            sent += [start(1, "HTTP", conn(1)), data(1, b"GET /", "HTTP", conn(1))]
+        back = [data(2, b"reply", ssh, conn(1))]
+        if v3:
+            back += [connection(Message.CONNECTION_RESET, 2, 1)]
+        back += [reset(2, ssh, conn(1))]
+        if not v1:
+            back += [data(1, b"200 OK", "HTTP", conn(1)), reset(1, "HTTP", conn(1))]
+
+        ids = 0 if v1 else 1
         for message in sent:
             source.send(message)
-        got = await destination.wait_messages(1 + len(sent))
-        self.assertEqual(got[1:], sent)
-        self.assertEqual(bytes(destination.raw[len(encode(got[0])):]), encode_all(sent))
+        got = await destination.wait_messages(ids + len(sent))
+        self.assertEqual(got[ids:], sent)
+        head = len(encode(got[0])) if ids else 0
+        self.assertEqual(bytes(destination.raw[head:]), encode_all(sent))
+        for message in back:
+            destination.send(message)
+        got = await source.wait_messages(ids + len(back))
+        self.assertEqual(got[ids:], back)
+        head = len(encode(got[0])) if ids else 0
+        self.assertEqual(bytes(source.raw[head:]), encode_all(back))
+        for message in sent + back:
+            self.assertEqual(message.serviceId == "", v1)
+            self.assertEqual(message.connectionId == 0, not v3)
 
-        back = [data(1, b"reply", "SSH", 1), reset(1, "HTTP", 1),
-                Message(type=Message.CONNECTION_RESET, streamId=1, serviceId="SSH",
-                        connectionId=1)]
-        destination.send(*back)
-        self.assertEqual((await source.wait_messages(1 + len(back)))[1:], back)
+    async def test_relay_order_both_ways_1_0(self) -> None:
+        await self.relay_both_ways(V1)
+
+    async def test_relay_order_both_ways_2_0(self) -> None:
+        await self.relay_both_ways(V2)
+
+    async def test_relay_order_both_ways_3_0(self) -> None:
+        await self.relay_both_ways(V3)
 
     async def test_mixed_versions(self) -> None:
         """A 3.0 source speaking V2 to a 2.0 destination: records pass as they are."""
@@ -507,9 +545,23 @@ class ViolationTests(ServiceTestCase):
         source.send(start(1, "SSH"))
         await destination.wait_messages(2)
         offender = source if mode == SOURCE else destination
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         offender.sendMessage(raw if raw is not None else encode_all(messages), isBinary=binary)
         code, reason = await offender.closed
         self.assertFalse(self.fixture.broker.describe(opened.tunnel_id).end(mode).connected)
+        [logged] = [e for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(
+            {k: logged.get(k) for k in ("mode", "tunnel_id", "channel_id", "code")},
+            {"mode": mode, "tunnel_id": opened.tunnel_id,
+             "channel_id": offender.response.headers["channel-id"], "code": code},
+        )
+        # the close frame carries at most 123 bytes of it; the log has it whole
+        assert reason is not None
+        self.assertTrue(logged["reason"].startswith(reason), (logged["reason"], reason))
+        self.assertIn(logged["reason"], formatEvent(logged))
+        self.assertEqual(
+            logged["log_namespace"], "lpxy.tunnelservice.websocket.TunnelServerProtocol"
+        )
         if mode == SOURCE:
             self.assertEqual((await destination.wait_messages(3))[2], reset(1, "SSH"))
         else:

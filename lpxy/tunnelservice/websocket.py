@@ -469,9 +469,9 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         assert attachment is not None
         self._log.warn(
             "Closing {mode} of tunnel {tunnel_id}, channel {channel_id}, from {peer}: "
-            "{reason}",
+            "{code} {reason}",
             mode=attachment.mode, tunnel_id=attachment.tunnel_id,
-            channel_id=attachment.channel_id, peer=self.peer, reason=reason,
+            channel_id=attachment.channel_id, peer=self.peer, code=code, reason=reason,
         )
         self.factory.broker.disconnect(attachment)
         self.close(code, reason)
