@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -69,7 +70,7 @@ def config(mode: str = "destination", retries: int = -1, **websocket: Any) -> Pr
     )
 
 
-class ServiceTests(SynchronousTestCase):
+class ServiceTestBase(SynchronousTestCase):
     def build(self, cfg: ProxyConfig) -> LocalProxyService:
         self.clock = Clock()
         self.reactor = MemoryReactor()
@@ -112,6 +113,8 @@ class ServiceTests(SynchronousTestCase):
         transport.lost = True
         protocol.connectionLost(Failure(ConnectionDone()))
 
+
+class ServiceTests(ServiceTestBase):
     def test_ready_after_service_ids(self) -> None:
         self.build(config())
         self.assertEqual(len(self.endpoint.attempts), 1)
@@ -258,3 +261,74 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"\x88"))
         self.lose(protocol, transport)
         self.assertNoResult(self.done)
+
+
+class FinalOutcomeLogTests(ServiceTestBase):
+    """
+    A final outcome stops the C{ClientService} before it schedules a retry:
+    no "Scheduling retry" line contradicts ours, and Autobahn's routine drop
+    is no warning.
+    """
+
+    def scheduled(self, events: list[Any]) -> list[str]:
+        return [formatEvent(e) for e in events if "Scheduling retry" in e.get("log_format", "")]
+
+    def warnings(self, events: list[Any]) -> list[str]:
+        return [formatEvent(e) for e in events
+                if e.get("log_level", LogLevel.info) >= LogLevel.warn]
+
+    def test_rejected(self) -> None:
+        with capturedLogs() as events:
+            self.build(config())
+            self.handshake(b"HTTP/1.1 401 Unauthorized\r\n\r\nInvalid access token")
+            self.clock.advance(60)
+        self.assertEqual(self.successResultOf(self.done), 2)
+        self.assertEqual(self.scheduled(events), [])
+        self.assertEqual(len(self.warnings(events)), 1, self.warnings(events))
+        self.assertIn("refused the connection", self.warnings(events)[0])
+        self.assertIn("not retrying", self.warnings(events)[0])
+        self.assertTrue(any(formatEvent(e).startswith("dropping connection")
+                            for e in events), "Autobahn's line is kept, at info")
+
+    def test_close_1000(self) -> None:
+        with capturedLogs() as events:
+            self.build(config())
+            protocol, transport = self.handshake(ids=["SSH"])
+            protocol.dataReceived(frame(8, b"\x03\xe8tunnel closed"))
+            self.lose(protocol, transport)
+            self.clock.advance(60)
+        self.assertEqual(self.successResultOf(self.done), 0)
+        self.assertEqual(self.scheduled(events), [])
+        self.assertEqual(self.warnings(events), [])
+
+    def test_retries_exhausted(self) -> None:
+        with capturedLogs() as events:
+            self.build(config(retries=2))
+            for _ in range(3):
+                self.endpoint.fail()
+                self.clock.advance(2.5)
+        self.assertEqual(self.successResultOf(self.done), 3)
+        self.assertEqual(len(self.scheduled(events)), 2)
+        self.assertIn("Giving up", self.warnings(events)[-1])
+
+    def test_handshake_retries_exhausted(self) -> None:
+        with capturedLogs() as events:
+            self.build(config(retries=1))
+            self.handshake(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+            self.clock.advance(2.5)
+            self.handshake(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+            self.clock.advance(60)
+        self.assertEqual(self.successResultOf(self.done), 3)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        self.assertEqual(len(self.scheduled(events)), 1)
+        warnings = self.warnings(events)
+        self.assertEqual(len([w for w in warnings if "retrying in" in w]), 1, warnings)
+        self.assertIn("Giving up", warnings[-1])
+
+    def test_protocol_error_keeps_warning(self) -> None:
+        with capturedLogs() as events:
+            self.build(config())
+            protocol, transport = self.handshake(ids=["SSH"])
+            protocol.dataReceived(frame(BINARY, encode(Message(type=Message.UNKNOWN, streamId=1))))
+            self.lose(protocol, transport)
+        self.assertTrue(any("Protocol error" in w for w in self.warnings(events)))

@@ -24,7 +24,7 @@ Exit statuses (L{LocalProxyService.whenDone}):
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from automat import NoTransition
@@ -134,9 +134,12 @@ class _GatedEndpoint:
 
     _log = Logger()
 
-    def __init__(self, endpoint: Any, description: str) -> None:
+    def __init__(
+        self, endpoint: Any, description: str, failed: Callable[[str], object]
+    ) -> None:
         self._endpoint = endpoint
         self._description = description
+        self._report = failed
 
     def connect(self, factory: Any) -> Deferred[Any]:
         connecting: Deferred[Any] = self._endpoint.connect(_GateFactory(factory))
@@ -149,10 +152,43 @@ class _GatedEndpoint:
                 endpoint=self._description,
                 error=reason.getErrorMessage(),
             )
+            # Before ClientService hears of it: a spent budget stops the
+            # service now, so that it never schedules a retry.
+            self._report(reason.getErrorMessage())
         return reason
 
     def __repr__(self) -> str:
         return f"<tunnel endpoint {self._description}>"
+
+
+class _RoutineDrops:
+    """
+    Autobahn's logger for a tunnel protocol, with its "dropping connection"
+    warning told at info.
+
+    Autobahn warns whenever it drops a connection that did not close
+    cleanly: a refused handshake, our own abort after a protocol error or a
+    dead connection. Each of those has its line from L{ProxyConnector} at
+    the level it deserves, so Autobahn's is a routine detail; every other
+    Autobahn warning keeps its level.
+    """
+
+    def __init__(self, wrapped: Any) -> None:
+        self._wrapped = wrapped
+
+    def warn(self, *args: Any, **kwargs: Any) -> None:
+        text = args[0] if args else kwargs.get("format", "")
+        if isinstance(text, str) and text.startswith("dropping connection to peer"):
+            self._wrapped.info(*args, **kwargs)
+        else:
+            self._wrapped.warn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+class _ProxyTunnelProtocol(TunnelProtocol):
+    log = _RoutineDrops(TunnelProtocol.log)
 
 
 class ProxyConnector:
@@ -203,8 +239,12 @@ class ProxyConnector:
             )
         self.stopping = False
         self.ending = False
-        self.finished: Any = None
-        self.reconnected: Any = None
+        # Set by the service: called with the exit status when the proxy must
+        # end; and with the reason of a lost connection or failed attempt,
+        # answering whether a retry follows.
+        self.finished: Callable[[int], object] | None = None
+        self.reconnected: Callable[[str], bool] | None = None
+        self.attempt_failed: Callable[[str], bool] | None = None
 
     def _end(self, status: int) -> None:
         self.ending = True
@@ -285,14 +325,18 @@ class ProxyConnector:
             )
             self._end(EXIT_CLOSED)
         elif was_ready:
+            if self.reconnected is not None and not self.reconnected(self._why(outcome)):
+                return
             self._log.warn(
                 "Lost the tunnel connection ({reason}); reconnecting in {delay}s",
                 reason=self._why(outcome),
                 delay=delay,
             )
-            if self.reconnected is not None:
-                self.reconnected()
         else:
+            if self.attempt_failed is not None and not self.attempt_failed(
+                self._why(outcome)
+            ):
+                return
             self._log.warn(
                 "Could not connect to the tunneling service ({reason}); "
                 "retrying in {delay}s",
@@ -457,6 +501,7 @@ class LocalProxyService(MultiService):
         self.connector = ProxyConnector(config, reactor, self._clock)
         self.connector.finished = self._finish
         self.connector.reconnected = self._lost
+        self.connector.attempt_failed = self._attempt_failed
         self.factory = TunnelFactory(
             config.endpoint.url(config.mode),
             self.connector,
@@ -469,6 +514,7 @@ class LocalProxyService(MultiService):
             max_frame_size=WIRE_FRAME_LIMIT,
             trace=config.verbosity >= 6,
         )
+        self.factory.protocol = _ProxyTunnelProtocol
         if settings.max_frame_size != WIRE_FRAME_LIMIT:
             self._log.info(
                 "websocket.max_frame_size {size} is not used: WebSocket messages"
@@ -479,12 +525,17 @@ class LocalProxyService(MultiService):
         delay = max(0, settings.retry_delay_ms) / 1000.0
         endpoint_name = config.endpoint.url(config.mode).split("/tunnel")[0]
         self._retries = settings.connect_retry_count
+        # Failed attempts since the last usable connection, a lost connection
+        # counting as the first. We count them ourselves, before
+        # ClientService hears of each failure, so that the last one stops
+        # it before it schedules (and logs) a retry that will never come.
+        self._failures = 0
         self.client = ClientService(
-            cast(Any, _GatedEndpoint(endpoint, endpoint_name)),
+            cast(Any, _GatedEndpoint(endpoint, endpoint_name, self._endpoint_failed)),
             cast(Any, self.factory),
             retryPolicy=lambda attempt: delay,
             clock=self._clock,
-            prepareConnection=self.connector.prepare,
+            prepareConnection=self._prepare,
         )
         self.client.setServiceParent(self)
         self._done: Deferred[int] = Deferred()
@@ -494,46 +545,64 @@ class LocalProxyService(MultiService):
         """Fires with the exit status when the proxy ends on its own."""
         return self._done
 
-    def startService(self) -> None:
-        super().startService()
-        if self._retries >= 0:
-            self._arm(self._retries + 1)
+    def _prepare(self, protocol: Any) -> Deferred[None]:
+        ready = self.connector.prepare(protocol)
+        ready.addCallback(self._usable)
+        return ready
 
-    def _arm(self, failures: int) -> None:
-        self.client.whenConnected(failAfterFailures=failures).addErrback(self._spent)
+    def _usable(self, result: None) -> None:
+        self._failures = 0
 
-    def _spent(self, reason: Failure) -> None:
-        if reason.check(CancelledError) or self._status is not None:
-            return
-        self._log.error(
-            "Giving up: could not connect to the tunneling service after "
-            "{retries} retries ({error})",
-            retries=self._retries,
-            error=reason.getErrorMessage(),
-        )
-        self._finish(EXIT_GAVE_UP)
+    def _endpoint_failed(self, error: str) -> None:
+        if not self.connector.stopping:
+            self._attempt_failed(error)
 
-    def _lost(self) -> None:
-        if self._retries < 0:
-            return
-        if self._retries == 0:
-            self._log.error("Not reconnecting: websocket.connect_retry_count is 0")
+    def _attempt_failed(self, error: str) -> bool:
+        """
+        An attempt failed: give up if the budget is spent, else say that a
+        retry follows.
+        """
+        if self._status is not None:
+            return False
+        self._failures += 1
+        if 0 <= self._retries < self._failures:
+            self._log.error(
+                "Giving up: could not connect to the tunneling service after "
+                "{retries} retries ({error})",
+                retries=self._retries,
+                error=error,
+            )
             self._finish(EXIT_GAVE_UP)
-            return
-        # After ClientService has seen the loss (it is still connected now).
-        self._clock.callLater(0, self._arm, self._retries)
+            return False
+        return True
+
+    def _lost(self, reason: str) -> bool:
+        """A usable connection was lost: say whether a reconnection follows."""
+        self._failures = 1
+        if self._retries == 0:
+            self._log.error(
+                "Lost the tunnel connection ({reason}); not reconnecting: "
+                "websocket.connect_retry_count is 0",
+                reason=reason,
+            )
+            self._finish(EXIT_GAVE_UP)
+            return False
+        return True
 
     def _finish(self, status: int) -> None:
         if self._status is not None:
             return
         self._status = status
-        # Never from inside ClientService's own state machine: it refuses
-        # re-entrant stops.
-        self._clock.callLater(0, self._stop_and_report, status)
-
-    def _stop_and_report(self, status: int) -> None:
-        self.connector.shutdown()
+        self.connector.ending = True
+        # At once, from the connection's own events and never from inside
+        # ClientService's state machine (which refuses re-entrant stops):
+        # ClientService hears of the failure or loss after us, and, stopped,
+        # schedules no retry.
         stopped = self.client.stopService() if self.client.running else succeed(None)
+        self._clock.callLater(0, self._report, stopped, status)
+
+    def _report(self, stopped: Deferred[None], status: int) -> None:
+        self.connector.shutdown()
         if self.connector.listeners is not None:
             self.connector.listeners.stop()
         stopped.addBoth(lambda _: self._done.callback(status))
