@@ -208,6 +208,32 @@ class OptionsTests(SynchronousTestCase):
         self.assertNotIn(TOKEN, repr(options["proxy-config"]))
         self.assertNotIn(CLIENT, repr(options["proxy-config"]))
 
+    def test_tokensHiddenInOptionsRepr(self) -> None:
+        """
+        The parsed options (a dict) show neither token nor the web proxy's
+        password in their repr; other values still show.
+        """
+        environ = {"https_proxy": "http://user:s3cret-pass@webproxy:3128"}
+        options = Options(environ=environ, cwd=self.cwd)
+        options.parseOptions(["-t", TOKEN, "-i", CLIENT, "-r", "us-east-1", "-s", "1"])
+        shown = repr(options)
+        for secret in (TOKEN, CLIENT, "s3cret-pass"):
+            self.assertNotIn(secret, shown)
+        self.assertIn("'access-token': '<hidden>'", shown)
+        self.assertIn("'client-token': '<hidden>'", shown)
+        self.assertIn("'region': 'us-east-1'", shown)
+        self.assertIn("webproxy", shown)
+        self.assertEqual(options["access-token"], TOKEN)
+
+    def test_absentTokenReprNone(self) -> None:
+        """
+        An option not given shows as L{None}, not as hidden.
+        """
+        options = self.parse(["-r", "us-east-1", "-s", "1"],
+                             environ={"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN})
+        self.assertIn("'access-token': None", repr(options))
+        self.assertNotIn(TOKEN, repr(options))
+
 
 class MakeServiceTests(SynchronousTestCase):
     """

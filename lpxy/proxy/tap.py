@@ -23,6 +23,9 @@ from lpxy.proxy.settings import export_default_settings
 
 VERSION_LINE = f"localproxy (lpxy) {__version__}"
 
+#: Options whose values never show in a repr.
+_SECRET_OPTIONS = frozenset({"access-token", "client-token"})
+
 
 class Options(usage.Options):
     """
@@ -101,6 +104,15 @@ class Options(usage.Options):
         self._environ = os.environ if environ is None else environ
         self._cwd = cwd
         self._stdout = stdout
+
+    def __repr__(self) -> str:
+        # A dict's repr would show the tokens as given; the resolved
+        # ProxyConfig (and the web proxy in it) hides its own secrets.
+        shown = {
+            key: "<hidden>" if key in _SECRET_OPTIONS and value is not None else value
+            for key, value in self.items()
+        }
+        return f"<{type(self).__module__}.{type(self).__name__} {shown!r}>"
 
     def getSynopsis(self) -> str:
         if getattr(self, "parent", None) is not None:
