@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -332,3 +333,46 @@ class FinalOutcomeLogTests(ServiceTestBase):
             protocol.dataReceived(frame(BINARY, encode(Message(type=Message.UNKNOWN, streamId=1))))
             self.lose(protocol, transport)
         self.assertTrue(any("Protocol error" in w for w in self.warnings(events)))
+
+
+class UnusedSettingsLogTests(ServiceTestBase):
+    """
+    A non-default value for a setting without effect in lpxy is told once,
+    at info, with the reason; defaults say nothing.
+    """
+
+    def unused(self, events: list[Any]) -> list[Any]:
+        return [e for e in events if "is not used" in e.get("log_format", "")]
+
+    def test_defaults_silent(self) -> None:
+        with capturedLogs() as events:
+            self.build(config())
+        self.assertEqual(self.unused(events), [])
+
+    def test_each_once_at_info(self) -> None:
+        cfg = config()
+        settings = cfg.settings
+        settings = evolve(
+            settings,
+            message=evolve(settings.message, max_size=1000, data_frame_max_size=1002),
+            tcp=evolve(settings.tcp, read_buffer_size=3000),
+            websocket=evolve(settings.websocket, read_buffer_size=4000,
+                             write_buffer_size=5000),
+        )
+        with capturedLogs() as events:
+            self.build(evolve(cfg, settings=settings))
+            protocol, transport = self.handshake(ids=["SSH"])
+            self.lose(protocol, transport)
+            self.clock.advance(2.5)
+        unused = self.unused(events)
+        self.assertEqual(
+            sorted(formatEvent(e).split(" is not used")[0] for e in unused),
+            [
+                "tunneling.proxy.message.data_frame_max_size 1002",
+                "tunneling.proxy.message.max_size 1000",
+                "tunneling.proxy.tcp.read_buffer_size 3000",
+                "tunneling.proxy.websocket.read_buffer_size 4000",
+                "tunneling.proxy.websocket.write_buffer_size 5000",
+            ],
+        )
+        self.assertEqual({e["log_level"] for e in unused}, {LogLevel.info})

@@ -23,6 +23,7 @@ from lpxy.proxy.settings import (
     export_default_settings,
     load_settings,
     merge_settings,
+    unused_settings,
 )
 from tests.support.entrypoints import REFERENCE_TEXT
 
@@ -247,6 +248,20 @@ class LoadTests(SynchronousTestCase):
             "tunneling.proxy.message.max_payload_size: expected an integer <= 65384, got 65385",
         )
 
+    def test_dataLengthSizeIsTwo(self) -> None:
+        """
+        C{message.data_length_size} is the 2-byte record prefix of the
+        wire: 2 (as a number or a string) loads, anything else is refused.
+        """
+        for value in (2, "2"):
+            loaded = load_settings(self.write(proxyTree(message={"data_length_size": value})))
+            self.assertEqual(loaded, ProxySettings())
+        self.assertSettingsError(
+            proxyTree(message={"data_length_size": "4"}),
+            "tunneling.proxy.message.data_length_size: expected 2 (records have a"
+            " 2-byte length prefix), got 4",
+        )
+
     def test_badBoolean(self) -> None:
         """
         A boolean must be true or false.
@@ -325,3 +340,34 @@ class LoadTests(SynchronousTestCase):
         base = evolve(ProxySettings(), default_bind_address="::1")
         merged = merge_settings(base, proxyTree(tcp={"connection_retry_count": -1}))
         self.assertEqual(merged, evolve(base, tcp=TcpSettings(connection_retry_count=-1)))
+
+
+class UnusedSettingsTests(SynchronousTestCase):
+    """
+    L{unused_settings} names the settings without effect in lpxy that were
+    given a value other than the default.
+    """
+
+    def test_defaults(self) -> None:
+        self.assertEqual(unused_settings(ProxySettings()), [])
+
+    def test_changed(self) -> None:
+        settings = merge_settings(ProxySettings(), proxyTree(
+            message={"data_frame_max_size": 1000, "max_size": 2000,
+                     "max_payload_size": 100},
+            tcp={"read_buffer_size": 3000, "write_buffer_size": 5},
+            websocket={"read_buffer_size": 4000, "write_buffer_size": 5000,
+                       "ping_period_ms": 7},
+        ))
+        self.assertEqual(
+            [(key, value) for key, value, _ in unused_settings(settings)],
+            [
+                ("tunneling.proxy.message.data_frame_max_size", 1000),
+                ("tunneling.proxy.message.max_size", 2000),
+                ("tunneling.proxy.tcp.read_buffer_size", 3000),
+                ("tunneling.proxy.websocket.read_buffer_size", 4000),
+                ("tunneling.proxy.websocket.write_buffer_size", 5000),
+            ],
+        )
+        for _, _, why in unused_settings(settings):
+            self.assertNotIn("\n", why)

@@ -48,6 +48,7 @@ from lpxy.proxy.session import (
     ServiceMismatch,
     Session,
 )
+from lpxy.proxy.settings import unused_settings
 from lpxy.proxy.source import SourceListeners
 from lpxy.proxy.tunnel import CloseOutcome, TunnelFactory, TunnelProtocol, describe_rejection
 
@@ -522,6 +523,8 @@ class LocalProxyService(MultiService):
                 size=settings.max_frame_size,
                 limit=WIRE_FRAME_LIMIT,
             )
+        for key, value, why in unused_settings(config.settings):
+            self._log.info("{key} {value} is not used: {why}", key=key, value=value, why=why)
         delay = max(0, settings.retry_delay_ms) / 1000.0
         endpoint_name = config.endpoint.url(config.mode).split("/tunnel")[0]
         self._retries = settings.connect_retry_count

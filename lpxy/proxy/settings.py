@@ -132,6 +132,43 @@ _MAXIMUM = {
 }
 
 
+# The reference's settings that mean nothing in lpxy, and why: each is
+# accepted (a reference settings file loads unchanged), and a non-default
+# value is reported once by the proxy service (L{unused_settings}).
+_UNUSED: tuple[tuple[str, str, str], ...] = (
+    ("message", "data_frame_max_size",
+     "a record is limited by its 2-byte length prefix (65535 bytes)"),
+    ("message", "max_size",
+     "a record is limited by its 2-byte length prefix (65535 bytes)"),
+    ("tcp", "read_buffer_size",
+     "local sockets are read in whole DATA records, up to tcp.write_buffer_size,"
+     " and the system sizes socket buffers"),
+    ("websocket", "read_buffer_size",
+     "the WebSocket is read as Twisted and the flow control allow,"
+     " and the system sizes socket buffers"),
+    ("websocket", "write_buffer_size",
+     "the WebSocket's unsent data is bounded by the flow control,"
+     " and the system sizes socket buffers"),
+)
+
+#: The record length prefix: 2 bytes is the wire format, not a choice.
+DATA_LENGTH_SIZE = 2
+
+
+def unused_settings(settings: ProxySettings) -> list[tuple[str, int, str]]:
+    """
+    The settings given a value other than the default that have no effect
+    in lpxy, as C{(dotted key, value, why)}.
+    """
+    defaults = ProxySettings()
+    unused = []
+    for group, name, why in _UNUSED:
+        value = getattr(getattr(settings, group), name)
+        if value != getattr(getattr(defaults, group), name):
+            unused.append((_dotted(group, name), value, why))
+    return unused
+
+
 def _text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -268,6 +305,11 @@ def _mergeGroup(group: Any, value: object, key: str) -> Any:
             changes[name] = _subprotocol(item, itemKey)
         else:
             changes[name] = _string(item, itemKey)
+    if changes.get("data_length_size", DATA_LENGTH_SIZE) != DATA_LENGTH_SIZE:
+        raise SettingsError(
+            f"{key}.data_length_size: expected {DATA_LENGTH_SIZE} (records have a"
+            f" 2-byte length prefix), got {changes['data_length_size']}"
+        )
     return evolve(group, **changes)
 
 
