@@ -48,6 +48,7 @@ class ParseTests(SynchronousTestCase):
             "--source-listen-port/-s: port '0' is not 1..65535: expected PORT or"
             " ID=PORT[,ID=PORT...], e.g. 5555 or SSH1=5555,HTTP1=8080",
             ("--nope",): "option --nope not recognized",
+            ("-t", TOKEN, "-e", "h", "-s", "1", "foo"): "unexpected argument 'foo'",
             ("-e", "h", "-s", "1"): "no access token: give --access-token/-t, access-token"
             " in the --config file, or AWSIOT_TUNNEL_ACCESS_TOKEN",
         }.items():

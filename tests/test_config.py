@@ -751,6 +751,41 @@ class BadOptionTests(ResolveCase):
             ' got "big"',
         )
 
+    def test_emptyPaths(self) -> None:
+        """
+        An empty path (which joined to the working directory would name
+        it) is refused, naming the option.
+        """
+        self.assertUsage(
+            {**self.source, "capath": ""},
+            "--capath/-c: an empty path is not a directory or file; expected a directory"
+            " of hashed CA certificates or a PEM bundle file",
+        )
+        self.assertUsage(
+            {**self.source, "settings-json": ""},
+            "--settings-json: an empty path is not a file; expected a JSON file of settings",
+        )
+        self.assertUsage(
+            {**self.source, "config": ""},
+            "--config: an empty path is not a file; expected a file of 'long-name = value'"
+            " lines",
+        )
+
+    def test_badDefaultBindAddress(self) -> None:
+        """
+        The settings' C{default_bind_address} is checked as C{-b} is; a
+        good one, brackets and all, is the listening address.
+        """
+        self.file("bind.json", '{"tunneling": {"proxy": {"default_bind_address": "bad host!"}}}')
+        self.assertUsage(
+            {**self.source, "settings-json": "bind.json"},
+            '--settings-json: tunneling.proxy.default_bind_address: expected a host name'
+            ' or IP address, got "bad host!"',
+        )
+        self.file("v6.json", '{"tunneling": {"proxy": {"default_bind_address": "[::1]"}}}')
+        config = self.resolve({**self.source, "settings-json": "v6.json"})
+        self.assertEqual(config.listen_address, "::1")
+
     def test_badBindAddressAndCapath(self) -> None:
         """
         A bind address with odd characters; a CA path that does not exist.

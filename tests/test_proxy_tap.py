@@ -103,7 +103,9 @@ class OptionsTests(SynchronousTestCase):
                 "option --colour not recognized",
             ("-t",): "option -t requires argument",
             ("-t", TOKEN, "-r", "us-east-1", "-s", "1", "extra"):
-                "Wrong number of arguments.",
+                "unexpected argument 'extra'",
+            ("-t", TOKEN, "-r", "us-east-1", "foo", "bar", "-s", "1"):
+                "unexpected argument 'foo'",
         }
         for argv, message in cases.items():
             e = self.assertRaises(UsageError, self.parse, list(argv))

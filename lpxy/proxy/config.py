@@ -29,7 +29,6 @@ from twisted.logger import Logger
 from twisted.python.usage import UsageError
 
 from lpxy.proxy.addresses import (
-    MAX_HOST,
     LocalTarget,
     Mode,
     TcpTarget,
@@ -47,7 +46,7 @@ from lpxy.proxy.addresses import (
     service_id,
     source_port,
 )
-from lpxy.proxy.settings import ProxySettings, SettingsError, load_settings
+from lpxy.proxy.settings import ProxySettings, SettingsError, bind_address, load_settings
 
 __all__ = [
     "ClientType",
@@ -395,7 +394,6 @@ def _clientToken(given: _Given) -> str:
 _MODES: Mapping[str, Mode] = {
     "src": "source", "source": "source", "dst": "destination", "destination": "destination",
 }
-_BIND = re.compile(r"[a-zA-Z0-9.:\[\]-]+\Z")
 
 
 def _reason(e: BaseException) -> str:
@@ -439,6 +437,13 @@ def _mode(layers: _Layers, mapping: tuple[str, _Given] | None) -> Mode:
     return mode
 
 
+def _notEmpty(given: _Given, what: str, expected: str) -> None:
+    # Joined to the working directory, an empty path would name the
+    # directory itself.
+    if not given.value:
+        raise UsageError(f"{given.label}: an empty path is not {what}; expected {expected}")
+
+
 def resolve(
     options: Mapping[str, object], environ: Mapping[str, str], cwd: Path
 ) -> ProxyConfig:
@@ -456,6 +461,10 @@ def resolve(
     layers: list[dict[str, _Given]] = [cli]
     config = options.get("config")
     if config is not None:
+        _notEmpty(
+            _Given(str(config), option_label("config")),
+            "a file", "a file of 'long-name = value' lines",
+        )
         layers.append(_configLayer(str(cwd / str(config))))
     layers.append(_environment(environ))
     found = _Layers(layers)
@@ -465,6 +474,7 @@ def resolve(
     settings = ProxySettings()
     settingsFile = found.get("settings-json")
     if settingsFile is not None:
+        _notEmpty(settingsFile, "a file", "a JSON file of settings")
         try:
             settings = load_settings(cwd / settingsFile.value)
         except SettingsError as e:
@@ -498,13 +508,11 @@ def resolve(
     bindGiven = found.get("local-bind-address")
     bindAddress = None
     if bindGiven is not None:
-        if len(bindGiven.value) > MAX_HOST or not _BIND.match(bindGiven.value):
+        bindAddress = bind_address(bindGiven.value)
+        if bindAddress is None:
             raise UsageError(
                 f"{bindGiven.label}: expected a host name or IP address, got {bindGiven.value!r}"
             )
-        bindAddress = bindGiven.value.strip("[]") if bindGiven.value.startswith("[") else (
-            bindGiven.value
-        )
 
     mapping = found.choose("source-listen-port", "destination-app")
     mode = _mode(found, mapping)
@@ -549,6 +557,11 @@ def resolve(
         clientType = "V1" if typeGiven.value.strip().upper() == "V1" else "V2"
 
     capath = found.get("capath")
+    if capath is not None:
+        _notEmpty(
+            capath, "a directory or file",
+            "a directory of hashed CA certificates or a PEM bundle file",
+        )
     if capath is not None and not (cwd / capath.value).exists():
         raise UsageError(
             f"{capath.label}: no such directory or file {capath.value!r}; expected a"

@@ -251,7 +251,7 @@ def merge_settings(base: ProxySettings, tree: object) -> ProxySettings:
         elif name == "region_endpoint_overrides":
             changes[name] = _mergeOverrides(base.region_endpoint_overrides, value)
         elif name == "default_bind_address":
-            changes[name] = _string(value, key)
+            changes[name] = _bindAddress(value, key)
         elif name == "endpoint_format":
             changes[name] = _endpointFormat(value, key)
         else:
@@ -358,6 +358,29 @@ def _string(value: object, key: str) -> str:
     if isinstance(value, str) and value:
         return value
     raise SettingsError(f"{key}: expected a non-empty string, got {_shown(value)}")
+
+
+_BIND_ADDRESS = re.compile(r"[a-zA-Z0-9.:\[\]-]{1,253}\Z")
+
+
+def bind_address(text: str) -> str | None:
+    """
+    A bind address as C{-b} and C{default_bind_address} accept it (the
+    reference's characters, at most 253), without IPv6 brackets; L{None}
+    when it is not one.
+    """
+    if not _BIND_ADDRESS.match(text):
+        return None
+    return text.strip("[]") if text.startswith("[") else text
+
+
+def _bindAddress(value: object, key: str) -> str:
+    address = bind_address(_string(value, key))
+    if address is None:
+        raise SettingsError(
+            f"{key}: expected a host name or IP address, got {_shown(value)}"
+        )
+    return address
 
 
 def _subprotocol(value: object, key: str) -> str:

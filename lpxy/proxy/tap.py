@@ -143,6 +143,10 @@ class Options(usage.Options):
     opt_V = opt_version
     opt_h = usage.Options.opt_help
 
+    def parseArgs(self, *args: str) -> None:
+        if args:
+            raise usage.UsageError(f"unexpected argument {args[0]!r}")
+
     def _path(self, path: str) -> Path:
         return Path(path) if self._cwd is None else self._cwd / path
 
