@@ -17,8 +17,9 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpxy.proxy.config import TcpTarget, UnixTarget
@@ -165,3 +166,53 @@ class RefusedOnLoopbackTests(TestCase):
 
         port.stopListening().addCallback(stopped)
         return done
+
+
+class QuietStreamTests(TestCase):
+    def test_no_factory_lines(self) -> Deferred[None]:
+        """
+        A stream's connection to the application opens and closes with its
+        own lines only: no "Starting factory" or "Stopping factory".
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        closed: Deferred[None] = Deferred()
+
+        class App(Protocol):
+            def connectionMade(self) -> None:
+                assert self.transport is not None
+                self.transport.loseConnection()
+
+        class AppFactory(Factory):
+            noisy = False
+            protocol = App
+
+        port = reactor.listenTCP(0, AppFactory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        flow = TunnelFlow()
+        flow.attach(FakeWebSocket())
+        channel = Channel(ServiceBinding("S", "S"), "S", 1, 1, b"")
+
+        class ClosedSink(Sink):
+            def local_closed(self, channel: Channel) -> None:
+                super().local_closed(channel)
+                closed.callback(None)
+
+        sink = ClosedSink()
+        relay = LocalRelay(channel, sink, flow, reactor)
+        connector = AppConnector(reactor, retry_count=0, retry_delay=0)
+        connector.connect(relay, TcpTarget("127.0.0.1", port.getHost().port),
+                          lambda: self.fail("not connected"))
+
+        def check(_: object) -> None:
+            self.assertEqual(sink.closed, [channel])
+            self.assertTrue(any("Stream closed" in e.get("log_format", "") for e in events))
+            factory_lines = [
+                e for e in events
+                if e.get("log_format", "").startswith(("Starting factory", "Stopping factory"))
+            ]
+            self.assertEqual(factory_lines, [])
+
+        # Stopping the factory comes after the connection is lost.
+        return closed.addCallback(lambda _: deferLater(reactor, 0, check, None))

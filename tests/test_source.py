@@ -12,11 +12,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lpxy.proxy.session import ServiceBinding
-from lpxy.proxy.source import SourceListeners
+from lpxy.proxy.source import ServiceListenerFactory, SourceListeners
 
 
 class Client(Protocol):
@@ -79,6 +80,30 @@ class SourceListenersTests(TestCase):
         with self.assertRaises(CannotListenError):
             yield second.start([ServiceBinding("B", "B"), ServiceBinding("A", "A")])
         self.assertIsNone(second.port_for("B"))
+
+
+class QuietListenersTests(TestCase):
+    @inlineCallbacks
+    def test_no_factory_lines(self) -> Any:
+        """
+        Listening, a client's connection and stopping log no "Starting
+        factory" or "Stopping factory" for the listeners' factories.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        listeners = SourceListeners(reactor, "127.0.0.1", {"A": 0},
+                                    lambda binding, addr: Greeter())
+        ports = yield listeners.start([ServiceBinding("A", "A")])
+        client = Client()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", ports["A"]).connect(_factory(client))
+        yield client.lost
+        yield listeners.stop()
+        self.assertEqual(client.received, b"hello")
+        self.assertTrue(any("starting on" in (formatEvent(e) or "") for e in events))
+        self.assertEqual(
+            [e for e in events if isinstance(e.get("factory"), ServiceListenerFactory)], []
+        )
 
 
 def _factory(protocol: Protocol) -> Any:

@@ -47,6 +47,10 @@ def describe_target(target: LocalTarget) -> str:
 class _OnceFactory(Factory):
     """Hands out the relay for the first connection only."""
 
+    # One per stream: "Starting factory" and "Stopping factory" at info for
+    # each would drown the stream's own open and close lines.
+    noisy = False
+
     def __init__(self, relay: LocalRelay) -> None:
         self._relay: LocalRelay | None = relay
 

@@ -32,6 +32,9 @@ Accept = Callable[[ServiceBinding, IAddress], "Protocol | None"]
 class ServiceListenerFactory(ServerFactory):
     """Builds the protocol of each client accepted for one service."""
 
+    # The port logs its own start and stop, naming the port.
+    noisy = False
+
     def __init__(self, binding: ServiceBinding, accept: Accept) -> None:
         self.binding = binding
         self._accept = accept
