@@ -10,7 +10,9 @@ with the next on a noisy machine:
   each process spends per megabyte relayed, this benchmark's own process
   (the writing and reading applications) included;
 - round trip p50 for 1 byte, and connection setup p50 (connect to first
-  echoed byte), each over several rounds.
+  echoed byte, then close), each over several rounds, with each process's
+  CPU time per round trip and per connection (clock ticks are coarse: a
+  few rounds of a few hundred).
 
 On a machine with few cores the processes compete for CPU, so the CPU per
 megabyte is the steadier figure; throughput follows from it.
@@ -84,8 +86,20 @@ async def main(reactor_: object, mib: str = "256", runs: str = "5") -> None:
             speeds.append(await throughput(ports["SINK"], sink, total))
             for name, pid in pids.items():
                 cpu[name].append((cpu_seconds(pid) - before[name]) * 1e9 / total)
-        rtts = [await round_trip_p50(ports["ECHO"], 300) for _ in range(rounds)]
-        setups = [await setup_p50(ports["ECHO"], 100) for _ in range(rounds)]
+        rtts: list[float] = []
+        rtt_cpu: dict[str, list[float]] = {name: [] for name in pids}
+        for _ in range(rounds):
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            rtts.append(await round_trip_p50(ports["ECHO"], 300))
+            for name, pid in pids.items():
+                rtt_cpu[name].append((cpu_seconds(pid) - before[name]) * 1e6 / 300)
+        setups: list[float] = []
+        setup_cpu: dict[str, list[float]] = {name: [] for name in pids}
+        for _ in range(rounds):
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            setups.append(await setup_p50(ports["ECHO"], 100))
+            for name, pid in pids.items():
+                setup_cpu[name].append((cpu_seconds(pid) - before[name]) * 1e6 / 100)
 
         def spread(values: list[float], fmt: str) -> str:
             return (f"{statistics.median(values):{fmt}} "
@@ -96,7 +110,11 @@ async def main(reactor_: object, mib: str = "256", runs: str = "5") -> None:
         for name, values in cpu.items():
             rows.append((f"CPU {name}, ms/MB", spread(values, ".2f")))
         rows.append(("round trip p50, ms", spread(rtts, ".3f")))
+        for name, values in rtt_cpu.items():
+            rows.append((f"CPU {name}, us/round trip", spread(values, ".0f")))
         rows.append(("setup p50, ms", spread(setups, ".3f")))
+        for name, values in setup_cpu.items():
+            rows.append((f"CPU {name}, us/connection", spread(values, ".0f")))
         report(rows)
     finally:
         for process in processes:
