@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -26,6 +26,7 @@ from lpxy.proxy.config import TcpTarget, UnixTarget
 from lpxy.proxy.destination import AppConnector, describe_target
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.session import Channel, ServiceBinding
+from tests.support.e2ehelpers import LogRecorder, turns
 from tests.test_relay import FakeWebSocket, Sink
 
 
@@ -152,20 +153,43 @@ class AppConnectorTests(SynchronousTestCase):
 
 
 class RefusedOnLoopbackTests(TestCase):
-    def test_refused_app(self) -> None:
+    @inlineCallbacks
+    def test_refused_app(self) -> Any:
+        """
+        An application that refuses (a real loopback port): each refusal is
+        a real one, the retry waits on a C{Clock}; after the last attempt
+        the relay drops what it kept and the stream is reported failed,
+        once, with nothing left scheduled.
+        """
+        logs = LogRecorder(self)
         port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         number = port.getHost().port
-        done: Deferred[None] = Deferred()
+        yield port.stopListening()
+        clock = Clock()
+        ws = FakeWebSocket()
         flow = TunnelFlow()
+        flow.attach(ws)
         channel = Channel(ServiceBinding("S", "S"), "S", 1, 1, b"")
-        relay = LocalRelay(channel, Sink(), flow, reactor)
-        connector = AppConnector(reactor, retry_count=1, retry_delay=0.01)
+        relay = LocalRelay(channel, Sink(), flow, clock, buffer_limit=4)
+        failed: list[bool] = []
+        connector = AppConnector(reactor, retry_count=1, retry_delay=2.5, clock=clock)
+        connector.connect(relay, TcpTarget("127.0.0.1", number), lambda: failed.append(True))
+        relay.deliver(b"waiting")
+        self.assertEqual(ws.calls, ["pause"])
 
-        def stopped(_: object) -> None:
-            connector.connect(relay, TcpTarget("127.0.0.1", number), lambda: done.callback(None))
-
-        port.stopListening().addCallback(stopped)
-        return done
+        yield logs.when("Cannot connect to 127.0.0.1")
+        # The line comes just before the retry is scheduled.
+        yield turns(1)
+        self.assertEqual(failed, [])
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [2.5])
+        clock.advance(2.5)
+        yield logs.when("Giving up connecting to 127.0.0.1")
+        yield turns(1)
+        self.assertEqual(failed, [True])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(relay.pending_size, 0)
+        self.assertEqual(ws.calls, ["pause", "resume"])
+        self.assertIsNone(relay.transport)
 
 
 class QuietStreamTests(TestCase):

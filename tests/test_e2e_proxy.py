@@ -11,12 +11,12 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer  # type: ignore[import-untyped]
 
+from lpxy.frames import Message
 from lpxy.proxy.config import UnixTarget
+from tests.support.e2ehelpers import Pusher, RecordTap, turns
 from tests.support.proxyhelpers import (
     V1,
     V2,
@@ -33,20 +33,6 @@ from tests.support.proxyhelpers import (
     tcp,
 )
 from tests.support.tunnelservice import start_tunnelservice
-
-
-def _turns(n: int) -> Deferred[None]:
-    """Fires after C{n} reactor turns (no wall-clock wait)."""
-    d: Deferred[None] = Deferred()
-
-    def step(left: int) -> None:
-        if left:
-            reactor.callLater(0, step, left - 1)  # type: ignore[attr-defined]
-        else:
-            d.callback(None)
-
-    step(n)
-    return d
 
 
 class EchoTests(TestCase):
@@ -200,21 +186,39 @@ class FailureTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def test_refused_destination_app(self) -> Any:
+    def refused(self, subprotocol: str) -> Any:
+        """
+        The destination cannot reach its application: it resets the stream
+        (V2: STREAM_RESET) or the connection (V3: CONNECTION_RESET), and
+        that closes the source's client, which got nothing.
+        """
         fixture = yield start_tunnelservice(self)
         port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         number = port.getHost().port
         yield port.stopListening()
         _, source, ports, *_ = yield Deferred.fromCoroutine(start_pair(
             self, fixture, ["SSH"], {"SSH": tcp(number)},
+            source_subprotocol=subprotocol, destination_subprotocol=subprotocol,
         ))
+        tap = RecordTap(source)
         client = yield Deferred.fromCoroutine(connect_client(self, ports["SSH"]))
         client.transport.write(b"hello?")
         yield client.closed
         self.assertEqual(bytes(client.data), b"")
+        self.assertEqual(
+            [(m.type, m.serviceId, m.streamId) for m in tap.messages],
+            [(Message.STREAM_RESET if subprotocol == V2 else Message.CONNECTION_RESET,
+              "SSH", 1)],
+        )
         # Only that stream ended: the proxy carries on.
         self.assertNoResult(source.whenDone())
         self.assertIsNotNone(source.connector.protocol)
+
+    def test_refused_destination_app(self) -> Any:
+        return self.refused(V3)
+
+    def test_refused_destination_app_v2(self) -> Any:
+        return self.refused(V2)
 
     @inlineCallbacks
     def test_close_tunnel_exits_zero(self) -> Any:
@@ -268,33 +272,6 @@ class FailureTests(TestCase):
         self.assertEqual(got, b"after")
 
 
-@implementer(IPushProducer)
-class Pusher:
-    """Writes C{total} bytes to a transport as fast as it is allowed to."""
-
-    def __init__(self, transport: Any, total: int) -> None:
-        self.transport = transport
-        self.total = total
-        self.sent = 0
-        self.paused = False
-        self.chunk = os.urandom(65536)
-        transport.registerProducer(self, True)
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and self.sent < self.total:
-            self.transport.write(self.chunk)
-            self.sent += len(self.chunk)
-        if self.sent >= self.total:
-            self.transport.unregisterProducer()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self.paused = True
-
-
 class SlowReaderTests(TestCase):
     timeout = 120
 
@@ -313,7 +290,7 @@ class SlowReaderTests(TestCase):
                         done.callback(None)
                     return
                 transport.pauseProducing()
-                _turns(4).addCallback(lambda _: transport.resumeProducing())
+                turns(4).addCallback(lambda _: transport.resumeProducing())
 
         fixture = yield start_tunnelservice(self)
         app_port, _ = yield Deferred.fromCoroutine(

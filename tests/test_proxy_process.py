@@ -12,8 +12,10 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from lpxy import __version__
+from tests.support.e2ehelpers import listener_ports
 from tests.support.entrypoints import REFERENCE_TEXT
 from tests.support.installed import localproxy_argv, outside_dir, twistd_argv
+from tests.support.proxyhelpers import connect_client, make_config, start_app, start_proxy
 from tests.support.proxyprocess import ChildProcess, spawn
 from tests.support.tunnelservice import start_tunnelservice
 
@@ -182,26 +184,67 @@ class LifecycleTests(TestCase):
         )
         return child, (fixture, opened)
 
-    async def sigterm(self, make: object) -> None:
-        child, _ = await self.start(make)
+    async def signalled(self, make: object, signal: str) -> None:
+        """
+        A client has a stream through the proxy (the destination, here the
+        child) when the signal arrives: the proxy closes the stream itself
+        (its application socket, and the client's through the reset), then
+        exits 0.
+        """
+        app_port, app = await start_app(self)
+        fixture = await start_tunnelservice(self)
+        opened = fixture.open_tunnel(["SSH"])
+        assert callable(make)
+        child = spawn(
+            self,
+            make("-e", f"ws://127.0.0.1:{fixture.port}", "-d", f"SSH={app_port}"),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": opened.destination_token},
+        )
         await child.wait_for("Connected to ws://127.0.0.1")
-        child.signal("TERM")
+        source = await start_proxy(self, make_config(
+            fixture, opened.source_token, "source", source_ports={"SSH": 0},
+        ))
+        client = await connect_client(self, listener_ports(source)["SSH"])
+        connected = app.next_connection()
+        assert client.transport is not None
+        client.transport.write(b"ping")
+        self.assertEqual(await client.received(4), b"ping")
+        served = await connected
+        self.assertNoResult(client.closed)
+
+        child.signal(signal)
+        await served.closed
+        await client.closed
         status = await child.ended
         self.assertEqual(status, 0, child.output)
-        self.assertIn("Received SIGTERM", child.output)
+        self.assertIn(f"Received SIG{signal}", child.output)
+        # Closed by the proxy, not by the process's end.
+        self.assertIn("Stream closed: service 'SSH'", child.output)
         self.assertNotIn("Traceback", child.output)
 
     async def test_sigtermTwistd(self) -> None:
         """
-        SIGTERM ends C{twistd localproxy} with status 0.
+        SIGTERM ends C{twistd localproxy} with status 0, its stream closed.
         """
-        await self.sigterm(twistd)
+        await self.signalled(twistd, "TERM")
 
     async def test_sigtermConsole(self) -> None:
         """
-        SIGTERM ends C{localproxy} with status 0.
+        SIGTERM ends C{localproxy} with status 0, its stream closed.
         """
-        await self.sigterm(localproxy_argv)
+        await self.signalled(localproxy_argv, "TERM")
+
+    async def test_sigintTwistd(self) -> None:
+        """
+        SIGINT ends C{twistd localproxy} with status 0, its stream closed.
+        """
+        await self.signalled(twistd, "INT")
+
+    async def test_sigintConsole(self) -> None:
+        """
+        SIGINT ends C{localproxy} with status 0, its stream closed.
+        """
+        await self.signalled(localproxy_argv, "INT")
 
     async def closed(self, make: object) -> None:
         child, (fixture, opened) = await self.start(make)  # type: ignore[misc]

@@ -248,11 +248,25 @@ class SignalTests(SynchronousTestCase):
         """
         from twisted.internet.error import ReactorNotRunning
 
-        class Stopped:
-            def stop(self) -> None:
-                raise ReactorNotRunning()
+        class Stopping:
+            def __init__(self, error: Exception | None) -> None:
+                self.error = error
+                self.stops = 0
 
-        runner.stop_reactor(Stopped())
+            def stop(self) -> None:
+                self.stops += 1
+                if self.error is not None:
+                    raise self.error
+
+        running = Stopping(None)
+        runner.stop_reactor(running)
+        self.assertEqual(running.stops, 1)
+        stopping = Stopping(ReactorNotRunning())
+        runner.stop_reactor(stopping)
+        self.assertEqual(stopping.stops, 1)
+        # Only that error is expected; any other still shows.
+        broken = Stopping(RuntimeError("boom"))
+        self.assertRaises(RuntimeError, runner.stop_reactor, broken)
 
 
 class ExitStatusTests(SynchronousTestCase):

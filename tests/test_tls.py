@@ -258,13 +258,20 @@ class NoVerifyTests(TestCase):
         [server] = self.loopback.server.protocols
         self.assertIsNone(server.server_name)
 
+    @inlineCallbacks
     def test_capath_ignored(self):
         """
         Under C{-k} a missing C{--capath} does not matter: nothing is
-        verified against it.
+        verified against it, and the untrusted server is reached (while
+        with verification the same path is refused).
         """
-        with capturedLogs():
-            client_tls_options("localhost", self.mktemp(), False)
+        missing = self.mktemp()
+        self.assertRaises(CAPathError, client_tls_options, "localhost", missing, True)
+        with capturedLogs() as events:
+            creator = client_tls_options("localhost", missing, False)
+        answer = yield self.loopback.ping(creator)
+        self.assertEqual(answer, b"ping")
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.warn])
 
 
 class TunnelEndpointTests(TestCase):
