@@ -274,6 +274,10 @@ class LifecycleTests(TestCase):
         self.assertEqual(child.output.count("refused the connection"), 1, child.output)
         self.assertEqual(child.output.count("Starting factory"), 1, child.output)
         self.assertNotIn("retrying in", child.output)
+        # Nor does ClientService announce a retry, nor Autobahn warn about
+        # the dropped connection: the one error line stands alone.
+        self.assertNotIn("Scheduling retry", child.output)
+        self.assertNotIn("#warn]", child.output)
         self.assertNotIn("Traceback", child.output)
         self.assertNotIn(SECRET, child.output)
 
