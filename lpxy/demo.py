@@ -75,6 +75,25 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> No
     raise SystemExit(f"{what} did not listen on port {port} in {_DEADLINE:.0f}s")
 
 
+def _wait_until_connected(
+    port: int, tunnel_id: str, proxies: Sequence[subprocess.Popen[bytes]]
+) -> None:
+    """Wait until DescribeTunnel says both ends are connected."""
+    deadline = time.monotonic() + _DEADLINE
+    while time.monotonic() < deadline:
+        for proxy in proxies:
+            if proxy.poll() is not None:
+                raise SystemExit(f"a localproxy exited early with status {proxy.returncode}")
+        tunnel = _api(port, "DescribeTunnel", {"tunnelId": tunnel_id})["tunnel"]
+        assert isinstance(tunnel, dict)
+        states = [tunnel[end]["status"] for end in ("sourceConnectionState",
+                                                    "destinationConnectionState")]
+        if states == ["CONNECTED", "CONNECTED"]:
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"the proxies did not both connect in {_DEADLINE:.0f}s")
+
+
 def _api(port: int, operation: str, body: dict[str, object]) -> dict[str, object]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/",
@@ -144,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log, {**env, "AWSIOT_TUNNEL_ACCESS_TOKEN": str(tunnel["sourceAccessToken"])},
         )
         stack.callback(_stop, source)
+        _wait_until_connected(service_port, str(tunnel["tunnelId"]), (source, destination))
         _wait_for_port(source_port, source, "source localproxy")
         _say(f"source localproxy listening on 127.0.0.1:{source_port}, "
              f"destination localproxy relaying to echo server on 127.0.0.1:{echo_port}")

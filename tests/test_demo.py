@@ -5,17 +5,16 @@ reports an intact round trip.
 """
 
 import subprocess
-import sys
 
 from twisted.trial.unittest import TestCase
 
-from tests.support.installed import installed_env, outside_dir
+from tests.support.installed import console_script, installed_env, outside_dir
 
 
 class DemoTests(TestCase):
     def test_wholeTunnelOnLoopback(self) -> None:
         result = subprocess.run(
-            [sys.executable, "-c", "from lpxy.demo import run; run()", str(4 * 1024 * 1024)],
+            [console_script("lpxy-demo"), str(4 * 1024 * 1024)],
             cwd=outside_dir(), env=installed_env(), capture_output=True, text=True, timeout=120,
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)

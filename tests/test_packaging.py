@@ -24,3 +24,16 @@ class InstalledPluginTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("localproxy", result.stdout)
         self.assertIn("tunnelservice", result.stdout)
+
+    def test_pluginHelpFromInstalledCopy(self) -> None:
+        for plugin, expected in (
+            ("tunnelservice", "Usage: twistd [options] tunnelservice"),
+            ("localproxy", "Usage: twistd [twistd options] localproxy [options]"),
+        ):
+            result = subprocess.run(
+                twistd_argv(plugin, "--help"),
+                cwd=outside_dir(), env=installed_env(), capture_output=True, text=True,
+                timeout=60,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(expected, result.stdout)

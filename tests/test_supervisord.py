@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from tests.support.e2ehelpers import echo_round_trip, unused_port
 from tests.support.installed import installed_copy, localproxy_argv, twistd_argv
 from tests.support.proxyhelpers import start_app
-from tests.support.proxyprocess import spawn
+from tests.support.proxyprocess import ChildProcess, spawn
 from tests.support.tunnelservice import start_tunnelservice
 
 CONFIG = """\
@@ -52,6 +52,7 @@ def command(argv: list[str]) -> str:
 
 
 class SupervisordTests(TestCase):
+    timeout = 30
     async def test_supervisedTunnel(self) -> None:
         service = await start_tunnelservice(self)
         tunnel = service.open_tunnel(["ECHO"])
@@ -76,10 +77,18 @@ class SupervisordTests(TestCase):
         supervisord = spawn(self, [
             sys.executable, "-m", "supervisor.supervisord", "-c", str(here / "supervisord.conf"),
         ])
+        # Stop supervisord gently even when the test fails, so that it stops
+        # its programs rather than orphaning them.
+        self.addCleanup(self.stopSupervisord, supervisord)
 
         await supervisord.wait_for(f"Listening on 127.0.0.1:{source_port}")
-        await supervisord.wait_for("success: destination entered RUNNING state")
+        await supervisord.wait_for("as destination: channel id")
         await echo_round_trip(self, source_port, 300_000)
+
+        # supervisord judges an exit within startsecs (1 s) a failed start,
+        # whatever its status: close the tunnel once both count as running.
+        await supervisord.wait_for("success: destination entered RUNNING state")
+        await supervisord.wait_for("success: source entered RUNNING state")
 
         service.close_tunnel(tunnel.tunnel_id)
         await supervisord.wait_for("exited: source (exit status 0; expected)")
@@ -91,3 +100,8 @@ class SupervisordTests(TestCase):
 
         supervisord.signal("TERM")
         self.assertEqual(await supervisord.ended, 0)
+
+    async def stopSupervisord(self, supervisord: ChildProcess) -> None:
+        if not supervisord.ended.called:
+            supervisord.signal("TERM")
+            await supervisord.ended

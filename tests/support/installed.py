@@ -74,6 +74,14 @@ def twistd_argv(*args: str) -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
 
 
+def console_script(name: str) -> str:
+    """The path of console script C{name} as the install wrote it."""
+    path = installed_copy() / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"the install made no console script {name!r}")
+    return str(path)
+
+
 def localproxy_argv(*args: str) -> list[str]:
     """The command line running the installed C{localproxy} console script."""
-    return [sys.executable, "-c", "from lpxy.proxy.cli import main; main()", *args]
+    return [console_script("localproxy"), *args]
