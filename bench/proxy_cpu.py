@@ -29,13 +29,53 @@ import sys
 import tempfile
 from pathlib import Path
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from bench.common import MiB, api, free_port, localproxy, report, spawn, stop, twistd, wait_for_port
 from bench.proxy import Echo, SinkFactory, listen, round_trip_p50, setup_p50, throughput
 from tests.support.certs import make_test_pki
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+class _Probe(protocol.Protocol):
+    """Sends one byte; C{answered} fires with whether it came back."""
+
+    def __init__(self) -> None:
+        self.answered: defer.Deferred[bool] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"?")
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered.called:
+            self.answered.callback(True)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:
+        if not self.answered.called:
+            self.answered.callback(False)
+
+
+async def tunnel_ready(port: int, seconds: float = 30) -> None:
+    """
+    Wait until a byte sent to the source's echo port comes back: the source
+    listens as soon as it is connected, possibly before the destination is,
+    and the service resets the streams of a tunnel with one end missing.
+    """
+    deadline = reactor.seconds() + seconds
+    while reactor.seconds() < deadline:
+        factory = protocol.Factory.forProtocol(_Probe)
+        try:
+            probe = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+            answered = await probe.answered.addTimeout(2, reactor)
+        except Exception:
+            answered = False
+        if answered:
+            return
+        await task.deferLater(reactor, 0.1, lambda: None)
+    raise SystemExit("the tunnel never carried a byte end to end")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -75,6 +115,7 @@ async def main(reactor_: object, mib: str = "256", runs: str = "5") -> None:
         processes.append(source)
         for port in ports.values():
             wait_for_port(port, source)
+        await tunnel_ready(ports["ECHO"])
         pids = {"source": source.pid, "tunnelservice": service.pid,
                 "destination": destination.pid, "apps (bench)": os.getpid()}
 
