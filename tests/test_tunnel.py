@@ -155,44 +155,10 @@ class TunnelProtocolTests(SynchronousTestCase):
         ]
         self.assertEqual(kinds, [[Message.DATA], [Message.STREAM_RESET]])
 
-    def test_records_decoded_as_frame_data_arrives(self) -> None:
-        """
-        Records are handed on as the bytes of a frame arrive, before the
-        message ends, across continuation frames and TCP reads.
-        """
-        self.open()
-        one = encode(Message(type=Message.DATA, streamId=1, payload=b"a" * 300))
-        two = encode(Message(type=Message.DATA, streamId=1, payload=b"b" * 5))
-        first = frame(BINARY, one + two[:4], fin=False)
-        self.protocol.dataReceived(first[:-10])
-        self.assertEqual(self.records(), [])
-        self.protocol.dataReceived(first[-10:])
-        self.assertEqual(self.records(), [[b"a" * 300]])
-        self.protocol.dataReceived(frame(0, two[4:], fin=True))
-        self.assertEqual(self.records(), [[b"a" * 300], [b"b" * 5]])
-
-    def test_fragmented_text_ignored(self) -> None:
-        self.open()
-        record = encode(Message(type=Message.DATA, streamId=1, payload=b"x"))
-        self.protocol.dataReceived(frame(1, record, fin=False) + frame(0, record))
-        self.server_sends(record)
-        self.assertEqual(self.records(), [[b"x"]])
-
-    def records(self) -> list[list[bytes]]:
-        return [
-            [m.payload for m in e[1]] for e in self.events.log if e[0] == "records"  # type: ignore[union-attr]
-        ]
-
     def test_bad_record(self) -> None:
         self.open()
         self.server_sends(b"\x00\x00")
         self.assertEqual(self.events.log[-1][0], "error")
-
-    def test_bad_record_reported_once(self) -> None:
-        self.open()
-        self.server_sends(b"\x00\x00")
-        self.server_sends(encode(Message(type=Message.DATA, streamId=1, payload=b"x")))
-        self.assertEqual([e[0] for e in self.events.log], ["open", "error"])
 
     def test_text_ignored(self) -> None:
         self.open()

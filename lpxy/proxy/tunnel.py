@@ -185,7 +185,6 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._by_us = False
         self._dead = False
         self._decoder = RecordDecoder()
-        self._broken = False
         self._queue: list[tuple[int, bytes, Any, bytes]] = []
         self._splits: dict[bytes, tuple[bytes, bytes]] = {}
         self._queued = 0
@@ -221,34 +220,13 @@ class TunnelProtocol(WebSocketClientProtocol):
             self._pinger.start(period, now=True)
         self.factory.events.ws_open(self)
 
-    # Records form one byte stream across messages, so binary frame data is
-    # decoded as it arrives: no per-message join and no Autobahn "message"
-    # event. Autobahn still checks frame and message sizes before this.
-
-    def onMessageFrameData(self, payload: bytes) -> None:
-        if self.message_is_binary and not self.failedByMe:
-            self._records(payload)
-
-    def onMessageFrameEnd(self) -> None:
-        pass  # nothing was kept to hand on
-
-    def onMessageEnd(self) -> None:
-        if not self.message_is_binary and not self.failedByMe:
-            self._log.warn("Ignoring a text message from the tunneling service")
-
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
             self._log.warn("Ignoring a text message from the tunneling service")
             return
-        self._records(payload)
-
-    def _records(self, data: bytes) -> None:
-        if self._broken:
-            return
         try:
-            messages = self._decoder.feed(data)
+            messages = self._decoder.feed(payload)
         except ProtocolError as e:
-            self._broken = True
             self.factory.events.ws_error(self, e)
             return
         if messages:
