@@ -117,6 +117,36 @@ class DestinationSessionTests(SynchronousTestCase):
         self.assertEqual(actions.sent, [])
 
 
+class OlderSubprotocolTests(SynchronousTestCase):
+    def test_reference_source_offering_an_older_subprotocol(self) -> None:
+        """
+        The reference's C{websocket.subprotocol} setting changes only its
+        handshake header: offering 2.0 or 1.0 it still sends these very
+        records, connection ids included, and drops DATA without its
+        connection id. A destination that offered the same older
+        subprotocol answers with the ids the source used.
+        """
+        for subprotocol in ("aws.iot.securetunneling-2.0", "aws.iot.securetunneling-1.0"):
+            actions = _Recorder()
+            session = Session("destination", [""], actions, subprotocol=subprotocol)
+            session.connected()
+            if session.version > 1:
+                session.received(Message(type=Message.SERVICE_IDS))
+            stream_start, first_data = reference_records()[:2]
+            session.received(stream_start)
+            session.received(first_data)
+            (channel,) = actions.opened
+            self.assertEqual(actions.delivered, [(channel, REFERENCE_FIRST_PAYLOAD)])
+            reply = Message.FromString(channel.header + b"\x22\x01y")
+            self.assertEqual(
+                (reply.type, reply.streamId, reply.connectionId), (Message.DATA, 1, 1)
+            )
+            session.local_closed(channel)
+            self.assertEqual(
+                summary(actions.sent), [("CONNECTION_RESET", 1, "", 1, b"")]
+            )
+
+
 class _RawPeer(Protocol):
     """
     A WebSocket client written by hand: sends a request, then whatever it

@@ -413,6 +413,17 @@ class Session:
                         "Service {service_id!r}: the source speaks V2 (no connection ids)",
                         service_id=message.serviceId,
                     )
+            elif service.format < 3:
+                # A V3 source may offer an older subprotocol and still number
+                # its connections (the reference's websocket.subprotocol
+                # setting changes only the header); it drops replies that
+                # lack its connection id.
+                service.format = 3
+                self._log.info(
+                    "Service {service_id!r}: the source numbers its connections "
+                    "(V3) although the subprotocol is older; answering in V3",
+                    service_id=message.serviceId,
+                )
         service.wire_id = message.serviceId
         service.stream_id = stream_id
         connection_id = message.connectionId if service.format >= 3 else 0
