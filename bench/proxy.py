@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,38 +189,104 @@ async def listen(factory: protocol.Factory) -> int:
     return port.getHost().port
 
 
+class _Probe(protocol.Protocol):
+    """Sends one byte; C{answered} fires with whether it came back."""
+
+    def __init__(self) -> None:
+        self.answered: defer.Deferred[bool] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"?")
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered.called:
+            self.answered.callback(True)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:
+        if not self.answered.called:
+            self.answered.callback(False)
+
+
+async def tunnel_ready(port: int, seconds: float = 30) -> None:
+    """
+    Wait until a byte sent to the source's echo port comes back: the source
+    listens as soon as it is connected, possibly before the destination is,
+    and the service resets the streams of a tunnel with one end missing.
+    """
+    deadline = reactor.seconds() + seconds
+    while reactor.seconds() < deadline:
+        factory = protocol.Factory.forProtocol(_Probe)
+        try:
+            probe = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+            answered = await probe.answered.addTimeout(2, reactor)
+        except Exception:
+            answered = False
+        if answered:
+            return
+        await task.deferLater(reactor, 0.1, lambda: None)
+    raise SystemExit("the tunnel never carried a byte end to end")
+
+
+class TLSTunnel:
+    """
+    C{twistd tunnelservice} on a TLS port (a throw-away CA) and a destination
+    and a source C{localproxy} joined by one tunnel, as child processes.
+    C{ports} maps each service id to the source's listening port.
+    """
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.ports: dict[str, int] = {}
+        self.pids: dict[str, int] = {}
+
+    async def start(self, apps: dict[str, int], echo: str = "ECHO") -> None:
+        pki = make_test_pki(Path(tempfile.mkdtemp(prefix="lpxy-bench-")))
+        service_port = free_port()
+        service = self._spawn(twistd("tunnelservice", "--port",
+                                     pki.server_endpoint_string(service_port)))
+        wait_for_port(service_port, service)
+        context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
+        tunnel = api(f"https://localhost:{service_port}", "OpenTunnel",
+                     {"destinationConfig": {"services": list(apps)}}, context=context)
+        common = ["-e", f"localhost:{service_port}", "-c", str(pki.ca_cert_path),
+                  "-b", "127.0.0.1"]
+        destination = self._spawn(
+            localproxy(*common, "-d", ",".join(f"{k}={v}" for k, v in apps.items())),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["destinationAccessToken"]})
+        self.ports = {name: free_port() for name in apps}
+        source = self._spawn(
+            localproxy(*common, "-s", ",".join(f"{k}={v}" for k, v in self.ports.items())),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["sourceAccessToken"]})
+        for port in self.ports.values():
+            wait_for_port(port, source)
+        await tunnel_ready(self.ports[echo])
+        self.pids = {"tunnelservice": service.pid, "source": source.pid,
+                     "destination": destination.pid}
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
+        process = spawn(argv, env)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            stop(process)
+
+
 async def main(reactor_: object, mib: str = "256") -> None:
     total = int(mib) * MiB
-    pki = make_test_pki(Path(tempfile.mkdtemp(prefix="lpxy-bench-")))
     echo_port = await listen(protocol.Factory.forProtocol(Echo))
     sink, stall = SinkFactory(), SinkFactory(stall=5.0)
     sink_port, stall_port = await listen(sink), await listen(stall)
     apps = {"ECHO": echo_port, "SINK": sink_port, "STALL": stall_port}
 
-    processes = []
+    tunnel = TLSTunnel()
+    processes = tunnel.processes
     try:
-        service_port = free_port()
-        service = spawn(twistd("tunnelservice", "--port",
-                               pki.server_endpoint_string(service_port)))
-        processes.append(service)
-        wait_for_port(service_port, service)
-        context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
-        tunnel = api(f"https://localhost:{service_port}", "OpenTunnel",
-                     {"destinationConfig": {"services": list(apps)}}, context=context)
-
-        common = ["-e", f"localhost:{service_port}", "-c", str(pki.ca_cert_path),
-                  "-b", "127.0.0.1"]
-        destination = spawn(
-            localproxy(*common, "-d", ",".join(f"{k}={v}" for k, v in apps.items())),
-            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["destinationAccessToken"]})
-        processes.append(destination)
-        tunnel_ports = {name: free_port() for name in apps}
-        source = spawn(
-            localproxy(*common, "-s", ",".join(f"{k}={v}" for k, v in tunnel_ports.items())),
-            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["sourceAccessToken"]})
-        processes.append(source)
-        for port in tunnel_ports.values():
-            wait_for_port(port, source)
+        await tunnel.start(apps)
+        tunnel_ports = tunnel.ports
 
         relay_ports = {name: free_port() for name in apps}
         relays = {}
@@ -229,8 +296,7 @@ async def main(reactor_: object, mib: str = "256") -> None:
             processes.append(relays[name])
             wait_for_port(port, relays[name])
 
-        proxy_pids = {"tunnelservice": service.pid, "source": source.pid,
-                      "destination": destination.pid}
+        proxy_pids = tunnel.pids
         idle = {name: rss_bytes(pid) for name, pid in proxy_pids.items()}
         idle["relay"] = rss_bytes(relays["STALL"].pid)
 

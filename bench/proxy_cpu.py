@@ -23,59 +23,23 @@ megabyte is the steadier figure; throughput follows from it.
 from __future__ import annotations
 
 import os
-import ssl
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
-from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import defer, protocol, task
 
-from bench.common import MiB, api, free_port, localproxy, report, spawn, stop, twistd, wait_for_port
-from bench.proxy import Echo, SinkFactory, listen, round_trip_p50, setup_p50, throughput
-from tests.support.certs import make_test_pki
+from bench.common import MiB, report
+from bench.proxy import (
+    Echo,
+    SinkFactory,
+    TLSTunnel,
+    listen,
+    round_trip_p50,
+    setup_p50,
+    throughput,
+)
 
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-class _Probe(protocol.Protocol):
-    """Sends one byte; C{answered} fires with whether it came back."""
-
-    def __init__(self) -> None:
-        self.answered: defer.Deferred[bool] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"?")
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.answered.called:
-            self.answered.callback(True)
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: object = None) -> None:
-        if not self.answered.called:
-            self.answered.callback(False)
-
-
-async def tunnel_ready(port: int, seconds: float = 30) -> None:
-    """
-    Wait until a byte sent to the source's echo port comes back: the source
-    listens as soon as it is connected, possibly before the destination is,
-    and the service resets the streams of a tunnel with one end missing.
-    """
-    deadline = reactor.seconds() + seconds
-    while reactor.seconds() < deadline:
-        factory = protocol.Factory.forProtocol(_Probe)
-        try:
-            probe = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-            answered = await probe.answered.addTimeout(2, reactor)
-        except Exception:
-            answered = False
-        if answered:
-            return
-        await task.deferLater(reactor, 0.1, lambda: None)
-    raise SystemExit("the tunnel never carried a byte end to end")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -87,37 +51,15 @@ def cpu_seconds(pid: int) -> float:
 
 async def main(reactor_: object, mib: str = "256", runs: str = "5") -> None:
     total, rounds = int(mib) * MiB, int(runs)
-    pki = make_test_pki(Path(tempfile.mkdtemp(prefix="lpxy-bench-")))
     echo_port = await listen(protocol.Factory.forProtocol(Echo))
     sink = SinkFactory()
     sink_port = await listen(sink)
     apps = {"ECHO": echo_port, "SINK": sink_port}
-    processes = []
+    tunnel = TLSTunnel()
     try:
-        service_port = free_port()
-        service = spawn(twistd("tunnelservice", "--port",
-                               pki.server_endpoint_string(service_port)))
-        processes.append(service)
-        wait_for_port(service_port, service)
-        context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
-        tunnel = api(f"https://localhost:{service_port}", "OpenTunnel",
-                     {"destinationConfig": {"services": list(apps)}}, context=context)
-        common = ["-e", f"localhost:{service_port}", "-c", str(pki.ca_cert_path),
-                  "-b", "127.0.0.1"]
-        destination = spawn(
-            localproxy(*common, "-d", ",".join(f"{k}={v}" for k, v in apps.items())),
-            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["destinationAccessToken"]})
-        processes.append(destination)
-        ports = {name: free_port() for name in apps}
-        source = spawn(
-            localproxy(*common, "-s", ",".join(f"{k}={v}" for k, v in ports.items())),
-            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["sourceAccessToken"]})
-        processes.append(source)
-        for port in ports.values():
-            wait_for_port(port, source)
-        await tunnel_ready(ports["ECHO"])
-        pids = {"source": source.pid, "tunnelservice": service.pid,
-                "destination": destination.pid, "apps (bench)": os.getpid()}
+        await tunnel.start(apps)
+        ports = tunnel.ports
+        pids = {**tunnel.pids, "apps (bench)": os.getpid()}
 
         await throughput(ports["SINK"], sink, 16 * MiB)  # warm up
         speeds: list[float] = []
@@ -158,8 +100,7 @@ async def main(reactor_: object, mib: str = "256", runs: str = "5") -> None:
             rows.append((f"CPU {name}, us/connection", spread(values, ".0f")))
         report(rows)
     finally:
-        for process in processes:
-            stop(process)
+        tunnel.stop()
 
 
 if __name__ == "__main__":
