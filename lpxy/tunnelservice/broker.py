@@ -228,6 +228,22 @@ class Broker:
 
     # Tunnel operations (the management API)
 
+    def _checked_services(self, services: Iterable[str]) -> tuple[str, ...]:
+        """
+        The services of a tunnel, within the limit and each named once.
+
+        @raise LimitExceeded: too many services.
+        @raise InvalidRequest: a service named twice.
+        """
+        services = tuple(services)
+        if len(services) > self.limits.max_services:
+            raise LimitExceeded(
+                f"A tunnel can have at most {self.limits.max_services} services"
+            )
+        if len(set(services)) != len(services):
+            raise InvalidRequest("Service names must be unique")
+        return services
+
     def open_tunnel(
         self,
         services: Iterable[str] = (),
@@ -242,13 +258,7 @@ class Broker:
         @raise LimitExceeded: too many services, or too many open tunnels.
         @raise InvalidRequest: a service named twice, or a bad lifetime.
         """
-        services = tuple(services)
-        if len(services) > self.limits.max_services:
-            raise LimitExceeded(
-                f"A tunnel can have at most {self.limits.max_services} services"
-            )
-        if len(set(services)) != len(services):
-            raise InvalidRequest("Service names must be unique")
+        services = self._checked_services(services)
         if not 1 <= lifetime_minutes <= 720:
             raise InvalidRequest("maxLifetimeTimeoutMinutes must be between 1 and 720")
         if self._store.open_count() >= self.limits.max_open_tunnels:
@@ -395,14 +405,7 @@ class Broker:
         if record.status != OPEN:
             raise ResourceNotFound(f"Tunnel {tunnel_id} is closed")
         if services is not None:
-            services = tuple(services)
-            if len(services) > self.limits.max_services:
-                raise LimitExceeded(
-                    f"A tunnel can have at most {self.limits.max_services} services"
-                )
-            if len(set(services)) != len(services):
-                raise InvalidRequest("Service names must be unique")
-            record.services = services
+            record.services = self._checked_services(services)
             record.thing_name = thing_name
         modes = MODES if mode == ALL else (mode,)
         now = self._clock.seconds()
