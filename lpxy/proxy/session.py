@@ -343,8 +343,8 @@ class Session:
             )
 
     def _data(self, message: Message) -> None:
-        service = self._lookup(message.serviceId)
-        if service is None or not service.stream_id or service.stream_id != message.streamId:
+        service = self._active(message)
+        if service is None:
             if self._trace:
                 self._log.debug(
                     "Dropping DATA for stale stream {stream_id} of {service_id!r}",
@@ -430,14 +430,8 @@ class Session:
         if self.mode != "destination":
             self._log.warn("Ignoring a CONNECTION_START sent to a source")
             return
-        service = self._lookup(message.serviceId)
-        if (
-            service is None
-            or not service.stream_id
-            or service.stream_id != message.streamId
-            or service.format < 3
-            or message.connectionId == 0
-        ):
+        service = self._active(message)
+        if service is None or service.format < 3 or message.connectionId == 0:
             self._log.warn(
                 "Ignoring a CONNECTION_START for stream {stream_id} connection "
                 "{connection_id} of {service_id!r}: no such active stream",
@@ -461,8 +455,8 @@ class Session:
         self._actions.open_local(channel)
 
     def _stream_reset(self, message: Message) -> None:
-        service = self._lookup(message.serviceId)
-        if service is None or not service.stream_id or service.stream_id != message.streamId:
+        service = self._active(message)
+        if service is None:
             self._log.debug(
                 "Ignoring STREAM_RESET for inactive stream {stream_id} of {service_id!r}",
                 stream_id=message.streamId,
@@ -477,8 +471,8 @@ class Session:
         self._end_stream(service)
 
     def _connection_reset(self, message: Message) -> None:
-        service = self._lookup(message.serviceId)
-        if service is None or not service.stream_id or service.stream_id != message.streamId:
+        service = self._active(message)
+        if service is None:
             return
         key = message.connectionId if service.format >= 3 else 0
         channel = service.channels.pop(key, None)
@@ -554,6 +548,13 @@ class Session:
             # A V1 peer names no service; a V1 proxy ignores the names.
             service = next(iter(self._services.values()))
         return service
+
+    def _active(self, message: Message) -> _Service | None:
+        """The service of C{message} if the stream it names is its active one."""
+        service = self._lookup(message.serviceId)
+        if service is not None and service.stream_id and service.stream_id == message.streamId:
+            return service
+        return None
 
     def _start_stream(self, service: _Service, connection_id: int) -> Channel:
         stream_id = service.last_stream_id + 1
