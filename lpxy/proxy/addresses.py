@@ -2,7 +2,8 @@
 """
 Addresses the local proxy is given: the tunnel endpoint (C{-e}, C{-r}),
 service mappings (C{-s}, C{-d}), and the web proxy (C{https_proxy},
-C{NO_PROXY}); their types and their parsers.
+C{NO_PROXY}); their types, their parsers, and L{authority} to write a
+C{host:port}.
 
 Parsers raise L{ValueError} with a message saying what is expected; the
 caller prefixes the option's name.
@@ -28,6 +29,14 @@ MAX_REGION = 64
 MAX_SERVICE_ID = 128
 
 
+def authority(host: str, port: int) -> str:
+    """
+    C{host:port} as an HTTP request target and C{Host} value, with an
+    IPv6 literal in brackets.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @frozen
 class TunnelEndpoint:
     """Where the tunneling service's data plane is."""
@@ -39,8 +48,7 @@ class TunnelEndpoint:
     def url(self, mode: Mode) -> str:
         """The WebSocket URL for C{mode}."""
         scheme = "wss" if self.tls else "ws"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}/tunnel?local-proxy-mode={mode}"
+        return f"{scheme}://{authority(self.host, self.port)}/tunnel?local-proxy-mode={mode}"
 
 
 @frozen

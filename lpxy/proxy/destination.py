@@ -30,6 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lpxy.proxy.addresses import authority
 from lpxy.proxy.config import LocalTarget, TcpTarget
 from lpxy.proxy.relay import LocalRelay
 
@@ -39,8 +40,7 @@ __all__ = ["AppConnector", "describe_target"]
 def describe_target(target: LocalTarget) -> str:
     """C{host:port} or the socket path, for logs."""
     if isinstance(target, TcpTarget):
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        return f"{host}:{target.port}"
+        return authority(target.host, target.port)
     return target.path
 
 

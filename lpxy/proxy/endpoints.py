@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from lpxy.proxy.addresses import no_proxy_matches
+from lpxy.proxy.addresses import authority, no_proxy_matches
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.tls import client_tls_options
 
@@ -101,14 +101,6 @@ class WebProxyError(ConnectError):
     """
 
     MESSAGE = "The web proxy did not open a tunnel"
-
-
-def authority(host: str, port: int) -> str:
-    """
-    C{host:port} as an HTTP request target and C{Host} value, with an
-    IPv6 literal in brackets.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @implementer(IStreamClientEndpoint)
