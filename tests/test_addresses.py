@@ -78,6 +78,13 @@ class EndpointTests(SynchronousTestCase):
             "ws://[::1]:8080/tunnel?local-proxy-mode=source",
         )
 
+    def test_origin(self) -> None:
+        """
+        L{TunnelEndpoint.origin} is the URL up to the port, for logs.
+        """
+        self.assertEqual(parse_endpoint("ws://[::1]:8080").origin(), "ws://[::1]:8080")
+        self.assertEqual(parse_endpoint("h.example").origin(), "wss://h.example:443")
+
 
 class RegionTests(SynchronousTestCase):
     """

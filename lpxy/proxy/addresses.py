@@ -45,10 +45,14 @@ class TunnelEndpoint:
     port: int = 443
     tls: bool = True
 
+    def origin(self) -> str:
+        """C{wss://host:port} (or C{ws://}): the endpoint as logs name it."""
+        scheme = "wss" if self.tls else "ws"
+        return f"{scheme}://{authority(self.host, self.port)}"
+
     def url(self, mode: Mode) -> str:
         """The WebSocket URL for C{mode}."""
-        scheme = "wss" if self.tls else "ws"
-        return f"{scheme}://{authority(self.host, self.port)}/tunnel?local-proxy-mode={mode}"
+        return f"{self.origin()}/tunnel?local-proxy-mode={mode}"
 
 
 @frozen

@@ -260,7 +260,7 @@ class ProxyConnector:
         self._log.info(
             "Connected to {endpoint} as {mode}: channel id {channel_id}, "
             "subprotocol {subprotocol}",
-            endpoint=self._config.endpoint.url(self._config.mode).split("/tunnel")[0],
+            endpoint=self._config.endpoint.origin(),
             mode=self._config.mode,
             channel_id=protocol.channel_id,
             subprotocol=protocol.factory.subprotocol,
@@ -526,7 +526,7 @@ class LocalProxyService(MultiService):
         for key, value, why in unused_settings(config.settings):
             self._log.info("{key} {value} is not used: {why}", key=key, value=value, why=why)
         delay = max(0, settings.retry_delay_ms) / 1000.0
-        endpoint_name = config.endpoint.url(config.mode).split("/tunnel")[0]
+        endpoint_name = config.endpoint.origin()
         self._retries = settings.connect_retry_count
         # Failed attempts since the last usable connection, a lost connection
         # counting as the first. We count them ourselves, before
