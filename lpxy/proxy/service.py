@@ -456,11 +456,13 @@ class ProxyConnector:
     # -- stopping --------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Close every stream and the WebSocket, cleanly."""
+        """Close every stream and the WebSocket, cleanly, and stop listening."""
         self.stopping = True
         self.session.reset_all()
         if self.protocol is not None:
             self.protocol.close(1000, "local proxy stopping")
+        if self.listeners is not None:
+            self.listeners.stop()
 
 
 class LocalProxyService(MultiService):
@@ -606,12 +608,8 @@ class LocalProxyService(MultiService):
 
     def _report(self, stopped: Deferred[None], status: int) -> None:
         self.connector.shutdown()
-        if self.connector.listeners is not None:
-            self.connector.listeners.stop()
         stopped.addBoth(lambda _: self._done.callback(status))
 
     def stopService(self) -> Deferred[None]:
         self.connector.shutdown()
-        if self.connector.listeners is not None:
-            self.connector.listeners.stop()
         return super().stopService()
