@@ -6,7 +6,6 @@ and destination against a real tunnel service on loopback.
 from __future__ import annotations
 
 import itertools
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.trial.unittest import TestCase
 
 from lpxy.frames import Message, RecordDecoder, encode, encode_all
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.websocket import MAX_FRAME_SIZE, TunnelServerProtocol
 from tests.support.certs import make_test_pki
+from tests.support.e2ehelpers import no_delay
 from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
 
 V1, V2, V3 = (f"aws.iot.securetunneling-{v}" for v in ("1.0", "2.0", "3.0"))
@@ -849,18 +848,11 @@ class TokenNeverLoggedTests(ServiceTestCase):
             self.assertNotIn(secret, text)
 
 
-def _nodelay(transport: Any) -> int:
-    while isinstance(transport, ProtocolWrapper):  # TLS: the TCP transport under it
-        transport = transport.transport
-    sock = transport.getHandle()
-    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-
-
 class NoDelayTests(ServiceTestCase):
     async def test_tcp_nodelay(self) -> None:
         _, _, opened = await self.pair()
         for mode in (SOURCE, DESTINATION):
-            self.assertTrue(_nodelay(self.server_side(opened.tunnel_id, mode).transport))
+            self.assertTrue(no_delay(self.server_side(opened.tunnel_id, mode).transport))
 
 
 class TLSTests(ServiceTestCase):
@@ -884,7 +876,7 @@ class TLSTests(ServiceTestCase):
         sent = [start(1, "SSH"), data(1, b"secret" * 10000, "SSH")]
         source.send(*sent)
         self.assertEqual((await destination.wait_messages(3))[1:], sent)
-        self.assertTrue(_nodelay(self.server_side(opened.tunnel_id, SOURCE).transport))
+        self.assertTrue(no_delay(self.server_side(opened.tunnel_id, SOURCE).transport))
 
     async def test_api_over_tls(self) -> None:
         def describe() -> Any:
