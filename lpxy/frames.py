@@ -193,11 +193,15 @@ class RecordDecoder:
         return used + missing
 
     def _fail(self, size: int) -> ProtocolError:
-        self._error = ProtocolError(
-            f"invalid record length {size} (must be 1..{self._max_size})"
+        return self._broken(
+            ProtocolError(f"invalid record length {size} (must be 1..{self._max_size})")
         )
+
+    def _broken(self, error: ProtocolError) -> ProtocolError:
+        # Every later call raises this again; nothing held is of use now.
+        self._error = error
         self._pieces, self._held, self._size = [], 0, None
-        return self._error
+        return error
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """
@@ -210,8 +214,7 @@ class RecordDecoder:
             try:
                 messages.append(parse_body(body))
             except ProtocolError as e:
-                self._error = e
-                self._pieces, self._held, self._size = [], 0, None
+                self._broken(e)
                 raise
         return messages
 
