@@ -180,8 +180,7 @@ class Attachment:
     @property
     def partner(self) -> IPeer | None:
         """The live connection of the other end, if any."""
-        other = self._broker._live.get((self.tunnel_id, _other(self.mode)))
-        return other.peer if other is not None else None
+        return self._broker.peer(self.tunnel_id, _other(self.mode))
 
 
 def _other(mode: str) -> str:
