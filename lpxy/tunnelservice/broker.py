@@ -327,17 +327,18 @@ class Broker:
         if record is not None and record.status == OPEN:
             self._close(record, "tunnel lifetime expired", "lifetime expired")
 
-    def _forget(self, tunnel_id: str) -> None:
+    def _cancel_timer(self, tunnel_id: str) -> None:
         timer = self._expiries.pop(tunnel_id, None)
         if timer is not None and timer.active():
             timer.cancel()
+
+    def _forget(self, tunnel_id: str) -> None:
+        self._cancel_timer(tunnel_id)
         self._store.remove(tunnel_id)
         self._log.info("Tunnel {tunnel_id} deleted", tunnel_id=tunnel_id)
 
     def _close(self, record: TunnelRecord, reason: str, why: str) -> None:
-        expiry = self._expiries.pop(record.tunnel_id, None)
-        if expiry is not None and expiry.active():
-            expiry.cancel()
+        self._cancel_timer(record.tunnel_id)
         record.status = CLOSED
         record.last_updated_at = self._clock.seconds()
         attachments = [
@@ -553,10 +554,8 @@ class Broker:
         for attachment in list(self._live.values()):
             self._detach(attachment, notify=False)
             attachment.peer.close(CLOSE_GOING_AWAY, "service shutting down")
-        for expiry in self._expiries.values():
-            if expiry.active():
-                expiry.cancel()
-        self._expiries.clear()
+        for tunnel_id in list(self._expiries):
+            self._cancel_timer(tunnel_id)
 
     def peer(self, tunnel_id: str, mode: str) -> IPeer | None:
         """The live connection of one tunnel end, if any."""
