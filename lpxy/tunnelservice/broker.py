@@ -480,12 +480,13 @@ class Broker:
 
         @raise HandshakeRefused: with the status and reason to answer.
         """
-        found = self._store.find_token(_digest(access_token))
+        token_hash = _digest(access_token)
+        found = self._store.find_token(token_hash)
         if found is None:
             raise HandshakeRefused(401, UNKNOWN_TOKEN)
         record, token_mode = found
         end = record.end(token_mode)
-        if not hmac.compare_digest(end.token_hash, _digest(access_token)):
+        if not hmac.compare_digest(end.token_hash, token_hash):
             raise HandshakeRefused(401, UNKNOWN_TOKEN)
         if record.status != OPEN:
             raise HandshakeRefused(401, CLOSED_TUNNEL)
