@@ -21,6 +21,7 @@ from lpxy._proto.Message_pb2 import Message
 __all__ = [
     "LENGTH_PREFIX_SIZE",
     "MAX_RECORD_SIZE",
+    "WIRE_FRAME_LIMIT",
     "Message",
     "ProtocolError",
     "RecordDecoder",
@@ -33,6 +34,15 @@ __all__ = [
 LENGTH_PREFIX_SIZE = 2
 MAX_RECORD_SIZE = 0xFFFF
 """The largest record body a 2-byte length prefix can describe."""
+
+WIRE_FRAME_LIMIT = 131076
+"""
+The largest WebSocket message either end of a tunnel sends or accepts
+(protocol.md section 2). It is the wire's limit, not a setting: the peer
+and the service send messages this big whatever we configure, and refuse
+bigger ones. The reference's C{websocket.max_frame_size} only sizes its
+socket buffers.
+"""
 
 _LENGTH = struct.Struct(">H")
 

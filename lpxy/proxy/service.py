@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lpxy import __version__
-from lpxy.frames import Message, ProtocolError
+from lpxy.frames import WIRE_FRAME_LIMIT, Message, ProtocolError
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.destination import AppConnector
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
@@ -69,13 +69,6 @@ EXIT_REJECTED = 2
 EXIT_GAVE_UP = 3
 
 USER_AGENT = f"lpxy/{__version__}"
-
-#: The largest WebSocket message either end of a tunnel sends or accepts
-#: (protocol.md section 2). It is the wire's limit, not a setting: the
-#: peer and the service send messages this big whatever we configure, and
-#: refuse bigger ones. The reference's C{websocket.max_frame_size} only
-#: sizes its socket buffers.
-WIRE_FRAME_LIMIT = 131076
 
 
 class TunnelConnectionFailed(Exception):

@@ -31,7 +31,14 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from lpxy.frames import Message, ProtocolError, RecordDecoder, encode, encode_body
+from lpxy.frames import (
+    WIRE_FRAME_LIMIT,
+    Message,
+    ProtocolError,
+    RecordDecoder,
+    encode,
+    encode_body,
+)
 
 __all__ = [
     "Clock",
@@ -437,7 +444,7 @@ class TunnelFactory(WebSocketClientFactory):
         user_agent: str,
         clock: Clock,
         ping_period_ms: int = 20000,
-        max_frame_size: int = 131076,
+        max_frame_size: int = WIRE_FRAME_LIMIT,
         open_handshake_timeout: float = 30.0,
         trace: bool = False,
     ) -> None:
