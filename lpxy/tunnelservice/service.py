@@ -173,10 +173,7 @@ class TunnelService(MultiService):
         self._endpoints = [
             serverFromString(reactor, e) if isinstance(e, str) else e for e in endpoints
         ]
-        self.broker = Broker(
-            clock if clock is not None else reactor,
-            limits=limits if limits is not None else Limits(),
-        )
+        self.broker = Broker(clock if clock is not None else reactor, limits=limits)
         self.connections = Connections()
         self.websocket_factory = TunnelServerFactory(
             self.broker, reactor=reactor, connections=self.connections, clock=clock,
