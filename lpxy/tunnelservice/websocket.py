@@ -191,10 +191,6 @@ def _pack(bodies: list[bytes]) -> list[bytes]:
     return messages
 
 
-def _refuse(status: int, reason: str) -> ConnectionDeny:
-    return ConnectionDeny(status, reason)
-
-
 class TunnelServerProtocol(WebSocketServerProtocol):
     """One tunnel end's WebSocket: handshake rules, checks and relaying."""
 
@@ -296,37 +292,37 @@ class TunnelServerProtocol(WebSocketServerProtocol):
 
     def _on_connect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
         if request.path != "/tunnel":
-            raise _refuse(400, f"Invalid request path {request.path!r}: use /tunnel")
+            raise ConnectionDeny(400, f"Invalid request path {request.path!r}: use /tunnel")
         modes = request.params.get("local-proxy-mode", [])
         if len(modes) != 1 or modes[0] not in (SOURCE, DESTINATION):
-            raise _refuse(
+            raise ConnectionDeny(
                 400, "Missing or invalid local-proxy-mode: use source or destination"
             )
         mode = modes[0]
         offered = set(request.protocols)
         chosen = next((p for p in SUBPROTOCOLS if p in offered), None)
         if chosen is None:
-            raise _refuse(
+            raise ConnectionDeny(
                 400, "No supported subprotocol: offer one of " + ", ".join(SUBPROTOCOLS)
             )
         client_token = request.headers.get("client-token")
         if client_token is not None and not _CLIENT_TOKEN.fullmatch(client_token):
-            raise _refuse(400, "Invalid client-token: use 32 to 128 of a-z, A-Z, 0-9 and -")
+            raise ConnectionDeny(400, "Invalid client-token: use 32 to 128 of a-z, A-Z, 0-9 and -")
         header_token = request.headers.get("access-token")
         cookie_token = self._cookie_token(request.headers.get("cookie"))
         if header_token is not None and cookie_token is not None:
-            raise _refuse(
+            raise ConnectionDeny(
                 400,
                 "Give the access token either in the access-token header "
                 f"or in the {TOKEN_COOKIE} cookie, not both",
             )
         token = header_token if header_token is not None else cookie_token
         if not token:
-            raise _refuse(401, "Missing access token")
+            raise ConnectionDeny(401, "Missing access token")
         try:
             attachment = self.factory.broker.connect(mode, token, client_token, self)
         except HandshakeRefused as refused:
-            raise _refuse(refused.status, refused.reason) from None
+            raise ConnectionDeny(refused.status, refused.reason) from None
         self._attachment = self._info = attachment
         self._version = SUBPROTOCOLS[::-1].index(chosen) + 1
         self._subprotocol = chosen
@@ -343,13 +339,13 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         if not values:
             return None
         if len(values) > 1:
-            raise _refuse(400, f"More than one {TOKEN_COOKIE} cookie")
+            raise ConnectionDeny(400, f"More than one {TOKEN_COOKIE} cookie")
         try:
             cookie: SimpleCookie = SimpleCookie()
             cookie.load(f"{TOKEN_COOKIE}={values[0]}")
             return cookie[TOKEN_COOKIE].value
         except (CookieError, KeyError):
-            raise _refuse(400, f"Malformed {TOKEN_COOKIE} cookie") from None
+            raise ConnectionDeny(400, f"Malformed {TOKEN_COOKIE} cookie") from None
 
     def sendHttpErrorResponse(
         self, code: int, reason: str, responseHeaders: Any = None
