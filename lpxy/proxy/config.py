@@ -46,7 +46,13 @@ from lpxy.proxy.addresses import (
     service_id,
     source_port,
 )
-from lpxy.proxy.settings import ProxySettings, SettingsError, bind_address, load_settings
+from lpxy.proxy.settings import (
+    ProxySettings,
+    SettingsError,
+    bind_address,
+    error_reason,
+    load_settings,
+)
 
 __all__ = [
     "ClientType",
@@ -225,7 +231,7 @@ def read_config_file(path: str) -> dict[str, str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config: cannot read {path}: {_reason(e)}") from None
+        raise UsageError(f"--config: cannot read {path}: {error_reason(e)}") from None
     values: dict[str, str] = {}
     for number, line in _lines(text):
         where = f"--config {path} line {number}"
@@ -277,7 +283,7 @@ def config_dir_files(directory: Path) -> list[Path]:
     def unlisted(e: OSError) -> None:
         _log.warn(
             "Skipping unreadable --config-dir directory {path}: {reason}",
-            path=e.filename, reason=_reason(e),
+            path=e.filename, reason=error_reason(e),
         )
 
     files: list[Path] = []
@@ -301,7 +307,7 @@ def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T
         except (OSError, UnicodeDecodeError) as e:
             _log.warn(
                 "Skipping unreadable --config-dir file {path}: {reason}",
-                path=str(path), reason=_reason(e),
+                path=str(path), reason=error_reason(e),
             )
             continue
         seen: set[str] = set()
@@ -394,12 +400,6 @@ def _clientToken(given: _Given) -> str:
 _MODES: Mapping[str, Mode] = {
     "src": "source", "source": "source", "dst": "destination", "destination": "destination",
 }
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e)
 
 
 def _verbosity(given: _Given | None) -> int:

@@ -218,7 +218,7 @@ def load_settings(path: str | Path) -> ProxySettings:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise SettingsError(f"cannot read {path}: {_reason(e)}") from None
+        raise SettingsError(f"cannot read {path}: {error_reason(e)}") from None
     try:
         tree = json.loads(text)
     except json.JSONDecodeError as e:
@@ -228,7 +228,12 @@ def load_settings(path: str | Path) -> ProxySettings:
     return merge_settings(ProxySettings(), tree)
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """
+    What a file error says, for one-line messages: an L{OSError}'s
+    C{strerror} (without the path the message names already), else its
+    text.
+    """
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e)
