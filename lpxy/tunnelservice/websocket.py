@@ -231,6 +231,15 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         super().connectionLost(reason)
         self.factory.connections.discard(self)
 
+    def _end_fields(self) -> dict[str, str | None]:
+        """The log fields naming the tunnel end this connection serves (or served)."""
+        info = self._info
+        return {
+            "mode": info.mode if info else None,
+            "tunnel_id": info.tunnel_id if info else None,
+            "channel_id": info.channel_id if info else None,
+        }
+
     # Liveness
 
     def _start_keepalive(self) -> None:
@@ -255,14 +264,10 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             self._heard = now
         silent = now - self._heard
         if silent >= factory.idle_timeout:
-            info = self._info
             self._log.warn(
                 "Dropping {mode} of tunnel {tunnel_id}, channel {channel_id}, from "
                 "{peer}: nothing received for {silent:.0f} seconds",
-                mode=info.mode if info else None,
-                tunnel_id=info.tunnel_id if info else None,
-                channel_id=info.channel_id if info else None,
-                peer=self.peer, silent=silent,
+                **self._end_fields(), peer=self.peer, silent=silent,
             )
             self.wasClean = False
             self.wasNotCleanReason = "peer silent"
@@ -371,9 +376,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             self._log.info(
                 "Peer connected: {mode} of tunnel {tunnel_id}, channel {channel_id}, "
                 "from {peer}, {subprotocol}",
-                mode=attachment.mode, tunnel_id=attachment.tunnel_id,
-                channel_id=attachment.channel_id, peer=self.peer,
-                subprotocol=self._subprotocol,
+                **self._end_fields(), peer=self.peer, subprotocol=self._subprotocol,
             )
             if self._version >= 2:
                 self._send_records(encode(Message(
@@ -390,14 +393,12 @@ class TunnelServerProtocol(WebSocketServerProtocol):
 
     def close(self, code: int, reason: str) -> None:
         """Close this connection; the broker has already let it go."""
-        info = self._info
-        if self._attachment is not None and info is not None:
+        if self._attachment is not None:
             self._attachment = None
             self._log.info(
                 "Closing {mode} of tunnel {tunnel_id}, channel {channel_id}: "
                 "{code} {reason}",
-                mode=info.mode, tunnel_id=info.tunnel_id,
-                channel_id=info.channel_id, code=code, reason=reason,
+                **self._end_fields(), code=code, reason=reason,
             )
         self._unpair()
         if self.state == self.STATE_OPEN:
@@ -466,8 +467,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         self._log.warn(
             "Closing {mode} of tunnel {tunnel_id}, channel {channel_id}, from {peer}: "
             "{code} {reason}",
-            mode=attachment.mode, tunnel_id=attachment.tunnel_id,
-            channel_id=attachment.channel_id, peer=self.peer, code=code, reason=reason,
+            **self._end_fields(), peer=self.peer, code=code, reason=reason,
         )
         self.factory.broker.disconnect(attachment)
         self.close(code, reason)
@@ -569,14 +569,12 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         if attachment is not None:
             self.factory.broker.disconnect(attachment)
         self._unpair()
-        info = self._info
-        if info is not None:
+        if self._info is not None:
             self._log.info(
                 "Peer disconnected: {mode} of tunnel {tunnel_id}, channel {channel_id}, "
                 "from {peer} ({code} {reason}; {bytes_in} bytes in, {bytes_out} out)",
-                mode=info.mode, tunnel_id=info.tunnel_id,
-                channel_id=info.channel_id, peer=self.peer, code=code,
-                reason=reason, bytes_in=self._bytes_in, bytes_out=self._bytes_out,
+                **self._end_fields(), peer=self.peer, code=code, reason=reason,
+                bytes_in=self._bytes_in, bytes_out=self._bytes_out,
             )
 
 
