@@ -350,11 +350,6 @@ class ProxyConnector:
 
     # -- readiness -------------------------------------------------------
 
-    def prepare(self, protocol: Any) -> Deferred[None]:
-        """C{prepareConnection}: wait until the tunnel is usable."""
-        ready: Deferred[None] = protocol.ready
-        return ready
-
     def _mark_ready(self) -> None:
         protocol = self.protocol
         if protocol is not None and not protocol.ready.called:
@@ -543,10 +538,10 @@ class LocalProxyService(MultiService):
         """Fires with the exit status when the proxy ends on its own."""
         return self._done
 
-    def _prepare(self, protocol: Any) -> Deferred[None]:
-        ready = self.connector.prepare(protocol)
-        ready.addCallback(self._usable)
-        return ready
+    def _prepare(self, protocol: TunnelProtocol) -> Deferred[None]:
+        # ClientService's prepareConnection: the connector fires ready once
+        # the tunnel is usable.
+        return protocol.ready.addCallback(self._usable)
 
     def _usable(self, result: None) -> None:
         self._failures = 0
