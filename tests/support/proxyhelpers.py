@@ -14,8 +14,7 @@ from typing import Any, NamedTuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IAddress
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -179,12 +178,7 @@ class Client(Protocol):
 async def connect_client(case: TestCase, port: int) -> Client:
     """Connect a L{Client} to 127.0.0.1:C{port}."""
     client = Client()
-
-    class One(Factory):
-        def buildProtocol(self, addr: IAddress) -> Protocol:
-            return client
-
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(One())
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
 
     async def close() -> None:
         if client.transport is not None and not client.closed.called:
