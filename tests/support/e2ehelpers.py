@@ -25,6 +25,7 @@ from lpxy.frames import Message
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.service import LocalProxyService
 from tests.support.proxyhelpers import ProxyPair, connect_client, start_proxy
+from tests.support.wsframes import parse_request
 
 __all__ = [
     "ConnectProxyFactory",
@@ -268,13 +269,8 @@ class _ConnectProxy(Protocol):
         self.head += data
         if b"\r\n\r\n" not in self.head:
             return
-        head, rest = self.head.split(b"\r\n\r\n", 1)
+        request, headers, rest = parse_request(self.head)
         self.head = b""
-        request, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
         self.proxy.requests.append((request, headers))
         assert self.transport is not None
         method, target, _version = request.split(" ")

@@ -16,7 +16,10 @@ BINARY, TEXT, CLOSE, PING, PONG = 2, 1, 8, 9, 10
 
 
 def parse_request(data: bytes) -> tuple[str, dict[str, str], bytes]:
-    """Split an HTTP upgrade request into its request line, headers and the rest."""
+    """
+    Split an HTTP request (a WebSocket upgrade, a web proxy's CONNECT) into
+    its request line, its headers (lower-case names) and what follows them.
+    """
     head, _, rest = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {}
