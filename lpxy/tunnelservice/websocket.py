@@ -192,7 +192,10 @@ def _pack(bodies: list[bytes]) -> list[bytes]:
 
 
 class TunnelServerProtocol(WebSocketServerProtocol):
-    """One tunnel end's WebSocket: handshake rules, checks and relaying."""
+    """
+    One tunnel end's WebSocket: handshake rules, checks and relaying, and
+    the liveness watch that pings a silent peer and drops a dead one.
+    """
 
     _log = Logger()  # autobahn owns .log
     # Autobahn's own logger, pinned at info: at debug Autobahn logs the
