@@ -319,22 +319,22 @@ class ProxyConnector:
             )
             self._end(EXIT_CLOSED)
         elif was_ready:
-            if self.reconnected is not None and not self.reconnected(self._why(outcome)):
+            why = self._why(outcome)
+            if self.reconnected is not None and not self.reconnected(why):
                 return
             self._log.warn(
                 "Lost the tunnel connection ({reason}); reconnecting in {delay}s",
-                reason=self._why(outcome),
+                reason=why,
                 delay=delay,
             )
         else:
-            if self.attempt_failed is not None and not self.attempt_failed(
-                self._why(outcome)
-            ):
+            why = self._why(outcome)
+            if self.attempt_failed is not None and not self.attempt_failed(why):
                 return
             self._log.warn(
                 "Could not connect to the tunneling service ({reason}); "
                 "retrying in {delay}s",
-                reason=self._why(outcome),
+                reason=why,
                 delay=delay,
             )
 
