@@ -14,11 +14,10 @@ from typing import IO, Any, NoReturn
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 from twisted.python import usage
-from twisted.python.reflect import namedAny
 
 from lpxy.proxy import runner
 from lpxy.proxy.config import ProxyConfig
-from lpxy.proxy.tap import Options, ServiceFactory
+from lpxy.proxy.tap import Options, ServiceFactory, default_service_factory
 
 EXIT_USAGE = 1
 
@@ -79,7 +78,7 @@ def main(
     stderr = sys.stderr if _stderr is None else _stderr
     config = parse(sys.argv[1:] if argv is None else argv, stderr)
     _start_logging(config.verbosity)
-    factory = _service_factory or namedAny("lpxy.proxy.service.LocalProxyService")
+    factory = _service_factory or default_service_factory()
     _react(run, (config, factory))
     # react() always exits; this is for a test's stand-in.
     sys.exit(0)

@@ -179,6 +179,15 @@ def _checkBundle(config: ProxyConfig) -> None:
 ServiceFactory = Callable[[ProxyConfig, Any], Any]
 
 
+def default_service_factory() -> ServiceFactory:
+    """
+    L{lpxy.proxy.service.LocalProxyService}, imported only when called:
+    twistd imports this module for C{--help} too.
+    """
+    factory: ServiceFactory = namedAny("lpxy.proxy.service.LocalProxyService")
+    return factory
+
+
 def makeService(
     options: Options,
     reactor: Any = None,
@@ -192,7 +201,6 @@ def makeService(
     if reactor is None:
         from twisted.internet import reactor
     if service_factory is None:
-        # Imported late: twistd imports this module for --help too.
-        service_factory = namedAny("lpxy.proxy.service.LocalProxyService")
+        service_factory = default_service_factory()
     proxy = service_factory(options["proxy-config"], reactor)
     return runner.EndProcess(proxy, reactor)
