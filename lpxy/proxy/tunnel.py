@@ -84,8 +84,9 @@ def _split_header(header: bytes) -> tuple[bytes, bytes]:
 
 def set_no_delay(transport: object) -> None:
     """
-    Turn Nagle off on C{transport} and every transport it wraps (under TLS
-    or a web-proxy tunnel the socket is a layer or two down).
+    Turn Nagle off on C{transport} and the transports it wraps, four layers
+    at most (under TLS or a web-proxy tunnel the socket is a layer or two
+    down).
     """
     seen = 0
     while transport is not None and seen < 4:
