@@ -21,7 +21,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from lpxy.tunnelservice.store import SOURCE
-from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
+from tests.support.tunnelservice import RecordingPeer, ServiceFixture, start_tunnelservice
 
 
 def _client(url: str) -> Any:
@@ -106,7 +106,7 @@ class OperationTests(APITestCase):
     async def test_connection_state(self) -> None:
         opened = self.fixture.open_tunnel(["SSH"])
         self.clock.advance(60)
-        self.fixture.broker.connect(SOURCE, opened.source_token, None, _Peer())
+        self.fixture.broker.connect(SOURCE, opened.source_token, None, RecordingPeer("source", []))
         tunnel = (await self.call("describe_tunnel", tunnelId=opened.tunnel_id))["tunnel"]
         self.assertEqual(tunnel["sourceConnectionState"]["status"], "CONNECTED")
         self.assertEqual(
@@ -160,7 +160,9 @@ class OperationTests(APITestCase):
         self.assertEqual(
             sorted(rotated), ["destinationAccessToken", "sourceAccessToken", "tunnelArn"]
         )
-        self.fixture.broker.connect(SOURCE, rotated["sourceAccessToken"], None, _Peer())
+        self.fixture.broker.connect(
+            SOURCE, rotated["sourceAccessToken"], None, RecordingPeer("source", [])
+        )
 
     async def test_tags(self) -> None:
         arn = self.fixture.open_tunnel().tunnel_arn
@@ -173,17 +175,6 @@ class OperationTests(APITestCase):
             await self.call("list_tags_for_resource", resourceArn=arn),
             {"tags": [{"key": "b c", "value": ""}]},
         )
-
-
-class _Peer:
-    def close(self, code: int, reason: str) -> None:
-        pass
-
-    def partner_joined(self, partner: object) -> None:
-        pass
-
-    def partner_left(self, partner: object) -> None:
-        pass
 
 
 class ErrorTests(APITestCase):

@@ -16,30 +16,15 @@ from lpxy.tunnelservice.broker import (
     Broker,
     HandshakeRefused,
     InvalidRequest,
-    IPeer,
     LimitExceeded,
     Limits,
     ResourceNotFound,
 )
 from lpxy.tunnelservice.store import CLOSED, DESTINATION, OPEN, SOURCE, MemoryTunnelStore
+from tests.support.tunnelservice import RecordingPeer
 
 CT1 = "a" * 32
 CT2 = "b" * 32
-
-
-class RecordingPeer:
-    def __init__(self, name: str, events: list[tuple[object, ...]]) -> None:
-        self.name = name
-        self.events = events
-
-    def close(self, code: int, reason: str) -> None:
-        self.events.append((self.name, "close", code, reason))
-
-    def partner_joined(self, partner: IPeer) -> None:
-        self.events.append((self.name, "joined", partner.name))  # type: ignore[attr-defined]
-
-    def partner_left(self, partner: IPeer) -> None:
-        self.events.append((self.name, "left", partner.name))  # type: ignore[attr-defined]
 
 
 class BrokerTestCase(SynchronousTestCase):

@@ -21,11 +21,32 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.trial.unittest import TestCase
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
-from lpxy.tunnelservice.broker import Broker, IClock, Limits, OpenedTunnel
+from lpxy.tunnelservice.broker import Broker, IClock, IPeer, Limits, OpenedTunnel
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
-__all__ = ["OpenedTunnel", "ServiceFixture", "start_tunnelservice"]
+__all__ = ["OpenedTunnel", "RecordingPeer", "ServiceFixture", "start_tunnelservice"]
+
+
+class RecordingPeer:
+    """
+    An L{IPeer} without a connection, for talking to a L{Broker} directly:
+    it appends C{(name, "close", code, reason)}, C{(name, "joined", partner
+    name)} and C{(name, "left", partner name)} to C{events}.
+    """
+
+    def __init__(self, name: str, events: list[tuple[object, ...]]) -> None:
+        self.name = name
+        self.events = events
+
+    def close(self, code: int, reason: str) -> None:
+        self.events.append((self.name, "close", code, reason))
+
+    def partner_joined(self, partner: IPeer) -> None:
+        self.events.append((self.name, "joined", partner.name))  # type: ignore[attr-defined]
+
+    def partner_left(self, partner: IPeer) -> None:
+        self.events.append((self.name, "left", partner.name))  # type: ignore[attr-defined]
 
 
 @attrs.define
