@@ -76,8 +76,9 @@ async def _start(
     reactor: Any,
     clock: IClock | None,
     tls: tuple[str, str] | None,
+    ping_interval: float,
+    idle_timeout: float,
     limits: dict[str, float],
-    keepalive: dict[str, float],
 ) -> ServiceFixture:
     if reactor is None:
         from twisted.internet import reactor
@@ -96,7 +97,8 @@ async def _start(
         limits=Limits(**limits),  # type: ignore[arg-type]
         max_request_size=max_request_size,
         clock=clock,
-        **keepalive,
+        ping_interval=ping_interval,
+        idle_timeout=idle_timeout,
     )
     service.startService()
     case.addCleanup(service.stopService)
@@ -133,7 +135,6 @@ def start_tunnelservice(
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
         C{closed_retention_seconds}.
     """
-    keepalive = {"ping_interval": ping_interval, "idle_timeout": idle_timeout}
     return defer.Deferred.fromCoroutine(
-        _start(case, reactor, clock, tls, dict(limits), keepalive)
+        _start(case, reactor, clock, tls, ping_interval, idle_timeout, limits)
     )
