@@ -151,6 +151,10 @@ class _Service:
     format: int = 3
     learned: bool = False
 
+    def connection_key(self, message: Message) -> int:
+        """The key in C{channels} of the connection C{message} names (V1/V2: 0)."""
+        return message.connectionId if self.format >= 3 else 0
+
 
 def _data_header(wire_service_id: str, stream_id: int, connection_id: int) -> bytes:
     return Message(
@@ -352,7 +356,7 @@ class Session:
                     service_id=message.serviceId,
                 )
             return
-        channel = service.channels.get(message.connectionId if service.format >= 3 else 0)
+        channel = service.channels.get(service.connection_key(message))
         if channel is None:
             if self._trace:
                 self._log.debug(
@@ -422,7 +426,7 @@ class Session:
                 )
         service.wire_id = message.serviceId
         service.stream_id = stream_id
-        connection_id = message.connectionId if service.format >= 3 else 0
+        connection_id = service.connection_key(message)
         channel = self._new_channel(service, connection_id)
         self._actions.open_local(channel)
 
@@ -474,8 +478,7 @@ class Session:
         service = self._active(message)
         if service is None:
             return
-        key = message.connectionId if service.format >= 3 else 0
-        channel = service.channels.pop(key, None)
+        channel = service.channels.pop(service.connection_key(message), None)
         if channel is None:
             return
         channel.open = False
