@@ -50,6 +50,7 @@ from tests.support.connecthelpers import (
     PingClient,
     PingClientFactory,
 )
+from tests.support.e2ehelpers import tcp_socket
 
 TOKEN = "access-token-that-must-never-show"
 PASSWORD = "proxy-password-that-must-never-show"
@@ -790,16 +791,6 @@ class _FakeProxyFactory(Factory):
         return protocol
 
 
-def _socket_of(protocol) -> socket.socket:
-    """
-    The socket under C{protocol}, through any TLS layers.
-    """
-    transport = protocol.transport
-    while not isinstance(transport.getHandle(), socket.socket):
-        transport = transport.transport
-    return transport.getHandle()
-
-
 class EndToEndTests(TestCase):
     """
     Through a real (fake) CONNECT proxy to real echo servers on loopback.
@@ -849,7 +840,7 @@ class EndToEndTests(TestCase):
         try:
             answer = yield protocol.answer
             self.assertEqual(answer, b"through the proxy")
-            no_delay = _socket_of(protocol).getsockopt(
+            no_delay = tcp_socket(protocol.transport).getsockopt(
                 socket.IPPROTO_TCP, socket.TCP_NODELAY
             )
         finally:
