@@ -262,17 +262,14 @@ class TunnelService(MultiService):
     def _listened(self, port: Any) -> Any:
         self.ports.append(port)
         address = port.getHost()
-        host = getattr(address, "host", "")
-        self._log.info(
-            "Tunnel service listening on {host} port {port}",
-            host=host, port=getattr(address, "port", None),
-        )
+        where = {"host": getattr(address, "host", ""), "port": getattr(address, "port", None)}
+        self._log.info("Tunnel service listening on {host} port {port}", **where)
         if not _is_local(address):
             self._log.warn(
                 "Port {host}:{port} is reachable beyond this machine, and API request "
                 "signatures are not verified: anyone who reaches it can open and close "
                 "tunnels.",
-                host=host, port=getattr(address, "port", None),
+                **where,
             )
         return port
 
