@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from typing import Any, ClassVar
 
-import boto3
 from botocore.exceptions import ClientError
 from twisted.internet import reactor
 from twisted.internet.task import Clock
@@ -21,17 +20,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from lpxy.tunnelservice.store import SOURCE
-from tests.support.tunnelservice import RecordingPeer, ServiceFixture, start_tunnelservice
-
-
-def _client(url: str) -> Any:
-    return boto3.client(
-        "iotsecuretunneling",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    )
+from tests.support.tunnelservice import (
+    RecordingPeer,
+    ServiceFixture,
+    api_client,
+    start_tunnelservice,
+)
 
 
 class APITestCase(TestCase):
@@ -43,7 +37,7 @@ class APITestCase(TestCase):
         self.fixture: ServiceFixture = await start_tunnelservice(
             self, clock=self.clock, **self.limits
         )
-        self.client = await deferToThread(_client, self.fixture.api_url)
+        self.client = await deferToThread(api_client, self.fixture.api_url)
 
     def call(self, operation: str, **kwargs: Any) -> Any:
         """Call a boto3 operation in a thread; fire with its result minus metadata."""

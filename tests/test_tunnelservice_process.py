@@ -8,12 +8,12 @@ import re
 import socket
 from typing import Any
 
-import boto3
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.support.installed import installed_copy, twistd_argv
 from tests.support.proxyprocess import ChildProcess, spawn
+from tests.support.tunnelservice import api_client
 
 _LISTENING = re.compile(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)")
 
@@ -38,13 +38,7 @@ class TwistdTunnelServiceTests(TestCase):
         process, port = await self.start("--port", "tcp:0:interface=127.0.0.1")
 
         def open_tunnel() -> dict[str, Any]:
-            client = boto3.client(
-                "iotsecuretunneling",
-                endpoint_url=f"http://127.0.0.1:{port}",
-                region_name="us-east-1",
-                aws_access_key_id="x",
-                aws_secret_access_key="x",
-            )
+            client = api_client(f"http://127.0.0.1:{port}")
             opened = client.open_tunnel(destinationConfig={"services": ["SSH"]})
             described = client.describe_tunnel(tunnelId=opened["tunnelId"])
             return {"opened": opened, "described": described["tunnel"]}

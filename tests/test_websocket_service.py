@@ -9,7 +9,6 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import boto3
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
@@ -27,7 +26,7 @@ from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.websocket import MAX_FRAME_SIZE, TunnelServerProtocol
 from tests.support.certs import make_test_pki
 from tests.support.e2ehelpers import LogRecorder, no_delay
-from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
+from tests.support.tunnelservice import ServiceFixture, api_client, start_tunnelservice
 
 V1, V2, V3 = (f"aws.iot.securetunneling-{v}" for v in ("1.0", "2.0", "3.0"))
 CT1 = "c" * 32
@@ -877,11 +876,7 @@ class TLSTests(ServiceTestCase):
 
     async def test_api_over_tls(self) -> None:
         def describe() -> Any:
-            client = boto3.client(
-                "iotsecuretunneling", endpoint_url=self.fixture.api_url,
-                region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x",
-                verify=str(self.pki.ca_cert_path),
-            )
+            client = api_client(self.fixture.api_url, verify=str(self.pki.ca_cert_path))
             opened = client.open_tunnel()
             return client.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
 

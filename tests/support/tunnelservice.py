@@ -25,7 +25,13 @@ from lpxy.tunnelservice.broker import Broker, IClock, IPeer, Limits, OpenedTunne
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
-__all__ = ["OpenedTunnel", "RecordingPeer", "ServiceFixture", "start_tunnelservice"]
+__all__ = [
+    "OpenedTunnel",
+    "RecordingPeer",
+    "ServiceFixture",
+    "api_client",
+    "start_tunnelservice",
+]
 
 
 class RecordingPeer:
@@ -137,4 +143,23 @@ def start_tunnelservice(
     """
     return defer.Deferred.fromCoroutine(
         _start(case, reactor, clock, tls, ping_interval, idle_timeout, limits)
+    )
+
+
+def api_client(url: str, **kwargs: Any) -> Any:
+    """
+    A boto3 C{iotsecuretunneling} client for the tunnel service at C{url},
+    with dummy credentials (the service does not check signatures).
+    C{kwargs} go to C{boto3.client}, e.g. C{verify} for a TLS port.
+    Creating one takes a moment: call it in a thread from a reactor test.
+    """
+    import boto3  # only API tests need it; the proxies' tests import this module too
+
+    return boto3.client(
+        "iotsecuretunneling",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        **kwargs,
     )
