@@ -289,14 +289,15 @@ class RawHTTPTests(APITestCase):
 
 class AWSCLITests(APITestCase):
     def aws(self, *args: str) -> Any:
-        env = {
-            **os.environ,
+        # none of the machine's AWS settings (AWS_PROFILE, ~/.aws) apply
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update({
             "AWS_ACCESS_KEY_ID": "x",
             "AWS_SECRET_ACCESS_KEY": "x",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_CONFIG_FILE": os.devnull,
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }
+        })
         return getProcessOutputAndValue(
             sys.executable,
             ["-m", "awscli", "iotsecuretunneling", *args,

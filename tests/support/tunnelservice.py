@@ -13,6 +13,7 @@ dirty reactor behind.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
@@ -152,10 +153,23 @@ def api_client(url: str, **kwargs: Any) -> Any:
     with dummy credentials (the service does not check signatures).
     C{kwargs} go to C{boto3.client}, e.g. C{verify} for a TLS port.
     Creating one takes a moment: call it in a thread from a reactor test.
-    """
-    import boto3  # only API tests need it; the proxies' tests import this module too
 
-    return boto3.client(
+    The client reads none of the machine's AWS setup: no C{~/.aws} files
+    (nor those C{AWS_CONFIG_FILE} or C{AWS_SHARED_CREDENTIALS_FILE} name)
+    and no C{AWS_PROFILE}, so that a developer's profile cannot change or
+    break a test.
+    """
+    # only API tests need these; the proxies' tests import this module too
+    import boto3.session
+    import botocore.session
+
+    # (name in a config file, environment variables, default, conversion)
+    core = botocore.session.Session(session_vars={
+        "profile": (None, None, None, None),
+        "config_file": (None, None, os.devnull, None),
+        "credentials_file": (None, None, os.devnull, None),
+    })
+    return boto3.session.Session(botocore_session=core).client(
         "iotsecuretunneling",
         endpoint_url=url,
         region_name="us-east-1",
