@@ -94,7 +94,7 @@ class ManyConnectionsTests(TestCase):
         directory.mkdir()
         pki = make_test_pki(directory)
         fixture = yield start_tunnelservice(
-            self, tls=(str(pki.server_key_path), str(pki.server_cert_path))
+            self, tls=pki
         )
         yield self.many(fixture, tls=True, capath=str(pki.ca_cert_path))
 

@@ -63,7 +63,7 @@ class TLSTests(TestCase):
         directory.mkdir()
         self.pki: TestPKI = make_test_pki(directory)
         self.fixture = yield start_tunnelservice(
-            self, tls=(str(self.pki.server_key_path), str(self.pki.server_cert_path))
+            self, tls=self.pki
         )
         self.app_port, self.app = yield Deferred.fromCoroutine(start_app(self))
         self.opened = self.fixture.open_tunnel(["SSH"])
@@ -310,7 +310,7 @@ class SlowReaderTLSTests(TestCase):
         directory.mkdir()
         pki = make_test_pki(directory)
         fixture = yield start_tunnelservice(
-            self, tls=(str(pki.server_key_path), str(pki.server_cert_path))
+            self, tls=pki
         )
         app_port, _ = yield Deferred.fromCoroutine(start_app(self, factory=Slow(echo=False)))
         opened = fixture.open_tunnel(["BULK"])

@@ -52,7 +52,7 @@ class WebProxyTests(TestCase):
         self.web_proxy = ConnectProxyFactory(AUTHORIZATION)
         self.proxy_port = yield Deferred.fromCoroutine(self.web_proxy.listen(self))
         self.fixture = yield start_tunnelservice(
-            self, tls=(str(self.pki.server_key_path), str(self.pki.server_cert_path))
+            self, tls=self.pki
         )
         self.service = TunnelEndpoint("127.0.0.1", self.fixture.port, tls=True)
         self.app_port, self.app = yield Deferred.fromCoroutine(start_app(self))

@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from lpxy.frames import Message, RecordDecoder, encode, encode_all
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.websocket import MAX_FRAME_SIZE, TunnelServerProtocol
-from tests.support.certs import make_test_pki
+from tests.support.certs import TestPKI, make_test_pki
 from tests.support.e2ehelpers import LogRecorder, no_delay
 from tests.support.tunnelservice import ServiceFixture, api_client, start_tunnelservice
 
@@ -144,7 +144,7 @@ class RawHandshake(Protocol):
 
 class ServiceTestCase(TestCase):
     clock: Clock | None = None
-    tls: tuple[str, str] | None = None
+    tls: TestPKI | None = None
 
     async def setUp(self) -> None:
         self.fixture: ServiceFixture = await start_tunnelservice(
@@ -856,7 +856,7 @@ class TLSTests(ServiceTestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         self.pki = make_test_pki(directory)
-        self.tls = (str(self.pki.server_key_path), str(self.pki.server_cert_path))
+        self.tls = self.pki
         await super().setUp()
         self.client_tls = optionsForClientTLS("localhost", trustRoot=self.pki.ca_certificate())
 

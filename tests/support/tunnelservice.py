@@ -5,26 +5,29 @@ A real tunnel service on a loopback port, for end-to-end tests.
     opened = fixture.open_tunnel(["SSH"])
     TunnelEndpoint(host="127.0.0.1", port=fixture.port, tls=False)
 
-The service listens on 127.0.0.1 port 0 (TLS when C{tls=(key, cert)} paths
-are given), in the test's reactor. A cleanup registered on the test stops it
-and waits until every connection to it is closed, so no test leaves a
-dirty reactor behind.
+The service listens on 127.0.0.1 port 0 (under TLS with the server
+certificate of a L{tests.support.certs.TestPKI} given as C{tls}), in the
+test's reactor. A cleanup registered on the test stops it and waits until
+every connection to it is closed, so no test leaves a dirty reactor behind.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.broker import Broker, IClock, IPeer, Limits, OpenedTunnel
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
+
+if TYPE_CHECKING:
+    from tests.support.certs import TestPKI
 
 __all__ = [
     "OpenedTunnel",
@@ -82,7 +85,7 @@ async def _start(
     case: TestCase,
     reactor: Any,
     clock: IClock | None,
-    tls: tuple[str, str] | None,
+    tls: TestPKI | None,
     ping_interval: float,
     idle_timeout: float,
     limits: dict[str, float],
@@ -93,11 +96,7 @@ async def _start(
     if tls is None:
         description = "tcp:0:interface=127.0.0.1"
     else:
-        key, cert = tls
-        description = (
-            f"ssl:0:interface=127.0.0.1:privateKey={quoteStringArgument(key)}"
-            f":certKey={quoteStringArgument(cert)}"
-        )
+        description = tls.server_endpoint_string()
     service = TunnelService(
         reactor,
         [serverFromString(reactor, description)],
@@ -124,7 +123,7 @@ def start_tunnelservice(
     case: TestCase,
     reactor: Any = None,
     clock: IClock | None = None,
-    tls: tuple[str, str] | None = None,
+    tls: TestPKI | None = None,
     *,
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -138,7 +137,7 @@ def start_tunnelservice(
         checks, for expiry and keepalive tests (the reactor by default).
     @param ping_interval: seconds of a peer's silence before the service pings it.
     @param idle_timeout: seconds of a peer's silence before the service drops it.
-    @param tls: C{(key_pem_path, cert_pem_path)} for a TLS port.
+    @param tls: the test PKI whose server certificate a TLS port presents.
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
         C{closed_retention_seconds}.
     """
