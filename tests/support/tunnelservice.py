@@ -9,6 +9,10 @@ The service listens on 127.0.0.1 port 0 (under TLS with the server
 certificate of a L{tests.support.certs.TestPKI} given as C{tls}), in the
 test's reactor. A cleanup registered on the test stops it and waits until
 every connection to it is closed, so no test leaves a dirty reactor behind.
+
+Also here: L{api_client}, a boto3 client for the service's API that reads
+none of the machine's AWS setup, and L{RecordingPeer}, a connection-less
+L{IPeer} for calling the broker directly.
 """
 
 from __future__ import annotations
