@@ -29,6 +29,8 @@ from tests.support.tunnelservice import (
 
 
 class APITestCase(TestCase):
+    """A tunnel service on a L{Clock} and a boto3 client for its API (C{limits} per subclass)."""
+
     limits: ClassVar[dict[str, int]] = {}
 
     async def setUp(self) -> None:
@@ -61,6 +63,8 @@ class APITestCase(TestCase):
 
 
 class OperationTests(APITestCase):
+    """Each operation through boto3, with what it answers and what the broker then holds."""
+
     async def test_open_and_describe(self) -> None:
         opened = await self.call(
             "open_tunnel",
@@ -172,6 +176,8 @@ class OperationTests(APITestCase):
 
 
 class ErrorTests(APITestCase):
+    """Errors boto3 sees: unknown tunnels, closed tunnels, limits, validation, size."""
+
     limits: ClassVar[dict[str, int]] = {"max_open_tunnels": 2, "max_request_size": 1024}
 
     async def test_not_found(self) -> None:
@@ -254,6 +260,11 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 class RawHTTPTests(APITestCase):
+    """
+    Requests boto3 would never send: unknown operations, bodies that are not
+    JSON objects or hold wrong types, another path.
+    """
+
     def post(self, body: bytes, target: str | None) -> Any:
         headers = {"Content-Type": "application/x-amz-json-1.1"}
         if target is not None:
@@ -288,6 +299,8 @@ class RawHTTPTests(APITestCase):
 
 
 class AWSCLITests(APITestCase):
+    """The AWS CLI, unmodified but for C{--endpoint-url}, against the service."""
+
     def aws(self, *args: str) -> Any:
         # none of the machine's AWS settings (AWS_PROFILE, ~/.aws) apply
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

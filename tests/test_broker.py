@@ -28,6 +28,8 @@ CT2 = "b" * 32
 
 
 class BrokerTestCase(SynchronousTestCase):
+    """A broker on a L{Clock} with small limits, and L{RecordingPeer}s sharing one event list."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
@@ -46,6 +48,8 @@ class BrokerTestCase(SynchronousTestCase):
 
 
 class OpenTunnelTests(BrokerTestCase):
+    """L{Broker.open_tunnel} and L{Broker.describe}: records, limits, no token kept or logged."""
+
     def test_open(self) -> None:
         opened = self.broker.open_tunnel(
             services=["SSH", "HTTP"], thing_name="thing", description="d",
@@ -108,6 +112,8 @@ class OpenTunnelTests(BrokerTestCase):
 
 
 class LifetimeTests(BrokerTestCase):
+    """Closing, expiry, deletion and stopping: peers closed, timers set and cancelled."""
+
     def test_close(self) -> None:
         opened = self.broker.open_tunnel()
         self.broker.connect(SOURCE, opened.source_token, None, self.peer("s"))
@@ -184,6 +190,8 @@ class LifetimeTests(BrokerTestCase):
 
 
 class TokenTests(BrokerTestCase):
+    """Handshakes as the token rules say: spending, client tokens, replacement, rotation."""
+
     def setUp(self) -> None:
         super().setUp()
         self.opened = self.broker.open_tunnel(services=["SSH"])
@@ -299,6 +307,8 @@ class TokenTests(BrokerTestCase):
 
 
 class ListAndTagTests(BrokerTestCase):
+    """Listing newest first in pages, by thing name, and tagging by ARN."""
+
     def test_list_newest_first_paged(self) -> None:
         broker = Broker(self.clock)
         ids = [broker.open_tunnel(thing_name="t" if i % 2 else None).tunnel_id for i in range(7)]

@@ -32,6 +32,8 @@ def record(tunnel_id: str, sequence: int) -> TunnelRecord:
 
 
 class MemoryTunnelStoreTests(SynchronousTestCase):
+    """L{MemoryTunnelStore}: records, the token index, order, sequence and open count."""
+
     def setUp(self) -> None:
         self.store: ITunnelStore = MemoryTunnelStore()
 

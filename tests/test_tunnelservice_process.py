@@ -19,6 +19,8 @@ _LISTENING = re.compile(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)")
 
 
 class TwistdTunnelServiceTests(TestCase):
+    """C{twistd -n tunnelservice} from the installed copy: API, signals, exit statuses."""
+
     def setUp(self) -> None:
         # building the installed copy takes a while the first time
         installed_copy()

@@ -19,6 +19,8 @@ def parse(*argv: str) -> Options:
 
 
 class OptionsTests(SynchronousTestCase):
+    """C{twistd tunnelservice} options: defaults, values, errors naming the option, help."""
+
     def test_defaults(self) -> None:
         self.assertEqual(dict(parse()), {
             "port": ["tcp:8080:interface=127.0.0.1"],
@@ -77,6 +79,8 @@ class OptionsTests(SynchronousTestCase):
 
 
 class MakeServiceTests(SynchronousTestCase):
+    """L{makeService} builds a L{TunnelService} from the options."""
+
     def test_service(self) -> None:
         reactor = MemoryReactorClock()
         service = makeService(

@@ -34,7 +34,7 @@ CT2 = "d" * 40
 
 
 class HandshakeFailed(Exception):
-    pass
+    """A test peer's WebSocket closed before it opened (or while a test waited on it)."""
 
 
 class Peer(WebSocketClientProtocol):
@@ -143,6 +143,8 @@ class RawHandshake(Protocol):
 
 
 class ServiceTestCase(TestCase):
+    """A tunnel service on loopback and ways to reach it: Autobahn peers and raw requests."""
+
     clock: Clock | None = None
     tls: TestPKI | None = None
 
@@ -236,6 +238,11 @@ def upgrade(path: str, *headers: str, protocol: str | None = V3) -> bytes:
 
 
 class HandshakeTests(ServiceTestCase):
+    """
+    Successful handshakes and what follows: subprotocol, channel id,
+    SERVICE_IDS, cookie, connection state, pings answered, an error in onOpen.
+    """
+
     async def test_newest_subprotocol_and_channel_id(self) -> None:
         opened = self.fixture.open_tunnel(["SSH"])
         peer = await self.connect(SOURCE, opened.source_token, [V1, V3, V2, "other"])
@@ -304,6 +311,8 @@ class HandshakeTests(ServiceTestCase):
 
 
 class RejectionTests(ServiceTestCase):
+    """Refused handshakes: 400 or 401 with a plain-text reason, and no token spent."""
+
     async def refused(self, request: bytes) -> tuple[int, str]:
         status, head, body = await self.raw(request)
         self.assertIn(b"content-type: text/plain", head.lower())
@@ -373,6 +382,8 @@ class RejectionTests(ServiceTestCase):
 
 
 class RelayTests(ServiceTestCase):
+    """Records relayed between the ends in order and unchanged, framing, resets."""
+
     async def relay_both_ways(self, version: str) -> None:
         """
         STREAM_START, DATA, STREAM_RESET (and in 3.0 CONNECTION_START and
@@ -537,6 +548,8 @@ class RelayTests(ServiceTestCase):
 
 
 class ViolationTests(ServiceTestCase):
+    """What a client must not send closes its connection with a code, logged once."""
+
     async def violate(self, *messages: Message, mode: str = SOURCE,
                       raw: bytes | None = None, binary: bool = True) -> tuple[int, str]:
         source, destination, opened = await self.pair(["SSH"])
@@ -612,6 +625,8 @@ class ViolationTests(ServiceTestCase):
 
 
 class TokenTests(ServiceTestCase):
+    """Client-token reconnects, replacement of a live end, and rotation over real sockets."""
+
     async def test_client_token_reconnect(self) -> None:
         opened = self.fixture.open_tunnel()
         first = await self.connect(SOURCE, opened.source_token, client_token=CT1)
@@ -647,6 +662,8 @@ class TokenTests(ServiceTestCase):
 
 
 class LifecycleTests(ServiceTestCase):
+    """CloseTunnel closes both peers with 1000; stopping the service with 1001."""
+
     async def test_close_tunnel(self) -> None:
         source, destination, opened = await self.pair()
         self.fixture.close_tunnel(opened.tunnel_id)
@@ -665,6 +682,8 @@ class LifecycleTests(ServiceTestCase):
 
 
 class ExpiryTests(ServiceTestCase):
+    """A tunnel's lifetime ends on the service's L{Clock}: its peers are closed."""
+
     async def setUp(self) -> None:
         self.clock = Clock()
         await super().setUp()
@@ -787,6 +806,8 @@ class KeepaliveTests(ServiceTestCase):
 
 
 class FlowControlTests(ServiceTestCase):
+    """A peer that does not read pauses the service's reading of its partner."""
+
     async def test_slow_destination_pauses_source(self) -> None:
         source, destination, opened = await self.pair(["SSH"])
         server_source = self.server_side(opened.tunnel_id, SOURCE)
@@ -816,6 +837,8 @@ class FlowControlTests(ServiceTestCase):
 
 
 class TokenNeverLoggedTests(ServiceTestCase):
+    """No access or client token in any log event, even at debug."""
+
     async def test_debug_logging(self) -> None:
         """
         Even with Autobahn's loggers at debug, no log event of the service
@@ -845,6 +868,8 @@ class TokenNeverLoggedTests(ServiceTestCase):
 
 
 class NoDelayTests(ServiceTestCase):
+    """C{TCP_NODELAY} on the service's side of every peer's socket."""
+
     async def test_tcp_nodelay(self) -> None:
         _, _, opened = await self.pair()
         for mode in (SOURCE, DESTINATION):
@@ -852,6 +877,8 @@ class NoDelayTests(ServiceTestCase):
 
 
 class TLSTests(ServiceTestCase):
+    """The data plane and the API on a TLS port with a test CA."""
+
     async def setUp(self) -> None:
         directory = Path(self.mktemp())
         directory.mkdir()
