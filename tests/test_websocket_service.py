@@ -21,9 +21,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from lpxy.frames import Message, RecordDecoder, encode, encode_all
+from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode, encode_all
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
-from lpxy.tunnelservice.websocket import MAX_FRAME_SIZE, TunnelServerProtocol
+from lpxy.tunnelservice.websocket import TunnelServerProtocol
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.e2ehelpers import LogRecorder, no_delay
 from tests.support.tunnelservice import ServiceFixture, api_client, start_tunnelservice
@@ -468,7 +468,7 @@ class RelayTests(ServiceTestCase):
             source.sendMessage(stream[a:b], isBinary=True)
         got = await destination.wait_messages(1 + len(sent))
         self.assertEqual(got[1:], sent)
-        self.assertTrue(all(len(f) <= MAX_FRAME_SIZE for f in destination.frames))
+        self.assertTrue(all(len(f) <= WIRE_FRAME_LIMIT for f in destination.frames))
         # a message of whole records goes on as it is
         whole = encode_all([data(1, b"a", "SSH"), data(1, b"b" * 35000, "SSH")])
         source.sendMessage(whole, isBinary=True)
@@ -488,20 +488,20 @@ class RelayTests(ServiceTestCase):
         source, destination, _ = await self.pair(["SSH"])
         head = encode(start(1, "SSH"))
         first = record_of(65537, b"z")
-        second = record_of(MAX_FRAME_SIZE - len(head) - len(first), b"w")
+        second = record_of(WIRE_FRAME_LIMIT - len(head) - len(first), b"w")
         payload = head + first + second
-        self.assertEqual(len(payload), MAX_FRAME_SIZE)
+        self.assertEqual(len(payload), WIRE_FRAME_LIMIT)
         source.sendMessage(payload, isBinary=True)
         # then a record split so that the next message would exceed the limit
         rest = encode(data(1, b"v" * 65000, "SSH")) * 2
         source.sendMessage(rest[:100], isBinary=True)
         source.sendMessage(rest[100:], isBinary=True)
         await destination.wait_messages(6)
-        self.assertTrue(all(len(f) <= MAX_FRAME_SIZE for f in destination.frames))
+        self.assertTrue(all(len(f) <= WIRE_FRAME_LIMIT for f in destination.frames))
 
     async def test_oversized_frame_refused(self) -> None:
         source, _, opened = await self.pair(["SSH"])
-        source.sendMessage(b"\x00" * (MAX_FRAME_SIZE + 1), isBinary=True)
+        source.sendMessage(b"\x00" * (WIRE_FRAME_LIMIT + 1), isBinary=True)
         code, _ = await source.closed
         self.assertEqual(code, 1009)
         self.assertFalse(self.fixture.broker.describe(opened.tunnel_id).source.connected)

@@ -17,7 +17,7 @@ check what a client may send (never SESSION_RESET, SERVICE_IDS or UNKNOWN,
 never stream id 0, no starts from a destination, no service outside the
 tunnel's) and to follow which streams are open. Records go to the partner
 unchanged and in order, in as few messages as possible, none over
-L{MAX_FRAME_SIZE}; when a whole incoming message is whole records it is sent
+L{WIRE_FRAME_LIMIT}; when a whole incoming message is whole records it is sent
 on as it is. Without a partner, DATA is dropped and starts are answered with
 a reset. When a partner goes away, the peer left gets a STREAM_RESET for
 each stream still open.
@@ -61,14 +61,21 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from lpxy.frames import Message, ProtocolError, RecordDecoder, encode, encode_body, parse_body
+from lpxy.frames import (
+    WIRE_FRAME_LIMIT,
+    Message,
+    ProtocolError,
+    RecordDecoder,
+    encode,
+    encode_body,
+    parse_body,
+)
 from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused, IClock, IPeer
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_PING_INTERVAL",
-    "MAX_FRAME_SIZE",
     "SUBPROTOCOLS",
     "Connections",
     "TunnelServerFactory",
@@ -82,7 +89,6 @@ SUBPROTOCOLS = (
 )
 """Supported subprotocols, newest first."""
 
-MAX_FRAME_SIZE = 131076
 TOKEN_COOKIE = "awsiot-tunnel-token"
 _CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 
@@ -175,13 +181,13 @@ class _ReadingOf:
 
 
 def _pack(bodies: list[bytes]) -> list[bytes]:
-    """Re-frame record bodies into as few messages as fit L{MAX_FRAME_SIZE}."""
+    """Re-frame record bodies into as few messages as fit L{WIRE_FRAME_LIMIT}."""
     messages: list[bytes] = []
     batch: list[bytes] = []
     size = 0
     for body in bodies:
         record = encode_body(body)
-        if size + len(record) > MAX_FRAME_SIZE:
+        if size + len(record) > WIRE_FRAME_LIMIT:
             messages.append(b"".join(batch))
             batch, size = [], 0
         batch.append(record)
@@ -614,8 +620,8 @@ class TunnelServerFactory(WebSocketServerFactory):
         self.idle_timeout = idle_timeout
         self.connections = connections if connections is not None else Connections()
         self.setProtocolOptions(
-            maxFramePayloadSize=MAX_FRAME_SIZE,
-            maxMessagePayloadSize=MAX_FRAME_SIZE,
+            maxFramePayloadSize=WIRE_FRAME_LIMIT,
+            maxMessagePayloadSize=WIRE_FRAME_LIMIT,
             autoFragmentSize=0,
             utf8validateIncoming=False,
             failByDrop=False,
