@@ -70,7 +70,14 @@ from lpxy.frames import (
     encode_body,
     parse_body,
 )
-from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused, IClock, IPeer
+from lpxy.tunnelservice.broker import (
+    CLOSE_GOING_AWAY,
+    Attachment,
+    Broker,
+    HandshakeRefused,
+    IClock,
+    IPeer,
+)
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 
 __all__ = [
@@ -92,7 +99,6 @@ SUBPROTOCOLS = (
 TOKEN_COOKIE = "awsiot-tunnel-token"
 _CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 
-CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
