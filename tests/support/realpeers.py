@@ -50,6 +50,16 @@ SSHD = "/usr/sbin/sshd"
 _DROPPED = ("SSH_AUTH_SOCK", "SSH_AGENT_PID", "CURL_HOME")
 
 
+# The Debian package of each program, for the reason a test is skipped.
+_PACKAGES = {
+    SSHD: "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "scp": "openssh-client",
+    "curl": "curl",
+}
+
+
 def program(name: str) -> str:
     """
     The path of program C{name} (a bare name looked up on C{PATH}, or an
@@ -57,7 +67,9 @@ def program(name: str) -> str:
     """
     path = name if os.path.isabs(name) else shutil.which(name)
     if path is None or not os.access(path, os.X_OK):
-        raise SkipTest(f"{name} is not installed")
+        package = _PACKAGES.get(name)
+        hint = f" (Debian package {package})" if package else ""
+        raise SkipTest(f"{name} is not installed{hint}")
     return path
 
 
@@ -211,11 +223,11 @@ async def start_sshd(case: TestCase) -> Sshd:
         child = run(case, [sshd, "-D", "-e", "-f", str(config)], env={
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         })
-        stopped = _stop_on_cleanup(case, child)
+        case.addCleanup(_terminate, child)
         try:
             await child.wait_for(f"Server listening on 127.0.0.1 port {port}")
         except AssertionError:
-            await stopped()
+            # wait_for fails only once sshd ended
             if "Address already in use" in child.output:
                 continue
             raise
@@ -223,23 +235,15 @@ async def start_sshd(case: TestCase) -> Sshd:
     raise AssertionError(f"sshd found no free port:\n{child.output}")
 
 
-def _stop_on_cleanup(case: TestCase, child: ChildProcess) -> Any:
-    def stop() -> Deferred[int] | None:
-        if child.ended.called:
-            return None
-        try:
-            child.signal("TERM")
-        except ProcessExitedAlready:
-            pass
-        return child.ended
-
-    case.addCleanup(stop)
-
-    async def now() -> None:
-        if not child.ended.called:
-            await child.ended
-
-    return now
+def _terminate(child: ChildProcess) -> Deferred[int] | None:
+    """Stop sshd as its service manager would; fire once it ended."""
+    if child.ended.called:
+        return None
+    try:
+        child.signal("TERM")
+    except ProcessExitedAlready:
+        pass
+    return child.ended
 
 
 def ssh_options(sshd: Sshd) -> list[str]:
