@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from lpxy.frames import Message
 from lpxy.proxy.config import UnixTarget
-from tests.support.e2ehelpers import Pusher, RecordTap, turns
+from tests.support.e2ehelpers import LogRecorder, Pusher, RecordTap, turns
 from tests.support.proxyhelpers import (
     V1,
     V2,
@@ -319,3 +319,23 @@ class SlowReaderTests(TestCase):
         # Without flow control the destination would hold most of the 64 MB.
         self.assertLess(max(samples), 2 * 1024 * 1024)
         self.assertEqual(pusher.sent, total)
+
+
+class CleanStopTests(TestCase):
+    """
+    Stopping a proxy (SIGTERM under twistd) closes its WebSocket with the
+    close handshake done: the service has answered and closed TCP first
+    (RFC 6455 section 7.1.1) by the time stopService fires.
+    """
+
+    async def test_stopWaitsForTheClosingHandshake(self) -> None:
+        fixture = await start_tunnelservice(self)
+        app_port, _ = await start_app(self)
+        pair = await start_pair(self, fixture, ["ECHO"], {"ECHO": tcp(app_port)})
+        logs = LogRecorder(self)
+
+        await pair.source.stopService()
+
+        self.assertFalse(fixture.broker.describe(pair.tunnel_id).end("source").connected)
+        [line] = logs.texts("Peer disconnected: source")
+        self.assertIn("(1000 local proxy stopping;", line)

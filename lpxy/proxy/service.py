@@ -217,6 +217,7 @@ class ProxyConnector:
             trace=config.verbosity >= 6,
         )
         self.flow = TunnelFlow()
+        self._gone: list[Deferred[None]] = []
         self.protocol: TunnelProtocol | None = None
         self.listeners: SourceListeners | None = None
         self.apps: AppConnector | None = None
@@ -296,6 +297,9 @@ class ProxyConnector:
             self.protocol = None
             self.flow.detach()
             self.session.disconnected()
+        gone, self._gone = self._gone, []
+        for waiter in gone:
+            waiter.callback(None)
         if not (self.stopping or self.ending):
             self._decide(protocol, outcome, was_ready)
         if not protocol.ready.called:
@@ -443,14 +447,24 @@ class ProxyConnector:
 
     # -- stopping --------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Close every stream and the WebSocket, cleanly, and stop listening."""
+    def shutdown(self) -> Deferred[None]:
+        """
+        Close every stream and the WebSocket, cleanly, and stop listening.
+
+        @return: fires once the WebSocket is gone: after the service's answer
+            to our Close (RFC 6455 wants the server to close TCP first), or
+            Autobahn's close handshake timeout.
+        """
         self.stopping = True
         self.session.reset_all()
+        gone: Deferred[None] = succeed(None)
         if self.protocol is not None:
+            gone = Deferred()
+            self._gone.append(gone)
             self.protocol.close(1000, "local proxy stopping")
         if self.listeners is not None:
             self.listeners.stop()
+        return gone
 
 
 class LocalProxyService(MultiService):
@@ -599,5 +613,7 @@ class LocalProxyService(MultiService):
         stopped.addBoth(lambda _: self._done.callback(status))
 
     def stopService(self) -> Deferred[None]:
-        self.connector.shutdown()
-        return super().stopService()
+        # The WebSocket goes first: its loss reaches us before ClientService,
+        # which, stopped from there, schedules no retry.
+        gone = self.connector.shutdown()
+        return gone.addCallback(lambda _: MultiService.stopService(self))
