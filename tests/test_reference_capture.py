@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpxy.frames import Message, RecordDecoder
-from lpxy.proxy.session import Channel, ServiceBinding, Session
+from lpxy.proxy.session import Session
 from tests.support.refcapture import (
     REFERENCE_ACCESS_TOKEN,
     REFERENCE_FIRST_PAYLOAD,
@@ -23,6 +23,7 @@ from tests.support.refcapture import (
     REFERENCE_SOURCE_FRAMES,
     REFERENCE_SOURCE_REQUEST,
 )
+from tests.support.sessionactions import Recorder
 from tests.support.tunnelservice import start_tunnelservice
 from tests.support.wsframes import BINARY, PING, PONG, parse_request, read_frames
 
@@ -68,38 +69,13 @@ class CaptureTests(SynchronousTestCase):
         self.assertEqual(summary(reference_records()), EXPECTED)
 
 
-class _Recorder:
-    """A L{lpxy.proxy.session.SessionActions} that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.sent: list[Message] = []
-        self.opened: list[Channel] = []
-        self.closed: list[Channel] = []
-        self.delivered: list[tuple[Channel, bytes]] = []
-
-    def send(self, message: Message) -> None:
-        self.sent.append(message)
-
-    def deliver(self, channel: Channel, data: bytes) -> None:
-        self.delivered.append((channel, data))
-
-    def open_local(self, channel: Channel) -> None:
-        self.opened.append(channel)
-
-    def close_local(self, channel: Channel) -> None:
-        self.closed.append(channel)
-
-    def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
-        pass
-
-
 class DestinationSessionTests(SynchronousTestCase):
     def test_reference_source_records(self) -> None:
         """
         A V3 destination opens, feeds and closes both of the reference's
         connections from its exact records, and sends nothing back.
         """
-        actions = _Recorder()
+        actions = Recorder()
         session = Session("destination", [""], actions)
         session.connected()
         session.received(Message(type=Message.SERVICE_IDS))
@@ -127,7 +103,7 @@ class OlderSubprotocolTests(SynchronousTestCase):
         subprotocol answers with the ids the source used.
         """
         for subprotocol in ("aws.iot.securetunneling-2.0", "aws.iot.securetunneling-1.0"):
-            actions = _Recorder()
+            actions = Recorder()
             session = Session("destination", [""], actions, subprotocol=subprotocol)
             session.connected()
             if session.version > 1:

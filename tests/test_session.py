@@ -14,7 +14,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.frames import Message
 from lpxy.proxy.session import (
-    Channel,
     ProtocolViolation,
     ServiceBinding,
     ServiceMismatch,
@@ -22,42 +21,11 @@ from lpxy.proxy.session import (
     SessionError,
     subprotocol_version,
 )
+from tests.support.sessionactions import Recorder
 
 V1 = "aws.iot.securetunneling-1.0"
 V2 = "aws.iot.securetunneling-2.0"
 V3 = "aws.iot.securetunneling-3.0"
-
-
-class Recorder:
-    """A L{SessionActions} that records what the session asks for."""
-
-    def __init__(self) -> None:
-        self.sent: list[Message] = []
-        self.delivered: list[tuple[Channel, bytes]] = []
-        self.opened: list[Channel] = []
-        self.closed: list[Channel] = []
-        self.ready: list[Sequence[ServiceBinding]] = []
-
-    def send(self, message: Message) -> None:
-        self.sent.append(message)
-
-    def deliver(self, channel: Channel, data: bytes) -> None:
-        self.delivered.append((channel, data))
-
-    def open_local(self, channel: Channel) -> None:
-        self.opened.append(channel)
-
-    def close_local(self, channel: Channel) -> None:
-        self.closed.append(channel)
-
-    def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
-        self.ready.append(bindings)
-
-    def kinds(self) -> list[tuple[str, int, str, int]]:
-        return [
-            (Message.Type.Name(m.type), m.streamId, m.serviceId, m.connectionId)
-            for m in self.sent
-        ]
 
 
 def msg(kind: str, stream: int = 0, service: str = "", connection: int = 0,

@@ -95,6 +95,13 @@ def spawn(
         child, argv[0], argv, env=installed_env(env), path=cwd or outside_dir()
     )
 
+    kill_at_cleanup(case, child)
+    return child
+
+
+def kill_at_cleanup(case: TestCase, child: ChildProcess) -> None:
+    """Kill C{child} when C{case} ends, if it is still running, and wait for it."""
+
     def cleanup() -> Deferred[int] | None:
         if child.ended.called:
             return None
@@ -105,4 +112,3 @@ def spawn(
         return child.ended
 
     case.addCleanup(cleanup)
-    return child

@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.support.e2ehelpers import unused_port
-from tests.support.proxyprocess import ChildProcess
+from tests.support.proxyprocess import ChildProcess, kill_at_cleanup
 
 __all__ = [
     "SSHD",
@@ -109,16 +109,7 @@ def run(case: TestCase, argv: list[str], stdin: bytes = b"",
         child, argv[0], argv, env=child_env() if env is None else env,
     )
 
-    def cleanup() -> Deferred[int] | None:
-        if child.ended.called:
-            return None
-        try:
-            child.signal("KILL")
-        except ProcessExitedAlready:
-            pass
-        return child.ended
-
-    case.addCleanup(cleanup)
+    kill_at_cleanup(case, child)
     return child
 
 
