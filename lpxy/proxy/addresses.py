@@ -110,7 +110,7 @@ def _host(text: str) -> str:
         raise ValueError(f"bad host name {text!r}") from None
 
 
-def _hostAndPort(text: str, default: int | None) -> tuple[str, int]:
+def _host_and_port(text: str, default: int | None) -> tuple[str, int]:
     """
     C{host:port}, C{[v6]:port}, C{host} or a bare IPv6 address (with the
     C{default} port, if there is one).
@@ -154,11 +154,11 @@ def parse_endpoint(text: str) -> TunnelEndpoint:
             if "@" in parts.netloc:
                 raise ValueError("no user name")
             tls = parts.scheme.lower() == "wss"
-            host, port = _hostAndPort(parts.netloc, 443 if tls else 80)
+            host, port = _host_and_port(parts.netloc, 443 if tls else 80)
             return TunnelEndpoint(host, port, tls)
         if not text:
             raise ValueError("empty")
-        host, port = _hostAndPort(text, DEFAULT_PORT)
+        host, port = _host_and_port(text, DEFAULT_PORT)
         return TunnelEndpoint(host, port, True)
     except ValueError:
         raise ValueError(f"{_ENDPOINT_FORM}, got {text!r}") from None
@@ -208,7 +208,7 @@ def service_id(text: str) -> str:
     return text
 
 
-def _mapItems(text: str) -> dict[str, str]:
+def _map_items(text: str) -> dict[str, str]:
     items = [item.strip() for item in text.split(",")]
     items = [item for item in items if item]
     if not items:
@@ -253,7 +253,7 @@ def destination_target(text: str, default_host: str) -> LocalTarget:
             raise ValueError("a path without NUL")
         return UnixTarget(text)
     try:
-        return TcpTarget(*_hostAndPort(text, None))
+        return TcpTarget(*_host_and_port(text, None))
     except ValueError as e:
         raise ValueError(f"bad endpoint {text!r} ({e})") from None
 
@@ -265,7 +265,7 @@ def parse_source_map(text: str) -> dict[str, int]:
     @raise ValueError: naming the problem and the valid form.
     """
     try:
-        return {name: source_port(port) for name, port in _mapItems(text).items()}
+        return {name: source_port(port) for name, port in _map_items(text).items()}
     except ValueError as e:
         raise ValueError(f"{e}: expected {SOURCE_FORM}") from None
 
@@ -280,7 +280,7 @@ def parse_destination_map(text: str, default_host: str) -> dict[str, LocalTarget
     try:
         return {
             name: destination_target(endpoint, default_host)
-            for name, endpoint in _mapItems(text).items()
+            for name, endpoint in _map_items(text).items()
         }
     except ValueError as e:
         raise ValueError(f"{e}: expected {DESTINATION_FORM}") from None
@@ -316,7 +316,7 @@ def parse_web_proxy(text: str) -> WebProxy:
     try:
         if "/" in hostport or not hostport:
             raise ValueError("bad host")
-        host, port = _hostAndPort(hostport, DEFAULT_WEB_PROXY_PORT)
+        host, port = _host_and_port(hostport, DEFAULT_WEB_PROXY_PORT)
     except ValueError:
         raise ValueError(WEB_PROXY_FORM) from None
     return WebProxy(host, port, scheme == "https", username, password)

@@ -195,7 +195,7 @@ class _Layers:
         return None
 
 
-def _commandLine(options: Mapping[str, object]) -> dict[str, _Given]:
+def _command_line(options: Mapping[str, object]) -> dict[str, _Given]:
     given = {}
     for name in OPTIONS:
         value = options.get(name)
@@ -213,6 +213,13 @@ def _environment(environ: Mapping[str, str]) -> dict[str, _Given]:
         for name, variable in _ENVIRONMENT.items()
         if environ.get(variable)
     }
+
+
+def _not_empty(given: _Given, what: str, expected: str) -> None:
+    # Joined to the working directory, an empty path would name the
+    # directory itself.
+    if not given.value:
+        raise UsageError(f"{given.label}: an empty path is not {what}; expected {expected}")
 
 
 # --- the --config file -------------------------------------------------------
@@ -257,7 +264,7 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _configLayer(path: str) -> dict[str, _Given]:
+def _config_layer(path: str) -> dict[str, _Given]:
     given = {}
     for name, value in read_config_file(path).items():
         label = f"{name} (--config {path})"
@@ -335,19 +342,19 @@ def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T
     return mapping
 
 
-def _nonEmptyDirectory(path: Path) -> bool:
+def _non_empty_directory(path: Path) -> bool:
     try:
         return path.is_dir() and any(path.iterdir())
     except OSError:
         return False
 
 
-def _configDirectory(given: _Given | None, cwd: Path) -> Path | None:
+def _config_directory(given: _Given | None, cwd: Path) -> Path | None:
     if given is None:
         default = cwd / "config"
-        return default if _nonEmptyDirectory(default) else None
+        return default if _non_empty_directory(default) else None
     directory = cwd / given.value
-    if not given.value or not _nonEmptyDirectory(directory):
+    if not given.value or not _non_empty_directory(directory):
         raise UsageError(
             f"{given.label}: {given.value!r} is not a non-empty directory of"
             " ID = ENDPOINT files"
@@ -355,7 +362,7 @@ def _configDirectory(given: _Given | None, cwd: Path) -> Path | None:
     return directory
 
 
-def _webProxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, ...]]:
+def _web_proxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, ...]]:
     for variable in ("https_proxy", "HTTPS_PROXY"):
         if environ.get(variable):
             try:
@@ -365,12 +372,12 @@ def _webProxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, .
             break
     else:
         proxy = None
-    noProxy: tuple[str, ...] = ()
+    no_proxy: tuple[str, ...] = ()
     for variable in ("no_proxy", "NO_PROXY"):
         if variable in environ:
-            noProxy = parse_no_proxy(environ[variable])
+            no_proxy = parse_no_proxy(environ[variable])
             break
-    return proxy, noProxy
+    return proxy, no_proxy
 
 
 # --- tokens --------------------------------------------------------------------
@@ -378,7 +385,7 @@ def _webProxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, .
 _CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}\Z")
 
 
-def _accessToken(given: _Given) -> str:
+def _access_token(given: _Given) -> str:
     token = given.value
     if not token or len(token) > MAX_TOKEN or any(
         ord(c) < 0x20 or ord(c) == 0x7F for c in token
@@ -402,6 +409,69 @@ _MODES: Mapping[str, Mode] = {
 }
 
 
+def resolve(
+    options: Mapping[str, object], environ: Mapping[str, str], cwd: Path
+) -> ProxyConfig:
+    """
+    Turn the command line (C{options}, long option names to values, L{None}
+    or false for absent), the C{--config} file it may name, C{environ} and
+    the C{--settings-json} file into a validated L{ProxyConfig}.
+
+    @param cwd: the working directory, for relative paths and the default
+        C{--config-dir}.
+
+    @raise UsageError: one line naming the option and the valid form.
+    """
+    found = _sources(options, environ, cwd)
+    verbosity = _verbosity(found.get("verbose"))
+    settings = _settings(found.get("settings-json"), cwd)
+    access_token, client_token = _tokens(found)
+    endpoint = _endpoint(found, settings)
+    bind = _local_bind_address(found.get("local-bind-address"))
+    mapping = found.choose("source-listen-port", "destination-app")
+    mode = _mode(found, mapping)
+    maps = _mappings(mode, mapping, found.get("config-dir"), bind, cwd)
+    client_type = _client_type(found.get("destination-client-type"), mode)
+    capath = _capath(found.get("capath"), cwd)
+    web_proxy, no_proxy = _web_proxy_for(endpoint, environ)
+    if options.get("access-token") is not None:
+        _warn_token_on_command_line()
+    return ProxyConfig(
+        mode=mode,
+        access_token=access_token,
+        endpoint=endpoint,
+        client_token=client_token,
+        source_ports=maps.source_ports,
+        destination_apps=maps.destination_apps,
+        bind_address=bind,
+        capath=capath,
+        verify_ssl=found.get("no-ssl-host-verify") is None,
+        verbosity=verbosity,
+        destination_client_type=client_type,
+        config_dir=maps.config_dir,
+        mappings_from_config_dir=maps.from_config_dir,
+        settings=settings,
+        web_proxy=web_proxy,
+        no_proxy=no_proxy,
+    )
+
+
+def _sources(
+    options: Mapping[str, object], environ: Mapping[str, str], cwd: Path
+) -> _Layers:
+    """The command line, the C{--config} file it names, and the environment."""
+    layers = [_command_line(options)]
+    config = options.get("config")
+    if config is not None:
+        _not_empty(
+            _Given(str(config), option_label("config")),
+            "a file", "a file of 'long-name = value' lines",
+        )
+        layers.append(_config_layer(str(cwd / str(config))))
+    layers.append(_environment(environ))
+    return _Layers(layers)
+
+
 def _verbosity(given: _Given | None) -> int:
     if given is None:
         return 4
@@ -412,6 +482,56 @@ def _verbosity(given: _Given | None) -> int:
             f" 4 info, 5 debug, 6+ trace), got {given.value!r}"
         )
     return int(text)
+
+
+def _settings(given: _Given | None, cwd: Path) -> ProxySettings:
+    if given is None:
+        return ProxySettings()
+    _not_empty(given, "a file", "a JSON file of settings")
+    try:
+        return load_settings(cwd / given.value)
+    except SettingsError as e:
+        raise UsageError(f"{given.label}: {e}") from None
+
+
+def _tokens(found: _Layers) -> tuple[str, str | None]:
+    """The access token (required) and the client token (optional)."""
+    token = found.get("access-token")
+    if token is None:
+        raise UsageError(
+            "no access token: give --access-token/-t, access-token in the --config file,"
+            f" or {ACCESS_TOKEN_ENV}"
+        )
+    access_token = _access_token(token)
+    client = found.get("client-token")
+    return access_token, None if client is None else _clientToken(client)
+
+
+def _endpoint(found: _Layers, settings: ProxySettings) -> TunnelEndpoint:
+    chosen = found.choose("region", "proxy-endpoint")
+    if chosen is None:
+        raise UsageError(
+            "give one of --region/-r or --proxy-endpoint/-e"
+            f" (or {REGION_ENV} or {ENDPOINT_ENV})"
+        )
+    name, given = chosen
+    try:
+        if name == "region":
+            return region_endpoint(given.value, settings)
+        return parse_endpoint(given.value)
+    except ValueError as e:
+        raise UsageError(f"{given.label}: {e}") from None
+
+
+def _local_bind_address(given: _Given | None) -> str | None:
+    if given is None:
+        return None
+    address = bind_address(given.value)
+    if address is None:
+        raise UsageError(
+            f"{given.label}: expected a host name or IP address, got {given.value!r}"
+        )
+    return address
 
 
 def _mode(layers: _Layers, mapping: tuple[str, _Given] | None) -> Mode:
@@ -437,166 +557,104 @@ def _mode(layers: _Layers, mapping: tuple[str, _Given] | None) -> Mode:
     return mode
 
 
-def _notEmpty(given: _Given, what: str, expected: str) -> None:
-    # Joined to the working directory, an empty path would name the
-    # directory itself.
-    if not given.value:
-        raise UsageError(f"{given.label}: an empty path is not {what}; expected {expected}")
+@frozen
+class _Mappings:
+    """The service mappings and where they came from."""
+
+    source_ports: Mapping[str, int]
+    destination_apps: Mapping[str, LocalTarget]
+    from_config_dir: bool
+    config_dir: str | None
 
 
-def resolve(
-    options: Mapping[str, object], environ: Mapping[str, str], cwd: Path
-) -> ProxyConfig:
+def _mappings(
+    mode: Mode,
+    mapping: tuple[str, _Given] | None,
+    directory_given: _Given | None,
+    bind: str | None,
+    cwd: Path,
+) -> _Mappings:
     """
-    Turn the command line (C{options}, long option names to values, L{None}
-    or false for absent), the C{--config} file it may name, C{environ} and
-    the C{--settings-json} file into a validated L{ProxyConfig}.
-
-    @param cwd: the working directory, for relative paths and the default
-        C{--config-dir}.
-
-    @raise UsageError: one line naming the option and the valid form.
+    The command line's map for C{mode}; without one, the C{--config-dir}
+    files' (the directory is checked either way).
     """
-    cli = _commandLine(options)
-    layers: list[dict[str, _Given]] = [cli]
-    config = options.get("config")
-    if config is not None:
-        _notEmpty(
-            _Given(str(config), option_label("config")),
-            "a file", "a file of 'long-name = value' lines",
-        )
-        layers.append(_configLayer(str(cwd / str(config))))
-    layers.append(_environment(environ))
-    found = _Layers(layers)
-
-    verbosity = _verbosity(found.get("verbose"))
-
-    settings = ProxySettings()
-    settingsFile = found.get("settings-json")
-    if settingsFile is not None:
-        _notEmpty(settingsFile, "a file", "a JSON file of settings")
-        try:
-            settings = load_settings(cwd / settingsFile.value)
-        except SettingsError as e:
-            raise UsageError(f"{settingsFile.label}: {e}") from None
-
-    token = found.get("access-token")
-    if token is None:
-        raise UsageError(
-            "no access token: give --access-token/-t, access-token in the --config file,"
-            f" or {ACCESS_TOKEN_ENV}"
-        )
-    accessToken = _accessToken(token)
-    clientGiven = found.get("client-token")
-    clientToken = None if clientGiven is None else _clientToken(clientGiven)
-
-    chosen = found.choose("region", "proxy-endpoint")
-    if chosen is None:
-        raise UsageError(
-            "give one of --region/-r or --proxy-endpoint/-e"
-            f" (or {REGION_ENV} or {ENDPOINT_ENV})"
-        )
-    name, where = chosen
-    try:
-        if name == "region":
-            endpoint = region_endpoint(where.value, settings)
-        else:
-            endpoint = parse_endpoint(where.value)
-    except ValueError as e:
-        raise UsageError(f"{where.label}: {e}") from None
-
-    bindGiven = found.get("local-bind-address")
-    bindAddress = None
-    if bindGiven is not None:
-        bindAddress = bind_address(bindGiven.value)
-        if bindAddress is None:
-            raise UsageError(
-                f"{bindGiven.label}: expected a host name or IP address, got {bindGiven.value!r}"
-            )
-
-    mapping = found.choose("source-listen-port", "destination-app")
-    mode = _mode(found, mapping)
-    defaultHost = bindAddress or DEFAULT_DESTINATION_HOST
-    sourcePorts: dict[str, int] = {}
-    destinationApps: dict[str, LocalTarget] = {}
+    default_host = bind or DEFAULT_DESTINATION_HOST
+    source_ports: dict[str, int] = {}
+    destination_apps: dict[str, LocalTarget] = {}
     if mapping is not None:
         given = mapping[1]
         try:
             if mode == "source":
-                sourcePorts = parse_source_map(given.value)
+                source_ports = parse_source_map(given.value)
             else:
-                destinationApps = parse_destination_map(given.value, defaultHost)
+                destination_apps = parse_destination_map(given.value, default_host)
         except ValueError as e:
             raise UsageError(f"{given.label}: {e}") from None
-
-    directory = _configDirectory(found.get("config-dir"), cwd)
-    fromDirectory = mapping is None
-    if fromDirectory and directory is not None:
+    directory = _config_directory(directory_given, cwd)
+    from_directory = mapping is None
+    if from_directory and directory is not None:
         if mode == "source":
-            sourcePorts = read_config_dir(directory, source_port)
+            source_ports = read_config_dir(directory, source_port)
         else:
-            destinationApps = read_config_dir(
-                directory, lambda text: destination_target(text, defaultHost)
+            destination_apps = read_config_dir(
+                directory, lambda text: destination_target(text, default_host)
             )
-    if mode == "destination" and not destinationApps:
+    if mode == "destination" and not destination_apps:
         raise UsageError(
             "destination mode needs --destination-app/-d or ID = ENDPOINT files"
             " in --config-dir (default ./config)"
         )
+    return _Mappings(
+        source_ports=source_ports,
+        destination_apps=destination_apps,
+        from_config_dir=from_directory,
+        config_dir=str(directory) if directory is not None and from_directory else None,
+    )
 
-    clientType: ClientType | None = None
-    typeGiven = found.get("destination-client-type")
-    if typeGiven is not None:
-        if typeGiven.value.strip().upper() not in ("V1", "V2"):
-            raise UsageError(f"{typeGiven.label}: expected V1 or V2, got {typeGiven.value!r}")
-        if mode != "source":
-            raise UsageError(
-                f"{typeGiven.label} is for source mode only: a destination learns its"
-                " peer's version"
-            )
-        clientType = "V1" if typeGiven.value.strip().upper() == "V1" else "V2"
 
-    capath = found.get("capath")
-    if capath is not None:
-        _notEmpty(
-            capath, "a directory or file",
-            "a directory of hashed CA certificates or a PEM bundle file",
-        )
-    if capath is not None and not (cwd / capath.value).exists():
+def _client_type(given: _Given | None, mode: Mode) -> ClientType | None:
+    if given is None:
+        return None
+    value = given.value.strip().upper()
+    if value not in ("V1", "V2"):
+        raise UsageError(f"{given.label}: expected V1 or V2, got {given.value!r}")
+    if mode != "source":
         raise UsageError(
-            f"{capath.label}: no such directory or file {capath.value!r}; expected a"
-            " directory of hashed CA certificates or a PEM bundle file"
+            f"{given.label} is for source mode only: a destination learns its"
+            " peer's version"
         )
+    return "V1" if value == "V1" else "V2"
 
-    webProxy, noProxy = _webProxy(environ)
-    if webProxy is not None and no_proxy_matches(endpoint.host, endpoint.port, noProxy):
+
+def _capath(given: _Given | None, cwd: Path) -> str | None:
+    if given is None:
+        return None
+    expected = "a directory of hashed CA certificates or a PEM bundle file"
+    _not_empty(given, "a directory or file", expected)
+    path = cwd / given.value
+    if not path.exists():
+        raise UsageError(
+            f"{given.label}: no such directory or file {given.value!r}; expected {expected}"
+        )
+    return str(path)
+
+
+def _web_proxy_for(
+    endpoint: TunnelEndpoint, environ: Mapping[str, str]
+) -> tuple[WebProxy | None, tuple[str, ...]]:
+    """The web proxy to reach C{endpoint} through, if any, and C{NO_PROXY}."""
+    web_proxy, no_proxy = _web_proxy(environ)
+    if web_proxy is not None and no_proxy_matches(endpoint.host, endpoint.port, no_proxy):
         _log.info(
             "Not using the web proxy for {host}: it matches NO_PROXY", host=endpoint.host
         )
-        webProxy = None
+        web_proxy = None
+    return web_proxy, no_proxy
 
-    if "access-token" in cli:
-        _log.warn(
-            "The access token was given on the command line, where other users of"
-            " this machine can see it; set {variable} instead",
-            variable=ACCESS_TOKEN_ENV,
-        )
 
-    return ProxyConfig(
-        mode=mode,
-        access_token=accessToken,
-        endpoint=endpoint,
-        client_token=clientToken,
-        source_ports=sourcePorts,
-        destination_apps=destinationApps,
-        bind_address=bindAddress,
-        capath=None if capath is None else str(cwd / capath.value),
-        verify_ssl=found.get("no-ssl-host-verify") is None,
-        verbosity=verbosity,
-        destination_client_type=clientType,
-        config_dir=None if directory is None or not fromDirectory else str(directory),
-        mappings_from_config_dir=fromDirectory,
-        settings=settings,
-        web_proxy=webProxy,
-        no_proxy=noProxy,
+def _warn_token_on_command_line() -> None:
+    _log.warn(
+        "The access token was given on the command line, where other users of"
+        " this machine can see it; set {variable} instead",
+        variable=ACCESS_TOKEN_ENV,
     )

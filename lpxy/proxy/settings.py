@@ -252,13 +252,13 @@ def merge_settings(base: ProxySettings, tree: object) -> ProxySettings:
     for name, value in proxy.items():
         key = _dotted(name)
         if name in ("message", "tcp", "websocket"):
-            changes[name] = _mergeGroup(getattr(base, name), value, key)
+            changes[name] = _merge_group(getattr(base, name), value, key)
         elif name == "region_endpoint_overrides":
-            changes[name] = _mergeOverrides(base.region_endpoint_overrides, value)
+            changes[name] = _merge_overrides(base.region_endpoint_overrides, value)
         elif name == "default_bind_address":
-            changes[name] = _bindAddress(value, key)
+            changes[name] = _default_bind_address(value, key)
         elif name == "endpoint_format":
-            changes[name] = _endpointFormat(value, key)
+            changes[name] = _endpoint_format(value, key)
         else:
             _unknown(key)
     return evolve(base, **changes)
@@ -290,26 +290,26 @@ def _unknown(key: str) -> None:
     _log.warn("Ignoring unknown setting {key}", key=key)
 
 
-def _mergeGroup(group: Any, value: object, key: str) -> Any:
+def _merge_group(group: Any, value: object, key: str) -> Any:
     if not isinstance(value, Mapping):
         raise SettingsError(f"{key}: expected a JSON object")
     known = {a.name: a for a in fields(type(group))}
     changes: dict[str, Any] = {}
     for name, item in value.items():
-        itemKey = f"{key}.{name}"
+        item_key = f"{key}.{name}"
         attribute = known.get(name)
         if attribute is None:
-            _unknown(itemKey)
+            _unknown(item_key)
         elif attribute.type in (bool, "bool"):
-            changes[name] = _boolean(item, itemKey)
+            changes[name] = _boolean(item, item_key)
         elif attribute.type in (int, "int"):
             changes[name] = _integer(
-                item, itemKey, _MINIMUM.get(name, 1), _MAXIMUM.get(name)
+                item, item_key, _MINIMUM.get(name, 1), _MAXIMUM.get(name)
             )
         elif name == "subprotocol":
-            changes[name] = _subprotocol(item, itemKey)
+            changes[name] = _subprotocol(item, item_key)
         else:
-            changes[name] = _string(item, itemKey)
+            changes[name] = _string(item, item_key)
     if changes.get("data_length_size", DATA_LENGTH_SIZE) != DATA_LENGTH_SIZE:
         raise SettingsError(
             f"{key}.data_length_size: expected {DATA_LENGTH_SIZE} (records have a"
@@ -318,7 +318,7 @@ def _mergeGroup(group: Any, value: object, key: str) -> Any:
     return evolve(group, **changes)
 
 
-def _mergeOverrides(base: Mapping[str, str], value: object) -> Mapping[str, str]:
+def _merge_overrides(base: Mapping[str, str], value: object) -> Mapping[str, str]:
     key = _dotted("region_endpoint_overrides")
     if not isinstance(value, Mapping):
         raise SettingsError(f"{key}: expected a JSON object of region: host")
@@ -379,7 +379,7 @@ def bind_address(text: str) -> str | None:
     return text.strip("[]") if text.startswith("[") else text
 
 
-def _bindAddress(value: object, key: str) -> str:
+def _default_bind_address(value: object, key: str) -> str:
     address = bind_address(_string(value, key))
     if address is None:
         raise SettingsError(
@@ -397,7 +397,7 @@ def _subprotocol(value: object, key: str) -> str:
     return text
 
 
-def _endpointFormat(value: object, key: str) -> str:
+def _endpoint_format(value: object, key: str) -> str:
     text = _string(value, key)
     if text.count("%s") != 1 or "%" in text.replace("%s", ""):
         raise SettingsError(
