@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -49,6 +50,18 @@ class Sink:
 
 def channel(connection_id: int = 1) -> Channel:
     return Channel(ServiceBinding("S", "S"), "S", 1, connection_id, b"")
+
+
+class ProducerAtClose(StringTransport):
+    """Notes which producer is registered each time C{loseConnection} is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer_at_close: list[object] = []
+
+    def loseConnection(self) -> None:
+        self.producer_at_close.append(self.producer)
+        super().loseConnection()
 
 
 class RelayTests(SynchronousTestCase):
@@ -183,6 +196,31 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.ws.calls, ["pause", "resume"])
         self.assertTrue(transport.disconnecting)
 
+    def test_close_while_paused_lets_go_of_transport_first(self) -> None:
+        """
+        A relay closed while its transport's buffer is over the mark stops
+        being that transport's producer before asking it to close:
+        C{loseConnection} waits for a registered producer to go.
+        """
+        relay, _ = self.relay(connect=False)
+        transport = ProducerAtClose()
+        relay.makeConnection(transport)
+        relay.deliver(b"x" * 200_000)
+        relay.pauseProducing()
+        self.assertEqual(self.ws.calls, ["pause"])
+        relay.close()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.producer_at_close, [None])
+        self.assertEqual(self.ws.calls, ["pause", "resume"])
+
+    def test_closed_before_connected_lets_go_of_transport(self) -> None:
+        relay, _ = self.relay(connect=False)
+        relay.abandon = lambda: None
+        relay.close()
+        transport = ProducerAtClose()
+        relay.makeConnection(transport)
+        self.assertEqual(transport.producer_at_close, [None])
+
     def test_pending_until_connected_bounded(self) -> None:
         relay, transport = self.relay(connect=False, buffer_limit=10)
         relay.deliver(b"12345")
@@ -213,6 +251,62 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
 
 
+class SocketlessTransport(FileDescriptor):
+    """
+    Twisted's own write buffering (C{FileDescriptor}) over a pretend socket
+    that takes at most C{window} bytes per write, for a L{MemoryReactor}.
+    """
+
+    def __init__(self, reactor: MemoryReactor, window: int) -> None:
+        super().__init__(reactor)
+        self.connected = 1
+        self.window = window
+        self.sent = 0
+        self.lost: list[Failure] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        taken = min(len(data), self.window)
+        self.sent += taken
+        return taken
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.lost.append(reason)
+        self.protocol.connectionLost(reason)
+
+    def write_ready(self) -> None:
+        """What the reactor does each time the socket can take more, until it stops asking."""
+        while self in self.reactor.getWriters():
+            why = self.doWrite()
+            if why:
+                self.reactor.removeWriter(self)
+                self.connectionLost(Failure(why))
+
+
+class TwistedBufferTests(SynchronousTestCase):
+    """The relay over Twisted's real write buffer, not a C{StringTransport}."""
+
+    def test_end_reaches_application_after_paused_buffer_drains(self) -> None:
+        """
+        Closed while its transport has paused it (more than a buffer's worth
+        waiting), the relay's local socket still closes once all is written.
+        """
+        flow = TunnelFlow()
+        ws = FakeWebSocket()
+        flow.attach(ws)
+        relay = LocalRelay(channel(), Sink(), flow, Clock(), peer_description="app")
+        transport = SocketlessTransport(MemoryReactor(), window=16384)
+        transport.protocol = relay
+        relay.makeConnection(transport)
+        relay.deliver(b"x" * 300_000)
+        self.assertEqual(ws.calls, ["pause"])
+        relay.close()
+        transport.write_ready()
+        self.assertEqual(transport.sent, 300_000)
+        self.assertEqual(len(transport.lost), 1)
+        transport.lost[0].trap(ConnectionDone)
+
+
 _OPS = st.lists(
     st.tuples(
         st.sampled_from(["full", "drain", "pause", "resume", "close", "lost", "new",
@@ -229,8 +323,9 @@ class FlowPropertyTests(SynchronousTestCase):
     def test_invariants(self, ops: list[tuple[str, int]]) -> None:
         """
         Whatever happens, the WebSocket is read exactly when no live, open
-        relay is over its mark, and every live relay reads exactly when the
-        WebSocket is not full.
+        relay is over its mark, every live relay reads exactly when the
+        WebSocket is not full, and no closed relay is still its transport's
+        producer.
         """
         clock = Clock()
         flow = TunnelFlow()
@@ -239,6 +334,8 @@ class FlowPropertyTests(SynchronousTestCase):
         sink = Sink()
         relays: list[tuple[LocalRelay, StringTransport]] = []
         over: set[LocalRelay] = set()
+        closed: list[StringTransport] = []
+        full = False
 
         def reading(fake: FakeWebSocket) -> bool:
             state = True
@@ -257,8 +354,10 @@ class FlowPropertyTests(SynchronousTestCase):
             relay, transport = live[index % len(live)]
             if op == "full":
                 flow.pauseProducing()
+                full = True
             elif op == "drain":
                 flow.resumeProducing()
+                full = False
             elif op == "pause":
                 relay.pauseProducing()
                 over.add(relay)
@@ -268,16 +367,19 @@ class FlowPropertyTests(SynchronousTestCase):
             elif op == "close":
                 relay.close()
                 over.discard(relay)
+                closed.append(transport)
             elif op == "lost":
                 transport.disconnecting = True
                 relay.connectionLost(Failure(ConnectionDone()))
                 over.discard(relay)
             elif op == "reconnect":
                 flow.detach()
+                full = False
                 ws = FakeWebSocket()
                 flow.attach(ws)
             live = [(r, t) for r, t in relays if not t.disconnecting]
             self.assertEqual(reading(ws), not over)
             for _, t in live:
-                expected = "paused" if flow.writing_paused else "producing"
-                self.assertEqual(t.producerState, expected)
+                self.assertEqual(t.producerState, "paused" if full else "producing")
+            for t in closed:
+                self.assertIsNone(t.producer)

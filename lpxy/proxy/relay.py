@@ -35,7 +35,10 @@ Invariants (design.md, "Data flow and flow control"):
     only drains), removal (connection lost, producer stopped) or
     abandonment always removes its pause, so a finished or dead connection
     never keeps the WebSocket stalled, not even the next WebSocket after a
-    reconnect. Pause and resume are idempotent on both sides.
+    reconnect. Pause and resume are idempotent on both sides. A closing
+    relay also stops being its transport's producer before it calls
+    C{loseConnection}, which otherwise waits for that (the local
+    application would never see end-of-file).
 
  5. Nothing is copied on the way out but the one join of a WebSocket
     message: local reads are cut at C{max_payload_size} with memoryview
@@ -111,11 +114,6 @@ class TunnelFlow:
     def relays(self) -> frozenset[LocalRelay]:
         """The local connections alive now."""
         return frozenset(self._relays)
-
-    @property
-    def writing_paused(self) -> bool:
-        """Whether the local connections are paused for a full WebSocket."""
-        return self._ws_full
 
     def attach(self, ws: WebSocketSide) -> None:
         """A new WebSocket connection carries the tunnel."""
@@ -251,7 +249,7 @@ class LocalRelay(Protocol):
             transport.writeSequence(pending)
         self._flow.remove_pauser(self)
         if self._closing:
-            transport.loseConnection()
+            self._end_local(transport)
             return
         self._log.info(
             "Stream open: service {service_id!r} stream {stream_id} connection "
@@ -326,9 +324,22 @@ class LocalRelay(Protocol):
         self._flow.remove_relay(self)
         transport: Any = self.transport
         if transport is not None:
-            transport.loseConnection()
+            self._end_local(transport)
         else:
             self.give_up()
+
+    def _end_local(self, transport: Any) -> None:
+        """
+        Close the local socket once its buffer is written.
+
+        C{loseConnection} waits for a registered producer to unregister: a
+        transport that paused its producer (buffer over the mark) and then
+        drains resumes the producer instead of closing, and the local
+        application never sees end-of-file. A closing relay produces
+        nothing more, so it lets go of the transport first.
+        """
+        transport.unregisterProducer()
+        transport.loseConnection()
 
     def give_up(self) -> None:
         """The local connection will never exist: drop what was kept."""
