@@ -21,8 +21,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.trial.unittest import TestCase
 
+from tests.support.apps import AppFactory, ClientFactory
 from tests.support.certs import TestPKI, make_test_pki, subject_hash
-from tests.support.connecthelpers import EchoServerFactory, PingClientFactory
 
 
 def _verify(store: X509Store, cert_path: Path) -> None:
@@ -111,19 +111,19 @@ class LoopbackServerTests(TestCase):
 
     @inlineCallbacks
     def _round_trip(self, server: IStreamServerEndpoint, pki: TestPKI):
-        factory = EchoServerFactory()
+        factory = AppFactory()
         port = yield server.listen(factory)
         self.addCleanup(port.stopListening)
         client = wrapClientTLS(
             optionsForClientTLS("localhost", trustRoot=pki.ca_certificate()),
             HostnameEndpoint(reactor, "127.0.0.1", port.getHost().port),
         )
-        protocol = yield client.connect(PingClientFactory(b"hello over tls"))
+        protocol = yield client.connect(ClientFactory(b"hello over tls"))
         answer = yield protocol.answer
         self.assertEqual(answer, b"hello over tls")
-        yield protocol.lost
-        yield factory.all_lost()
-        [server] = factory.protocols
+        yield protocol.closed
+        yield factory.all_closed()
+        [server] = factory.accepted
         self.assertEqual(server.server_name, b"localhost")
 
     def _pki(self) -> TestPKI:

@@ -26,8 +26,9 @@ from lpxy.proxy.config import TcpTarget, UnixTarget
 from lpxy.proxy.destination import AppConnector, describe_target
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.session import Channel, ServiceBinding
-from tests.support.e2ehelpers import LogRecorder, turns
-from tests.test_relay import FakeWebSocket, Sink
+from tests.support.logs import LogRecorder
+from tests.support.recorders import FakeWebSocket, Sink
+from tests.support.waiting import turns
 
 
 class FakeEndpoint:

@@ -20,20 +20,10 @@ from twisted.trial.unittest import TestCase
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
 from lpxy.proxy.service import EXIT_CONFIG
 from lpxy.proxy.tap import Options
-from tests.support.e2ehelpers import (
-    LogRecorder,
-    RecordTap,
-    echo_round_trip,
-    start_configured_pair,
-    unused_port,
-)
-from tests.support.proxyhelpers import (
-    connect_client,
-    make_config,
-    start_app,
-    start_proxy,
-    tcp,
-)
+from tests.support.apps import connect_client, echo_round_trip, start_app
+from tests.support.logs import LogRecorder
+from tests.support.proxies import RecordTap, make_config, start_configured_pair, start_proxy, tcp
+from tests.support.sockets import unused_port
 from tests.support.tunnelservice import start_tunnelservice
 
 SOURCE_PAYLOAD = 700

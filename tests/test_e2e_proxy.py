@@ -16,23 +16,12 @@ from twisted.trial.unittest import TestCase
 
 from lpxy.frames import Message
 from lpxy.proxy.config import UnixTarget
-from tests.support.e2ehelpers import LogRecorder, Pusher, RecordTap, turns
-from tests.support.proxyhelpers import (
-    V1,
-    V2,
-    V3,
-    AppFactory,
-    AppProtocol,
-    buffered,
-    connect_client,
-    gather,
-    make_config,
-    start_app,
-    start_pair,
-    start_proxy,
-    tcp,
-)
+from tests.support.apps import AppFactory, AppProtocol, Pusher, connect_client, start_app
+from tests.support.logs import LogRecorder
+from tests.support.proxies import V1, V2, V3, RecordTap, make_config, start_pair, start_proxy, tcp
+from tests.support.sockets import buffered
 from tests.support.tunnelservice import start_tunnelservice
+from tests.support.waiting import gather, turns
 
 
 class EchoTests(TestCase):

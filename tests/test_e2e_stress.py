@@ -16,18 +16,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from lpxy.proxy.config import TunnelEndpoint
+from tests.support.apps import AppFactory, AppProtocol, connect_client, start_app
 from tests.support.certs import make_test_pki
-from tests.support.e2ehelpers import start_configured_pair
-from tests.support.proxyhelpers import (
-    AppFactory,
-    AppProtocol,
-    connect_client,
-    gather,
-    make_config,
-    start_app,
-    tcp,
-)
+from tests.support.proxies import make_config, start_configured_pair, tcp
 from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
+from tests.support.waiting import gather
 
 CONNECTIONS = 32
 SIZE = 1024 * 1024

@@ -18,27 +18,20 @@ from twisted.trial.unittest import TestCase
 
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
 from lpxy.proxy.service import EXIT_GAVE_UP
-from tests.support.certs import TestPKI, make_test_pki
-from tests.support.e2ehelpers import (
-    LogRecorder,
-    Pusher,
-    echo_round_trip,
-    no_delay,
-    start_configured_pair,
-    turns,
-)
-from tests.support.proxyhelpers import (
+from tests.support.apps import (
     AppFactory,
     AppProtocol,
-    buffered,
+    Pusher,
     connect_client,
-    gather,
-    make_config,
+    echo_round_trip,
     start_app,
-    start_proxy,
-    tcp,
 )
+from tests.support.certs import TestPKI, make_test_pki
+from tests.support.logs import LogRecorder
+from tests.support.proxies import make_config, start_configured_pair, start_proxy, tcp
+from tests.support.sockets import buffered, no_delay
 from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
+from tests.support.waiting import gather, turns
 
 
 def over_tls(

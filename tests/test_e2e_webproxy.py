@@ -19,22 +19,13 @@ from twisted.trial.unittest import TestCase
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint, WebProxy
 from lpxy.proxy.service import EXIT_GAVE_UP
 from lpxy.proxy.tap import Options
+from tests.support.apps import connect_client, echo_round_trip, start_app
 from tests.support.certs import TestPKI, make_test_pki
-from tests.support.e2ehelpers import (
-    ConnectProxyFactory,
-    LogRecorder,
-    echo_round_trip,
-    no_delay,
-    start_configured_pair,
-)
-from tests.support.proxyhelpers import (
-    connect_client,
-    make_config,
-    start_app,
-    start_proxy,
-    tcp,
-)
+from tests.support.logs import LogRecorder
+from tests.support.proxies import make_config, start_configured_pair, start_proxy, tcp
+from tests.support.sockets import no_delay
 from tests.support.tunnelservice import start_tunnelservice
+from tests.support.webproxy import ConnectProxyFactory
 
 USER = "proxy user"
 PASSWORD = "pa:ss@w0rd"
@@ -79,10 +70,10 @@ class WebProxyTests(TestCase):
         """C{count} CONNECT requests, each for the service, with credentials."""
         target = f"127.0.0.1:{self.fixture.port}"
         self.assertEqual(len(self.web_proxy.requests), count)
-        for line, headers in self.web_proxy.requests:
-            self.assertEqual(line, f"CONNECT {target} HTTP/1.1")
-            self.assertEqual(headers["host"], target)
-            self.assertEqual(headers["proxy-authorization"], AUTHORIZATION)
+        for request in self.web_proxy.requests:
+            self.assertEqual(request.line, f"CONNECT {target} HTTP/1.1")
+            self.assertEqual(request.headers["host"], target)
+            self.assertEqual(request.headers["proxy-authorization"], AUTHORIZATION)
         self.assertEqual(self.web_proxy.opened, count)
 
     @inlineCallbacks

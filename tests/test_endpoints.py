@@ -20,14 +20,11 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import (
-    HostnameEndpoint,
     SSL4ServerEndpoint,
     TCP4ServerEndpoint,
-    connectProtocol,
 )
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IHostnameResolver, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -44,13 +41,10 @@ from lpxy.proxy.endpoints import (
     authority,
     tunnel_client_endpoint,
 )
+from tests.support.apps import AppFactory, Client, ClientFactory
 from tests.support.certs import TestPKI, make_test_pki
-from tests.support.connecthelpers import (
-    EchoServerFactory,
-    PingClient,
-    PingClientFactory,
-)
-from tests.support.e2ehelpers import tcp_socket
+from tests.support.sockets import tcp_socket, unused_port
+from tests.support.webproxy import ConnectProxyFactory
 
 TOKEN = "access-token-that-must-never-show"
 PASSWORD = "proxy-password-that-must-never-show"
@@ -141,7 +135,7 @@ class _MemoryCase(SynchronousTestCase):
             }
         )
         self.reactor.installNameResolver(self.resolver)
-        self.client = PingClientFactory(b"ping")
+        self.client = ClientFactory(b"ping")
 
     def connect(self, endpoint) -> tuple[Deferred, tuple, _TCPStringTransport]:
         """
@@ -184,7 +178,7 @@ class DirectTests(_MemoryCase):
         d, attempt, transport = self.connect(endpoint)
         self.assertEqual(attempt[:2], ("192.0.2.7", 8080))
         protocol = self.successResultOf(d)
-        self.assertIsInstance(protocol, PingClient)
+        self.assertIsInstance(protocol, Client)
         self.assertEqual(transport.value(), b"ping")
         self.assertTrue(transport.no_delay)
 
@@ -196,7 +190,7 @@ class DirectTests(_MemoryCase):
         endpoint = tunnel_client_endpoint(self.reactor, _config())
         d, attempt, transport = self.connect(endpoint)
         self.assertEqual(attempt[:2], ("192.0.2.7", 443))
-        self.assertIsInstance(self.successResultOf(d), PingClient)
+        self.assertIsInstance(self.successResultOf(d), Client)
         hello = transport.value()
         self.assertTrue(_is_client_hello(hello))
         self.assertIn(b"tunnel.example.com", hello)
@@ -255,7 +249,7 @@ class WebProxyTests(_MemoryCase):
         self.assertTrue(transport.no_delay)
         transport.clear()
         transport.protocol.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        self.assertIsInstance(self.successResultOf(d), PingClient)
+        self.assertIsInstance(self.successResultOf(d), Client)
         hello = transport.value()
         self.assertTrue(_is_client_hello(hello))
         self.assertIn(b"tunnel.example.com", hello)
@@ -330,7 +324,7 @@ class WebProxyTests(_MemoryCase):
         d, _, transport = self.connect(endpoint)
         transport.clear()
         transport.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
-        self.assertIsInstance(self.successResultOf(d), PingClient)
+        self.assertIsInstance(self.successResultOf(d), Client)
         self.assertEqual(transport.value(), b"ping")
 
     def test_https_proxy(self) -> None:
@@ -424,7 +418,7 @@ class ConnectExchangeTests(SynchronousTestCase):
         )
 
     def start(self) -> Deferred:
-        d = self.endpoint.connect(PingClientFactory(b"hello"))
+        d = self.endpoint.connect(ClientFactory(b"hello"))
         self.assertTrue(self.proxy_transport.value().startswith(b"CONNECT "))
         self.proxy_transport.clear()
         return d
@@ -461,7 +455,7 @@ class ConnectExchangeTests(SynchronousTestCase):
         """
         d = self.start()
         self.answer(b"HTTP/1.1 204 No Content\r\n\r\n")
-        self.assertIsInstance(self.successResultOf(d), PingClient)
+        self.assertIsInstance(self.successResultOf(d), Client)
         self.assertEqual(self.proxy_transport.value(), b"hello")
 
     def test_answer_in_pieces(self) -> None:
@@ -496,7 +490,7 @@ class ConnectExchangeTests(SynchronousTestCase):
         self.answer(b"lo")
         self.assertEqual(self.successResultOf(protocol.answer), b"hello")
         self.lose()
-        self.successResultOf(protocol.lost)
+        self.successResultOf(protocol.closed)
 
     def test_close_before_open_reaches_protocol(self) -> None:
         """
@@ -616,7 +610,7 @@ class ConnectExchangeTests(SynchronousTestCase):
             443,
             proxy_name="web proxy proxy.example.com:3128",
         )
-        error = self.failureResultOf(endpoint.connect(PingClientFactory()), WebProxyError)
+        error = self.failureResultOf(endpoint.connect(ClientFactory()), WebProxyError)
         self.assertIn("web proxy proxy.example.com:3128", str(error.value))
         self.assertIn("cannot reach it: Connection was refused", str(error.value))
 
@@ -632,7 +626,7 @@ class ConnectExchangeTests(SynchronousTestCase):
         endpoint = HTTPConnectEndpoint(
             self.clock, Pending(), "tunnel.example.com", 443, proxy_name="web proxy p:1"
         )
-        d = endpoint.connect(PingClientFactory())
+        d = endpoint.connect(ClientFactory())
         d.cancel()
         self.failureResultOf(d, CancelledError)
 
@@ -651,7 +645,7 @@ class ConnectExchangeTests(SynchronousTestCase):
         """
         events: list[str] = []
 
-        class Recording(PingClientFactory):
+        class Recording(ClientFactory):
             def startFactory(self) -> None:
                 events.append("start")
 
@@ -677,8 +671,8 @@ class NoDelayEndpointTests(SynchronousTestCase):
         """
 
         with capturedLogs() as events:
-            d = NoDelayEndpoint(_Immediate(StringTransport())).connect(PingClientFactory())
-        self.assertIsInstance(self.successResultOf(d), PingClient)
+            d = NoDelayEndpoint(_Immediate(StringTransport())).connect(ClientFactory())
+        self.assertIsInstance(self.successResultOf(d), Client)
         [event] = events
         self.assertIn("TCP_NODELAY", event["log_format"])
 
@@ -691,7 +685,7 @@ class NoDelayEndpointTests(SynchronousTestCase):
             def connect(self, factory):
                 return fail(ConnectionRefusedError())
 
-        d = NoDelayEndpoint(Refusing()).connect(PingClientFactory())
+        d = NoDelayEndpoint(Refusing()).connect(ClientFactory())
         self.failureResultOf(d, ConnectionRefusedError)
 
 
@@ -708,89 +702,6 @@ class AuthorityTests(SynchronousTestCase):
 # End to end, on loopback.
 
 
-class _RelayProtocol(Protocol):
-    """
-    One leg of the fake proxy's relay: sends what it receives to its peer.
-    """
-
-    def __init__(self, peer: Protocol | None = None) -> None:
-        self.peer = peer
-
-    def dataReceived(self, data: bytes) -> None:
-        self.peer.transport.write(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.peer.transport.loseConnection()
-
-
-class _FakeProxy(Protocol):
-    """
-    An HTTP CONNECT proxy good enough for tests: reads the request head,
-    checks C{Proxy-Authorization} if the factory wants one, connects to
-    the target on loopback and relays.
-    """
-
-    def __init__(self, factory: _FakeProxyFactory) -> None:
-        self.proxy_factory = factory
-        self.head = b""
-        self.outbound: Protocol | None = None
-        self.lost: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.outbound is not None:
-            self.outbound.transport.write(data)
-            return
-        self.head += data
-        if b"\r\n\r\n" not in self.head:
-            return
-        head, rest = self.head.split(b"\r\n\r\n", 1)
-        self.proxy_factory.requests.append(head)
-        lines = head.split(b"\r\n")
-        method, target, version = lines[0].split(b" ")
-        if (method, version) != (b"CONNECT", b"HTTP/1.1"):
-            self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
-            self.transport.loseConnection()
-            return
-        expected = self.proxy_factory.authorization
-        if expected is not None and b"Proxy-Authorization: " + expected not in lines:
-            self.transport.write(
-                b"HTTP/1.1 407 Proxy Authentication Required\r\n"
-                b'Proxy-Authenticate: Basic realm="test"\r\n\r\n'
-            )
-            self.transport.loseConnection()
-            return
-        host, _, port = target.decode().rpartition(":")
-        self.transport.pauseProducing()
-        self.outbound = _RelayProtocol(self)
-        d = connectProtocol(
-            HostnameEndpoint(reactor, host.strip("[]"), int(port)), self.outbound
-        )
-        d.addCallback(self._connected, rest)
-
-    def _connected(self, outbound: Protocol, rest: bytes) -> None:
-        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        if rest:
-            outbound.transport.write(rest)
-        self.transport.resumeProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.outbound is not None and self.outbound.transport is not None:
-            self.outbound.transport.loseConnection()
-        self.lost.callback(None)
-
-
-class _FakeProxyFactory(Factory):
-    def __init__(self, authorization: bytes | None = None) -> None:
-        self.authorization = authorization
-        self.requests: list[bytes] = []
-        self.protocols: list[_FakeProxy] = []
-
-    def buildProtocol(self, addr) -> _FakeProxy:
-        protocol = _FakeProxy(self)
-        self.protocols.append(protocol)
-        return protocol
-
-
 class EndToEndTests(TestCase):
     """
     Through a real (fake) CONNECT proxy to real echo servers on loopback.
@@ -801,8 +712,8 @@ class EndToEndTests(TestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         self.pki: TestPKI = make_test_pki(directory)
-        self.plain_echo = EchoServerFactory()
-        self.tls_echo = EchoServerFactory()
+        self.plain_echo = AppFactory()
+        self.tls_echo = AppFactory()
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             self.plain_echo
         )
@@ -816,17 +727,9 @@ class EndToEndTests(TestCase):
 
     @inlineCallbacks
     def listen_proxy(self, authorization=None, tls=False):
-        factory = _FakeProxyFactory(authorization)
-        if tls:
-            endpoint = SSL4ServerEndpoint(
-                reactor, 0, self.pki.server_context_factory(), interface="127.0.0.1"
-            )
-        else:
-            endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        port = yield endpoint.listen(factory)
-        self.addCleanup(port.stopListening)
-        self.proxy_port = port
-        return factory, port.getHost().port
+        proxy = ConnectProxyFactory(authorization)
+        port = yield Deferred.fromCoroutine(proxy.listen(self, self.pki if tls else None))
+        return proxy, port
 
     @inlineCallbacks
     def ping(self, config: ProxyConfig, *servers):
@@ -835,7 +738,7 @@ class EndToEndTests(TestCase):
         once it has its answer (or raise); then wait until every
         connection, at C{servers} too, has closed.
         """
-        client = PingClientFactory(b"through the proxy")
+        client = ClientFactory(b"through the proxy")
         protocol = yield tunnel_client_endpoint(reactor, config).connect(client)
         try:
             answer = yield protocol.answer
@@ -844,10 +747,9 @@ class EndToEndTests(TestCase):
                 socket.IPPROTO_TCP, socket.TCP_NODELAY
             )
         finally:
-            yield protocol.lost
+            yield protocol.closed
             for server in servers:
-                for p in getattr(server, "protocols", []):
-                    yield p.lost
+                yield server.all_closed()
         return no_delay
 
     def config(self, tls: bool, web_proxy: WebProxy | None) -> ProxyConfig:
@@ -869,7 +771,7 @@ class EndToEndTests(TestCase):
         )
         self.assertTrue(no_delay)
         self.assertEqual(
-            proxy.requests,
+            [request.head for request in proxy.requests],
             [f"CONNECT 127.0.0.1:{self.plain_port} HTTP/1.1\r\n"
              f"Host: 127.0.0.1:{self.plain_port}".encode()],
         )
@@ -885,7 +787,7 @@ class EndToEndTests(TestCase):
             self.config(True, WebProxy("127.0.0.1", proxy_port)), proxy, self.tls_echo
         )
         self.assertTrue(no_delay)
-        [server] = self.tls_echo.protocols
+        [server] = self.tls_echo.accepted
         self.assertIsNone(server.server_name)  # an IP literal: no SNI
 
     @inlineCallbacks
@@ -906,7 +808,7 @@ class EndToEndTests(TestCase):
         A proxy that demands credentials accepts the right ones.
         """
         proxy, proxy_port = yield self.listen_proxy(
-            authorization=b"Basic " + b64encode(b"user:" + PASSWORD.encode())
+            authorization="Basic " + b64encode(b"user:" + PASSWORD.encode()).decode()
         )
         yield self.ping(
             self.config(True, WebProxy("127.0.0.1", proxy_port, False, "user", PASSWORD)),
@@ -919,17 +821,16 @@ class EndToEndTests(TestCase):
         """
         Wrong credentials: the connect fails with the proxy's 407.
         """
-        proxy, proxy_port = yield self.listen_proxy(authorization=b"Basic c29tZTpvdGhlcg==")
+        proxy, proxy_port = yield self.listen_proxy(authorization="Basic c29tZTpvdGhlcg==")
         endpoint = tunnel_client_endpoint(
             reactor,
             self.config(True, WebProxy("127.0.0.1", proxy_port, False, "user", PASSWORD)),
         )
         with self.assertRaises(WebProxyError) as caught:
-            yield endpoint.connect(PingClientFactory())
+            yield endpoint.connect(ClientFactory())
         self.assertIn("407", str(caught.exception))
         self.assertNotIn(PASSWORD, str(caught.exception))
-        for p in proxy.protocols:
-            yield p.lost
+        yield proxy.all_closed()
 
     @inlineCallbacks
     def test_proxy_down(self):
@@ -937,13 +838,12 @@ class EndToEndTests(TestCase):
         Nothing listening at the proxy's address: the attempt fails,
         naming the proxy.
         """
-        _, proxy_port = yield self.listen_proxy()
-        yield self.proxy_port.stopListening()
+        proxy_port = unused_port()
         endpoint = tunnel_client_endpoint(
             reactor, self.config(True, WebProxy("127.0.0.1", proxy_port))
         )
         with self.assertRaises(WebProxyError) as caught:
-            yield endpoint.connect(PingClientFactory())
+            yield endpoint.connect(ClientFactory())
         self.assertIn(f"web proxy 127.0.0.1:{proxy_port}", str(caught.exception))
         self.assertIn("cannot reach it", str(caught.exception))
 
@@ -958,11 +858,10 @@ class EndToEndTests(TestCase):
             self.config(True, WebProxy("127.0.0.1", proxy_port, True)), capath=None
         )
         with self.assertRaises(WebProxyError) as caught:
-            yield tunnel_client_endpoint(reactor, config).connect(PingClientFactory())
+            yield tunnel_client_endpoint(reactor, config).connect(ClientFactory())
         self.assertIn("certificate verify failed", str(caught.exception))
         self.assertEqual(proxy.requests, [])
-        for p in proxy.protocols:
-            yield p.lost
+        yield proxy.all_closed()
 
     @inlineCallbacks
     def test_ipv6_direct_tls(self):
@@ -975,7 +874,7 @@ class EndToEndTests(TestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         pki = make_test_pki(directory, ("::1",))
-        echo = EchoServerFactory()
+        echo = AppFactory()
         port = yield SSL4ServerEndpoint(
             reactor, 0, pki.server_context_factory(), interface="::1"
         ).listen(echo)

@@ -12,11 +12,11 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from lpxy import __version__
-from tests.support.e2ehelpers import listener_ports
+from tests.support.apps import connect_client, start_app
 from tests.support.entrypoints import REFERENCE_TEXT
 from tests.support.installed import localproxy_argv, outside_dir, twistd_argv
-from tests.support.proxyhelpers import connect_client, make_config, start_app, start_proxy
-from tests.support.proxyprocess import ChildProcess, spawn
+from tests.support.processes import ChildProcess, spawn
+from tests.support.proxies import listener_ports, make_config, start_proxy
 from tests.support.tunnelservice import start_tunnelservice
 
 SECRET = "process-test-secret-token"

@@ -20,8 +20,13 @@ from lpxy.frames import Message, encode
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
 from lpxy.proxy.service import LocalProxyService
 from lpxy.proxy.settings import ProxySettings, TcpSettings, WebSocketSettings
-from tests.support.wsframes import BINARY, accept_response, frame, parse_request
-from tests.test_tunnel import Transport
+from tests.support.wsframes import (
+    BINARY,
+    WebSocketTransport,
+    accept_response,
+    frame,
+    parse_request,
+)
 
 TOKEN = "the-access-token"
 
@@ -31,17 +36,17 @@ class FakeEndpoint:
 
     def __init__(self) -> None:
         self.attempts: list[tuple[Deferred[Any], Any]] = []
-        self.connections: list[tuple[Any, Transport]] = []
+        self.connections: list[tuple[Any, WebSocketTransport]] = []
 
     def connect(self, factory: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         self.attempts.append((d, factory))
         return d
 
-    def succeed(self) -> tuple[Any, Transport]:
+    def succeed(self) -> tuple[Any, WebSocketTransport]:
         d, factory = self.attempts[-1]
         protocol = factory.buildProtocol(None)
-        transport = Transport()
+        transport = WebSocketTransport()
         protocol.makeConnection(transport)
         self.connections.append((protocol, transport))
         d.callback(protocol)
@@ -94,7 +99,7 @@ class ServiceTestBase(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def handshake(self, status: bytes | None = None,
-                  ids: list[str] | None = None) -> tuple[Any, Transport]:
+                  ids: list[str] | None = None) -> tuple[Any, WebSocketTransport]:
         protocol, transport = self.endpoint.succeed()
         request = transport.value()
         transport.clear()
@@ -110,7 +115,7 @@ class ServiceTestBase(SynchronousTestCase):
             )
         return protocol, transport
 
-    def lose(self, protocol: Any, transport: Transport) -> None:
+    def lose(self, protocol: Any, transport: WebSocketTransport) -> None:
         transport.lost = True
         protocol.connectionLost(Failure(ConnectionDone()))
 

@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from twisted.web.static import File
 
-from tests.support.proxyhelpers import gather, start_pair, tcp
+from tests.support.proxies import start_pair, tcp
 from tests.support.realpeers import (
     finished,
     program,
@@ -31,6 +31,7 @@ from tests.support.realpeers import (
     start_sshd,
 )
 from tests.support.tunnelservice import start_tunnelservice
+from tests.support.waiting import gather
 
 MB = 1_000_000
 

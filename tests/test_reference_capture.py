@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpxy.frames import Message, RecordDecoder
 from lpxy.proxy.session import Session
+from tests.support.recorders import Recorder
 from tests.support.refcapture import (
     REFERENCE_ACCESS_TOKEN,
     REFERENCE_FIRST_PAYLOAD,
@@ -23,7 +24,6 @@ from tests.support.refcapture import (
     REFERENCE_SOURCE_FRAMES,
     REFERENCE_SOURCE_REQUEST,
 )
-from tests.support.sessionactions import Recorder
 from tests.support.tunnelservice import start_tunnelservice
 from tests.support.wsframes import BINARY, PING, PONG, parse_request, read_frames
 

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
@@ -17,35 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.session import Channel, ServiceBinding
-
-
-class FakeWebSocket:
-    """Records what L{TunnelFlow} does to the WebSocket."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.producer: IPushProducer | None = None
-
-    def pause_reading(self) -> None:
-        self.calls.append("pause")
-
-    def resume_reading(self) -> None:
-        self.calls.append("resume")
-
-    def register_write_producer(self, producer: IPushProducer) -> None:
-        self.producer = producer
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.data: list[tuple[Channel, bytes | memoryview]] = []
-        self.closed: list[Channel] = []
-
-    def send_data(self, channel: Channel, payload: bytes | memoryview) -> None:
-        self.data.append((channel, payload))
-
-    def local_closed(self, channel: Channel) -> None:
-        self.closed.append(channel)
+from tests.support.recorders import FakeWebSocket, Sink
 
 
 def channel(connection_id: int = 1) -> Channel:

@@ -21,7 +21,7 @@ from lpxy.proxy.session import (
     SessionError,
     subprotocol_version,
 )
-from tests.support.sessionactions import Recorder
+from tests.support.recorders import Recorder
 
 V1 = "aws.iot.securetunneling-1.0"
 V2 = "aws.iot.securetunneling-2.0"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.support.e2ehelpers import echo_round_trip, unused_port
+from tests.support.apps import echo_round_trip, start_app
 from tests.support.installed import installed_copy, localproxy_argv, twistd_argv
-from tests.support.proxyhelpers import start_app
-from tests.support.proxyprocess import ChildProcess, spawn
+from tests.support.processes import ChildProcess, spawn
+from tests.support.sockets import unused_port
 from tests.support.tunnelservice import start_tunnelservice
 
 CONFIG = """\

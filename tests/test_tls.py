@@ -25,8 +25,8 @@ from twisted.trial.unittest import TestCase
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
 from lpxy.proxy.endpoints import tunnel_client_endpoint
 from lpxy.proxy.tls import CAPathError, client_tls_options
+from tests.support.apps import AppFactory, ClientFactory
 from tests.support.certs import TestPKI, make_test_pki
-from tests.support.connecthelpers import EchoServerFactory, PingClientFactory
 
 
 class _Loopback:
@@ -37,7 +37,7 @@ class _Loopback:
     def __init__(self, test: TestCase, pki: TestPKI) -> None:
         self.test = test
         self.pki = pki
-        self.server = EchoServerFactory()
+        self.server = AppFactory()
 
     @inlineCallbacks
     def start(self):
@@ -54,7 +54,7 @@ class _Loopback:
         raise what ended the connection.  Either way wait until both ends
         have closed.
         """
-        client = PingClientFactory()
+        client = ClientFactory()
         endpoint = wrapClientTLS(
             creator, HostnameEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
         )
@@ -62,8 +62,8 @@ class _Loopback:
         try:
             answer = yield protocol.answer
         finally:
-            yield protocol.lost
-            yield self.server.all_lost()
+            yield protocol.closed
+            yield self.server.all_closed()
         return answer
 
 
@@ -133,7 +133,7 @@ class VerifiedTests(TestCase):
         yield self.loopback.ping(
             client_tls_options("localhost", str(self.pki.ca_dir), True)
         )
-        [server] = self.loopback.server.protocols
+        [server] = self.loopback.server.accepted
         self.assertEqual(server.server_name, b"localhost")
 
     @inlineCallbacks
@@ -156,7 +156,7 @@ class VerifiedTests(TestCase):
             client_tls_options("127.0.0.1", str(self.pki.ca_dir), True)
         )
         self.assertEqual(answer, b"ping")
-        [server] = self.loopback.server.protocols
+        [server] = self.loopback.server.accepted
         self.assertIsNone(server.server_name)
 
 
@@ -241,7 +241,7 @@ class NoVerifyTests(TestCase):
             creator = client_tls_options("tunnel.example.com", None, False)
         answer = yield self.loopback.ping(creator)
         self.assertEqual(answer, b"ping")
-        [server] = self.loopback.server.protocols
+        [server] = self.loopback.server.accepted
         self.assertEqual(server.server_name, b"tunnel.example.com")
         [event] = events
         self.assertEqual(event["log_level"], LogLevel.warn)
@@ -255,7 +255,7 @@ class NoVerifyTests(TestCase):
         """
         answer = yield self.loopback.ping(client_tls_options("127.0.0.1", None, False))
         self.assertEqual(answer, b"ping")
-        [server] = self.loopback.server.protocols
+        [server] = self.loopback.server.accepted
         self.assertIsNone(server.server_name)
 
     @inlineCallbacks
@@ -303,15 +303,15 @@ class TunnelEndpointTests(TestCase):
         """
         # "localhost" may resolve to ::1 first, where nothing listens; the
         # endpoint then goes on to 127.0.0.1.
-        protocol = yield tunnel_client_endpoint(reactor, config).connect(PingClientFactory())
+        protocol = yield tunnel_client_endpoint(reactor, config).connect(ClientFactory())
         try:
             yield protocol.answer
             tls_transport = protocol.transport
             sock = tls_transport.transport.getHandle()
             no_delay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
-            yield protocol.lost
-            yield self.loopback.server.all_lost()
+            yield protocol.closed
+            yield self.loopback.server.all_closed()
         return no_delay
 
     @inlineCallbacks
@@ -340,10 +340,10 @@ class TunnelEndpointTests(TestCase):
             config = self.config(None, verify=False)
             endpoint = tunnel_client_endpoint(reactor, config)
         self.assertIn("DISABLED", events[-1]["log_format"])
-        protocol = yield endpoint.connect(PingClientFactory())
+        protocol = yield endpoint.connect(ClientFactory())
         answer = yield protocol.answer
-        yield protocol.lost
-        yield self.loopback.server.all_lost()
+        yield protocol.closed
+        yield self.loopback.server.all_closed()
         self.assertEqual(answer, b"ping")
 
 

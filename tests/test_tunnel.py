@@ -9,7 +9,6 @@ import txaio
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,6 +25,7 @@ from tests.support.wsframes import (
     BINARY,
     PING,
     PONG,
+    WebSocketTransport,
     accept_response,
     frame,
     parse_request,
@@ -35,15 +35,6 @@ from tests.support.wsframes import (
 SUB = "aws.iot.securetunneling-3.0"
 TOKEN = "secret-access-token"
 CLIENT = "0123456789abcdef0123456789abcdef"
-
-
-class Transport(StringTransport):
-    """A StringTransport that, like a real one, lets Autobahn unregister
-    a producer that was never registered."""
-
-    def unregisterProducer(self) -> None:
-        if self.producer is not None:
-            super().unregisterProducer()
 
 
 class Events:
@@ -80,7 +71,7 @@ class TunnelProtocolTests(SynchronousTestCase):
             ping_period_ms=20000,
         )
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
-        self.transport = Transport()
+        self.transport = WebSocketTransport()
         self.protocol.makeConnection(self.transport)
 
     def tearDown(self) -> None:

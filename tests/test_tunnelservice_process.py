@@ -12,7 +12,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.support.installed import installed_copy, twistd_argv
-from tests.support.proxyprocess import ChildProcess, spawn
+from tests.support.processes import ChildProcess, spawn
 from tests.support.tunnelservice import api_client
 
 _LISTENING = re.compile(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)")

@@ -25,7 +25,8 @@ from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode, encode
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.websocket import TunnelServerProtocol
 from tests.support.certs import TestPKI, make_test_pki
-from tests.support.e2ehelpers import LogRecorder, no_delay
+from tests.support.logs import LogRecorder
+from tests.support.sockets import no_delay
 from tests.support.tunnelservice import ServiceFixture, api_client, start_tunnelservice
 
 V1, V2, V3 = (f"aws.iot.securetunneling-{v}" for v in ("1.0", "2.0", "3.0"))

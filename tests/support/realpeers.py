@@ -27,8 +27,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.support.e2ehelpers import unused_port
-from tests.support.proxyprocess import ChildProcess, kill_at_cleanup
+from tests.support.processes import ChildProcess, kill_at_cleanup
+from tests.support.sockets import unused_port
 
 __all__ = [
     "SSHD",

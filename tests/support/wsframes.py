@@ -1,7 +1,8 @@
 """
 Just enough of RFC 6455 to play the tunneling service against a
 L{lpxy.proxy.tunnel.TunnelProtocol} over a C{StringTransport}: answer the
-opening handshake, build server frames, and read the client's masked frames.
+opening handshake, build server frames, read the client's masked frames, and
+a C{StringTransport} an Autobahn protocol can run on.
 """
 
 from __future__ import annotations
@@ -10,9 +11,22 @@ import base64
 import hashlib
 import struct
 
+from twisted.internet.testing import StringTransport
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 BINARY, TEXT, CLOSE, PING, PONG = 2, 1, 8, 9, 10
+
+
+class WebSocketTransport(StringTransport):
+    """
+    A C{StringTransport} that, like a real one, lets Autobahn unregister a
+    producer that was never registered.
+    """
+
+    def unregisterProducer(self) -> None:
+        if self.producer is not None:
+            super().unregisterProducer()
 
 
 def parse_request(data: bytes) -> tuple[str, dict[str, str], bytes]:

@@ -1,0 +1,60 @@
+"""
+What the kernel and Twisted hold for a socket: the socket under a (TLS,
+web-proxy) transport, its C{TCP_NODELAY}, the bytes a transport has not yet
+written, and a loopback port free a moment ago.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+__all__ = ["buffered", "no_delay", "tcp_socket", "unused_port"]
+
+
+def tcp_socket(transport: Any) -> socket.socket:
+    """
+    The socket under C{transport}, through the TLS and web-proxy layers
+    (each of which keeps the transport it runs over as C{.transport}).
+    """
+    for _ in range(6):
+        handle = transport.getHandle()
+        if isinstance(handle, socket.socket):
+            return handle
+        transport = transport.transport
+    raise AssertionError(f"no socket under {transport!r}")
+
+
+def no_delay(transport: Any) -> bool:
+    """C{TCP_NODELAY} as the kernel has it on the socket under C{transport}."""
+    sock = tcp_socket(transport)
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def buffered(transport: Any) -> int:
+    """
+    Bytes a Twisted socket transport holds, not yet written to its socket.
+
+    Twisted has no public API for this, so for measurement only it reads
+    C{FileDescriptor}'s buffer attributes.
+    """
+    if transport is None:
+        return 0
+    inner = getattr(transport, "transport", None)
+    if inner is not None and not hasattr(transport, "dataBuffer"):
+        return buffered(inner)
+    return len(getattr(transport, "dataBuffer", b"")) + int(
+        getattr(transport, "_tempDataLen", 0)
+    )
+
+
+def unused_port() -> int:
+    """
+    A loopback port that nothing listened on a moment ago, for a test that
+    must name a fixed port (a C{--config-dir} mapping) or find nothing
+    there. The kernel hands out ephemeral ports in turn, so another taker
+    in between is unlikely.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
