@@ -153,7 +153,10 @@ class Connections:
             if isinstance(connection, TunnelServerProtocol):
                 connection.close(CLOSE_GOING_AWAY, "service shutting down")
             elif connection.transport is not None:
-                connection.transport.loseConnection()
+                # An HTTP channel is its transport's producer, and the
+                # transport's loseConnection would wait for it to unregister;
+                # the channel's own loseConnection unregisters first.
+                connection.loseConnection()
         if not self._open:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
