@@ -200,7 +200,8 @@ class Broker:
     Tunnels and their connections.
 
     @param clock: the time source; each tunnel's expiry is a delayed call on it.
-    @param store: where tunnel records live.
+    @param store: where tunnel records live; tunnels it kept from an earlier
+        run are taken over (see L{_resume}).
     @param limits: the service's limits.
     @param arn_prefix: tunnel ARNs are this prefix followed by the tunnel id.
     @param new_id: makes tunnel ids.
@@ -224,6 +225,51 @@ class Broker:
         # Each tunnel's one timer: its expiry while open, its removal once closed.
         self._expiries: dict[str, _DelayedCall] = {}
         self._live: dict[tuple[str, str], Attachment] = {}
+        self._resume()
+
+    def _resume(self) -> None:
+        """
+        Take over the tunnels a store kept from an earlier run: re-arm each
+        open tunnel's expiry at its deadline and each closed one's removal
+        at the end of its retention, closing or forgetting at once those
+        whose time passed while the service was down.
+        """
+        now = self._clock.seconds()
+        counts = {OPEN: 0, CLOSED: 0, "expired": 0, "forgotten": 0}
+        for record in list(self._store.newest_first()):
+            tunnel_id = record.tunnel_id
+            if record.status == OPEN:
+                if record.expires_at <= now:
+                    counts["expired"] += 1
+                    self._close(
+                        record, "tunnel lifetime expired",
+                        "lifetime expired while the service was stopped",
+                    )
+                    continue
+                counts[OPEN] += 1
+                self._expiries[tunnel_id] = self._clock.callLater(
+                    record.expires_at - now, self._expire, tunnel_id
+                )
+            else:
+                until = record.last_updated_at + self.limits.closed_retention_seconds
+                if until <= now:
+                    counts["forgotten"] += 1
+                    self._forget(tunnel_id)
+                    continue
+                counts[CLOSED] += 1
+                self._expiries[tunnel_id] = self._clock.callLater(
+                    until - now, self._forget, tunnel_id
+                )
+        if any(counts.values()):
+            self._log.info(
+                "Resumed {open} open and {closed} closed tunnels from the store; "
+                "closed {expired} whose lifetime ended and forgot {forgotten} "
+                "past their retention while the service was stopped",
+                open=counts[OPEN],
+                closed=counts[CLOSED],
+                expired=counts["expired"],
+                forgotten=counts["forgotten"],
+            )
 
     # Tunnel operations (the management API)
 
@@ -285,7 +331,7 @@ class Broker:
         )
         self._store.add(record)
         self._expiries[tunnel_id] = self._clock.callLater(
-            lifetime_minutes * 60, self._expire, tunnel_id
+            record.expires_at - now, self._expire, tunnel_id
         )
         self._log.info(
             "Tunnel {tunnel_id} opened (services {services}, thing {thing_name}, "
@@ -557,6 +603,11 @@ class Broker:
             attachment.peer.close(CLOSE_GOING_AWAY, "service shutting down")
         for tunnel_id in list(self._expiries):
             self._cancel_timer(tunnel_id)
+
+    @property
+    def store(self) -> ITunnelStore:
+        """Where this broker keeps its tunnels."""
+        return self._store
 
     def peer(self, tunnel_id: str, mode: str) -> IPeer | None:
         """The live connection of one tunnel end, if any."""

@@ -13,6 +13,9 @@ sequence numbers (which page tokens refer to) and how many tunnels are open,
 so that a broker started over a persistent store carries on where the last
 one stopped. What the broker keeps itself (live connections, timers) ends
 with the process anyway.
+
+L{MemoryTunnelStore} keeps nothing past the process; L{lpxy.tunnelservice.sqlstore}
+keeps the same view in memory and writes it through to a database.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import attrs
+from twisted.internet import defer
 
 __all__ = [
     "CLOSED",
@@ -77,6 +81,12 @@ class TunnelRecord:
     destination: EndRecord
     tags: dict[str, str] = attrs.field(factory=dict)
     status: str = OPEN
+    expires_at: float = attrs.field(
+        default=attrs.Factory(
+            lambda self: self.created_at + self.lifetime_minutes * 60, takes_self=True
+        )
+    )
+    """When an open tunnel's lifetime ends (POSIX seconds)."""
 
     def end(self, mode: str) -> EndRecord:
         """The L{EndRecord} for C{mode} (L{SOURCE} or L{DESTINATION})."""
@@ -124,6 +134,14 @@ class ITunnelStore(Protocol):
 
     def open_count(self) -> int:
         """How many stored records have the status L{OPEN}."""
+        ...
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Fire once every change handed to the store is kept as well as the
+        store can keep it (written out, for a persistent store); the store
+        takes no more changes after.
+        """
         ...
 
 
@@ -191,3 +209,6 @@ class MemoryTunnelStore:
 
     def open_count(self) -> int:
         return len(self._open)
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)

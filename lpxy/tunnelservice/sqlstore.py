@@ -1,0 +1,377 @@
+# -*- test-case-name: tests.test_sqlstore -*-
+"""
+Tunnels kept in a database: SQLite by default.
+
+A L{SQLTunnelStore} is a L{MemoryTunnelStore} that writes through. The
+whole state is read once, at startup (L{open_store}); from then on every
+read is answered from memory, and every change (an API call, a handshake, a
+connection ending: never a relayed record) queues that tunnel's complete
+current state to be written. Writes run off the reactor thread, one
+transaction at a time and in order, through a one-thread
+L{twisted.enterprise.adbapi.ConnectionPool}; changes that arrive while a
+transaction runs are written together by the next one, and a tunnel changed
+twice in between is written once, as it is now. Because every write is a
+whole tunnel's state, a failed transaction (logged) is repaired by the next
+change of the same tunnel.
+
+The SQL is the backend-neutral one of L{lpxy.tunnelservice.schema}; only
+L{open_store} knows SQLite. Another backend needs its L{Dialect}, a DB-API
+module for adbapi and an opener.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lpxy.tunnelservice.schema import SQLITE, Dialect, SchemaError, migrate
+from lpxy.tunnelservice.store import (
+    DESTINATION,
+    SOURCE,
+    EndRecord,
+    ITunnelStore,
+    MemoryTunnelStore,
+    TunnelRecord,
+)
+
+__all__ = [
+    "DEFAULT_DB",
+    "MEMORY",
+    "SQLTunnelStore",
+    "StoreError",
+    "load",
+    "open_sqlite_store",
+    "open_store",
+]
+
+DEFAULT_DB = "tunnelservice.sqlite3"
+MEMORY = ":memory:"
+
+_MODES = (SOURCE, DESTINATION)
+_LAST_SEQUENCE = "last_sequence"
+
+
+class StoreError(Exception):
+    """The database cannot be opened, read or upgraded."""
+
+
+# One tunnel's state as plain values, taken on the reactor thread.
+_Row = tuple[
+    tuple[Any, ...],  # tunnels row
+    tuple[tuple[Any, ...], ...],  # tunnel_ends rows
+    tuple[tuple[Any, ...], ...],  # tunnel_services rows
+    tuple[tuple[Any, ...], ...],  # tunnel_tags rows
+]
+
+
+def _row(record: TunnelRecord) -> _Row:
+    tid = record.tunnel_id
+    return (
+        (tid, record.arn, record.sequence, record.description, record.thing_name,
+         record.lifetime_minutes, record.created_at, record.last_updated_at,
+         record.status, record.expires_at),
+        tuple(
+            (tid, mode, end.token_hash, end.client_token_hash, end.spent,
+             end.connected, end.last_updated_at)
+            for mode in _MODES
+            for end in (record.end(mode),)
+        ),
+        tuple((tid, i, name) for i, name in enumerate(record.services)),
+        tuple((tid, i, key, value) for i, (key, value) in enumerate(record.tags.items())),
+    )
+
+
+_CHILD_TABLES = ("tunnel_ends", "tunnel_services", "tunnel_tags")
+
+
+def _write(
+    cursor: Any,
+    dialect: Dialect,
+    changes: Sequence[tuple[str, _Row | None]],
+    last_sequence: int | None,
+) -> None:
+    """Write a batch of whole-tunnel states (L{None}: deleted) in one transaction."""
+    sql = dialect.sql
+    for tunnel_id, row in changes:
+        for table in _CHILD_TABLES:
+            cursor.execute(sql(f"DELETE FROM {table} WHERE tunnel_id = ?"), (tunnel_id,))
+        cursor.execute(sql("DELETE FROM tunnels WHERE tunnel_id = ?"), (tunnel_id,))
+        if row is None:
+            continue
+        tunnel, ends, services, tags = row
+        cursor.execute(sql(
+            "INSERT INTO tunnels (tunnel_id, arn, sequence, description, thing_name, "
+            "lifetime_minutes, created_at, last_updated_at, status, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ), tunnel)
+        cursor.executemany(sql(
+            "INSERT INTO tunnel_ends (tunnel_id, mode, token_hash, client_token_hash, "
+            "spent, connected, last_updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        ), ends)
+        cursor.executemany(sql(
+            "INSERT INTO tunnel_services (tunnel_id, position, name) VALUES (?, ?, ?)"
+        ), services)
+        cursor.executemany(sql(
+            "INSERT INTO tunnel_tags (tunnel_id, position, tag_key, tag_value) "
+            "VALUES (?, ?, ?, ?)"
+        ), tags)
+    if last_sequence is not None:
+        cursor.execute(sql("DELETE FROM counters WHERE name = ?"), (_LAST_SEQUENCE,))
+        cursor.execute(
+            sql("INSERT INTO counters (name, value) VALUES (?, ?)"),
+            (_LAST_SEQUENCE, last_sequence),
+        )
+
+
+def load(cursor: Any, dialect: Dialect) -> tuple[list[TunnelRecord], int]:
+    """
+    Read every tunnel (oldest first) and the last creation sequence number
+    from a database at the latest schema version.
+    """
+    sql = dialect.sql
+    ends: dict[str, dict[str, EndRecord]] = {}
+    cursor.execute(
+        "SELECT tunnel_id, mode, token_hash, client_token_hash, spent, connected, "
+        "last_updated_at FROM tunnel_ends"
+    )
+    for tid, mode, token_hash, client_hash, spent, connected, updated in cursor.fetchall():
+        ends.setdefault(tid, {})[mode] = EndRecord(
+            token_hash=bytes(token_hash),
+            client_token_hash=None if client_hash is None else bytes(client_hash),
+            spent=bool(spent),
+            connected=bool(connected),
+            last_updated_at=float(updated),
+        )
+    services: dict[str, list[str]] = {}
+    cursor.execute("SELECT tunnel_id, name FROM tunnel_services ORDER BY tunnel_id, position")
+    for tid, name in cursor.fetchall():
+        services.setdefault(tid, []).append(name)
+    tags: dict[str, dict[str, str]] = {}
+    cursor.execute(
+        "SELECT tunnel_id, tag_key, tag_value FROM tunnel_tags ORDER BY tunnel_id, position"
+    )
+    for tid, key, value in cursor.fetchall():
+        tags.setdefault(tid, {})[key] = value
+    records = []
+    cursor.execute(
+        "SELECT tunnel_id, arn, sequence, description, thing_name, lifetime_minutes, "
+        "created_at, last_updated_at, status, expires_at FROM tunnels ORDER BY sequence"
+    )
+    for (tid, arn, sequence, description, thing_name, lifetime, created, updated,
+         status, expires_at) in cursor.fetchall():
+        both = ends.get(tid, {})
+        if set(both) != set(_MODES):
+            raise StoreError(f"tunnel {tid} does not have both ends in the database")
+        records.append(TunnelRecord(
+            tunnel_id=tid,
+            arn=arn,
+            sequence=int(sequence),
+            description=description,
+            thing_name=thing_name,
+            services=tuple(services.get(tid, ())),
+            lifetime_minutes=int(lifetime),
+            created_at=float(created),
+            last_updated_at=float(updated),
+            source=both[SOURCE],
+            destination=both[DESTINATION],
+            tags=tags.get(tid, {}),
+            status=status,
+            expires_at=float(expires_at),
+        ))
+    cursor.execute(sql("SELECT value FROM counters WHERE name = ?"), (_LAST_SEQUENCE,))
+    found = cursor.fetchall()
+    last = int(found[0][0]) if found else 0
+    return records, max([last, *(record.sequence for record in records)])
+
+
+class SQLTunnelStore(MemoryTunnelStore):
+    """
+    An L{ITunnelStore} answering from memory and writing every change
+    through to a database, in order, off the reactor thread.
+
+    @param pool: a connection pool with exactly one connection (and thread).
+    @param dialect: the SQL dialect of the pool's database.
+    @param records: the stored tunnels, oldest first (from L{load}).
+    @param last_sequence: the last creation sequence number handed out.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        pool: adbapi.ConnectionPool,
+        dialect: Dialect,
+        records: Iterable[TunnelRecord] = (),
+        last_sequence: int = 0,
+    ) -> None:
+        super().__init__()
+        for record in records:
+            super().add(record)
+        self._sequence = last_sequence
+        self._pool = pool
+        self._dialect = dialect
+        self._pending: dict[str, TunnelRecord | None] = {}
+        self._sequence_changed = False
+        self._writing = False
+        self._closing = False
+        self._idle: list[defer.Deferred[None]] = []
+        self.failed_writes = 0
+        """How many transactions failed (each is logged)."""
+
+    def _changed(self, tunnel_id: str, record: TunnelRecord | None) -> None:
+        if self._closing:
+            self._log.error(
+                "Tunnel {tunnel_id} changed after the store was closed; not written",
+                tunnel_id=tunnel_id,
+            )
+            return
+        # A later change of the same tunnel supersedes a pending one (each
+        # is the whole state); order between tunnels does not matter.
+        self._pending[tunnel_id] = record
+        self._flush()
+
+    def add(self, record: TunnelRecord) -> None:
+        super().add(record)
+        self._changed(record.tunnel_id, record)
+
+    def save(self, record: TunnelRecord) -> None:
+        super().save(record)
+        self._changed(record.tunnel_id, record)
+
+    def remove(self, tunnel_id: str) -> None:
+        known = self.get(tunnel_id) is not None
+        super().remove(tunnel_id)
+        if known:
+            self._changed(tunnel_id, None)
+
+    def next_sequence(self) -> int:
+        number = super().next_sequence()
+        self._sequence_changed = True
+        return number
+
+    def _flush(self) -> None:
+        if self._writing or not (self._pending or self._sequence_changed):
+            if not self._writing:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
+            return
+        # Snapshot on the reactor thread: records keep changing meanwhile.
+        changes = [
+            (tunnel_id, None if record is None else _row(record))
+            for tunnel_id, record in self._pending.items()
+        ]
+        last_sequence = self._sequence if self._sequence_changed else None
+        self._pending = {}
+        self._sequence_changed = False
+        self._writing = True
+        d = self._pool.runInteraction(_write, self._dialect, changes, last_sequence)
+        d.addErrback(self._write_failed, [tunnel_id for tunnel_id, _ in changes])
+        d.addBoth(self._written)
+
+    def _write_failed(self, failure: Failure, tunnel_ids: list[str]) -> None:
+        self.failed_writes += 1
+        self._log.failure(
+            "Could not write the state of tunnels {tunnel_ids} to the database; "
+            "their next change writes it again",
+            failure,
+            tunnel_ids=tunnel_ids,
+        )
+
+    def _written(self, _: object) -> None:
+        self._writing = False
+        self._flush()
+
+    def when_written(self) -> defer.Deferred[None]:
+        """Fire once every change made so far has been written (or has failed)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        self._flush()
+        return d
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        """Write what is pending, then close the database connection."""
+        if self._closing:
+            return
+        yield self.when_written()
+        self._closing = True
+        self._pool.close()
+
+
+def _sqlite_connection_opened(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA foreign_keys = ON")
+
+
+def open_sqlite_store(path: str, reactor: Any = None) -> SQLTunnelStore:
+    """
+    Open (creating or upgrading it as needed) the SQLite database at
+    C{path} and read it: this blocks, and is meant for startup.
+
+    @raise StoreError: the file cannot be opened, is not a database of
+        this service, or has a newer schema.
+    """
+    try:
+        connection = sqlite3.connect(path, timeout=10, isolation_level=None)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open {path!r}: {e}") from None
+    try:
+        cursor = connection.cursor()
+        # WAL: a writer never blocks a reader, and a committed transaction
+        # survives the process being killed.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            found, now = migrate(cursor, SQLITE)
+            # Nobody is connected to a service that has just started.
+            cursor.execute("UPDATE tunnel_ends SET connected = ? WHERE connected", (False,))
+            records, last_sequence = load(cursor, SQLITE)
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
+    except SchemaError as e:
+        raise StoreError(f"{path!r}: {e}") from None
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot use {path!r} as the service's database: {e}") from None
+    finally:
+        connection.close()
+    SQLTunnelStore._log.info(
+        "Tunnel state in {path} (schema version {version}{upgraded}): "
+        "{count} tunnels",
+        path=path,
+        version=now,
+        upgraded="" if found == now else f", upgraded from {found}",
+        count=len(records),
+    )
+    for record in records:
+        for mode in _MODES:
+            record.end(mode).connected = False
+    pool = adbapi.ConnectionPool(
+        "sqlite3", path, timeout=10, check_same_thread=False,
+        cp_min=1, cp_max=1, cp_noisy=False,
+        cp_openfun=_sqlite_connection_opened, cp_reactor=reactor,
+    )
+    return SQLTunnelStore(pool, SQLITE, records, last_sequence)
+
+
+def open_store(location: str, reactor: Any = None) -> ITunnelStore:
+    """
+    The store C{--db} names: C{:memory:} for none that outlives the
+    process, otherwise the path of a SQLite database.
+
+    @raise StoreError: as L{open_sqlite_store}.
+    """
+    if location == MEMORY:
+        return MemoryTunnelStore()
+    if "://" in location:
+        raise StoreError(
+            f"{location!r}: only SQLite files (a path) and :memory: are supported"
+        )
+    return open_sqlite_store(location, reactor)
