@@ -243,7 +243,7 @@ class TLSTunnel:
     async def start(self, apps: dict[str, int], echo: str = "ECHO") -> None:
         pki = make_test_pki(Path(tempfile.mkdtemp(prefix="lpxy-bench-")))
         service_port = free_port()
-        service = self._spawn(twistd("tunnelservice", "--port",
+        service = self._spawn(twistd("tunnelservice", "--db", ":memory:", "--port",
                                      pki.server_endpoint_string(service_port)))
         wait_for_port(service_port, service)
         context = ssl.create_default_context(cafile=str(pki.ca_cert_path))

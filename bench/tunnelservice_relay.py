@@ -123,7 +123,8 @@ async def run_once(port: int, total: int, stall: float, service_pid: int) -> tup
 async def main(reactor_: object, mib: str = "256") -> None:
     total = int(mib) * MiB
     port = free_port()
-    service = spawn(twistd("tunnelservice", "--port", f"tcp:{port}:interface=127.0.0.1"))
+    service = spawn(twistd("tunnelservice", "--db", ":memory:",
+                           "--port", f"tcp:{port}:interface=127.0.0.1"))
     try:
         wait_for_port(port, service)
         rows = [("run", "MiB", "throughput MB/s", "service peak RSS growth MB")]

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         localproxy = [python, "-c", "from lpxy.proxy.cli import main; main()"]
 
         service = _spawn(
-            [*twistd, "-n", "--pidfile=", "tunnelservice",
+            [*twistd, "-n", "--pidfile=", "tunnelservice", "--db", ":memory:",
              "--port", f"tcp:{service_port}:interface=127.0.0.1"],
             log, env,
         )

@@ -26,7 +26,9 @@ class TwistdTunnelServiceTests(TestCase):
         installed_copy()
 
     def spawn(self, *args: str) -> ChildProcess:
-        return spawn(self, twistd_argv("-n", "--pidfile=", "tunnelservice", *args))
+        # Persistence is not the subject here: keep no database file.
+        db = () if "--db" in args else ("--db", ":memory:")
+        return spawn(self, twistd_argv("-n", "--pidfile=", "tunnelservice", *db, *args))
 
     async def start(self, *args: str) -> tuple[ChildProcess, int]:
         process = self.spawn(*args)

@@ -2,6 +2,8 @@
 Tests for L{lpxy.tunnelservice.tap}: C{twistd tunnelservice} options.
 """
 
+import os
+
 from twisted.application.service import IServiceCollection
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
@@ -9,6 +11,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.tunnelservice.service import TunnelService
+from lpxy.tunnelservice.sqlstore import SQLTunnelStore
 from lpxy.tunnelservice.tap import Options, makeService
 
 
@@ -29,13 +32,14 @@ class OptionsTests(SynchronousTestCase):
             "max-request-size": 65536,
             "ping-interval": 30,
             "idle-timeout": 90,
+            "db": "tunnelservice.sqlite3",
         })
 
     def test_everything(self) -> None:
         options = parse(
             "--port", "tcp:9000", r"--port=tcp:9001:interface=\:\:1",
             "--max-services", "5", "--max-open-tunnels", "7", "--max-request-size", "2048",
-            "--ping-interval", "5", "--idle-timeout", "12",
+            "--ping-interval", "5", "--idle-timeout", "12", "--db", "/var/lib/t.db",
         )
         self.assertEqual(dict(options), {
             "port": ["tcp:9000", r"tcp:9001:interface=\:\:1"],
@@ -44,6 +48,7 @@ class OptionsTests(SynchronousTestCase):
             "max-request-size": 2048,
             "ping-interval": 5,
             "idle-timeout": 12,
+            "db": "/var/lib/t.db",
         })
 
     def test_bad_numbers(self) -> None:
@@ -76,6 +81,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--port", text)
         self.assertIn("--max-open-tunnels", text)
         self.assertIn("not verified", text)
+        self.assertIn("--db", text)
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -85,7 +91,7 @@ class MakeServiceTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         service = makeService(
             parse("--port", "tcp:9000", "--port", "tcp:9001", "--max-services", "4",
-                  "--ping-interval", "7", "--idle-timeout", "20"),
+                  "--ping-interval", "7", "--idle-timeout", "20", "--db", ":memory:"),
             reactor=reactor,
         )
         self.assertIsInstance(service, TunnelService)
@@ -100,6 +106,31 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001])
         self.successResultOf(service.stopService())
 
+    def test_sqlite_store(self) -> None:
+        """C{--db PATH}: the broker keeps its tunnels in that SQLite file."""
+        path = self.mktemp()
+        service = makeService(parse("--db", path), reactor=MemoryReactorClock())
+        assert isinstance(service, TunnelService)
+        self.assertIsInstance(service.store, SQLTunnelStore)
+        self.assertIs(service.broker.store, service.store)
+        self.assertTrue(os.path.exists(path))
+        self.successResultOf(service.store.close())
+
+    def test_memory_store(self) -> None:
+        service = makeService(parse("--db", ":memory:"), reactor=MemoryReactorClock())
+        assert isinstance(service, TunnelService)
+        self.assertNotIsInstance(service.store, SQLTunnelStore)
+
+    def test_unusable_db(self) -> None:
+        """An unusable C{--db}: one line naming the option, exit status 1."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"no database here" * 100)
+        e = self.assertRaises(SystemExit, makeService, parse("--db", path),
+                              reactor=MemoryReactorClock())
+        self.assertTrue(str(e).startswith("tunnelservice: --db: "), str(e))
+        self.assertIn(repr(path), str(e))
+
 
 class ReachabilityWarningTests(SynchronousTestCase):
     """
@@ -109,7 +140,7 @@ class ReachabilityWarningTests(SynchronousTestCase):
 
     def warnings_for(self, *ports: str) -> list[str]:
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        service = makeService(parse(*ports), reactor=MemoryReactorClock())
+        service = makeService(parse("--db", ":memory:", *ports), reactor=MemoryReactorClock())
         service.privilegedStartService()
         service.startService()
         self.successResultOf(service.stopService())

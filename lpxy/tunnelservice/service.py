@@ -31,6 +31,7 @@ from twisted.web.server import Request, Site
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.broker import Broker, IClock, Limits
+from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.websocket import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PING_INTERVAL,
@@ -149,6 +150,8 @@ class TunnelService(MultiService):
     @param ping_interval: seconds of silence after which a peer is pinged.
     @param idle_timeout: seconds without anything from a peer after which
         it is dropped.
+    @param store: where the broker keeps tunnels (in memory unless given);
+        stopping the service closes it.
     @param exit_zero_on_signals: once the reactor runs, make SIGTERM and
         SIGINT stop it without twistd re-raising the signal afterwards, so
         the process exits 0 (for C{twistd tunnelservice}; never in tests).
@@ -166,6 +169,7 @@ class TunnelService(MultiService):
         exit_zero_on_signals: bool = False,
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        store: ITunnelStore | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -173,7 +177,10 @@ class TunnelService(MultiService):
         self._endpoints = [
             serverFromString(reactor, e) if isinstance(e, str) else e for e in endpoints
         ]
-        self.broker = Broker(clock if clock is not None else reactor, limits=limits)
+        self.broker = Broker(
+            clock if clock is not None else reactor, store=store, limits=limits
+        )
+        self.store = self.broker.store
         self.connections = Connections()
         self.websocket_factory = TunnelServerFactory(
             self.broker, reactor=reactor, connections=self.connections, clock=clock,
@@ -285,9 +292,13 @@ class TunnelService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        """Stop listening, close every connection (peers with 1001), wait for them."""
+        """
+        Stop listening, close every connection (peers with 1001), wait for
+        them, then for the store to write what is pending.
+        """
         yield super().stopService()
         ports, self.ports = self.ports, []
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         self.broker.stop()
         yield self.connections.close_all()
+        yield self.store.close()

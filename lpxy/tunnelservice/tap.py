@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.broker import Limits
+from lpxy.tunnelservice.sqlstore import DEFAULT_DB, StoreError, open_store
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
 __all__ = ["DEFAULT_PORT", "Options", "makeService"]
@@ -58,6 +59,9 @@ class Options(usage.Options):
          "Drop a tunnel peer after this many seconds without anything from it "
          "(a dead connection); more than --ping-interval.",
          _positive("idle-timeout")],
+        ["db", None, DEFAULT_DB,
+         "The SQLite file keeping tunnels across restarts (created if missing); "
+         ":memory: to keep nothing."],
     ]
 
     def __init__(self) -> None:
@@ -98,6 +102,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor
     from lpxy.tunnelservice.service import TunnelService
 
+    try:
+        store = open_store(options["db"], reactor)
+    except StoreError as e:
+        # twistd prints this one line and exits 1.
+        raise SystemExit(f"tunnelservice: --db: {e}") from None
     return TunnelService(
         reactor,
         options["port"],
@@ -109,4 +118,5 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         exit_zero_on_signals=True,
         ping_interval=options["ping-interval"],
         idle_timeout=options["idle-timeout"],
+        store=store,
     )
