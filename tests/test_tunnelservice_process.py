@@ -8,7 +8,9 @@ import re
 import socket
 from typing import Any
 
+from botocore.exceptions import ClientError
 from twisted.internet.threads import deferToThread
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from tests.support.installed import installed_copy, twistd_argv
@@ -56,15 +58,59 @@ class TwistdTunnelServiceTests(TestCase):
         self.assertIn(result["opened"]["tunnelId"], output)
         self.assertNotIn(result["opened"]["sourceAccessToken"], output)
         self.assertNotIn(result["opened"]["destinationAccessToken"], output)
-        self.assertNotIn("not verified", output)  # loopback only: no warning
+        # loopback only: the one line saying the API is open, nothing about other machines
+        self.assertEqual(output.count("The management API is open"), 1)
+        self.assertNotIn("reachable beyond", output)
+
+    async def test_open_api_beyond_loopback_refused(self) -> None:
+        process = self.spawn("--port", "tcp:0:interface=127.0.0.1", "--port", "tcp:0")
+        self.assertEqual(await process.ended, 1)
+        self.assertIn("is reachable beyond this machine and the API has no --credentials",
+                      process.output)
+        self.assertNotIn("Traceback", process.output)
 
     async def test_warns_beyond_loopback(self) -> None:
         process, _ = await self.start(
-            "--port", "tcp:0:interface=127.0.0.1", "--port", "tcp:0"
+            "--port", "tcp:0:interface=127.0.0.1", "--port", "tcp:0", "--insecure-open-api"
         )
-        self.assertIn("signatures are not verified", process.output)
+        self.assertIn("is reachable beyond this machine and the API is open", process.output)
         process.signal("INT")
         self.assertEqual(await process.ended, 0)
+
+    async def test_credentials(self) -> None:
+        """With --credentials, boto3 signing with the file's key works and others are refused."""
+        path = FilePath(self.mktemp())
+        path.setContent(
+            b"[default]\naws_access_key_id = AKIDPROCESS\n"
+            b"aws_secret_access_key = process-secret\n"
+        )
+        process, port = await self.start(
+            "--port", "tcp:0:interface=127.0.0.1", "--credentials", path.path
+        )
+
+        def calls() -> tuple[int, str]:
+            url = f"http://127.0.0.1:{port}"
+            signed = api_client(url, "AKIDPROCESS", "process-secret")
+            tunnels = signed.list_tunnels()["tunnelSummaries"]
+            stranger = api_client(url, "AKIDSTRANGER", "process-secret")
+            try:
+                stranger.list_tunnels()
+            except ClientError as e:
+                return len(tunnels), e.response["Error"]["Code"]
+            raise AssertionError("an unknown key was accepted")
+
+        self.assertEqual(await deferToThread(calls), (0, "UnrecognizedClientException"))
+        self.assertNotIn("The management API is open", process.output)
+        self.assertNotIn("process-secret", process.output)
+        process.signal("TERM")
+        self.assertEqual(await process.ended, 0)
+
+    async def test_bad_credentials_file(self) -> None:
+        process = self.spawn("--credentials", self.mktemp())
+        self.assertEqual(await process.ended, 1)
+        self.assertIn("--credentials", process.output)
+        self.assertIn("no such file", process.output)
+        self.assertNotIn("Traceback", process.output)
 
     async def test_bad_option(self) -> None:
         process = self.spawn("--max-services", "zero")

@@ -5,8 +5,12 @@ Tests for L{lpxy.tunnelservice.tap}: C{twistd tunnelservice} options.
 import os
 
 from twisted.application.service import IServiceCollection
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -33,6 +37,9 @@ class OptionsTests(SynchronousTestCase):
             "ping-interval": 30,
             "idle-timeout": 90,
             "db": "tunnelservice.sqlite3",
+            "credentials": None,
+            "keys": None,
+            "insecure-open-api": 0,
         })
 
     def test_everything(self) -> None:
@@ -49,7 +56,25 @@ class OptionsTests(SynchronousTestCase):
             "ping-interval": 5,
             "idle-timeout": 12,
             "db": "/var/lib/t.db",
+            "credentials": None,
+            "keys": None,
+            "insecure-open-api": 0,
         })
+
+    def test_credentials(self) -> None:
+        path = FilePath(self.mktemp())
+        path.setContent(b"[a]\naws_access_key_id = AKIDA\naws_secret_access_key = sa\n"
+                        b"[b]\naws_access_key_id = AKIDB\naws_secret_access_key = sb\n")
+        options = parse("--credentials", path.path, "--insecure-open-api")
+        self.assertEqual(options["keys"], {"AKIDA": "sa", "AKIDB": "sb"})
+        self.assertEqual(options["insecure-open-api"], 1)
+        self.assertNotIn("sa", repr(options["keys"]))
+
+    def test_bad_credentials(self) -> None:
+        path = FilePath(self.mktemp())
+        path.setContent(b"[a]\naws_access_key_id = AKIDA\n")
+        e = self.assertRaises(UsageError, parse, "--credentials", path.path)
+        self.assertTrue(str(e).startswith(f"--credentials {path.path}: profile [a] needs"))
 
     def test_bad_numbers(self) -> None:
         for name in ("max-services", "max-open-tunnels", "max-request-size",
@@ -80,8 +105,9 @@ class OptionsTests(SynchronousTestCase):
         text = str(Options())
         self.assertIn("--port", text)
         self.assertIn("--max-open-tunnels", text)
-        self.assertIn("not verified", text)
         self.assertIn("--db", text)
+        self.assertIn("--credentials", text)
+        self.assertIn("--insecure-open-api", text)
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -91,7 +117,8 @@ class MakeServiceTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         service = makeService(
             parse("--port", "tcp:9000", "--port", "tcp:9001", "--max-services", "4",
-                  "--ping-interval", "7", "--idle-timeout", "20", "--db", ":memory:"),
+                  "--ping-interval", "7", "--idle-timeout", "20", "--db", ":memory:",
+                  "--insecure-open-api"),
             reactor=reactor,
         )
         self.assertIsInstance(service, TunnelService)
@@ -130,17 +157,41 @@ class MakeServiceTests(SynchronousTestCase):
                               reactor=MemoryReactorClock())
         self.assertTrue(str(e).startswith("tunnelservice: --db: "), str(e))
         self.assertIn(repr(path), str(e))
+    def test_credentials_verify(self) -> None:
+        """With --credentials the API answers an unsigned request with AWS's error."""
+        path = FilePath(self.mktemp())
+        path.setContent(b"[a]\naws_access_key_id = AKIDA\naws_secret_access_key = sa\n")
+        reactor = MemoryReactorClock()
+        service = makeService(parse("--port", "tcp:9000", "--credentials", path.path,
+                                    "--db", ":memory:"),
+                              reactor=reactor)
+        service.privilegedStartService()
+        service.startService()
+        factory = reactor.tcpServers[0][1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"X-Amz-Target: IoTSecuredTunneling.ListTunnels\r\n\r\n{}"
+        )
+        self.assertIn(b"MissingAuthenticationTokenException", transport.value())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(service.stopService())
 
 
 class ReachabilityWarningTests(SynchronousTestCase):
     """
-    A port that other machines can reach logs a warning at start, since
-    API signatures are not verified; a Unix socket does not.
+    With --insecure-open-api, a port that other machines can reach logs a
+    warning at start, since the API is open; a Unix socket does not.
     """
 
     def warnings_for(self, *ports: str) -> list[str]:
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        service = makeService(parse("--db", ":memory:", *ports), reactor=MemoryReactorClock())
+        service = makeService(
+            parse("--db", ":memory:", *ports, "--insecure-open-api"),
+            reactor=MemoryReactorClock(),
+        )
         service.privilegedStartService()
         service.startService()
         self.successResultOf(service.stopService())

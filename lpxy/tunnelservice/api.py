@@ -8,8 +8,9 @@ botocore's C{iotsecuretunneling} service model (2018-10-05), so unmodified
 boto3 and the AWS CLI work against it. Errors are a status and
 C{{"__type": NAME, "message": TEXT}}.
 
-Request signatures are not verified: anyone who can reach the port can manage
-tunnels.
+Given a L{SignatureVerifier}, the API answers only requests signed (AWS
+Signature Version 4) with a key the operator gave; without one it is open to
+anyone who reaches its port.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from lpxy.tunnelservice.auth import AuthenticationFailed, SignatureVerifier
 from lpxy.tunnelservice.broker import (
     ALL,
     Broker,
@@ -227,14 +229,17 @@ class ManagementAPI(Resource):
     The management API as a leaf resource answering C{POST}.
 
     @param broker: carries out every operation.
+    @param verifier: checks each request's signature; L{None} leaves the
+        API open.
     """
 
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, verifier: SignatureVerifier | None = None) -> None:
         super().__init__()
         self._broker = broker
+        self._verifier = verifier
         self._operations: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "OpenTunnel": self._open_tunnel,
             "CloseTunnel": self._close_tunnel,
@@ -253,6 +258,9 @@ class ManagementAPI(Resource):
         try:
             if getattr(request, "too_large", False):
                 raise _invalid("Request body is too large")
+            assert request.content is not None
+            content = request.content.read()
+            self._authenticate(request, content)
             target = (request.getHeader(b"x-amz-target") or b"").decode("latin-1")
             if not target.startswith(TARGET_PREFIX):
                 raise ApiError(400, "UnknownOperationException", "Missing or unknown X-Amz-Target")
@@ -261,9 +269,8 @@ class ManagementAPI(Resource):
             if handler is None:
                 raise ApiError(400, "UnknownOperationException",
                                f"Unknown operation {operation}")
-            assert request.content is not None
             try:
-                body = json.loads(request.content.read() or b"{}")
+                body = json.loads(content or b"{}")
             except ValueError:
                 raise ApiError(400, "SerializationException", "Body is not JSON") from None
             if not isinstance(body, dict):
@@ -271,6 +278,8 @@ class ManagementAPI(Resource):
             result = handler(body)
         except ApiError as e:
             return self._error(request, operation, e)
+        except AuthenticationFailed as e:
+            return self._error(request, operation, ApiError(e.status, e.kind, e.message))
         except ResourceNotFound as e:
             return self._error(request, operation,
                                ApiError(404, "ResourceNotFoundException", str(e)))
@@ -281,6 +290,19 @@ class ManagementAPI(Resource):
             return self._error(request, operation, _invalid(str(e)))
         self._log.debug("API {operation}: OK", operation=operation)
         return json.dumps(result).encode()
+
+    def _authenticate(self, request: server.Request, content: bytes) -> str | None:
+        """The access key that signed C{request}; L{None} when the API is open."""
+        if self._verifier is None:
+            return None
+        method = (request.method or b"").decode("latin-1")
+        return self._verifier.verify(
+            method,
+            request.uri,
+            [(name, value) for name, values in request.requestHeaders.getAllRawHeaders()
+             for value in values],
+            content,
+        )
 
     def _error(self, request: server.Request, operation: str, error: ApiError) -> bytes:
         self._log.info(

@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
+from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, IClock, Limits
 from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.websocket import (
@@ -39,7 +40,7 @@ from lpxy.tunnelservice.websocket import (
     TunnelServerFactory,
 )
 
-__all__ = ["TunnelService"]
+__all__ = ["OpenAPIRefused", "TunnelService"]
 
 _HTTP_IDLE_TIMEOUT = 120
 
@@ -127,6 +128,10 @@ class _Site(Site):
         self.connections = connections
 
 
+class OpenAPIRefused(Exception):
+    """An API without credentials on a port reachable beyond this machine."""
+
+
 def _is_local(address: Any) -> bool:
     """Whether only this machine can reach a listening address."""
     if isinstance(address, UNIXAddress):
@@ -152,6 +157,10 @@ class TunnelService(MultiService):
         it is dropped.
     @param store: where the broker keeps tunnels (in memory unless given);
         stopping the service closes it.
+    @param verifier: checks API request signatures; without one the API is
+        open, and then only on loopback unless C{insecure_open_api}.
+    @param insecure_open_api: allow an open API on a port reachable beyond
+        this machine.
     @param exit_zero_on_signals: once the reactor runs, make SIGTERM and
         SIGINT stop it without twistd re-raising the signal afterwards, so
         the process exits 0 (for C{twistd tunnelservice}; never in tests).
@@ -170,9 +179,13 @@ class TunnelService(MultiService):
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         store: ITunnelStore | None = None,
+        verifier: SignatureVerifier | None = None,
+        insecure_open_api: bool = False,
     ) -> None:
         super().__init__()
         self._reactor = reactor
+        self._open_api = verifier is None
+        self._insecure_open_api = insecure_open_api
         self._exit_zero_on_signals = exit_zero_on_signals
         self._endpoints = [
             serverFromString(reactor, e) if isinstance(e, str) else e for e in endpoints
@@ -191,7 +204,7 @@ class TunnelService(MultiService):
             max_size = max_request_size
 
         site = _Site(
-            _Root(ManagementAPI(self.broker), _TunnelResource(self.websocket_factory)),
+            _Root(ManagementAPI(self.broker, verifier), _TunnelResource(self.websocket_factory)),
             self.connections,
         )
         site.requestFactory = _Request
@@ -236,6 +249,11 @@ class TunnelService(MultiService):
             self._reactor.stop()
 
     def _listen(self) -> None:
+        if self._open_api:
+            self._log.warn(
+                "The management API is open: no --credentials were given, so anyone "
+                "who reaches its port can open, close and rotate tunnels."
+            )
         self._started_listening = True
         self._synchronous = True
         d = defer.gatherResults(
@@ -267,15 +285,21 @@ class TunnelService(MultiService):
                 self._reactor.stop()
 
     def _listened(self, port: Any) -> Any:
-        self.ports.append(port)
         address = port.getHost()
         where = {"host": getattr(address, "host", ""), "port": getattr(address, "port", None)}
+        if self._open_api and not self._insecure_open_api and not _is_local(address):
+            port.stopListening()
+            raise OpenAPIRefused(
+                f"port {where['host']}:{where['port']} is reachable beyond this machine "
+                "and the API has no --credentials: give --credentials FILE, listen on "
+                "loopback, or accept an open API with --insecure-open-api"
+            )
+        self.ports.append(port)
         self._log.info("Tunnel service listening on {host} port {port}", **where)
-        if not _is_local(address):
+        if self._open_api and not _is_local(address):
             self._log.warn(
-                "Port {host}:{port} is reachable beyond this machine, and API request "
-                "signatures are not verified: anyone who reaches it can open and close "
-                "tunnels.",
+                "Port {host}:{port} is reachable beyond this machine and the API is open "
+                "(--insecure-open-api): anyone who reaches it can open and close tunnels.",
                 **where,
             )
         return port

@@ -11,6 +11,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
+from lpxy.tunnelservice.auth import CredentialsError, load_credentials
 from lpxy.tunnelservice.broker import Limits
 from lpxy.tunnelservice.sqlstore import DEFAULT_DB, StoreError, open_store
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
@@ -42,10 +43,20 @@ class Options(usage.Options):
         "A self-hosted AWS IoT Secure Tunneling service. Each --port serves the "
         "management API (AWS JSON 1.1 on POST /, for boto3 and the AWS CLI with "
         "--endpoint-url) and the WebSocket data plane (GET /tunnel) for local "
-        "proxies. API request signatures are not verified: keep the ports on "
-        "loopback or a trusted network."
+        "proxies. With --credentials, API requests must be signed (AWS Signature "
+        "Version 4) with one of the file's keys; without, the API is open and "
+        "only allowed on loopback unless --insecure-open-api is given."
     )
+    optFlags: ClassVar[list[list[Any]]] = [
+        ["insecure-open-api", None,
+         "Serve the API without --credentials on ports reachable beyond this machine "
+         "(anyone who reaches them can open and close tunnels)."],
+    ]
     optParameters: ClassVar[list[list[Any]]] = [
+        ["credentials", None, None,
+         "A file in the AWS shared-credentials format ([profile] sections with "
+         "aws_access_key_id and aws_secret_access_key); API requests must be "
+         "signed with one of its keys."],
         ["max-services", None, Limits().max_services, "Services per tunnel.",
          _positive("max-services")],
         ["max-open-tunnels", None, Limits().max_open_tunnels, "Tunnels open at once.",
@@ -86,6 +97,12 @@ class Options(usage.Options):
             )
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
+        self["keys"] = None
+        if self["credentials"] is not None:
+            try:
+                self["keys"] = load_credentials(self["credentials"])
+            except CredentialsError as e:
+                raise usage.UsageError(f"--credentials {e}") from None
         from twisted.internet import reactor
         from twisted.internet.endpoints import serverFromString
 
@@ -100,6 +117,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build the tunnel service from parsed L{Options}."""
     if reactor is None:
         from twisted.internet import reactor
+    from lpxy.tunnelservice.auth import SignatureVerifier
     from lpxy.tunnelservice.service import TunnelService
 
     try:
@@ -107,6 +125,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except StoreError as e:
         # twistd prints this one line and exits 1.
         raise SystemExit(f"tunnelservice: --db: {e}") from None
+    keys = options.get("keys")
     return TunnelService(
         reactor,
         options["port"],
@@ -119,4 +138,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ping_interval=options["ping-interval"],
         idle_timeout=options["idle-timeout"],
         store=store,
+        verifier=None if keys is None else SignatureVerifier(keys, reactor),
+        insecure_open_api=bool(options["insecure-open-api"]),
     )

@@ -26,6 +26,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
+from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, IClock, IPeer, Limits, OpenedTunnel
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
@@ -92,6 +93,7 @@ async def _start(
     tls: TestPKI | None,
     ping_interval: float,
     idle_timeout: float,
+    verifier: SignatureVerifier | None,
     limits: dict[str, float],
 ) -> ServiceFixture:
     if reactor is None:
@@ -109,6 +111,7 @@ async def _start(
         clock=clock,
         ping_interval=ping_interval,
         idle_timeout=idle_timeout,
+        verifier=verifier,
     )
     service.startService()
     case.addCleanup(service.stopService)
@@ -131,6 +134,7 @@ def start_tunnelservice(
     *,
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    verifier: SignatureVerifier | None = None,
     **limits: float,
 ) -> defer.Deferred[ServiceFixture]:
     """
@@ -142,18 +146,20 @@ def start_tunnelservice(
     @param ping_interval: seconds of a peer's silence before the service pings it.
     @param idle_timeout: seconds of a peer's silence before the service drops it.
     @param tls: the test PKI whose server certificate a TLS port presents.
+    @param verifier: makes the API check signatures (open without).
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
         C{closed_retention_seconds}.
     """
     return defer.Deferred.fromCoroutine(
-        _start(case, reactor, clock, tls, ping_interval, idle_timeout, limits)
+        _start(case, reactor, clock, tls, ping_interval, idle_timeout, verifier, limits)
     )
 
 
-def api_client(url: str, **kwargs: Any) -> Any:
+def api_client(url: str, key_id: str = "x", secret: str = "x", **kwargs: Any) -> Any:
     """
     A boto3 C{iotsecuretunneling} client for the tunnel service at C{url},
-    with dummy credentials (the service does not check signatures).
+    signing with C{key_id} and C{secret} (dummies, for a service that does
+    not check signatures, unless given).
     C{kwargs} go to C{boto3.client}, e.g. C{verify} for a TLS port.
     Creating one takes a moment: call it in a thread from a reactor test.
 
@@ -176,7 +182,7 @@ def api_client(url: str, **kwargs: Any) -> Any:
         "iotsecuretunneling",
         endpoint_url=url,
         region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
         **kwargs,
     )
