@@ -1,11 +1,14 @@
 """
-C{twistd tunnelservice} as a real process, run from an installed copy.
+C{twistd tunnelservice} as a real process, run from an installed copy:
+options, signals, and restarts over a persistent database.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -13,8 +16,11 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
+from tests.support.apps import connect_client, start_app
 from tests.support.installed import installed_copy, twistd_argv
 from tests.support.processes import ChildProcess, spawn
+from tests.support.proxies import listener_ports, make_config, start_proxy, tcp
+from tests.support.sockets import unused_port
 from tests.support.tunnelservice import api_client
 
 _LISTENING = re.compile(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)")
@@ -127,3 +133,111 @@ class TwistdTunnelServiceTests(TestCase):
             self.assertEqual(await process.ended, 1)
         self.assertIn("Address already in use", process.output)
         self.assertNotIn("Traceback", process.output)
+
+
+class RestartTests(TestCase):
+    """
+    C{twistd -n tunnelservice --db FILE} stopped (SIGTERM, SIGKILL) and
+    started again mid-session: the tunnel is still open, both proxies
+    reconnect with their client tokens, and a new connection goes through.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        installed_copy()
+        self.db = os.path.abspath(self.mktemp())
+        self.port = unused_port()
+
+    async def start_service(self) -> ChildProcess:
+        process = spawn(self, twistd_argv(
+            "-n", "--pidfile=", "tunnelservice", "--db", self.db,
+            "--port", f"tcp:{self.port}:interface=127.0.0.1",
+        ))
+        await process.wait_for("Tunnel service ready")
+        return process
+
+    def call(self, name: str, **kwargs: Any) -> Any:
+        """One API call, in a thread."""
+        def run() -> Any:
+            return getattr(api_client(f"http://127.0.0.1:{self.port}"), name)(**kwargs)
+
+        return deferToThread(run)
+
+    async def round_trip(self, source_port: int, message: bytes) -> None:
+        client = await connect_client(self, source_port)
+        assert client.transport is not None
+        client.transport.write(message)
+        self.assertEqual(await client.received(len(message)), message)
+        client.transport.loseConnection()
+        await client.closed
+
+    async def both_reconnected(
+        self, process: ChildProcess, tunnel_id: str, source: Any
+    ) -> None:
+        """The restarted service has both ends again and the source is ready."""
+        for mode in ("source", "destination"):
+            await process.wait_for(f"Peer connected: {mode} of tunnel {tunnel_id}")
+        await source.client.whenConnected()
+
+    async def restart(self, signal: str) -> None:
+        app_port, _ = await start_app(self)
+        service = await self.start_service()
+        opened = await self.call(
+            "open_tunnel", destinationConfig={"services": ["ECHO"]},
+            timeoutConfig={"maxLifetimeTimeoutMinutes": 30}, tags=[{"key": "k", "value": "v"}],
+        )
+        tunnel_id = opened["tunnelId"]
+        where = SimpleNamespace(port=self.port)
+        await start_proxy(self, make_config(
+            where, opened["destinationAccessToken"], "destination",  # type: ignore[arg-type]
+            destination_apps={"ECHO": tcp(app_port)},
+            client_token="destination-client-token-" + "d" * 16,
+        ))
+        source = await start_proxy(self, make_config(
+            where, opened["sourceAccessToken"], "source",  # type: ignore[arg-type]
+            source_ports={"ECHO": 0}, client_token="source-client-token-" + "s" * 16,
+        ))
+        source_port = listener_ports(source)["ECHO"]
+        await self.round_trip(source_port, b"before")
+
+        # A stream is open when the service goes.
+        open_stream = await connect_client(self, source_port)
+        assert open_stream.transport is not None
+        open_stream.transport.write(b"open")
+        self.assertEqual(await open_stream.received(4), b"open")
+        service.signal(signal)
+        status = await service.ended
+        self.assertEqual(status, 0 if signal == "TERM" else -9, service.output)
+        await open_stream.closed  # reset with the lost WebSocket
+
+        again = await self.start_service()
+        self.assertIn("1 tunnels", again.output)
+        await self.both_reconnected(again, tunnel_id, source)
+        await self.round_trip(source_port, b"after " + signal.encode())
+        described = (await self.call("describe_tunnel", tunnelId=tunnel_id))["tunnel"]
+        self.assertEqual(described["status"], "OPEN")
+        self.assertEqual(described["sourceConnectionState"]["status"], "CONNECTED")
+        self.assertEqual(described["destinationConnectionState"]["status"], "CONNECTED")
+        self.assertEqual(described["tags"], [{"key": "k", "value": "v"}])
+        self.assertEqual(described["timeoutConfig"]["maxLifetimeTimeoutMinutes"], 30)
+        for output in (service.output, again.output):
+            self.assertNotIn("Traceback", output)
+            self.assertNotIn(opened["sourceAccessToken"], output)
+            self.assertNotIn(opened["destinationAccessToken"], output)
+
+        # Closed through the API, it still describes as CLOSED after a restart.
+        await self.call("close_tunnel", tunnelId=tunnel_id)
+        again.signal("TERM")
+        self.assertEqual(await again.ended, 0, again.output)
+        third = await self.start_service()
+        described = (await self.call("describe_tunnel", tunnelId=tunnel_id))["tunnel"]
+        self.assertEqual(described["status"], "CLOSED")
+        third.signal("TERM")
+        self.assertEqual(await third.ended, 0, third.output)
+
+    async def test_sigterm(self) -> None:
+        await self.restart("TERM")
+
+    async def test_sigkill(self) -> None:
+        await self.restart("KILL")
