@@ -12,28 +12,33 @@ assumes one record per message.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
 
 from google.protobuf.message import DecodeError
 
 from lpxy._proto.Message_pb2 import Message
 
 __all__ = [
+    "LENGTH_PREFIX",
     "LENGTH_PREFIX_SIZE",
     "MAX_RECORD_SIZE",
     "WIRE_FRAME_LIMIT",
     "Message",
     "ProtocolError",
     "RecordDecoder",
+    "data_record_parts",
     "encode",
-    "encode_all",
     "encode_body",
+    "pack_records",
     "parse_body",
 ]
 
-LENGTH_PREFIX_SIZE = 2
-MAX_RECORD_SIZE = 0xFFFF
-"""The largest record body a 2-byte length prefix can describe."""
+LENGTH_PREFIX = struct.Struct(">H")
+"""The length before each record body: 2 bytes, big-endian (the wire's, not a setting)."""
+LENGTH_PREFIX_SIZE = LENGTH_PREFIX.size
+MAX_RECORD_SIZE = (1 << 8 * LENGTH_PREFIX_SIZE) - 1
+"""The largest record body the length prefix can describe."""
 
 WIRE_FRAME_LIMIT = 131076
 """
@@ -44,7 +49,8 @@ bigger ones. The reference's C{websocket.max_frame_size} only sizes its
 socket buffers.
 """
 
-_LENGTH = struct.Struct(">H")
+_PAYLOAD_TAG = b"\x22"  # field 4 (payload), wire type 2 (length-delimited)
+_SPLITS_KEPT = 1024  # DATA headers whose split is remembered (one per channel)
 
 
 class ProtocolError(Exception):
@@ -68,7 +74,7 @@ def encode_body(body: bytes) -> bytes:
         raise ValueError(
             f"record of {size} bytes exceeds the limit of {MAX_RECORD_SIZE} bytes"
         )
-    return _LENGTH.pack(size) + body
+    return LENGTH_PREFIX.pack(size) + body
 
 
 def encode(message: Message) -> bytes:
@@ -149,7 +155,7 @@ class RecordDecoder:
             offset = self._complete(chunk, raw is not None, bodies)
             if offset == end:
                 return bodies
-        unpack = _LENGTH.unpack_from
+        unpack = LENGTH_PREFIX.unpack_from
         limit = self._max_size
         while end - offset >= LENGTH_PREFIX_SIZE:
             (size,) = unpack(chunk, offset)
@@ -186,7 +192,7 @@ class RecordDecoder:
                 if end:
                     self._hold(chunk, 0, immutable)
                 return end
-            (size,) = _LENGTH.unpack(b"".join([*self._pieces, chunk[:used]]))
+            (size,) = LENGTH_PREFIX.unpack(b"".join([*self._pieces, chunk[:used]]))
             if size == 0 or size > self._max_size:
                 raise self._fail(size)
             self._size = size
@@ -229,6 +235,75 @@ class RecordDecoder:
         return messages
 
 
-def encode_all(messages: Iterable[Message]) -> bytes:
-    """Encode several messages into one contiguous chunk of records."""
-    return b"".join(encode(m) for m in messages)
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@lru_cache(maxsize=_SPLITS_KEPT)
+def _split_header(header: bytes) -> tuple[bytes, bytes]:
+    """
+    Cut a serialized DATA header where its payload (field 4) belongs:
+    after fields 1 to 3 (varints, one-byte tags), before fields 5 to 7.
+    """
+    offset, end = 0, len(header)
+    while offset < end and header[offset] < 0x20:
+        offset += 1
+        while offset < end and header[offset] & 0x80:
+            offset += 1
+        offset += 1
+    return header[:offset], header[offset:]
+
+
+def data_record_parts(header: bytes, payload_size: int) -> tuple[bytes, bytes]:
+    """
+    The bytes that go before and after a payload of C{payload_size} bytes
+    to make the DATA record of C{header} (a serialized C{Message} of type
+    DATA without payload, pre-serialized once per channel): the record is
+    C{before + payload + after}, exactly what L{encode} makes of the whole
+    message, without copying the payload.
+
+    @raise ValueError: when the record would be over L{MAX_RECORD_SIZE}.
+    """
+    if not payload_size:
+        # proto3 leaves an empty payload out.
+        return encode_body(header), b""
+    lead, trail = _split_header(header)
+    tag = _PAYLOAD_TAG + _varint(payload_size)
+    size = len(header) + len(tag) + payload_size
+    if size > MAX_RECORD_SIZE:
+        raise ValueError(
+            f"record of {size} bytes exceeds the limit of {MAX_RECORD_SIZE} bytes"
+        )
+    return LENGTH_PREFIX.pack(size) + lead + tag, trail
+
+
+def pack_records(
+    records: Iterable[Sequence[bytes | memoryview]], limit: int = WIRE_FRAME_LIMIT
+) -> Iterator[bytes]:
+    """
+    Join whole records into as few WebSocket message payloads as fit in
+    C{limit} bytes each, in order. Each record is given as its pieces (a
+    length-prefixed record, or the parts of one such as
+    L{data_record_parts} and a payload); a record is never cut, and one
+    bigger than C{limit} goes alone.
+    """
+    parts: list[bytes | memoryview] = []
+    size = 0
+    for pieces in records:
+        record_size = sum(map(len, pieces))
+        if size and size + record_size > limit:
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.extend(pieces)
+        size += record_size
+    if parts:
+        yield b"".join(parts)

@@ -7,14 +7,18 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.frames import (
+    LENGTH_PREFIX_SIZE,
     MAX_RECORD_SIZE,
+    WIRE_FRAME_LIMIT,
     Message,
     ProtocolError,
     RecordDecoder,
+    data_record_parts,
     encode,
-    encode_all,
     encode_body,
+    pack_records,
 )
+from tests.support.wsframes import encode_all
 
 
 def data(stream_id: int, payload: bytes, service_id: str = "") -> Message:
@@ -64,6 +68,128 @@ class EncodeTests(SynchronousTestCase):
 
     def test_emptyBodyRefused(self) -> None:
         self.assertRaises(ValueError, encode_body, b"")
+
+
+    def test_lengthPrefix(self) -> None:
+        """The prefix is 2 bytes, so a body holds at most 65535 bytes."""
+        self.assertEqual((LENGTH_PREFIX_SIZE, MAX_RECORD_SIZE), (2, 65535))
+
+
+class DataRecordTests(SynchronousTestCase):
+    """
+    L{data_record_parts}: a DATA record from a pre-serialized header and a
+    payload it does not copy.
+    """
+
+    def record(self, header: Message, payload: bytes) -> bytes:
+        before, after = data_record_parts(header.SerializeToString(), len(payload))
+        return before + payload + after
+
+    def test_whatProtobufSerializes(self) -> None:
+        """
+        The parts around a payload make exactly the bytes of L{encode} of
+        the whole message, whatever the field values and varint lengths.
+        """
+        combinations = [
+            (stream_id, service_id, connection_id, ignorable, size)
+            for stream_id in (1, 127, 128, 16384, 2**31 - 1)
+            for service_id in ("", "S", "SSH1", "\u00e9t\u00e9", "x" * 128)
+            for connection_id in (0, 1, 128, 2**21, 2**32 - 1)
+            for ignorable in (False, True)
+            for size in (0, 1, 127, 128, 300)
+        ]
+        combinations += [(7, "HTTP", 3, False, size) for size in (16383, 16384, 64512)]
+        for stream_id, service_id, connection_id, ignorable, size in combinations:
+            header = Message(type=Message.DATA, streamId=stream_id, serviceId=service_id,
+                             connectionId=connection_id, ignorable=ignorable)
+            payload = bytes(range(256)) * (size // 256) + b"p" * (size % 256)
+            record = self.record(header, payload)
+            header.payload = payload
+            self.assertEqual(record, encode(header))
+
+    def test_emptyPayload(self) -> None:
+        """Without payload the record is the header's (proto3 leaves it out)."""
+        header = Message(type=Message.DATA, streamId=3, serviceId="S").SerializeToString()
+        self.assertEqual(data_record_parts(header, 0), (encode_body(header), b""))
+
+    def test_overLimitRefused(self) -> None:
+        header = Message(type=Message.DATA, streamId=1).SerializeToString()
+        largest = MAX_RECORD_SIZE - len(header) - 4  # tag and a 3-byte length
+        self.assertEqual(len(self.record(Message(type=Message.DATA, streamId=1),
+                                         b"x" * largest)), 2 + MAX_RECORD_SIZE)
+        self.assertRaises(ValueError, data_record_parts, header, largest + 1)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        stream_id=st.integers(min_value=1, max_value=2**31 - 1),
+        service_id=st.text(max_size=40),
+        connection_id=st.integers(min_value=0, max_value=2**32 - 1),
+        ignorable=st.booleans(),
+        payload=st.binary(max_size=3000),
+    )
+    def test_anyHeaderAndPayload(
+        self, stream_id: int, service_id: str, connection_id: int, ignorable: bool,
+        payload: bytes,
+    ) -> None:
+        header = Message(type=Message.DATA, streamId=stream_id, serviceId=service_id,
+                         connectionId=connection_id, ignorable=ignorable)
+        record = self.record(header, payload)
+        header.payload = payload
+        self.assertEqual(record, encode(header))
+
+
+class PackTests(SynchronousTestCase):
+    """L{pack_records}: whole records into as few messages as the limit allows."""
+
+    def test_frameLimit(self) -> None:
+        """Two of the largest DATA records fit the wire limit; a third does not."""
+        header = Message(type=Message.DATA, streamId=1).SerializeToString()
+        chunk = bytes(range(256)) * 252  # 64512 bytes
+        before, after = data_record_parts(header, len(chunk))
+        messages = list(pack_records([(before, chunk, after)] * 3))
+        self.assertTrue(all(len(m) <= WIRE_FRAME_LIMIT for m in messages))
+        decoder = RecordDecoder()
+        self.assertEqual([len(decoder.feed(m)) for m in messages], [2, 1])
+
+    def test_nothing(self) -> None:
+        self.assertEqual(list(pack_records([])), [])
+
+    def test_biggerThanLimitGoesAlone(self) -> None:
+        self.assertEqual(
+            list(pack_records([(b"ab",), (b"cdef",), (b"g", b"h")], limit=3)),
+            [b"ab", b"cdef", b"gh"],
+        )
+
+    def test_piecesJoined(self) -> None:
+        """The pieces of a record may be bytes or views; the message is bytes."""
+        [message] = pack_records([(b"\x00\x02", memoryview(b"xyz")[1:]), (b"tail",)])
+        self.assertEqual(message, b"\x00\x02yztail")
+        self.assertIs(type(message), bytes)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        sizes=st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+        limit=st.integers(min_value=1, max_value=100),
+    )
+    def test_wholeRecordsGreedily(self, sizes: list[int], limit: int) -> None:
+        """
+        The messages hold the records in order, never cut one, stay within
+        the limit unless one record alone is bigger, and a message is only
+        ended when the next record does not fit.
+        """
+        records = [bytes([i % 256]) * size for i, size in enumerate(sizes)]
+        messages = list(pack_records([(r,) for r in records], limit=limit))
+        self.assertEqual(b"".join(messages), b"".join(records))
+        remaining = list(records)
+        for message in messages:
+            taken: list[bytes] = []
+            while remaining and sum(map(len, taken)) < len(message):
+                taken.append(remaining.pop(0))
+            self.assertEqual(b"".join(taken), message)
+            if len(message) > limit:
+                self.assertEqual(len(taken), 1)
+            if remaining:
+                self.assertGreater(len(message) + len(remaining[0]), limit)
 
 
 class DecoderTests(SynchronousTestCase):

@@ -24,13 +24,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
 
-from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode, encode_all
+from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.websocket import Connections, TunnelServerProtocol
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.logs import LogRecorder
 from tests.support.sockets import no_delay
 from tests.support.tunnelservice import ServiceFixture, api_client, start_tunnelservice
+from tests.support.wsframes import encode_all
 
 V1, V2, V3 = (f"aws.iot.securetunneling-{v}" for v in ("1.0", "2.0", "3.0"))
 CT1 = "c" * 32

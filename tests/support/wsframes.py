@@ -2,7 +2,8 @@
 Just enough of RFC 6455 to play the tunneling service against a
 L{lpxy.proxy.tunnel.TunnelProtocol} over a C{StringTransport}: answer the
 opening handshake, build server frames, read the client's masked frames, and
-a C{StringTransport} an Autobahn protocol can run on.
+a C{StringTransport} an Autobahn protocol can run on; and the record
+stream a list of messages makes.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
+from collections.abc import Iterable
 
 from twisted.internet.testing import StringTransport
+
+from lpxy.frames import Message, encode
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -98,3 +102,8 @@ def read_frames(data: bytes) -> list[tuple[int, bytes]]:
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         frames.append((first & 0x0F, payload))
     return frames
+
+
+def encode_all(messages: Iterable[Message]) -> bytes:
+    """Encode several messages into one contiguous chunk of records."""
+    return b"".join(encode(m) for m in messages)
