@@ -1,0 +1,299 @@
+"""
+Tests for L{lpxy._ws}: the keepalive watch over a C{Clock}, Nagle, and
+Autobahn's logger and timers.
+"""
+
+from __future__ import annotations
+
+import txaio
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpxy._ws import (
+    ANYTHING,
+    PONGS,
+    Keepalive,
+    cancel_autobahn_timers,
+    quiet_autobahn_log,
+    set_no_delay,
+)
+
+
+class Watch:
+    """A L{Keepalive} on a C{Clock}, with what it sent and decided."""
+
+    def __init__(self, life: str, interval: float, timeout: float) -> None:
+        self.clock = Clock()
+        self.pings: list[bytes] = []
+        self.dead: list[float] = []
+        self.keepalive = Keepalive(
+            self.clock, interval=interval, timeout=timeout,
+            send_ping=self.pings.append, on_dead=self.dead.append,
+            life=life,  # type: ignore[arg-type]
+        )
+
+    def advance(self, seconds: float) -> list[bytes]:
+        """Advance the clock; return the pings sent meanwhile."""
+        sent = len(self.pings)
+        self.clock.advance(seconds)
+        return self.pings[sent:]
+
+
+class PongsTests(SynchronousTestCase):
+    """The proxy's watch: a ping every period, dead when one is unanswered for two."""
+
+    def setUp(self) -> None:
+        self.watch = Watch(PONGS, 20, 40)
+        self.keepalive = self.watch.keepalive
+
+    def tearDown(self) -> None:
+        self.keepalive.stop()
+        self.assertEqual(self.watch.clock.getDelayedCalls(), [])
+
+    def test_pings_at_start_and_every_interval(self) -> None:
+        self.watch.advance(1.5)
+        self.keepalive.start()
+        self.assertEqual(self.watch.pings, [b"1500"])
+        self.assertEqual(self.watch.advance(20), [b"21500"])
+        self.assertTrue(self.keepalive.running)
+
+    def test_pings_whatever_arrives(self) -> None:
+        self.keepalive.start()
+        for _ in range(5):
+            self.keepalive.heard()
+            (ping,) = self.watch.advance(20)
+            self.keepalive.pong(ping)
+        self.assertEqual(len(self.watch.pings), 6)
+
+    def test_dead_after_two_periods(self) -> None:
+        self.keepalive.start()
+        self.assertEqual(self.watch.advance(20), [b"20000"])
+        self.assertEqual(self.watch.dead, [])
+        self.assertEqual(self.watch.advance(20), [])
+        self.assertEqual(self.watch.dead, [40])
+        self.assertFalse(self.keepalive.running)
+        self.assertEqual(self.watch.clock.getDelayedCalls(), [])
+
+    def test_anything_else_is_no_answer(self) -> None:
+        """Bytes and foreign pongs do not answer a ping."""
+        self.keepalive.start()
+        self.assertIsNone(self.keepalive.pong(b"12345"))
+        self.watch.advance(20)
+        self.keepalive.heard()
+        self.watch.advance(20)
+        self.assertEqual(self.watch.dead, [40])
+
+    def test_pong_answers_its_ping_and_earlier_ones(self) -> None:
+        self.keepalive.start()
+        self.watch.advance(20)
+        self.watch.advance(0.25)
+        self.assertEqual(self.keepalive.pong(b"20000"), 0.25)
+        # b"0" is answered too: no ping is owed now
+        self.assertIsNone(self.keepalive.pong(b"0"))
+        self.watch.advance(19.75)
+        self.watch.advance(20)
+        self.assertEqual(self.watch.dead, [])
+        self.watch.advance(20)
+        self.assertEqual(self.watch.dead, [40])  # the ping at 40, unanswered at 80
+
+    def test_late_pong_keeps_alive(self) -> None:
+        """A ping answered within two periods, even after the next ping, is enough."""
+        self.keepalive.start()
+        for ping in (b"0", b"20000", b"40000", b"60000"):
+            self.watch.advance(20)
+            self.assertEqual(self.keepalive.pong(ping), 20)
+        self.assertEqual(self.watch.dead, [])
+        self.assertEqual(len(self.watch.pings), 5)
+
+    def test_paused_reading_is_not_dead(self) -> None:
+        self.keepalive.start()
+        self.keepalive.pause()
+        self.assertEqual(self.watch.advance(200), [])
+        self.assertEqual(self.watch.advance(20), [])
+        self.keepalive.resume()
+        self.assertEqual(self.watch.dead, [])
+        self.assertEqual(self.watch.advance(20), [b"240000"])
+        self.watch.advance(20)
+        self.assertEqual(self.watch.dead, [])
+        self.watch.advance(20)
+        self.assertEqual(self.watch.dead, [40])
+
+    def test_resume_forgets_pings(self) -> None:
+        """A ping sent before reading paused is not held against the peer after."""
+        self.keepalive.start()
+        self.watch.advance(10)
+        self.keepalive.pause()
+        self.keepalive.resume()
+        self.watch.advance(10)  # pings at 20, owed since 20
+        self.watch.advance(20)
+        self.assertEqual(self.watch.dead, [])
+        self.assertIsNone(self.keepalive.pong(b"0"))
+        self.watch.advance(20)
+        self.assertEqual(self.watch.dead, [40])
+
+    def test_stop(self) -> None:
+        self.keepalive.start()
+        self.keepalive.stop()
+        self.assertFalse(self.keepalive.running)
+        self.assertEqual(self.watch.advance(100), [])
+        self.assertEqual(self.watch.dead, [])
+        self.keepalive.stop()
+
+
+class AnythingTests(SynchronousTestCase):
+    """The tunnel service's watch: a ping after silence, dead after more of it."""
+
+    def setUp(self) -> None:
+        self.watch = Watch(ANYTHING, 30, 90)
+        self.keepalive = self.watch.keepalive
+
+    def tearDown(self) -> None:
+        self.keepalive.stop()
+        self.assertEqual(self.watch.clock.getDelayedCalls(), [])
+
+    def test_pings_only_when_silent(self) -> None:
+        self.keepalive.start()
+        self.assertEqual(self.watch.pings, [])
+        for _ in range(5):
+            self.watch.advance(29)
+            self.keepalive.heard()
+            self.assertEqual(self.watch.advance(1), [])
+        self.assertEqual(self.watch.pings, [])
+
+    def test_silent_peer_pinged_then_dead(self) -> None:
+        self.watch.advance(2)
+        self.keepalive.start()
+        self.assertEqual(self.watch.advance(30), [b"32000"])
+        self.assertEqual(self.watch.advance(30), [b"62000"])
+        self.assertEqual(self.watch.dead, [])
+        self.assertEqual(self.watch.advance(30), [])
+        self.assertEqual(self.watch.dead, [90])
+
+    def test_dead_after_exactly_timeout(self) -> None:
+        """Checks come sooner when the timeout falls between two of them."""
+        self.keepalive.start()
+        self.watch.advance(10)
+        self.keepalive.heard()
+        self.watch.advance(20)  # check at 30: silent 20
+        self.watch.advance(30)  # check at 60: silent 50, ping
+        self.watch.advance(30)  # check at 90: silent 80, ping; next in 10
+        self.assertEqual(self.watch.dead, [])
+        self.watch.advance(10)
+        self.assertEqual(self.watch.dead, [90])
+        self.assertEqual(self.watch.pings, [b"60000", b"90000"])
+
+    def test_pong_is_not_tracked(self) -> None:
+        """Pongs count as whatever the owner reports with heard()."""
+        self.keepalive.start()
+        (ping,) = self.watch.advance(30)
+        self.assertIsNone(self.keepalive.pong(ping))
+
+    def test_not_reading_is_not_silence(self) -> None:
+        self.keepalive.start()
+        self.keepalive.pause()
+        for _ in range(10):
+            self.assertEqual(self.watch.advance(30), [])
+        self.assertEqual(self.watch.dead, [])
+        self.keepalive.resume()
+        self.assertEqual(self.watch.advance(30), [b"330000"])
+        self.watch.advance(30)
+        self.watch.advance(30)
+        self.assertEqual(self.watch.dead, [90])
+
+
+class ArgumentTests(SynchronousTestCase):
+    def test_interval_below_timeout(self) -> None:
+        for interval, timeout in ((0, 10), (10, 10), (20, 10), (-1, 10)):
+            with self.assertRaises(ValueError):
+                Keepalive(Clock(), interval=interval, timeout=timeout,
+                          send_ping=print, on_dead=print)
+
+    def test_life(self) -> None:
+        with self.assertRaises(ValueError):
+            Keepalive(Clock(), interval=1, timeout=2, send_ping=print, on_dead=print,
+                      life="bytes")  # type: ignore[arg-type]
+
+
+class NoDelayTests(SynchronousTestCase):
+    def test_no_delay_reaches_socket(self) -> None:
+        calls = []
+
+        class Socket:
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                calls.append(enabled)
+
+        class Wrapper:
+            transport = Socket()
+
+        self.assertTrue(set_no_delay(Wrapper()))
+        self.assertEqual(calls, [True])
+
+    def test_not_tcp(self) -> None:
+        """A transport without the option, or refusing it, is left alone."""
+
+        class Unix:
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise OSError(95, "Operation not supported")
+
+        self.assertFalse(set_no_delay(object()))
+        self.assertFalse(set_no_delay(None))
+        self.assertFalse(set_no_delay(Unix()))
+
+    def test_four_layers_at_most(self) -> None:
+        calls = []
+
+        class Socket:
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                calls.append(enabled)
+
+        class Layer:
+            def __init__(self, below: object) -> None:
+                self.transport = below
+
+        self.assertTrue(set_no_delay(Layer(Layer(Layer(Socket())))))
+        self.assertFalse(set_no_delay(Layer(Layer(Layer(Layer(Socket()))))))
+        self.assertEqual(calls, [True])
+
+
+class AutobahnTests(SynchronousTestCase):
+    def test_quiet_log(self) -> None:
+        """
+        The logger stays at info when txaio's global level goes to debug, and
+        is named after the class it is made in, as txaio's own would be.
+        """
+
+        class Protocol:
+            log = quiet_autobahn_log()
+
+        txaio.use_twisted()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, "info")
+        with capturedLogs() as events:
+            Protocol.log.debug("upgrade request {headers}", headers={"access-token": "x"})
+            Protocol.log.info("dropping connection")
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["log_namespace"], f"{__name__}.Protocol")
+
+    def test_timers_cancelled(self) -> None:
+        clock = Clock()
+
+        class Protocol:
+            closeHandshakeTimeoutCall = clock.callLater(2, print)
+            serverConnectionDropTimeoutCall = clock.callLater(1, print)
+
+        protocol = Protocol()
+        clock.advance(1)  # the drop timer fired already
+        cancel_autobahn_timers(protocol)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertIsNone(protocol.closeHandshakeTimeoutCall)
+        self.assertIsNone(protocol.serverConnectionDropTimeoutCall)
+
+    def test_timers_missing(self) -> None:
+        """A server protocol has no serverConnectionDropTimeoutCall."""
+
+        class Protocol:
+            closeHandshakeTimeoutCall = None
+
+        cancel_autobahn_timers(Protocol())
