@@ -1,24 +1,48 @@
 """
-Shared pieces of the benchmarks: child processes, memory sampling, ports.
+Shared pieces of the benchmarks: child processes of an installed lpxy,
+memory sampling, ports, the tunnel service's API.
 
 Benchmarks are programs, not tests: they report on standard output and are
 run by hand (``python -m bench.<name>``). Figures are compared against a
 baseline measured in the same run, since machines here are noisy.
+
+They measure lpxy as a user runs it: a non-editable install of the tree
+(L{tests.support.installed}, the copy process tests use), its C{twistd}
+plugins and C{localproxy} console script, started from a directory outside
+the source tree. Everything runs in one reactor and nothing here blocks it:
+processes are spawned and awaited through the reactor, readiness is polled
+with connection attempts, and the API is called with C{twisted.web}.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Sequence
+import tempfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
 
-from twisted.internet.task import LoopingCall
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.ssl import Certificate
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from tests.support.installed import (
+    installed_copy,
+    installed_env,
+    localproxy_argv,
+    outside_dir,
+    twistd_argv,
+)
 
 MiB = 1024 * 1024
 
@@ -64,53 +88,139 @@ class PeakSampler:
         return {name: self.peak[name] - self.baseline[name] for name in self.pids}
 
 
+async def install() -> Path:
+    """
+    Install the tree once (in a thread: pip takes seconds) and return the
+    copy the benchmark's processes run from.
+    """
+    return await deferToThread(installed_copy)
+
+
 def twistd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", *args]
+    """The installed C{twistd}, in the foreground, without a pid file."""
+    return twistd_argv("-n", "--pidfile=", *args)
 
 
 def localproxy(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from lpxy.proxy.cli import main; main()", *args]
+    """The installed C{localproxy} console script."""
+    return localproxy_argv(*args)
 
 
-def spawn(argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    log = open(os.devnull, "wb")
-    return subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})},
-    )
+class Child(ProcessProtocol):
+    """
+    A process of the benchmark. Its output goes to a file (C{log}), not
+    through this process, so reading it costs the benchmark nothing;
+    C{ended} fires with its exit status.
+    """
+
+    def __init__(self, name: str, log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.pid = 0
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+
+    def processEnded(self, reason: Failure) -> None:
+        value: Any = reason.value
+        status = value.exitCode if value.exitCode is not None else -value.signal
+        self.ended.callback(status)
+
+    def failed(self, what: str) -> SystemExit:
+        """The error to end the benchmark with, naming the child's log."""
+        return SystemExit(f"{self.name} {what}; its output is in {self.log}")
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args[-3:]} exited with {process.returncode}")
+_LOGS = Path(tempfile.mkdtemp(prefix="lpxy-bench-logs-"))
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    """
+    Start C{argv} with the installed copy on its path, in a directory
+    outside the source tree, its output in a file named after C{name}.
+    """
+    log = _LOGS / f"{name}.log"
+    child = Child(name, log)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        reactor.spawnProcess(  # type: ignore[attr-defined]
+            child, argv[0], argv, env=installed_env(env), path=outside_dir(),
+            childFDs={0: "w", 1: fd, 2: fd},
+        )
+    finally:
+        os.close(fd)
+    return child
+
+
+async def wait_for_port(port: int, child: Child, timeout: float = 30) -> None:
+    """Wait until something accepts connections on 127.0.0.1:C{port}."""
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
+    while reactor.seconds() < deadline:  # type: ignore[attr-defined]
+        if child.ended.called:
+            raise child.failed(f"exited with {child.ended.result}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            probe = await endpoint.connect(Factory.forProtocol(Protocol))
+        except Exception:
+            await deferLater(reactor, 0.05, lambda: None)
+            continue
+        assert probe.transport is not None
+        probe.transport.loseConnection()
+        return
+    raise child.failed(f"never listened on {port}")
+
+
+async def stop(child: Child, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within C{timeout} seconds."""
+    if child.ended.called:
+        return
+    # A copy of child.ended to time out: the timeout cancels what it waits on.
+    ended: defer.Deferred[int] = defer.Deferred()
+    child.ended.addBoth(_pass_on, ended)
+    try:
+        child.transport.signalProcess("TERM")  # type: ignore[union-attr]
+    except ProcessExitedAlready:
+        return
+    try:
+        await ended.addTimeout(timeout, reactor)
+    except defer.TimeoutError:
+        try:
+            child.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except ProcessExitedAlready:
             return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listened on {port}")
+        await child.ended
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def _pass_on(result: Any, to: defer.Deferred[Any]) -> Any:
+    to.callback(result)
+    return result
 
 
-def api(base_url: str, operation: str, body: dict[str, object], context=None) -> dict:
-    request = urllib.request.Request(
-        base_url + "/", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/x-amz-json-1.1",
-                 "X-Amz-Target": f"IoTSecuredTunneling.{operation}"},
+async def api(base_url: str, operation: str, body: dict[str, object],
+              trust: Certificate | None = None) -> dict[str, Any]:
+    """
+    Call C{operation} of the tunnel service's API at C{base_url} (an
+    C{https} one verified against C{trust}); return the decoded answer.
+    """
+    if trust is None:
+        agent = Agent(reactor)
+    else:
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust))
+    headers = Headers({
+        "Content-Type": ["application/x-amz-json-1.1"],
+        "X-Amz-Target": [f"IoTSecuredTunneling.{operation}"],
+    })
+    response = await agent.request(
+        b"POST", (base_url + "/").encode(), headers,
+        FileBodyProducer(BytesIO(json.dumps(body).encode())),
     )
-    with urllib.request.urlopen(request, timeout=10, context=context) as response:
-        return json.loads(response.read())
+    answer = await readBody(response)
+    if response.code != 200:
+        raise SystemExit(f"{operation} answered {response.code}: {answer!r}")
+    result: dict[str, Any] = json.loads(answer)
+    return result
 
 
 def report(rows: list[tuple[str, ...]]) -> None:

@@ -2,7 +2,8 @@
 The local proxy end to end, beside a plain Twisted TCP relay.
 
 Brings up C{twistd tunnelservice} (TLS, a throw-away CA) and a destination
-and a source C{localproxy} over it, with three applications in this process:
+and a source C{localproxy} over it, all of the installed lpxy
+(L{bench.common}), with three applications in this process:
 an echo server, a sink and a sink that does not read for 5 seconds. The same
 measurements run through C{twistd portforward} (Twisted's own TCP relay, no
 tunnel) as the baseline of this run:
@@ -19,9 +20,7 @@ tunnel) as the baseline of this run:
 from __future__ import annotations
 
 import os
-import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +32,12 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from bench.common import (
+    Child,
     MiB,
     PeakSampler,
     api,
     free_port,
+    install,
     localproxy,
     report,
     rss_bytes,
@@ -231,48 +232,54 @@ async def tunnel_ready(port: int, seconds: float = 30) -> None:
 class TLSTunnel:
     """
     C{twistd tunnelservice} on a TLS port (a throw-away CA) and a destination
-    and a source C{localproxy} joined by one tunnel, as child processes.
-    C{ports} maps each service id to the source's listening port.
+    and a source C{localproxy} joined by one tunnel, as child processes of
+    the installed lpxy. C{ports} maps each service id to the source's
+    listening port.
     """
 
     def __init__(self) -> None:
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: list[Child] = []
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
 
     async def start(self, apps: dict[str, int], echo: str = "ECHO") -> None:
+        await install()
         pki = make_test_pki(Path(tempfile.mkdtemp(prefix="lpxy-bench-")))
         service_port = free_port()
-        service = self._spawn(twistd("tunnelservice", "--db", ":memory:", "--port",
-                                     pki.server_endpoint_string(service_port)))
-        wait_for_port(service_port, service)
-        context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
-        tunnel = api(f"https://localhost:{service_port}", "OpenTunnel",
-                     {"destinationConfig": {"services": list(apps)}}, context=context)
+        service = self.spawn("tunnelservice", twistd(
+            "tunnelservice", "--db", ":memory:", "--port",
+            pki.server_endpoint_string(service_port)))
+        await wait_for_port(service_port, service)
+        tunnel = await api(f"https://localhost:{service_port}", "OpenTunnel",
+                           {"destinationConfig": {"services": list(apps)}},
+                           trust=pki.ca_certificate())
         common = ["-e", f"localhost:{service_port}", "-c", str(pki.ca_cert_path),
                   "-b", "127.0.0.1"]
-        destination = self._spawn(
+        destination = self.spawn(
+            "destination",
             localproxy(*common, "-d", ",".join(f"{k}={v}" for k, v in apps.items())),
             {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["destinationAccessToken"]})
         self.ports = {name: free_port() for name in apps}
-        source = self._spawn(
+        source = self.spawn(
+            "source",
             localproxy(*common, "-s", ",".join(f"{k}={v}" for k, v in self.ports.items())),
             {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["sourceAccessToken"]})
         for port in self.ports.values():
-            wait_for_port(port, source)
+            await wait_for_port(port, source)
         await tunnel_ready(self.ports[echo])
         self.pids = {"tunnelservice": service.pid, "source": source.pid,
                      "destination": destination.pid}
 
-    def _spawn(self, argv: list[str], env: dict[str, str] | None = None
-               ) -> subprocess.Popen[bytes]:
-        process = spawn(argv, env)
-        self.processes.append(process)
-        return process
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        """Start a process that L{stop} ends."""
+        child = spawn(name, argv, env)
+        self.processes.append(child)
+        return child
 
-    def stop(self) -> None:
-        for process in self.processes:
-            stop(process)
+    async def stop(self) -> None:
+        """End every process started, the last first."""
+        for child in reversed(self.processes):
+            await stop(child)
 
 
 async def main(reactor_: object, mib: str = "256") -> None:
@@ -283,7 +290,6 @@ async def main(reactor_: object, mib: str = "256") -> None:
     apps = {"ECHO": echo_port, "SINK": sink_port, "STALL": stall_port}
 
     tunnel = TLSTunnel()
-    processes = tunnel.processes
     try:
         await tunnel.start(apps)
         tunnel_ports = tunnel.ports
@@ -291,10 +297,11 @@ async def main(reactor_: object, mib: str = "256") -> None:
         relay_ports = {name: free_port() for name in apps}
         relays = {}
         for name, port in relay_ports.items():
-            relays[name] = spawn(twistd("portforward", "--port", f"tcp:{port}:interface=127.0.0.1",
-                                        "--host", "127.0.0.1", "--dest_port", str(apps[name])))
-            processes.append(relays[name])
-            wait_for_port(port, relays[name])
+            relays[name] = tunnel.spawn(
+                f"portforward-{name}",
+                twistd("portforward", "--port", f"tcp:{port}:interface=127.0.0.1",
+                       "--host", "127.0.0.1", "--dest_port", str(apps[name])))
+            await wait_for_port(port, relays[name])
 
         proxy_pids = tunnel.pids
         idle = {name: rss_bytes(pid) for name, pid in proxy_pids.items()}
@@ -324,8 +331,7 @@ async def main(reactor_: object, mib: str = "256") -> None:
             mem.append((name, f"{idle[name] / 1e6:.1f}", f"{growth[name] / 1e6:.1f}"))
         report(mem)
     finally:
-        for process in processes:
-            stop(process)
+        await tunnel.stop()
 
 
 if __name__ == "__main__":

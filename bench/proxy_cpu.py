@@ -100,7 +100,7 @@ async def main(reactor_: object, mib: str = "256", runs: str = "5") -> None:
             rows.append((f"CPU {name}, us/connection", spread(values, ".0f")))
         report(rows)
     finally:
-        tunnel.stop()
+        await tunnel.stop()
 
 
 if __name__ == "__main__":

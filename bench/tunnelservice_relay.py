@@ -3,10 +3,10 @@ Relay throughput and memory of C{twistd tunnelservice}.
 
 Two WebSocket peers on loopback (a source and a destination speaking
 protocol 3.0) relay 256 MiB through a real C{twistd -n tunnelservice}
-process, once freely and once with the receiving peer not reading for 5
-seconds. Prints the throughput and the service's peak RSS growth, which must
-stay under 48 MB: the service may buffer only a bounded amount while a peer
-is slow.
+process of the installed lpxy (L{bench.common}), once freely and once with
+the receiving peer not reading for 5 seconds. Prints the throughput and the
+service's peak RSS growth, which must stay under 48 MB: the service may
+buffer only a bounded amount while a peer is slow.
 
     python -m bench.tunnelservice_relay [MiB]
 """
@@ -27,6 +27,7 @@ from bench.common import (
     PeakSampler,
     api,
     free_port,
+    install,
     report,
     spawn,
     stop,
@@ -98,8 +99,8 @@ async def connect(port: int, mode: str, token: str, **attrs: object) -> Peer:
 
 
 async def run_once(port: int, total: int, stall: float, service_pid: int) -> tuple[float, int]:
-    tunnel = api(f"http://127.0.0.1:{port}", "OpenTunnel",
-                 {"destinationConfig": {"services": ["BENCH"]}})
+    tunnel = await api(f"http://127.0.0.1:{port}", "OpenTunnel",
+                       {"destinationConfig": {"services": ["BENCH"]}})
     destination = await connect(port, "destination", tunnel["destinationAccessToken"],
                                 expected=total)
     source = await connect(port, "source", tunnel["sourceAccessToken"])
@@ -116,24 +117,25 @@ async def run_once(port: int, total: int, stall: float, service_pid: int) -> tup
     pusher.resumeProducing()
     finished = await destination.factory.done
     growth = sampler.stop()["service"]
-    api(f"http://127.0.0.1:{port}", "CloseTunnel", {"tunnelId": tunnel["tunnelId"]})
+    await api(f"http://127.0.0.1:{port}", "CloseTunnel", {"tunnelId": tunnel["tunnelId"]})
     return total / (finished - started - stall) / 1e6, growth
 
 
 async def main(reactor_: object, mib: str = "256") -> None:
     total = int(mib) * MiB
+    await install()
     port = free_port()
-    service = spawn(twistd("tunnelservice", "--db", ":memory:",
-                           "--port", f"tcp:{port}:interface=127.0.0.1"))
+    service = spawn("tunnelservice", twistd("tunnelservice", "--db", ":memory:",
+                                            "--port", f"tcp:{port}:interface=127.0.0.1"))
     try:
-        wait_for_port(port, service)
+        await wait_for_port(port, service)
         rows = [("run", "MiB", "throughput MB/s", "service peak RSS growth MB")]
         for name, stall in (("free", 0.0), ("receiver stalled 5 s", 5.0)):
             speed, growth = await run_once(port, total, stall, service.pid)
             rows.append((name, mib, f"{speed:.1f}", f"{growth / 1e6:.1f}"))
         report(rows)
     finally:
-        stop(service)
+        await stop(service)
 
 
 if __name__ == "__main__":
