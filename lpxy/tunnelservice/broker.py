@@ -27,7 +27,7 @@ import hmac
 import secrets
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.logger import Logger
@@ -42,6 +42,9 @@ from lpxy.tunnelservice.store import (
     MemoryTunnelStore,
     TunnelRecord,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "ALL",
@@ -77,15 +80,19 @@ MODE_MISMATCH = "Invalid local-proxy-mode: it does not match the access token"
 
 
 class IPeer(Protocol):
-    """A live data-plane connection of one tunnel end, as the broker sees it."""
+    """
+    A live data-plane connection of one tunnel end, as the broker sees it.
+    Its partner is always a peer of the same kind: the broker pairs what
+    the data plane gives it.
+    """
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection with this WebSocket close code and reason."""
 
-    def partner_joined(self, partner: IPeer) -> None:
+    def partner_joined(self, partner: Self) -> None:
         """The other end of the tunnel is now connected through C{partner}."""
 
-    def partner_left(self, partner: IPeer) -> None:
+    def partner_left(self, partner: Self) -> None:
         """C{partner}, the other end's connection, is gone."""
 
 

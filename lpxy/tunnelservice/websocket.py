@@ -13,10 +13,10 @@ C{channel-id} header, and 2.0/3.0 peers first receive SERVICE_IDS.
 
 Relaying: the payloads of binary messages form a record stream. It is cut
 into records with L{RecordDecoder.feed_raw}; each record is parsed only to
-check what a client may send (never SESSION_RESET, SERVICE_IDS or UNKNOWN,
-never stream id 0, no starts from a destination, no service outside the
-tunnel's) and to follow which streams are open. Records go to the partner
-unchanged and in order, in as few messages as possible, none over
+check what a client may send and to follow which streams are open (the
+rules, the ledger and the pairing of the two ends are in
+L{lpxy.tunnelservice.policy}). Records go to the partner, through the
+pairing, unchanged and in order, in as few messages as possible, none over
 L{WIRE_FRAME_LIMIT}; when a whole incoming message is whole records it is sent
 on as it is. Without a partner, DATA is dropped and starts are answered with
 a reset. When a partner goes away, the peer left gets a STREAM_RESET for
@@ -68,7 +68,6 @@ from lpxy.frames import (
     RecordDecoder,
     encode,
     encode_body,
-    parse_body,
 )
 from lpxy.tunnelservice.broker import (
     CLOSE_GOING_AWAY,
@@ -76,7 +75,16 @@ from lpxy.tunnelservice.broker import (
     Broker,
     HandshakeRefused,
     IClock,
-    IPeer,
+)
+from lpxy.tunnelservice.policy import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED_DATA,
+    Pairing,
+    RecordRules,
+    TunnelEnd,
+    Violation,
+    refusals,
 )
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 
@@ -99,25 +107,8 @@ SUBPROTOCOLS = (
 TOKEN_COOKIE = "awsiot-tunnel-token"
 _CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_INTERNAL_ERROR = 1011
-
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_IDLE_TIMEOUT = 90.0
-
-_KNOWN_TYPES = frozenset(Message.Type.values())
-_NEEDS_STREAM = frozenset({
-    Message.DATA, Message.STREAM_START, Message.STREAM_RESET,
-    Message.CONNECTION_START, Message.CONNECTION_RESET,
-})
-_FORBIDDEN = {
-    Message.UNKNOWN: "message type UNKNOWN (0)",
-    Message.SESSION_RESET: "SESSION_RESET (only the service sends it)",
-    Message.SERVICE_IDS: "SERVICE_IDS (only the service sends it)",
-}
-_STARTS = frozenset({Message.STREAM_START, Message.CONNECTION_START})
 
 
 class Connections:
@@ -164,25 +155,18 @@ class Connections:
         return d
 
 
-class _Violation(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 @implementer(IPushProducer)
 class _ReadingOf:
-    """The reading side of a peer, registered as the producer of its partner's transport."""
+    """The reading side of a tunnel end, registered as the producer of its partner's transport."""
 
-    def __init__(self, peer: TunnelServerProtocol) -> None:
-        self._peer = peer
+    def __init__(self, end: TunnelEnd) -> None:
+        self._end = end
 
     def pauseProducing(self) -> None:
-        self._peer._pause_reading()
+        self._end.pause_reading()
 
     def resumeProducing(self) -> None:
-        self._peer._resume_reading()
+        self._end.resume_reading()
 
     def stopProducing(self) -> None:
         # The partner's transport is gone; the broker tells us separately.
@@ -223,7 +207,8 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     """Set while the broker counts this connection as its end's."""
     _info: Attachment | None = None
     """The attachment this connection had, for logging after it is let go."""
-    _partner: TunnelServerProtocol | None = None
+    _pairing: Pairing | None = None
+    _rules: RecordRules | None = None
     _version = 0
     _reading_paused = False
     _keepalive: Any = None
@@ -232,7 +217,6 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._decoder = RecordDecoder()
-        self._streams: dict[str, tuple[int, int]] = {}
         self._bytes_in = 0
         self._bytes_out = 0
         # twisted.web's channel registered itself as the producer of this
@@ -347,6 +331,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         except HandshakeRefused as refused:
             raise ConnectionDeny(refused.status, refused.reason) from None
         self._attachment = self._info = attachment
+        self._rules = RecordRules(attachment.mode, attachment.services)
         self._version = SUBPROTOCOLS[::-1].index(chosen) + 1
         self._subprotocol = chosen
         return chosen, {"channel-id": attachment.channel_id}
@@ -397,7 +382,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
                 **self._end_fields(), peer=self.peer, subprotocol=self._subprotocol,
             )
             if self._version >= 2:
-                self._send_records(encode(Message(
+                self.send_records(encode(Message(
                     type=Message.SERVICE_IDS,
                     availableServiceIds=list(attachment.services),
                 )))
@@ -418,7 +403,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
                 "{code} {reason}",
                 **self._end_fields(), code=code, reason=reason,
             )
-        self._unpair()
+        self._leave_pairing()
         if self.state == self.STATE_OPEN:
             # sendClose allows only 1000 and 3000-4999; we also need 1001, 1002, 1008.
             self.sendCloseFrame(
@@ -427,40 +412,70 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=False)
 
-    def partner_joined(self, partner: IPeer) -> None:
-        assert isinstance(partner, TunnelServerProtocol)
-        self._partner = partner
-        self._streams.clear()
+    def partner_joined(self, partner: TunnelServerProtocol) -> None:
+        pairing = self._pairing
+        if pairing is not None:
+            if pairing.partner_of(self) is partner:
+                # The broker tells both ends: the pairing made when the
+                # partner was told has introduced itself already.
+                return
+            pairing.dissolve()
+        Pairing(self, partner)
+
+    def partner_left(self, partner: TunnelServerProtocol) -> None:
+        pairing = self._pairing
+        if pairing is not None and pairing.partner_of(self) is partner:
+            pairing.left(partner)
+
+    def _leave_pairing(self) -> None:
+        if self._pairing is not None:
+            self._pairing.dissolve()
+        else:
+            self._unwire()
+
+    # What a pairing asks of a tunnel end (TunnelEnd)
+
+    @property
+    def accepting_records(self) -> bool:
+        """Whether records can be sent to this peer now."""
+        return bool(self.state == self.STATE_OPEN)
+
+    def send_records(self, data: bytes) -> None:
+        """Send whole records to this peer, as one binary message."""
+        self._bytes_out += len(data)
+        self.sendMessage(data, isBinary=True)
+
+    def paired(self, pairing: Pairing) -> None:
+        """Relay through C{pairing}; the partner's reading yields to this transport."""
+        self._pairing = pairing
         self.transport.unregisterProducer()
-        self.transport.registerProducer(_ReadingOf(partner), True)
+        self.transport.registerProducer(_ReadingOf(pairing.partner_of(self)), True)
 
-    def partner_left(self, partner: IPeer) -> None:
-        if partner is not self._partner:
-            return
-        self._unpair()
-        resets = [
-            Message(type=Message.STREAM_RESET, serviceId=service, streamId=stream,
-                    connectionId=connection)
-            for service, (stream, connection) in self._streams.items()
-        ]
-        self._streams.clear()
-        if resets and self.state == self.STATE_OPEN:
-            self._send_records(b"".join(encode(m) for m in resets))
+    def parted(self) -> None:
+        """No partner any more: nothing yields to this transport, and it is read again."""
+        self._pairing = None
+        self._unwire()
 
-    def _unpair(self) -> None:
-        self._partner = None
+    def _unwire(self) -> None:
         if self.transport is not None:
             self.transport.unregisterProducer()
-        self._resume_reading()
+        self.resume_reading()
 
     # Flow control
 
-    def _pause_reading(self) -> None:
+    @property
+    def reading_paused(self) -> bool:
+        """Whether the service has stopped reading from this peer (flow control)."""
+        return self._reading_paused
+
+    def pause_reading(self) -> None:
+        """Stop reading from this peer until L{resume_reading}."""
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pauseProducing()
 
-    def _resume_reading(self) -> None:
+    def resume_reading(self) -> None:
+        """Read from this peer again."""
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resumeProducing()
@@ -472,9 +487,9 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             return  # closing: nothing more is relayed
         try:
             if not isBinary:
-                raise _Violation(CLOSE_UNSUPPORTED_DATA, "text messages are not allowed")
+                raise Violation(CLOSE_UNSUPPORTED_DATA, "text messages are not allowed")
             self._relay(payload)
-        except _Violation as violation:
+        except Violation as violation:
             self._violated(violation.code, violation.reason)
         except ProtocolError as e:
             self._violated(CLOSE_PROTOCOL_ERROR, str(e))
@@ -491,90 +506,24 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         self.close(code, reason)
 
     def _relay(self, payload: bytes) -> None:
-        attachment = self._attachment
-        assert attachment is not None
+        rules = self._rules
+        assert rules is not None
         self._bytes_in += len(payload)
         whole = self._decoder.pending == 0
         bodies = self._decoder.feed_raw(payload)
         whole = whole and self._decoder.pending == 0
         if not bodies:
             return
-        controls = []
-        services = attachment.services
-        source = attachment.mode == SOURCE
-        for body in bodies:
-            message = parse_body(body)
-            kind = message.type
-            if kind == Message.DATA:
-                if message.streamId <= 0:
-                    raise _Violation(CLOSE_POLICY_VIOLATION, "DATA without a stream id")
-            elif kind in _FORBIDDEN:
-                raise _Violation(CLOSE_POLICY_VIOLATION, "a client sent " + _FORBIDDEN[kind])
-            elif kind not in _KNOWN_TYPES:
-                if not message.ignorable:
-                    raise _Violation(
-                        CLOSE_PROTOCOL_ERROR, f"unknown message type {kind} not ignorable"
-                    )
-                continue
-            else:
-                if message.streamId <= 0:
-                    raise _Violation(
-                        CLOSE_POLICY_VIOLATION,
-                        f"{Message.Type.Name(kind)} without a stream id",
-                    )
-                if kind in _STARTS and not source:
-                    raise _Violation(
-                        CLOSE_POLICY_VIOLATION,
-                        f"a destination sent {Message.Type.Name(kind)}",
-                    )
-                controls.append(message)
-            if message.serviceId and message.serviceId not in services:
-                raise _Violation(
-                    CLOSE_POLICY_VIOLATION,
-                    f"service id {message.serviceId!r} is not one of the tunnel's",
-                )
-
-        partner = self._partner
-        if partner is None or partner.state != partner.STATE_OPEN:
-            self._answer_alone(controls)
+        controls = rules.check(bodies)
+        pairing = self._pairing
+        if pairing is not None and pairing.relay(
+            self, controls, [payload] if whole else _pack(bodies)
+        ):
             return
-        for message in controls:
-            self._track(message)
-            partner._track(message)
-        if whole:
-            partner._send_records(payload)
-        else:
-            for chunk in _pack(bodies):
-                partner._send_records(chunk)
-
-    def _answer_alone(self, controls: list[Message]) -> None:
-        """Without a partner, a start is answered with its reset at once."""
-        replies = []
-        for message in controls:
-            if message.type == Message.STREAM_START:
-                kind = Message.STREAM_RESET
-            elif message.type == Message.CONNECTION_START:
-                kind = Message.CONNECTION_RESET
-            else:
-                continue
-            replies.append(encode(Message(
-                type=kind, serviceId=message.serviceId, streamId=message.streamId,
-                connectionId=message.connectionId,
-            )))
+        # Without a partner, a start is answered with its reset at once.
+        replies = refusals(controls)
         if replies:
-            self._send_records(b"".join(replies))
-
-    def _track(self, message: Message) -> None:
-        if message.type == Message.STREAM_START:
-            self._streams[message.serviceId] = (message.streamId, message.connectionId)
-        elif message.type == Message.STREAM_RESET:
-            current = self._streams.get(message.serviceId)
-            if current is not None and current[0] == message.streamId:
-                del self._streams[message.serviceId]
-
-    def _send_records(self, data: bytes) -> None:
-        self._bytes_out += len(data)
-        self.sendMessage(data, isBinary=True)
+            self.send_records(b"".join(encode(m) for m in replies))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         # Autobahn leaves this timer running when the peer drops the TCP
@@ -586,7 +535,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         attachment, self._attachment = self._attachment, None
         if attachment is not None:
             self.factory.broker.disconnect(attachment)
-        self._unpair()
+        self._leave_pairing()
         if self._info is not None:
             self._log.info(
                 "Peer disconnected: {mode} of tunnel {tunnel_id}, channel {channel_id}, "
