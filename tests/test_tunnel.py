@@ -9,7 +9,7 @@ import txaio
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,7 +19,6 @@ from lpxy.proxy.tunnel import (
     TunnelFactory,
     TunnelProtocol,
     describe_rejection,
-    set_no_delay,
 )
 from tests.support.wsframes import (
     BINARY,
@@ -258,13 +257,23 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_pong_keeps_alive(self) -> None:
+        self.factory.trace = True
         self.open()
-        for _ in range(5):
-            (ping,) = [p for op, p in self.sent() if op == PING]
-            self.server_sends(ping, opcode=PONG)
-            self.clock.advance(20)
+        with capturedLogs() as logged:
+            for _ in range(5):
+                (ping,) = [p for op, p in self.sent() if op == PING]
+                self.server_sends(ping, opcode=PONG)
+                self.clock.advance(20)
         self.assertEqual(self.events.log, [("open", "chan-1")])
-        self.assertEqual(self.protocol.rtt, 0)
+        rtts = [e["rtt"] for e in logged if e.get("log_format") == "Pong after {rtt:.3f}s"]
+        self.assertEqual(rtts, [0] * 5)
+
+    def test_foreign_pong_logged(self) -> None:
+        self.open()
+        with capturedLogs() as logged:
+            self.server_sends(b"12345", opcode=PONG)
+        self.assertIn("Ignoring a pong that answers no ping of ours",
+                      [e["log_format"] for e in logged])
 
     def test_answers_ping(self) -> None:
         self.open()
@@ -307,16 +316,3 @@ class HelpersTests(SynchronousTestCase):
     def test_describe_rejection(self) -> None:
         self.assertIn("token", describe_rejection(401, "Invalid access token"))
         self.assertIn("mode", describe_rejection(400))
-
-    def test_no_delay_reaches_socket(self) -> None:
-        calls = []
-
-        class Socket:
-            def setTcpNoDelay(self, enabled: bool) -> None:
-                calls.append(enabled)
-
-        class Wrapper:
-            transport = Socket()
-
-        set_no_delay(Wrapper())
-        self.assertEqual(calls, [True])

@@ -61,8 +61,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from lpxy._ws import Clock, set_no_delay
 from lpxy.proxy.session import Channel
-from lpxy.proxy.tunnel import Clock, set_no_delay
 
 __all__ = ["LocalRelay", "RelaySink", "TunnelFlow", "WebSocketSide"]
 

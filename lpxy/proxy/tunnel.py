@@ -20,84 +20,40 @@ read then). Pings from the service are answered by Autobahn.
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Protocol, cast
 
-import txaio
 from attrs import frozen
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from lpxy._ws import (
+    PONGS,
+    Clock,
+    Keepalive,
+    cancel_autobahn_timers,
+    quiet_autobahn_log,
+    set_no_delay,
+)
 from lpxy.frames import (
     WIRE_FRAME_LIMIT,
     Message,
     ProtocolError,
     RecordDecoder,
+    data_record_parts,
     encode,
-    encode_body,
+    pack_records,
 )
+from lpxy.wire import CLOSE_NORMAL
 
 __all__ = [
-    "Clock",
     "CloseOutcome",
     "TunnelEvents",
     "TunnelFactory",
     "TunnelProtocol",
     "describe_rejection",
-    "set_no_delay",
 ]
-
-_LENGTH = struct.Struct(">H")
-_PAYLOAD_TAG = b"\x22"  # field 4 (payload), wire type 2 (length-delimited)
-_SPLITS_KEPT = 1024  # DATA headers whose split is remembered (one per channel)
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x4000:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _split_header(header: bytes) -> tuple[bytes, bytes]:
-    """
-    Cut a serialized DATA header where its payload (field 4) belongs:
-    after fields 1 to 3 (varints, one-byte tags), before fields 5 to 7.
-    """
-    offset, end = 0, len(header)
-    while offset < end and header[offset] < 0x20:
-        offset += 1
-        while offset < end and header[offset] & 0x80:
-            offset += 1
-        offset += 1
-    return header[:offset], header[offset:]
-
-
-def set_no_delay(transport: object) -> None:
-    """
-    Turn Nagle off on C{transport} and the transports it wraps, four layers
-    at most (under TLS or a web-proxy tunnel the socket is a layer or two
-    down).
-    """
-    seen = 0
-    while transport is not None and seen < 4:
-        setter = getattr(transport, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except (AttributeError, OSError, NotImplementedError):
-                pass
-        transport = getattr(transport, "transport", None)
-        seen += 1
 
 
 @frozen
@@ -152,16 +108,6 @@ class TunnelEvents(Protocol):
         """The connection ended (whether or not it had opened)."""
 
 
-class Clock(Protocol):
-    """The part of C{Clock} the proxy uses (typed for mypy)."""
-
-    def seconds(self) -> float:
-        """The current time in seconds."""
-
-    def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> Any:
-        """Call C{f} after C{delay} seconds; return an C{IDelayedCall}."""
-
-
 class _ClockTimer:
     """Autobahn's batched-timer interface on an injected clock."""
 
@@ -180,10 +126,8 @@ class TunnelProtocol(WebSocketClientProtocol):
         drops the connection.
     """
 
-    _log = Logger()
-    # Autobahn's own logger, pinned at info: at debug Autobahn logs the
-    # whole upgrade request, access-token header included.
-    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    _log = Logger()  # Autobahn owns .log
+    log = quiet_autobahn_log()
     factory: TunnelFactory
     channel_id: str | None = None
 
@@ -193,14 +137,10 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._by_us = False
         self._dead = False
         self._decoder = RecordDecoder()
-        self._queue: list[tuple[int, bytes, Any, bytes]] = []
-        self._splits: dict[bytes, tuple[bytes, bytes]] = {}
+        self._queue: list[tuple[bytes | memoryview, ...]] = []
         self._queued = 0
         self._flush_call: Any = None
-        self._pinger: LoopingCall | None = None
-        self._pings: dict[bytes, float] = {}
-        self._reading_paused = False
-        self.rtt: float | None = None
+        self._keepalive: Keepalive | None = None
         self.ready: Deferred[None] = Deferred(lambda _: self.abort())
 
     # -- Autobahn callbacks ----------------------------------------------
@@ -223,9 +163,11 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._opened = True
         period = self.factory.ping_period
         if period > 0:
-            self._pinger = LoopingCall(self._ping)
-            self._pinger.clock = self.factory.clock  # type: ignore[assignment]
-            self._pinger.start(period, now=True)
+            self._keepalive = Keepalive(
+                self.factory.clock, interval=period, timeout=2 * period,
+                send_ping=self.sendPing, on_dead=self._dead_peer, life=PONGS,
+            )
+            self._keepalive.start()
         self.factory.events.ws_open(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -241,30 +183,18 @@ class TunnelProtocol(WebSocketClientProtocol):
             self.factory.events.ws_records(self, messages)
 
     def onPong(self, payload: bytes) -> None:
-        sent = self._pings.get(payload)
-        if sent is None:
+        rtt = self._keepalive.pong(payload) if self._keepalive is not None else None
+        if rtt is None:
             self._log.debug("Ignoring a pong that answers no ping of ours")
             return
-        now = self.factory.clock.seconds()
-        self.rtt = now - sent
-        self._pings = {p: t for p, t in self._pings.items() if t > sent}
         if self.factory.trace:
-            self._log.debug("Pong after {rtt:.3f}s", rtt=self.rtt)
+            self._log.debug("Pong after {rtt:.3f}s", rtt=rtt)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        # Autobahn leaves these timers behind when the TCP connection goes
-        # first; the connection is gone, so none of them has work left.
-        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
-            timer = getattr(self, name, None)
-            if timer is not None:
-                try:
-                    timer.cancel()
-                except Exception:
-                    pass
-                setattr(self, name, None)
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
-        self._pinger = None
+        cancel_autobahn_timers(self)
+        if self._keepalive is not None:
+            self._keepalive.stop()
+        self._keepalive = None
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
@@ -303,34 +233,22 @@ class TunnelProtocol(WebSocketClientProtocol):
 
     # -- keepalive -------------------------------------------------------
 
-    def _ping(self) -> None:
-        if self._reading_paused:
-            # Flow control stopped reading: pongs cannot arrive, and the
-            # connection is not dead for it. The wait restarts on resume.
-            return
-        now = self.factory.clock.seconds()
-        if self._pings and now - min(self._pings.values()) >= 2 * self.factory.ping_period:
-            self._log.warn(
-                "No pong from the tunneling service in {seconds:.0f}s: "
-                "the connection is dead",
-                seconds=2 * self.factory.ping_period,
-            )
-            self._dead = True
-            self._by_us = True
-            if self._pinger is not None and self._pinger.running:
-                self._pinger.stop()
-            self.dropConnection(abort=True)
-            return
-        payload = str(int(now * 1000)).encode("ascii")
-        self._pings[payload] = now
-        self.sendPing(payload)
+    def _dead_peer(self, silence: float) -> None:
+        self._log.warn(
+            "No pong from the tunneling service in {seconds:.0f}s: "
+            "the connection is dead",
+            seconds=2 * self.factory.ping_period,
+        )
+        self._dead = True
+        self._by_us = True
+        self.dropConnection(abort=True)
 
     # -- sending ---------------------------------------------------------
 
     def send_message(self, message: Message) -> None:
         """Queue a control record."""
         record = encode(message)
-        self._enqueue(len(record), record, None, b"")
+        self._enqueue(len(record), (record,))
 
     def send_data(self, header: bytes, payload: bytes | memoryview) -> None:
         """
@@ -341,26 +259,16 @@ class TunnelProtocol(WebSocketClientProtocol):
         goes between the header's fields 1-3 and its fields 5-7.
         """
         size = len(payload)
+        before, after = data_record_parts(header, size)
         if not size:
-            # proto3 leaves an empty payload out.
-            record = encode_body(header)
-            self._enqueue(len(record), record, None, b"")
-            return
-        split = self._splits.get(header)
-        if split is None:
-            if len(self._splits) >= _SPLITS_KEPT:
-                self._splits.clear()
-            split = self._splits[header] = _split_header(header)
-        lead, trail = split
-        prefix = _PAYLOAD_TAG + _varint(size)
-        body = len(header) + len(prefix) + size
-        head = _LENGTH.pack(body) + lead + prefix
-        self._enqueue(len(head) + size + len(trail), head, payload, trail)
+            self._enqueue(len(before), (before,))
+        else:
+            self._enqueue(len(before) + size + len(after), (before, payload, after))
 
-    def _enqueue(self, size: int, head: bytes, payload: Any, trail: bytes) -> None:
+    def _enqueue(self, size: int, pieces: tuple[bytes | memoryview, ...]) -> None:
         if self.state != self.STATE_OPEN:
             return
-        self._queue.append((size, head, payload, trail))
+        self._queue.append(pieces)
         self._queued += size
         if self._queued >= self.factory.max_frame_size:
             self.flush()
@@ -375,24 +283,12 @@ class TunnelProtocol(WebSocketClientProtocol):
         queue, self._queue, self._queued = self._queue, [], 0
         if not queue or self.state != self.STATE_OPEN:
             return
-        limit = self.factory.max_frame_size
-        parts: list[Any] = []
-        size = 0
-        for record_size, head, payload, trail in queue:
-            if size and size + record_size > limit:
-                self.sendMessage(b"".join(parts), isBinary=True)
-                parts, size = [], 0
-            parts.append(head)
-            if payload is not None:
-                parts.append(payload)
-            if trail:
-                parts.append(trail)
-            size += record_size
-        self.sendMessage(b"".join(parts), isBinary=True)
+        for message in pack_records(queue, self.factory.max_frame_size):
+            self.sendMessage(message, isBinary=True)
 
     # -- control ---------------------------------------------------------
 
-    def close(self, code: int = 1000, reason: str = "local proxy closing") -> None:
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "local proxy closing") -> None:
         """Close the WebSocket from our side."""
         self._by_us = True
         self.flush()
@@ -409,13 +305,14 @@ class TunnelProtocol(WebSocketClientProtocol):
 
     def pause_reading(self) -> None:
         """Stop reading from the service."""
-        self._reading_paused = True
+        if self._keepalive is not None:
+            self._keepalive.pause()
         cast(Any, self.transport).pauseProducing()
 
     def resume_reading(self) -> None:
         """Read from the service again."""
-        self._reading_paused = False
-        self._pings.clear()
+        if self._keepalive is not None:
+            self._keepalive.resume()
         cast(Any, self.transport).resumeProducing()
 
     def register_write_producer(self, producer: IPushProducer) -> None:
@@ -432,7 +329,7 @@ class TunnelFactory(WebSocketClientFactory):
     """
 
     protocol = TunnelProtocol  # type: ignore[assignment]
-    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    log = quiet_autobahn_log()
 
     def __init__(
         self,
