@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 from base64 import b64encode
-from collections.abc import Callable
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -33,13 +32,13 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from lpxy._ws import Clock, DelayedCall, set_no_delay
 from lpxy.proxy.addresses import authority, no_proxy_matches
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.tls import client_tls_options
@@ -81,20 +80,6 @@ class _Transport(TypingProtocol):
     def abortConnection(self) -> None: ...
 
 
-class _TCPTransport(TypingProtocol):
-    def setTcpNoDelay(self, enabled: bool) -> None: ...
-
-
-class _DelayedCall(TypingProtocol):
-    def cancel(self) -> None: ...
-
-
-class _Clock(TypingProtocol):
-    def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object
-    ) -> _DelayedCall: ...
-
-
 class WebProxyError(ConnectError):
     """
     The web proxy did not open a tunnel.
@@ -129,9 +114,7 @@ class NoDelayEndpoint:
     @staticmethod
     def _no_delay(protocol: IProtocol) -> IProtocol:
         transport = getattr(protocol, "transport", None)
-        if ITCPTransport.providedBy(transport):
-            cast(_TCPTransport, transport).setTcpNoDelay(True)
-        else:
+        if not set_no_delay(transport):
             _log.warn(
                 "Cannot set TCP_NODELAY: {transport!r} is not a TCP transport",
                 transport=transport,
@@ -166,7 +149,7 @@ class HTTPConnectEndpoint:
         password: str | None = None,
         timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        self._clock = cast(_Clock, clock)
+        self._clock = cast(Clock, clock)
         self._proxy = cast(_Endpoint, proxy)
         self._proxy_name = proxy_name
         self._target = authority(host, port)
@@ -240,7 +223,7 @@ class _ConnectProtocol(Protocol):
         self._head = b""
         self._user: _Protocol | None = None
         self._failure: WebProxyError | None = None
-        self._timer: _DelayedCall | None = None
+        self._timer: DelayedCall | None = None
 
     @property
     def _transport(self) -> _Transport:
