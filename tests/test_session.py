@@ -19,7 +19,6 @@ from lpxy.proxy.session import (
     ServiceMismatch,
     Session,
     SessionError,
-    subprotocol_version,
 )
 from tests.support.recorders import Recorder
 
@@ -45,13 +44,6 @@ def make(mode: str = "source", keys: Sequence[str] = ("SSH",), ids: Sequence[str
     if ids is not None and session.version > 1:
         session.received(msg("SERVICE_IDS", ids=ids))
     return session, actions
-
-
-class VersionTests(SynchronousTestCase):
-    def test_subprotocols(self) -> None:
-        self.assertEqual(
-            [subprotocol_version(s) for s in (V1, V2, V3, "other")], [1, 2, 3, 3]
-        )
 
 
 class SourceV3Tests(SynchronousTestCase):

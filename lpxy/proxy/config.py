@@ -19,7 +19,6 @@ error.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -52,6 +51,12 @@ from lpxy.proxy.settings import (
     bind_address,
     error_reason,
     load_settings,
+)
+from lpxy.wire import (
+    CLIENT_TOKEN_CHARACTERS,
+    CLIENT_TOKEN_MAX_LENGTH,
+    CLIENT_TOKEN_MIN_LENGTH,
+    is_valid_client_token,
 )
 
 __all__ = [
@@ -382,9 +387,6 @@ def _web_proxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, 
 
 # --- tokens --------------------------------------------------------------------
 
-_CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}\Z")
-
-
 def _access_token(given: _Given) -> str:
     token = given.value
     if not token or len(token) > MAX_TOKEN or any(
@@ -397,8 +399,11 @@ def _access_token(given: _Given) -> str:
 
 
 def _clientToken(given: _Given) -> str:
-    if not _CLIENT_TOKEN.match(given.value):
-        raise UsageError(f"{given.label}: expected 32 to 128 characters of [a-zA-Z0-9-]")
+    if not is_valid_client_token(given.value):
+        raise UsageError(
+            f"{given.label}: expected {CLIENT_TOKEN_MIN_LENGTH} to {CLIENT_TOKEN_MAX_LENGTH}"
+            f" characters of [{CLIENT_TOKEN_CHARACTERS}]"
+        )
     return given.value
 
 

@@ -51,6 +51,7 @@ from lpxy.proxy.session import (
 from lpxy.proxy.settings import unused_settings
 from lpxy.proxy.source import SourceListeners
 from lpxy.proxy.tunnel import CloseOutcome, TunnelFactory, TunnelProtocol, describe_rejection
+from lpxy.wire import CLOSE_NORMAL
 
 __all__ = [
     "EXIT_CLOSED",
@@ -316,7 +317,7 @@ class ProxyConnector:
                 meaning=describe_rejection(outcome.http_status, protocol.rejection_body),
             )
             self._end(EXIT_REJECTED)
-        elif outcome.opened and outcome.code == 1000 and not outcome.by_us:
+        elif outcome.opened and outcome.code == CLOSE_NORMAL and not outcome.by_us:
             self._log.info(
                 "The tunneling service closed the tunnel ({reason})",
                 reason=outcome.reason or "no reason given",
@@ -461,7 +462,7 @@ class ProxyConnector:
         if self.protocol is not None:
             gone = Deferred()
             self._gone.append(gone)
-            self.protocol.close(1000, "local proxy stopping")
+            self.protocol.close(CLOSE_NORMAL, "local proxy stopping")
         if self.listeners is not None:
             self.listeners.stop()
         return gone

@@ -31,6 +31,7 @@ from attrs import define, field, frozen
 from twisted.logger import Logger
 
 from lpxy.frames import Message
+from lpxy.wire import NEWEST_SUBPROTOCOL, subprotocol_version
 
 __all__ = [
     "Channel",
@@ -40,7 +41,6 @@ __all__ = [
     "Session",
     "SessionActions",
     "SessionError",
-    "subprotocol_version",
 ]
 
 _T = Message.Type
@@ -71,17 +71,6 @@ class ServiceMismatch(SessionError):
     that does not name exactly the announced ids, or a destination whose
     config-dir lacks an announced id). Reconnecting does not help.
     """
-
-
-def subprotocol_version(subprotocol: str) -> int:
-    """
-    The protocol version (1, 2 or 3) a subprotocol name such as
-    C{aws.iot.securetunneling-3.0} stands for; 3 when it names none.
-    """
-    for version in (1, 2, 3):
-        if subprotocol.endswith(f"-{version}.0"):
-            return version
-    return 3
 
 
 @frozen
@@ -190,7 +179,7 @@ class Session:
         keys: Collection[str],
         actions: SessionActions,
         *,
-        subprotocol: str = "aws.iot.securetunneling-3.0",
+        subprotocol: str = NEWEST_SUBPROTOCOL,
         client_type: str | None = None,
         max_connections: int = 128,
         from_config_dir: bool = False,

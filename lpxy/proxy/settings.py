@@ -20,16 +20,12 @@ from typing import Any
 from attrs import Factory, evolve, field, fields, frozen
 from twisted.logger import Logger
 
+from lpxy.frames import LENGTH_PREFIX_SIZE
+from lpxy.wire import NEWEST_SUBPROTOCOL, SUBPROTOCOLS
+
 _log = Logger()
 
 ROOT = ("tunneling", "proxy")
-
-SUBPROTOCOLS = (
-    "aws.iot.securetunneling-1.0",
-    "aws.iot.securetunneling-2.0",
-    "aws.iot.securetunneling-3.0",
-)
-
 
 class SettingsError(ValueError):
     """
@@ -42,7 +38,7 @@ class SettingsError(ValueError):
 class MessageSettings:
     """Record and payload sizes (C{tunneling.proxy.message.*})."""
 
-    data_length_size: int = 2
+    data_length_size: int = LENGTH_PREFIX_SIZE
     data_frame_max_size: int = 65538
     max_payload_size: int = 64512
     max_size: int = 65536
@@ -67,7 +63,7 @@ class WebSocketSettings:
     retry_delay_ms: int = 2500
     connect_retry_count: int = -1
     reconnect_on_data_error: bool = True
-    subprotocol: str = "aws.iot.securetunneling-3.0"
+    subprotocol: str = NEWEST_SUBPROTOCOL
     max_frame_size: int = 131076
     write_buffer_size: int = 131076
     read_buffer_size: int = 131076
@@ -150,10 +146,6 @@ _UNUSED: tuple[tuple[str, str, str], ...] = (
      "the WebSocket's unsent data is bounded by the flow control,"
      " and the system sizes socket buffers"),
 )
-
-#: The record length prefix: 2 bytes is the wire format, not a choice.
-DATA_LENGTH_SIZE = 2
-
 
 def unused_settings(settings: ProxySettings) -> list[tuple[str, int, str]]:
     """
@@ -310,10 +302,11 @@ def _merge_group(group: Any, value: object, key: str) -> Any:
             changes[name] = _subprotocol(item, item_key)
         else:
             changes[name] = _string(item, item_key)
-    if changes.get("data_length_size", DATA_LENGTH_SIZE) != DATA_LENGTH_SIZE:
+    # The record length prefix is the wire format's, not a choice.
+    if changes.get("data_length_size", LENGTH_PREFIX_SIZE) != LENGTH_PREFIX_SIZE:
         raise SettingsError(
-            f"{key}.data_length_size: expected {DATA_LENGTH_SIZE} (records have a"
-            f" 2-byte length prefix), got {changes['data_length_size']}"
+            f"{key}.data_length_size: expected {LENGTH_PREFIX_SIZE} (records have a"
+            f" {LENGTH_PREFIX_SIZE}-byte length prefix), got {changes['data_length_size']}"
         )
     return evolve(group, **changes)
 

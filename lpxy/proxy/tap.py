@@ -20,6 +20,7 @@ from lpxy import __version__
 from lpxy.proxy import runner
 from lpxy.proxy.config import ProxyConfig, resolve
 from lpxy.proxy.settings import export_default_settings
+from lpxy.wire import CLIENT_TOKEN_CHARACTERS, CLIENT_TOKEN_MAX_LENGTH, CLIENT_TOKEN_MIN_LENGTH
 
 VERSION_LINE = f"localproxy (lpxy) {__version__}"
 
@@ -55,7 +56,8 @@ class Options(usage.Options):
          "Access token from OpenTunnel. Prefer AWSIOT_TUNNEL_ACCESS_TOKEN: a command"
          " line is visible to other users."],
         ["client-token", "i", None,
-         "Client token, 32 to 128 of [a-zA-Z0-9-], sent on every connection so that"
+         f"Client token, {CLIENT_TOKEN_MIN_LENGTH} to {CLIENT_TOKEN_MAX_LENGTH} of"
+         f" [{CLIENT_TOKEN_CHARACTERS}], sent on every connection so that"
          " reconnecting works (default: one made up for this process)."],
         ["proxy-endpoint", "e", None,
          "Tunnel endpoint as HOST[:PORT] (TLS, port 443 by default), [IPV6]:PORT,"
