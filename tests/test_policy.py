@@ -11,8 +11,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.frames import Message, RecordDecoder, encode
 from lpxy.tunnelservice.policy import (
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_PROTOCOL_ERROR,
     Pairing,
     RecordRules,
     StreamLedger,
@@ -20,6 +18,7 @@ from lpxy.tunnelservice.policy import (
     refusals,
 )
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
+from lpxy.wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR
 
 
 def msg(kind: int, stream: int = 0, service: str = "", connection: int = 0,

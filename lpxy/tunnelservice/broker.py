@@ -27,11 +27,12 @@ import hmac
 import secrets
 import uuid
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 from twisted.logger import Logger
 
+from lpxy._ws import Clock, DelayedCall
 from lpxy.tunnelservice.store import (
     CLOSED,
     DESTINATION,
@@ -42,6 +43,7 @@ from lpxy.tunnelservice.store import (
     MemoryTunnelStore,
     TunnelRecord,
 )
+from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -51,7 +53,6 @@ __all__ = [
     "Attachment",
     "Broker",
     "HandshakeRefused",
-    "IClock",
     "IPeer",
     "InvalidRequest",
     "LimitExceeded",
@@ -63,9 +64,6 @@ __all__ = [
 
 ALL = "all"
 MODES = (SOURCE, DESTINATION)
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
 
 SPENT_TOKEN = (
     "Invalid access token: The access token was previously used and cannot be used again"
@@ -94,24 +92,6 @@ class IPeer(Protocol):
 
     def partner_left(self, partner: Self) -> None:
         """C{partner}, the other end's connection, is gone."""
-
-
-class _DelayedCall(Protocol):
-    def active(self) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-
-class IClock(Protocol):
-    """The part of L{IReactorTime} the broker uses (a reactor or a C{Clock})."""
-
-    def seconds(self) -> float:
-        """The current time in POSIX seconds."""
-
-    def callLater(
-        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
-    ) -> Any:
-        """Call C{callable} after C{delay} seconds; return an L{IDelayedCall}."""
 
 
 class HandshakeRefused(Exception):
@@ -218,7 +198,7 @@ class Broker:
 
     def __init__(
         self,
-        clock: IClock,
+        clock: Clock,
         store: ITunnelStore | None = None,
         limits: Limits | None = None,
         arn_prefix: str = "arn:aws:iot:us-east-1:123456789012:tunnel/",
@@ -230,7 +210,7 @@ class Broker:
         self._arn_prefix = arn_prefix
         self._new_id = new_id
         # Each tunnel's one timer: its expiry while open, its removal once closed.
-        self._expiries: dict[str, _DelayedCall] = {}
+        self._expiries: dict[str, DelayedCall] = {}
         self._live: dict[tuple[str, str], Attachment] = {}
         self._resume()
 

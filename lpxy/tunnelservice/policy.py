@@ -27,12 +27,16 @@ import attrs
 
 from lpxy.frames import Message, ProtocolError, encode, parse_body
 from lpxy.tunnelservice.store import SOURCE
+from lpxy.wire import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
+    KNOWN_TYPES,
+    SERVICE_ONLY_TYPES,
+    SOURCE_ONLY_TYPES,
+    STREAM_TYPES,
+)
 
 __all__ = [
-    "CLOSE_INTERNAL_ERROR",
-    "CLOSE_POLICY_VIOLATION",
-    "CLOSE_PROTOCOL_ERROR",
-    "CLOSE_UNSUPPORTED_DATA",
     "Pairing",
     "RecordRules",
     "StreamLedger",
@@ -41,18 +45,10 @@ __all__ = [
     "refusals",
 ]
 
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_INTERNAL_ERROR = 1011
-
-_KNOWN_TYPES = frozenset(Message.Type.values())
-_FORBIDDEN = {
-    Message.UNKNOWN: "message type UNKNOWN (0)",
-    Message.SESSION_RESET: "SESSION_RESET (only the service sends it)",
-    Message.SERVICE_IDS: "SERVICE_IDS (only the service sends it)",
+_FORBIDDEN = {Message.UNKNOWN: "message type UNKNOWN (0)"} | {
+    kind: f"{Message.Type.Name(kind)} (only the service sends it)"
+    for kind in sorted(SERVICE_ONLY_TYPES)
 }
-_STARTS = frozenset({Message.STREAM_START, Message.CONNECTION_START})
 _REFUSAL = {
     Message.STREAM_START: Message.STREAM_RESET,
     Message.CONNECTION_START: Message.CONNECTION_RESET,
@@ -105,34 +101,28 @@ class RecordRules:
 
     def _is_control(self, message: Message) -> bool:
         kind = message.type
-        control = False
-        if kind == Message.DATA:
-            if message.streamId <= 0:
-                raise Violation(CLOSE_POLICY_VIOLATION, "DATA without a stream id")
-        elif kind in _FORBIDDEN:
+        if kind in _FORBIDDEN:
             raise Violation(CLOSE_POLICY_VIOLATION, "a client sent " + _FORBIDDEN[kind])
-        elif kind not in _KNOWN_TYPES:
+        if kind not in KNOWN_TYPES:
             if not message.ignorable:
                 raise Violation(
                     CLOSE_PROTOCOL_ERROR, f"unknown message type {kind} not ignorable"
                 )
             return False
-        else:
-            if message.streamId <= 0:
-                raise Violation(
-                    CLOSE_POLICY_VIOLATION, f"{Message.Type.Name(kind)} without a stream id"
-                )
-            if kind in _STARTS and self.mode != SOURCE:
-                raise Violation(
-                    CLOSE_POLICY_VIOLATION, f"a destination sent {Message.Type.Name(kind)}"
-                )
-            control = True
+        if kind in STREAM_TYPES and message.streamId <= 0:
+            raise Violation(
+                CLOSE_POLICY_VIOLATION, f"{Message.Type.Name(kind)} without a stream id"
+            )
+        if kind in SOURCE_ONLY_TYPES and self.mode != SOURCE:
+            raise Violation(
+                CLOSE_POLICY_VIOLATION, f"a destination sent {Message.Type.Name(kind)}"
+            )
         if message.serviceId and message.serviceId not in self.services:
             raise Violation(
                 CLOSE_POLICY_VIOLATION,
                 f"service id {message.serviceId!r} is not one of the tunnel's",
             )
-        return control
+        return kind != Message.DATA
 
 
 def refusals(controls: Iterable[Message]) -> list[Message]:

@@ -29,9 +29,10 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from lpxy._ws import Clock, set_no_delay
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.auth import SignatureVerifier
-from lpxy.tunnelservice.broker import Broker, IClock, Limits
+from lpxy.tunnelservice.broker import Broker, Limits
 from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.websocket import (
     DEFAULT_IDLE_TIMEOUT,
@@ -107,10 +108,7 @@ class _Channel(HTTPChannel):
     site: _Site
 
     def connectionMade(self) -> None:
-        try:
-            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
-        except (AttributeError, OSError):
-            pass  # not TCP (a Unix socket)
+        set_no_delay(self.transport)
         super().connectionMade()
         self.site.connections.add(self)
 
@@ -174,7 +172,7 @@ class TunnelService(MultiService):
         endpoints: Sequence[Any],
         limits: Limits | None = None,
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
-        clock: IClock | None = None,
+        clock: Clock | None = None,
         exit_zero_on_signals: bool = False,
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,

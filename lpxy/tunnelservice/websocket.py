@@ -43,11 +43,9 @@ from a peer (flow control), that peer's silence is not held against it.
 
 from __future__ import annotations
 
-import re
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
-import txaio
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
@@ -61,6 +59,13 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from lpxy._ws import (
+    ANYTHING,
+    Clock,
+    Keepalive,
+    cancel_autobahn_timers,
+    quiet_autobahn_log,
+)
 from lpxy.frames import (
     WIRE_FRAME_LIMIT,
     Message,
@@ -68,18 +73,14 @@ from lpxy.frames import (
     RecordDecoder,
     encode,
     encode_body,
+    pack_records,
 )
 from lpxy.tunnelservice.broker import (
-    CLOSE_GOING_AWAY,
     Attachment,
     Broker,
     HandshakeRefused,
-    IClock,
 )
 from lpxy.tunnelservice.policy import (
-    CLOSE_INTERNAL_ERROR,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_UNSUPPORTED_DATA,
     Pairing,
     RecordRules,
     TunnelEnd,
@@ -87,25 +88,26 @@ from lpxy.tunnelservice.policy import (
     refusals,
 )
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
+from lpxy.wire import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED_DATA,
+    SUBPROTOCOLS,
+    choose_subprotocol,
+    is_valid_client_token,
+    subprotocol_version,
+)
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_PING_INTERVAL",
-    "SUBPROTOCOLS",
     "Connections",
     "TunnelServerFactory",
     "TunnelServerProtocol",
 ]
 
-SUBPROTOCOLS = (
-    "aws.iot.securetunneling-3.0",
-    "aws.iot.securetunneling-2.0",
-    "aws.iot.securetunneling-1.0",
-)
-"""Supported subprotocols, newest first."""
-
 TOKEN_COOKIE = "awsiot-tunnel-token"
-_CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_IDLE_TIMEOUT = 90.0
@@ -173,23 +175,6 @@ class _ReadingOf:
         pass
 
 
-def _pack(bodies: list[bytes]) -> list[bytes]:
-    """Re-frame record bodies into as few messages as fit L{WIRE_FRAME_LIMIT}."""
-    messages: list[bytes] = []
-    batch: list[bytes] = []
-    size = 0
-    for body in bodies:
-        record = encode_body(body)
-        if size + len(record) > WIRE_FRAME_LIMIT:
-            messages.append(b"".join(batch))
-            batch, size = [], 0
-        batch.append(record)
-        size += len(record)
-    if batch:
-        messages.append(b"".join(batch))
-    return messages
-
-
 class TunnelServerProtocol(WebSocketServerProtocol):
     """
     One tunnel end's WebSocket: handshake rules, checks and relaying, and
@@ -197,9 +182,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     """
 
     _log = Logger()  # autobahn owns .log
-    # Autobahn's own logger, pinned at info: at debug Autobahn logs the
-    # whole upgrade request, access-token header included.
-    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    log = quiet_autobahn_log()
     factory: TunnelServerFactory
     transport: Any
 
@@ -211,8 +194,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     _rules: RecordRules | None = None
     _version = 0
     _reading_paused = False
-    _keepalive: Any = None
-    _heard = 0.0
+    _keepalive: Keepalive | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -225,7 +207,8 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         self.factory.connections.add(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self._heard = self.factory.clock.seconds()
+        if self._keepalive is not None:
+            self._keepalive.heard()
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -245,41 +228,36 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     # Liveness
 
     def _start_keepalive(self) -> None:
-        self._heard = self.factory.clock.seconds()
-        self._keepalive = self.factory.clock.callLater(
-            self.factory.ping_interval, self._check_alive
+        factory = self.factory
+        self._keepalive = Keepalive(
+            factory.clock, interval=factory.ping_interval, timeout=factory.idle_timeout,
+            send_ping=self._ping, on_dead=self._silent, life=ANYTHING,
         )
+        if self._reading_paused:
+            self._keepalive.pause()
+        self._keepalive.start()
 
     def _stop_keepalive(self) -> None:
-        if self._keepalive is not None and self._keepalive.active():
-            self._keepalive.cancel()
-        self._keepalive = None
+        if self._keepalive is not None:
+            self._keepalive.stop()
 
-    def _check_alive(self) -> None:
-        self._keepalive = None
+    def _ping(self, payload: bytes) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendPing(payload)
+        else:
+            self._stop_keepalive()  # closing: the watch is over
+
+    def _silent(self, silent: float) -> None:
         if self.state != self.STATE_OPEN:
             return
-        factory = self.factory
-        now = factory.clock.seconds()
-        if self._reading_paused:
-            # We are not reading: whatever it sends waits in the kernel.
-            self._heard = now
-        silent = now - self._heard
-        if silent >= factory.idle_timeout:
-            self._log.warn(
-                "Dropping {mode} of tunnel {tunnel_id}, channel {channel_id}, from "
-                "{peer}: nothing received for {silent:.0f} seconds",
-                **self._end_fields(), peer=self.peer, silent=silent,
-            )
-            self.wasClean = False
-            self.wasNotCleanReason = "peer silent"
-            self.dropConnection(abort=True)
-            return
-        if silent >= factory.ping_interval:
-            self.sendPing(b"%d" % (now * 1000,))
-        self._keepalive = factory.clock.callLater(
-            min(factory.ping_interval, factory.idle_timeout - silent), self._check_alive
+        self._log.warn(
+            "Dropping {mode} of tunnel {tunnel_id}, channel {channel_id}, from "
+            "{peer}: nothing received for {silent:.0f} seconds",
+            **self._end_fields(), peer=self.peer, silent=silent,
         )
+        self.wasClean = False
+        self.wasNotCleanReason = "peer silent"
+        self.dropConnection(abort=True)
 
     # Handshake
 
@@ -306,14 +284,14 @@ class TunnelServerProtocol(WebSocketServerProtocol):
                 400, "Missing or invalid local-proxy-mode: use source or destination"
             )
         mode = modes[0]
-        offered = set(request.protocols)
-        chosen = next((p for p in SUBPROTOCOLS if p in offered), None)
+        chosen = choose_subprotocol(request.protocols)
         if chosen is None:
             raise ConnectionDeny(
-                400, "No supported subprotocol: offer one of " + ", ".join(SUBPROTOCOLS)
+                400,
+                "No supported subprotocol: offer one of " + ", ".join(reversed(SUBPROTOCOLS)),
             )
         client_token = request.headers.get("client-token")
-        if client_token is not None and not _CLIENT_TOKEN.fullmatch(client_token):
+        if client_token is not None and not is_valid_client_token(client_token):
             raise ConnectionDeny(400, "Invalid client-token: use 32 to 128 of a-z, A-Z, 0-9 and -")
         header_token = request.headers.get("access-token")
         cookie_token = self._cookie_token(request.headers.get("cookie"))
@@ -332,7 +310,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(refused.status, refused.reason) from None
         self._attachment = self._info = attachment
         self._rules = RecordRules(attachment.mode, attachment.services)
-        self._version = SUBPROTOCOLS[::-1].index(chosen) + 1
+        self._version = subprotocol_version(chosen)
         self._subprotocol = chosen
         return chosen, {"channel-id": attachment.channel_id}
 
@@ -473,12 +451,17 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pauseProducing()
+            if self._keepalive is not None:
+                # What it sends waits in the kernel: not silence.
+                self._keepalive.pause()
 
     def resume_reading(self) -> None:
         """Read from this peer again."""
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resumeProducing()
+            if self._keepalive is not None:
+                self._keepalive.resume()
 
     # Relaying
 
@@ -517,7 +500,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         controls = rules.check(bodies)
         pairing = self._pairing
         if pairing is not None and pairing.relay(
-            self, controls, [payload] if whole else _pack(bodies)
+            self, controls, [payload] if whole else pack_records((encode_body(b),) for b in bodies)
         ):
             return
         # Without a partner, a start is answered with its reset at once.
@@ -526,11 +509,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             self.send_records(b"".join(encode(m) for m in replies))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        # Autobahn leaves this timer running when the peer drops the TCP
-        # connection instead of answering our close.
-        if self.closeHandshakeTimeoutCall is not None:
-            self.closeHandshakeTimeoutCall.cancel()
-            self.closeHandshakeTimeoutCall = None
+        cancel_autobahn_timers(self)
         self._stop_keepalive()
         attachment, self._attachment = self._attachment, None
         if attachment is not None:
@@ -558,14 +537,14 @@ class TunnelServerFactory(WebSocketServerFactory):
     """
 
     protocol = TunnelServerProtocol  # type: ignore[assignment]
-    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+    log = quiet_autobahn_log()
 
     def __init__(
         self,
         broker: Broker,
         reactor: Any = None,
         connections: Connections | None = None,
-        clock: IClock | None = None,
+        clock: Clock | None = None,
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
@@ -573,7 +552,7 @@ class TunnelServerFactory(WebSocketServerFactory):
             raise ValueError("need 0 < ping_interval < idle_timeout")
         super().__init__(server="lpxy-tunnelservice", reactor=reactor)
         self.broker = broker
-        self.clock: IClock = clock if clock is not None else self.reactor
+        self.clock: Clock = clock if clock is not None else self.reactor
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.connections = connections if connections is not None else Connections()

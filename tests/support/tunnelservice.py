@@ -25,9 +25,10 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
+from lpxy._ws import Clock
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import SignatureVerifier
-from lpxy.tunnelservice.broker import Broker, IClock, IPeer, Limits, OpenedTunnel
+from lpxy.tunnelservice.broker import Broker, IPeer, Limits, OpenedTunnel
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
@@ -89,7 +90,7 @@ class ServiceFixture:
 async def _start(
     case: TestCase,
     reactor: Any,
-    clock: IClock | None,
+    clock: Clock | None,
     tls: TestPKI | None,
     ping_interval: float,
     idle_timeout: float,
@@ -129,7 +130,7 @@ async def _start(
 def start_tunnelservice(
     case: TestCase,
     reactor: Any = None,
-    clock: IClock | None = None,
+    clock: Clock | None = None,
     tls: TestPKI | None = None,
     *,
     ping_interval: float = DEFAULT_PING_INTERVAL,
