@@ -6,6 +6,7 @@ by the next run; the schema's upgrade path.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from typing import Any
 
@@ -292,6 +293,17 @@ class SchemaTests(StoreTestCase):
     def test_unopenable(self) -> None:
         e = self.assertRaises(StoreError, open_sqlite_store, self.mktemp() + "/missing/db")
         self.assertIn("cannot open", str(e))
+
+    async def test_one_service_per_file(self) -> None:
+        store = self.open()
+        e = self.assertRaises(StoreError, open_sqlite_store, self.path)
+        self.assertIn("in use by another tunnel service", str(e))
+        self.assertIn("--db", str(e))
+        await self.reopen(store)
+
+    def test_file_mode(self) -> None:
+        self.successResultOf(open_sqlite_store(self.path).close())
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
 
     def test_migrate_refuses_newer(self) -> None:
         connection = sqlite3.connect(":memory:")

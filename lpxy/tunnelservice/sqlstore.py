@@ -21,8 +21,9 @@ module for adbapi and an opener.
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.enterprise import adbapi
@@ -199,6 +200,7 @@ class SQLTunnelStore(MemoryTunnelStore):
     @param dialect: the SQL dialect of the pool's database.
     @param records: the stored tunnels, oldest first (from L{load}).
     @param last_sequence: the last creation sequence number handed out.
+    @param release: called once the pool is closed (to give up a lock).
     """
 
     _log = Logger()
@@ -209,8 +211,10 @@ class SQLTunnelStore(MemoryTunnelStore):
         dialect: Dialect,
         records: Iterable[TunnelRecord] = (),
         last_sequence: int = 0,
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__()
+        self._release = release
         for record in records:
             super().add(record)
         self._sequence = last_sequence
@@ -303,20 +307,65 @@ class SQLTunnelStore(MemoryTunnelStore):
         yield self.when_written()
         self._closing = True
         self._pool.close()
+        self._release()
 
 
 def _sqlite_connection_opened(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA foreign_keys = ON")
 
 
+def _lock(path: str) -> Callable[[], None]:
+    """
+    Take the exclusive lock that says a service uses the database at
+    C{path} (creating the file, readable by its owner only); return what
+    releases it. The system releases it when the process ends, however.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no guard against a second service
+        return lambda: None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot open {path!r}: {e.strerror}") from None
+    try:
+        # flock, not SQLite's own fcntl locks, which a connection drops
+        # when it closes; closing this descriptor (after the pool) drops it.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"{path!r} is in use by another tunnel service: give each service its own --db"
+        ) from None
+    return lambda: os.close(fd)
+
+
 def open_sqlite_store(path: str, reactor: Any = None) -> SQLTunnelStore:
     """
     Open (creating or upgrading it as needed) the SQLite database at
-    C{path} and read it: this blocks, and is meant for startup.
+    C{path} and read it: this blocks, and is meant for startup. The store
+    holds the file locked until it is closed, so that a second service
+    cannot use it meanwhile.
 
-    @raise StoreError: the file cannot be opened, is not a database of
-        this service, or has a newer schema.
+    @raise StoreError: the file cannot be opened, is in use by another
+        service, is not a database of this service, or has a newer schema.
     """
+    release = _lock(path)
+    try:
+        records, last_sequence = _read(path)
+    except BaseException:
+        release()
+        raise
+    pool = adbapi.ConnectionPool(
+        "sqlite3", path, timeout=10, check_same_thread=False,
+        cp_min=1, cp_max=1, cp_noisy=False,
+        cp_openfun=_sqlite_connection_opened, cp_reactor=reactor,
+    )
+    return SQLTunnelStore(pool, SQLITE, records, last_sequence, release)
+
+
+def _read(path: str) -> tuple[list[TunnelRecord], int]:
+    """Bring the database at C{path} to the latest schema and read it."""
     try:
         connection = sqlite3.connect(path, timeout=10, isolation_level=None)
     except sqlite3.Error as e:
@@ -353,12 +402,7 @@ def open_sqlite_store(path: str, reactor: Any = None) -> SQLTunnelStore:
     for record in records:
         for mode in _MODES:
             record.end(mode).connected = False
-    pool = adbapi.ConnectionPool(
-        "sqlite3", path, timeout=10, check_same_thread=False,
-        cp_min=1, cp_max=1, cp_noisy=False,
-        cp_openfun=_sqlite_connection_opened, cp_reactor=reactor,
-    )
-    return SQLTunnelStore(pool, SQLITE, records, last_sequence)
+    return records, last_sequence
 
 
 def open_store(location: str, reactor: Any = None) -> ITunnelStore:
