@@ -11,6 +11,8 @@ import sqlite3
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpxy.tunnelservice.broker import (
@@ -288,7 +290,7 @@ class SchemaTests(StoreTestCase):
         with open(self.path, "wb") as f:
             f.write(b"not sqlite at all" * 100)
         e = self.assertRaises(StoreError, open_sqlite_store, self.path)
-        self.assertIn(repr(self.path), str(e))
+        self.assertIn(repr(os.path.abspath(self.path)), str(e))
 
     def test_unopenable(self) -> None:
         e = self.assertRaises(StoreError, open_sqlite_store, self.mktemp() + "/missing/db")
@@ -300,6 +302,17 @@ class SchemaTests(StoreTestCase):
         self.assertIn("in use by another tunnel service", str(e))
         self.assertIn("--db", str(e))
         await self.reopen(store)
+
+    def test_absolute_path(self) -> None:
+        """
+        A relative path is resolved at once, not where the working
+        directory is when the pool connects.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.assertFalse(os.path.isabs(self.path))
+        self.successResultOf(open_sqlite_store(self.path).close())
+        paths = [e["path"] for e in events if "Tunnel state in" in e["log_format"]]
+        self.assertEqual(paths, [os.path.abspath(self.path)])
 
     def test_file_mode(self) -> None:
         self.successResultOf(open_sqlite_store(self.path).close())

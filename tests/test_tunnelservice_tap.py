@@ -156,7 +156,7 @@ class MakeServiceTests(SynchronousTestCase):
         e = self.assertRaises(SystemExit, makeService, parse("--db", path),
                               reactor=MemoryReactorClock())
         self.assertTrue(str(e).startswith("tunnelservice: --db: "), str(e))
-        self.assertIn(repr(path), str(e))
+        self.assertIn(repr(os.path.abspath(path)), str(e))
     def test_credentials_verify(self) -> None:
         """With --credentials the API answers an unsigned request with AWS's error."""
         path = FilePath(self.mktemp())

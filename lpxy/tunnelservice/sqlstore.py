@@ -350,6 +350,9 @@ def open_sqlite_store(path: str, reactor: Any = None) -> SQLTunnelStore:
     @raise StoreError: the file cannot be opened, is in use by another
         service, is not a database of this service, or has a newer schema.
     """
+    # The pool connects later, in its thread, maybe after twistd changed
+    # the working directory (--rundir).
+    path = os.path.abspath(path)
     release = _lock(path)
     try:
         records, last_sequence = _read(path)
