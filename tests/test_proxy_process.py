@@ -7,8 +7,10 @@ tunnel, a rejected token).
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+from twisted.internet.defer import DeferredList
 from twisted.trial.unittest import TestCase
 
 from lpxy import __version__
@@ -360,3 +362,61 @@ class ConfigSourcesTests(TestCase):
         child, status = await self.destination("OTHER = 2222\n")
         self.assertEqual(status, 1, child.output)
         self.assertIn("service 'SSH1' of the tunnel is found in no --config-dir file", child.output)
+
+
+class LogRotationTests(TestCase):
+    """
+    twistd's own log file handling stays in place under C{twistd
+    localproxy}: SIGUSR1 rotates C{--logfile}, as with any twistd
+    application.
+    """
+
+    timeout = 120
+
+    async def test_sigusr1RotatesLogfile(self) -> None:
+        """
+        SIGUSR1 moves C{--logfile} to C{.1} and goes on logging to a new
+        file; the process keeps running and still ends with status 0 on
+        SIGTERM.
+        """
+        # A plain TCP listener stands in for the tunnel endpoint: each
+        # connection from the child shows that its reactor is running.
+        endpoint_port, endpoint = await start_app(self, echo=False)
+        cwd = outside_dir()
+        Path(cwd, "settings.json").write_text(
+            '{"tunneling": {"proxy": {"websocket": {"retry_delay_ms": "100"}}}}'
+        )
+        first = endpoint.next_connection()
+        child = spawn(
+            self,
+            twistd_argv(
+                "-n", "--pidfile=", "--logfile=proxy.log", "localproxy",
+                "-e", f"ws://127.0.0.1:{endpoint_port}", "-d", "1",
+                "--settings-json", "settings.json",
+            ),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": SECRET},
+            cwd=cwd,
+        )
+        connection = await first
+        assert child.transport is not None
+        # signalProcess takes only TERM, INT and KILL by name
+        child.transport.signalProcess(signal.SIGUSR1)
+        # The rotation runs in the child's reactor right after the signal;
+        # the child's next connection (it retries once this one drops)
+        # comes after it.
+        second = endpoint.next_connection()
+        assert connection.transport is not None
+        connection.transport.loseConnection()
+        await DeferredList([second, child.ended], fireOnOneCallback=True)
+        self.assertIsNone(child.status, "SIGUSR1 ended the child:\n" + child.output)
+        child.signal("TERM")
+        status = await child.ended
+        rotated = Path(cwd, "proxy.log.1").read_text()
+        current = Path(cwd, "proxy.log").read_text()
+        self.assertEqual(status, 0, rotated + current + child.output)
+        self.assertIn("starting up.", rotated)
+        self.assertNotIn("starting up.", current)
+        self.assertNotIn("Received SIGTERM", rotated)
+        self.assertIn("Received SIGTERM", current)
+        self.assertIn("Server Shut Down.", current)
+        self.assertNotIn(SECRET, rotated + current)

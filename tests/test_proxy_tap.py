@@ -11,16 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import LogLevel
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy import __version__
-from lpxy.proxy import runner
+from lpxy._process import ProcessService, TwistdLog
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
 from lpxy.proxy.settings import ProxySettings
 from lpxy.proxy.tap import Options, makeService
 from tests.support.certs import make_test_pki
-from tests.support.entrypoints import REFERENCE_TEXT, FakeProxyService, keep_process_state
+from tests.support.entrypoints import REFERENCE_TEXT, FakeProxyService
 
 TOKEN = "tap-test-token"
 CLIENT = "c" * 40
@@ -191,13 +192,20 @@ class OptionsTests(SynchronousTestCase):
         As a twistd subcommand, the options point twistd's C{--logger} at
         the filtered observer with the chosen verbosity.
         """
-        keep_process_state(self)
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
         parent = {"logger": None, "logfile": None, "nodaemon": 1, "syslog": 0}
-        options = Options(environ={}, cwd=self.cwd)
+        twistd_log = TwistdLog("tests.test_proxy_tap.SOME_LOG")
+        options = Options(environ={}, cwd=self.cwd, twistd_log=twistd_log)
         options.parent = parent  # what twistd's ServerOptions does
         options.parseOptions(["-t", TOKEN, "-r", "us-east-1", "-s", "1", "-v", "2"])
-        self.assertEqual(parent["logger"], "lpxy.proxy.runner.twistd_observer")
-        self.assertEqual(runner.PROCESS_FILTER.verbosity, 2)
+        self.assertEqual(parent["logger"], "tests.test_proxy_tap.SOME_LOG.observer")
+        observer = twistd_log.observer()
+        for level in (LogLevel.warn, LogLevel.error):
+            observer({"log_format": "at {level}", "level": level.name, "log_level": level,
+                      "log_namespace": "x"})
+        self.assertEqual(stdout.getvalue().count("at "), 1, stdout.getvalue())
+        self.assertIn("at error", stdout.getvalue())
         self.assertEqual(
             options.getSynopsis(), "Usage: twistd [twistd options] localproxy [options]"
         )
@@ -239,7 +247,7 @@ class OptionsTests(SynchronousTestCase):
 
 class MakeServiceTests(SynchronousTestCase):
     """
-    L{makeService} builds the proxy service inside an L{runner.EndProcess}.
+    L{makeService} builds the proxy service inside a L{ProcessService}.
     """
 
     def test_service(self) -> None:
@@ -257,7 +265,7 @@ class MakeServiceTests(SynchronousTestCase):
             return made[0]
 
         root = makeService(options, reactor, factory)
-        self.assertIsInstance(root, runner.EndProcess)
+        self.assertIsInstance(root, ProcessService)
         [proxy] = made
         self.assertIs(proxy.config, options["proxy-config"])
         self.assertIs(proxy.reactor, reactor)

@@ -3,6 +3,7 @@ Tests for L{lpxy.tunnelservice.tap}: C{twistd tunnelservice} options.
 """
 
 import os
+from typing import Any
 
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
@@ -14,6 +15,7 @@ from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from lpxy._process import ProcessService
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.sqlstore import SQLTunnelStore
 from lpxy.tunnelservice.tap import Options, makeService
@@ -110,17 +112,30 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--insecure-open-api", text)
 
 
+def only_child(root: Any) -> TunnelService:
+    """The L{TunnelService} inside the L{ProcessService} C{makeService} made."""
+    assert isinstance(root, ProcessService)
+    [service] = list(root)
+    assert isinstance(service, TunnelService)
+    return service
+
+
 class MakeServiceTests(SynchronousTestCase):
-    """L{makeService} builds a L{TunnelService} from the options."""
+    """
+    L{makeService} builds a L{TunnelService} from the options, inside a
+    L{ProcessService}.
+    """
 
     def test_service(self) -> None:
         reactor = MemoryReactorClock()
-        service = makeService(
+        root = makeService(
             parse("--port", "tcp:9000", "--port", "tcp:9001", "--max-services", "4",
                   "--ping-interval", "7", "--idle-timeout", "20", "--db", ":memory:",
                   "--insecure-open-api"),
             reactor=reactor,
         )
+        self.assertIsInstance(root, ProcessService)
+        [service] = list(root)
         self.assertIsInstance(service, TunnelService)
         self.assertTrue(IServiceCollection.providedBy(service))
         assert isinstance(service, TunnelService)
@@ -128,24 +143,22 @@ class MakeServiceTests(SynchronousTestCase):
         factory = service.websocket_factory
         self.assertEqual((factory.ping_interval, factory.idle_timeout), (7, 20))
         self.assertIs(factory.clock, reactor)
-        service.privilegedStartService()
-        service.startService()
+        root.privilegedStartService()
+        root.startService()
         self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001])
-        self.successResultOf(service.stopService())
+        self.successResultOf(root.stopService())
 
     def test_sqlite_store(self) -> None:
         """C{--db PATH}: the broker keeps its tunnels in that SQLite file."""
         path = self.mktemp()
-        service = makeService(parse("--db", path), reactor=MemoryReactorClock())
-        assert isinstance(service, TunnelService)
+        service = only_child(makeService(parse("--db", path), reactor=MemoryReactorClock()))
         self.assertIsInstance(service.store, SQLTunnelStore)
         self.assertIs(service.broker.store, service.store)
         self.assertTrue(os.path.exists(path))
         self.successResultOf(service.store.close())
 
     def test_memory_store(self) -> None:
-        service = makeService(parse("--db", ":memory:"), reactor=MemoryReactorClock())
-        assert isinstance(service, TunnelService)
+        service = only_child(makeService(parse("--db", ":memory:"), reactor=MemoryReactorClock()))
         self.assertNotIsInstance(service.store, SQLTunnelStore)
 
     def test_unusable_db(self) -> None:

@@ -15,9 +15,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 from twisted.python import usage
 
-from lpxy.proxy import runner
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.tap import Options, ServiceFactory, default_service_factory
+from lpxy.proxy.verbosity import start_console_logging
 
 EXIT_USAGE = 1
 
@@ -69,7 +69,7 @@ def main(
     _react: Callable[..., Any] = react,
     _service_factory: ServiceFactory | None = None,
     _stderr: IO[str] | None = None,
-    _start_logging: Callable[[int], None] = runner.start_console_logging,
+    _start_logging: Callable[[int], None] = start_console_logging,
 ) -> NoReturn:
     """
     The C{localproxy} console script. Never returns: the process exits

@@ -17,9 +17,10 @@ from twisted.python import usage
 from twisted.python.reflect import namedAny
 
 from lpxy import __version__
-from lpxy.proxy import runner
+from lpxy._process import TWISTD_LOG, ProcessService, TwistdLog
 from lpxy.proxy.config import ProxyConfig, resolve
 from lpxy.proxy.settings import export_default_settings
+from lpxy.proxy.verbosity import filter_twistd_logging
 from lpxy.wire import CLIENT_TOKEN_CHARACTERS, CLIENT_TOKEN_MAX_LENGTH, CLIENT_TOKEN_MIN_LENGTH
 
 VERSION_LINE = f"localproxy (lpxy) {__version__}"
@@ -101,11 +102,13 @@ class Options(usage.Options):
         environ: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         stdout: Any = None,
+        twistd_log: TwistdLog = TWISTD_LOG,
     ) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
         self._cwd = cwd
         self._stdout = stdout
+        self._twistd_log = twistd_log
 
     def __repr__(self) -> str:
         # A dict's repr would show the tokens as given; the resolved
@@ -159,7 +162,7 @@ class Options(usage.Options):
         self["proxy-config"] = config
         parent = getattr(self, "parent", None)
         if parent is not None:
-            runner.filter_twistd_logging(parent, config.verbosity)
+            filter_twistd_logging(parent, config.verbosity, self._twistd_log)
 
 
 def _checkBundle(config: ProxyConfig) -> None:
@@ -197,7 +200,7 @@ def makeService(
 ) -> MultiService:
     """
     The proxy service (by default
-    L{lpxy.proxy.service.LocalProxyService}), inside an L{runner.EndProcess} that ends the twistd
+    L{lpxy.proxy.service.LocalProxyService}), inside a L{ProcessService} that ends the twistd
     process with the proxy's exit status.
     """
     if reactor is None:
@@ -205,4 +208,4 @@ def makeService(
     if service_factory is None:
         service_factory = default_service_factory()
     proxy = service_factory(options["proxy-config"], reactor)
-    return runner.EndProcess(proxy, reactor)
+    return ProcessService(proxy, reactor, done=proxy.whenDone, name="The local proxy")

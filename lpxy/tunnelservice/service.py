@@ -12,7 +12,6 @@ gone.
 from __future__ import annotations
 
 import ipaddress
-import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,9 +158,6 @@ class TunnelService(MultiService):
         open, and then only on loopback unless C{insecure_open_api}.
     @param insecure_open_api: allow an open API on a port reachable beyond
         this machine.
-    @param exit_zero_on_signals: once the reactor runs, make SIGTERM and
-        SIGINT stop it without twistd re-raising the signal afterwards, so
-        the process exits 0 (for C{twistd tunnelservice}; never in tests).
     """
 
     _log = Logger()
@@ -173,7 +169,6 @@ class TunnelService(MultiService):
         limits: Limits | None = None,
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         clock: Clock | None = None,
-        exit_zero_on_signals: bool = False,
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         store: ITunnelStore | None = None,
@@ -184,7 +179,6 @@ class TunnelService(MultiService):
         self._reactor = reactor
         self._open_api = verifier is None
         self._insecure_open_api = insecure_open_api
-        self._exit_zero_on_signals = exit_zero_on_signals
         self._endpoints = [
             serverFromString(reactor, e) if isinstance(e, str) else e for e in endpoints
         ]
@@ -223,28 +217,9 @@ class TunnelService(MultiService):
         super().startService()
         if not self._started_listening:
             self._listen()
-        if self._exit_zero_on_signals:
-            self._reactor.callWhenRunning(self._install_signal_handlers)
-
-    def _install_signal_handlers(self) -> None:
-        # twistd kills itself again with the signal that stopped the
-        # reactor; a SIGTERM is an ordinary way to stop this service.
-        def handler(number: int, frame: object) -> None:
-            self._log.info(
-                "Received {signal}, shutting down.", signal=signal.Signals(number).name
-            )
-            self._reactor.callFromThread(self._stop_reactor)
-
-        for number in (signal.SIGTERM, signal.SIGINT):
-            # Only take over a handler the reactor installed: a signal the
-            # process was started with ignored (SIGINT under nohup) stays so.
-            if callable(signal.getsignal(number)):
-                signal.signal(number, handler)
-        self._log.info("Tunnel service ready")
-
-    def _stop_reactor(self) -> None:
-        if self._reactor.running:
-            self._reactor.stop()
+        # Under twistd, the root service takes over SIGTERM and SIGINT when
+        # the reactor runs, before this.
+        self._reactor.callWhenRunning(self._log.info, "Tunnel service ready")
 
     def _listen(self) -> None:
         if self._open_api:

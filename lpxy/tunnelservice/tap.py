@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from twisted.application.service import MultiService
 from twisted.python import usage
 
+from lpxy._process import ProcessService
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import CredentialsError, load_credentials
 from lpxy.tunnelservice.broker import Limits
@@ -114,7 +115,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """Build the tunnel service from parsed L{Options}."""
+    """
+    Build the tunnel service from parsed L{Options}, inside a
+    L{ProcessService} that makes SIGTERM and SIGINT end the process with
+    status 0.
+    """
     if reactor is None:
         from twisted.internet import reactor
     from lpxy.tunnelservice.auth import SignatureVerifier
@@ -126,7 +131,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # twistd prints this one line and exits 1.
         raise SystemExit(f"tunnelservice: --db: {e}") from None
     keys = options.get("keys")
-    return TunnelService(
+    service = TunnelService(
         reactor,
         options["port"],
         limits=Limits(
@@ -134,10 +139,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             max_open_tunnels=options["max-open-tunnels"],
         ),
         max_request_size=options["max-request-size"],
-        exit_zero_on_signals=True,
         ping_interval=options["ping-interval"],
         idle_timeout=options["idle-timeout"],
         store=store,
         verifier=None if keys is None else SignatureVerifier(keys, reactor),
         insecure_open_api=bool(options["insecure-open-api"]),
     )
+    return ProcessService(service, reactor, name="The tunnel service")

@@ -1,8 +1,7 @@
 """
 Helpers for testing the local proxy's entry points (C{tap}, C{cli},
-C{runner}): a stand-in for L{lpxy.proxy.service.LocalProxyService}, the
-reference's exported settings file, and a guard for the process-wide
-logging and exit state.
+L{lpxy._process}): a stand-in for L{lpxy.proxy.service.LocalProxyService}
+and the reference's exported settings file.
 """
 
 from __future__ import annotations
@@ -11,9 +10,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy.proxy import runner
 from lpxy.proxy.config import ProxyConfig
 
 
@@ -87,18 +84,3 @@ REFERENCE_TEXT = """\
     }
 }
 """
-
-
-def keep_process_state(case: SynchronousTestCase) -> None:
-    """Put the module-wide state back after a test changes it."""
-    verbosity = runner.PROCESS_FILTER.verbosity
-    twistd = dict(runner._twistd)
-    status = list(runner._exitStatus)
-
-    def restore() -> None:
-        runner.PROCESS_FILTER.verbosity = verbosity
-        runner._twistd.clear()
-        runner._twistd.update(twistd)
-        runner._exitStatus[:] = status
-
-    case.addCleanup(restore)

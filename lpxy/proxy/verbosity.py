@@ -1,0 +1,107 @@
+# -*- test-case-name: tests.test_verbosity -*-
+"""
+How loud the local proxy logs (C{-v}), under C{twistd localproxy} and the
+C{localproxy} console script alike.
+
+C{-v} applies to every log event of the process, Twisted's and Autobahn's
+included, through one L{VerbosityFilter}: in front of the console
+script's standard error observer (L{start_console_logging}), and in front
+of the observer twistd makes from its own options (L{filter_twistd_logging},
+through L{lpxy._process.TwistdLog}).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    LogBeginner,
+    LogLevel,
+    PredicateResult,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from lpxy._process import TWISTD_LOG, TwistdLog
+
+DEFAULT_VERBOSITY = 4
+TRACE = 6
+
+_LEVELS = {
+    1: LogLevel.critical,
+    2: LogLevel.error,
+    3: LogLevel.warn,
+    4: LogLevel.info,
+    5: LogLevel.debug,
+}
+
+
+def level_for(verbosity: int) -> LogLevel | None:
+    """
+    The lowest level C{-v verbosity} shows: 0 nothing (L{None}), 1
+    critical, 2 error, 3 warn, 4 info, 5 and more debug (6 and more also
+    trace, which is debug with per-record detail).
+    """
+    if verbosity <= 0:
+        return None
+    return _LEVELS.get(verbosity, LogLevel.debug)
+
+
+@implementer(ILogFilterPredicate)
+class VerbosityFilter:
+    """
+    Lets through the log events C{-v} asks for. Events without a level
+    count as info.
+
+    @ivar verbosity: C{-v} as given, 0..255.
+    """
+
+    def __init__(self, verbosity: int = DEFAULT_VERBOSITY) -> None:
+        self.verbosity = verbosity
+
+    def __call__(self, event: Mapping[str, Any]) -> PredicateResult:
+        wanted = level_for(self.verbosity)
+        if wanted is None:
+            return PredicateResult.no
+        level = event.get("log_level", LogLevel.info)
+        return PredicateResult.maybe if level >= wanted else PredicateResult.no
+
+
+def filtered(observer: Any, predicate: VerbosityFilter) -> Any:
+    """C{observer}, an L{ILogObserver}, seeing only what C{predicate} lets through."""
+    predicates: list[Any] = [predicate]
+    return FilteringLogObserver(observer, predicates)
+
+
+def start_console_logging(
+    verbosity: int,
+    stream: IO[str] | None = None,
+    beginner: LogBeginner = globalLogBeginner,
+) -> None:
+    """
+    Log to C{stream} (standard error) as readable text, at C{verbosity}:
+    what the console script does.
+    """
+    observer = textFileLogObserver(sys.stderr if stream is None else stream)
+    beginner.beginLoggingTo(
+        [filtered(observer, VerbosityFilter(verbosity))], redirectStandardIO=False
+    )
+
+
+def filter_twistd_logging(
+    server_options: MutableMapping[str, Any],
+    verbosity: int,
+    twistd_log: TwistdLog = TWISTD_LOG,
+) -> None:
+    """
+    Make twistd's log observer honour C{verbosity}. Call it from the
+    subcommand's C{postOptions}, given twistd's own options. With
+    C{--syslog} twistd's observer is left alone.
+    """
+    predicate = VerbosityFilter(verbosity)
+    twistd_log.wrap(server_options, lambda observer: filtered(observer, predicate))
