@@ -5,8 +5,9 @@ The wire rules both products obey (protocol.md sections 1, 4 and 6).
 The local proxy and the tunnel service each check these from their side;
 this module is their one home: the subprotocols and the protocol version
 each names, the client-token rule, the WebSocket close codes, and which
-record types name a stream and who may send which. Constants and plain
-functions only.
+record types name a stream and who may send which, what a service id and
+a stream or connection id may be, and how many services a proxy serves.
+Constants and plain functions only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from lpxy._proto.Message_pb2 import Message
 
 __all__ = [
+    "AWS_MAX_SERVICES",
     "CLIENT_TOKEN_CHARACTERS",
     "CLIENT_TOKEN_MAX_LENGTH",
     "CLIENT_TOKEN_MIN_LENGTH",
@@ -26,8 +28,13 @@ __all__ = [
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
+    "DEFAULT_MAX_SERVICES",
     "KNOWN_TYPES",
+    "MAX_CONNECTION_ID",
+    "MAX_STREAM_ID",
     "NEWEST_SUBPROTOCOL",
+    "SERVICE_ID_CHARACTERS",
+    "SERVICE_ID_MAX_LENGTH",
     "SERVICE_ONLY_TYPES",
     "SOURCE_ONLY_TYPES",
     "STREAM_TYPES",
@@ -35,6 +42,9 @@ __all__ = [
     "SUBPROTOCOL_VERSIONS",
     "choose_subprotocol",
     "is_valid_client_token",
+    "is_valid_connection_id",
+    "is_valid_service_id",
+    "is_valid_stream_id",
     "subprotocol_version",
 ]
 
@@ -85,6 +95,60 @@ def is_valid_client_token(token: str) -> bool:
     digits and dashes.
     """
     return _CLIENT_TOKEN.fullmatch(token) is not None
+
+
+# --- service ids ---------------------------------------------------------------
+
+SERVICE_ID_MAX_LENGTH = 128
+SERVICE_ID_CHARACTERS = "a-zA-Z0-9:_-"
+"""
+The characters a service id may hold, as a regular expression class: AWS's
+rule for OpenTunnel's C{destinationConfig.services} (botocore's
+C{iotsecuretunneling} model: C{[a-zA-Z0-9:_-]+}, 1 to 128), so every id a
+tunnel can carry. The reference proxy's command-line maps are narrower (no
+C{:}).
+"""
+
+_SERVICE_ID = re.compile(f"[{SERVICE_ID_CHARACTERS}]{{1,{SERVICE_ID_MAX_LENGTH}}}")
+
+AWS_MAX_SERVICES = 3
+"""The most services AWS lets one tunnel have."""
+
+DEFAULT_MAX_SERVICES = 3 * AWS_MAX_SERVICES
+"""
+The most services a proxy serves (listens for, or accepts starts of) by
+default: room beyond AWS's limit for a self-hosted service, while a
+service announcing thousands cannot make a source open thousands of ports.
+"""
+
+
+def is_valid_service_id(service_id: str) -> bool:
+    """
+    Whether C{service_id} may name a service of a tunnel: 1 to 128 ASCII
+    letters, digits, C{:}, C{_} and C{-}.
+    """
+    return _SERVICE_ID.fullmatch(service_id) is not None
+
+
+# --- stream and connection ids ---------------------------------------------------
+
+MAX_STREAM_ID = 2**31 - 1
+"""The largest stream id (C{int32} on the wire); a stream id is 1 or more."""
+MAX_CONNECTION_ID = 2**32 - 1
+"""The largest connection id (C{uint32} on the wire); 0 means none (V1, V2)."""
+
+
+def is_valid_stream_id(stream_id: int) -> bool:
+    """Whether C{stream_id} may name a stream: 1 to L{MAX_STREAM_ID}."""
+    return 1 <= stream_id <= MAX_STREAM_ID
+
+
+def is_valid_connection_id(connection_id: int) -> bool:
+    """
+    Whether C{connection_id} may name a V3 connection: 1 to
+    L{MAX_CONNECTION_ID} (a start or reset of one connection needs one).
+    """
+    return 1 <= connection_id <= MAX_CONNECTION_ID
 
 
 # --- close codes (RFC 6455 section 7.4.1) ----------------------------------------

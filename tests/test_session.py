@@ -12,14 +12,16 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy.frames import Message
+from lpxy.frames import Message, encode
 from lpxy.proxy.session import (
     ProtocolViolation,
     ServiceBinding,
     ServiceMismatch,
     Session,
     SessionError,
+    shown_id,
 )
+from lpxy.wire import MAX_CONNECTION_ID, MAX_STREAM_ID, is_valid_service_id
 from tests.support.recorders import Recorder
 
 V1 = "aws.iot.securetunneling-1.0"
@@ -319,6 +321,148 @@ class ServiceIdsTests(SynchronousTestCase):
         )
 
 
+class HostileServiceIdsTests(SynchronousTestCase):
+    """
+    A SERVICE_IDS from a hostile or broken service: ids that break AWS's
+    rule are ignored, at most C{max_services} are served, and each refusal
+    is one warning of bounded length.
+    """
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.observer if e["log_level"] == LogLevel.warn]
+
+    def setUp(self) -> None:
+        self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_thousands_of_ids(self) -> None:
+        ids = [f"S{i}" for i in range(5000)]
+        session, actions = make(keys=[], ids=ids, from_config_dir=True)
+        self.assertEqual([b.service_id for b in session.bindings], ids[:9])
+        self.assertEqual(actions.ready, [session.bindings])
+        (line,) = self.warnings()
+        self.assertEqual(
+            line,
+            "The tunnel announced 5000 services, more than the 9 served "
+            "(tunneling.proxy.websocket.max_services): ignoring all but the first 9",
+        )
+
+    def test_setting(self) -> None:
+        session, _ = make("destination", keys=["A", "B", "C"], ids=["A", "B", "C"],
+                          from_config_dir=True, max_services=2)
+        self.assertEqual([b.service_id for b in session.bindings], ["A", "B"])
+        self.assertEqual(len(self.warnings()), 1)
+
+    def test_named_map_raises_the_limit(self) -> None:
+        """A map naming more services than the limit is the user's choice."""
+        keys = [f"S{i}" for i in range(12)]
+        session, _ = make(keys=keys, ids=list(reversed(keys)), max_services=2)
+        self.assertEqual(sorted(b.service_id for b in session.bindings), sorted(keys))
+        self.assertEqual(self.warnings(), [])
+
+    def test_invalid_ids_ignored(self) -> None:
+        huge = "x" * 65000
+        session, actions = make(keys=["SSH"], ids=["SSH", huge, "", "S.1", "a b", "SSH"])
+        self.assertEqual(session.bindings, [ServiceBinding("SSH", "SSH")])
+        self.assertEqual(len(actions.ready), 1)
+        (line,) = self.warnings()
+        self.assertEqual(
+            line,
+            "Ignoring 4 service id(s) of the tunnel that are not 1 to 128 of "
+            f"[a-zA-Z0-9:_-]: {'x' * 40!r}... (65000 characters), '', 'S.1', ...",
+        )
+
+    def test_invalid_ids_to_unnamed_mapping(self) -> None:
+        """The one valid id names the unnamed mapping."""
+        session, _ = make(keys=[""], ids=["bad id", "SSH"])
+        self.assertEqual(session.bindings, [ServiceBinding("", "SSH")])
+
+    def test_mismatch_message_bounded(self) -> None:
+        ids = [f"S{i:03}" for i in range(3000)]
+        with self.assertRaises(ServiceMismatch) as caught:
+            make(keys=["SSH"], ids=ids)
+        self.assertLess(len(str(caught.exception)), 300)
+
+    def test_shown_id(self) -> None:
+        self.assertEqual(shown_id("SSH"), "'SSH'")
+        self.assertEqual(shown_id("a\nb"), "'a\\nb'")
+        self.assertEqual(shown_id("y" * 41), f"{'y' * 40!r}... (41 characters)")
+
+
+class HostileRecordTests(SynchronousTestCase):
+    """
+    Records naming streams, connections or services that cannot be are
+    refused with one warning, and the session goes on.
+    """
+
+    def setUp(self) -> None:
+        self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.observer if e["log_level"] == LogLevel.warn]
+
+    def test_v1_start_with_invalid_service_id(self) -> None:
+        """
+        A V1 destination takes any service id's start as its one service's
+        and answers with that id: not one that breaks the rule (its DATA
+        records would not fit the 2-byte length).
+        """
+        session, actions = make("destination", keys=[""], ids=None, subprotocol=V1)
+        session.received(msg("STREAM_START", 1, "x" * 65000, 0))
+        self.assertEqual(actions.opened, [])
+        (line,) = self.warnings()
+        self.assertEqual(
+            line,
+            f"Ignoring a STREAM_START with stream id 1 for service {'x' * 40!r}... "
+            "(65000 characters): not a service id (1 to 128 of [a-zA-Z0-9:_-])",
+        )
+        session.received(msg("STREAM_START", 2, "SSH", 0))
+        (channel,) = actions.opened
+        self.assertEqual(channel.wire_service_id, "SSH")
+
+    def test_stream_ids(self) -> None:
+        session, actions = make("destination")
+        for bad in (0, -1, -(2**31)):
+            session.received(msg("STREAM_START", bad, "SSH", 1))
+        self.assertEqual(actions.opened, [])
+        self.assertEqual(len(self.warnings()), 3)
+        self.assertTrue(all(w.endswith(": invalid stream id") for w in self.warnings()))
+        session.received(msg("STREAM_START", 70000, "SSH", 70000))
+        (channel,) = actions.opened
+        session.received(msg("DATA", 70000, "SSH", 70000, b"x"))
+        self.assertEqual(actions.delivered, [(channel, b"x")])
+        session.local_closed(channel)
+        self.assertEqual(actions.kinds(), [("CONNECTION_RESET", 70000, "SSH", 70000)])
+        session.received(msg("STREAM_START", MAX_STREAM_ID, "SSH", 1))
+        self.assertEqual(actions.opened[-1].stream_id, MAX_STREAM_ID)
+
+    def test_connection_ids(self) -> None:
+        session, actions = make("destination")
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        session.received(msg("CONNECTION_START", 1, "SSH", 0))
+        self.assertEqual(len(actions.opened), 1)
+        (line,) = self.warnings()
+        self.assertTrue(line.endswith("connection 0 of 'SSH': invalid connection id"), line)
+        session.received(msg("CONNECTION_START", 1, "SSH", MAX_CONNECTION_ID))
+        self.assertEqual(actions.opened[-1].connection_id, MAX_CONNECTION_ID)
+        session.received(msg("CONNECTION_START", 5, "SSH", 2))
+        self.assertTrue(self.warnings()[-1].endswith("no such active stream"))
+        self.assertEqual(actions.sent, [])
+
+    def test_unknown_streams(self) -> None:
+        """Records for streams or connections never started change nothing."""
+        session, actions = make("destination")
+        session.received(msg("STREAM_START", 1, "SSH", 1))
+        for kind in ("DATA", "STREAM_RESET", "CONNECTION_RESET"):
+            session.received(msg(kind, 9, "SSH", 1, b"x"))
+            session.received(msg(kind, 1, "OTHER", 1, b"x"))
+            session.received(msg(kind, 1, "x" * 60000, 1, b"x"))
+        session.received(msg("DATA", 1, "SSH", 77, b"x"))
+        session.received(msg("CONNECTION_RESET", 1, "SSH", 77))
+        self.assertEqual((actions.delivered, actions.closed, actions.sent), ([], [], []))
+        session.received(msg("DATA", 1, "SSH", 1, b"ok"))
+        self.assertEqual(len(actions.delivered), 1)
+
+
 class TypeTests(SynchronousTestCase):
     def test_unknown_type_zero(self) -> None:
         session, _ = make()
@@ -395,6 +539,57 @@ class PropertyTests(SynchronousTestCase):
         self._check(session, actions, steps)
         # Every channel the session opened and later closed is closed once.
         self.assertEqual(len(actions.closed), len(set(map(id, actions.closed))))
+
+
+_HOSTILE_MESSAGES = st.builds(
+    lambda kind, stream, service, connection, ignorable: Message(
+        type=kind, streamId=stream, serviceId=service, connectionId=connection,
+        payload=b"p", ignorable=ignorable,
+    ),
+    st.sampled_from(list(range(0, 9))),
+    st.sampled_from([-(2**31), -1, 0, 1, 2, 65535, 65536, MAX_STREAM_ID]),
+    st.sampled_from(["A", "", "Z", "x" * 60000, "a b", "A" * 129]),
+    st.sampled_from([0, 1, 2, 65536, MAX_CONNECTION_ID]),
+    st.booleans(),
+)
+
+
+class HostilePropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.one_of(_HOSTILE_MESSAGES, _LOCAL), max_size=30),
+           st.sampled_from(["source", "destination"]),
+           st.sampled_from([V1, V2, V3]))
+    def test_anything_the_service_sends(self, steps: list[Message | tuple[str, int]],
+                                        mode: str, subprotocol: str) -> None:
+        """
+        Whatever ids a record carries, the session raises nothing but a
+        L{SessionError} and everything it sends is a record that encodes,
+        naming a valid stream and a valid service (or none).
+        """
+        actions = Recorder()
+        session = Session(mode, ["A"], actions, subprotocol=subprotocol)  # type: ignore[arg-type]
+        session.connected()
+        if session.version > 1:
+            session.received(msg("SERVICE_IDS", ids=["A", "x" * 60000]))
+        for step in steps:
+            if isinstance(step, tuple):
+                op, index = step
+                if op == "open" and session.bindings:
+                    session.open_channel(session.bindings[0])
+                elif op == "close" and actions.opened:
+                    session.local_closed(actions.opened[index % len(actions.opened)])
+                continue
+            try:
+                session.received(step)
+            except SessionError:
+                continue
+        for message in actions.sent:
+            encode(message)
+            self.assertGreater(message.streamId, 0)
+            self.assertTrue(message.serviceId == "" or is_valid_service_id(message.serviceId))
+        for channel in actions.opened:
+            self.assertTrue(channel.wire_service_id == ""
+                            or is_valid_service_id(channel.wire_service_id))
 
 
 class TraceTests(SynchronousTestCase):

@@ -152,6 +152,21 @@ class LoadTests(SynchronousTestCase):
         )
         self.assertEqual(load_settings(path), expected)
 
+    def test_maxServices(self) -> None:
+        """
+        lpxy's own C{websocket.max_services} (not exported) defaults to three
+        times AWS's limit of services per tunnel; it takes a positive
+        integer.
+        """
+        self.assertEqual(ProxySettings().websocket.max_services, 9)
+        self.assertNotIn("max_services", json.dumps(default_settings_tree()))
+        path = self.write(proxyTree(websocket={"max_services": "2"}))
+        self.assertEqual(load_settings(path).websocket.max_services, 2)
+        self.assertSettingsError(
+            proxyTree(websocket={"max_services": 0}),
+            "tunneling.proxy.websocket.max_services: expected an integer >= 1, got 0",
+        )
+
     def test_overridesMerge(self) -> None:
         """
         A region override is added to the China defaults, or replaces one.

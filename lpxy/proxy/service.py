@@ -214,6 +214,7 @@ class ProxyConnector:
             subprotocol=settings.websocket.subprotocol,
             client_type=config.destination_client_type,
             max_connections=settings.tcp.max_active_connections,
+            max_services=settings.websocket.max_services,
             from_config_dir=config.mappings_from_config_dir or not keys,
             trace=config.verbosity >= 6,
         )

@@ -31,7 +31,17 @@ from attrs import define, field, frozen
 from twisted.logger import Logger
 
 from lpxy.frames import Message
-from lpxy.wire import NEWEST_SUBPROTOCOL, subprotocol_version
+from lpxy.wire import (
+    DEFAULT_MAX_SERVICES,
+    MAX_STREAM_ID,
+    NEWEST_SUBPROTOCOL,
+    SERVICE_ID_CHARACTERS,
+    SERVICE_ID_MAX_LENGTH,
+    is_valid_connection_id,
+    is_valid_service_id,
+    is_valid_stream_id,
+    subprotocol_version,
+)
 
 __all__ = [
     "Channel",
@@ -41,6 +51,7 @@ __all__ = [
     "Session",
     "SessionActions",
     "SessionError",
+    "shown_id",
 ]
 
 _T = Message.Type
@@ -51,7 +62,18 @@ SESSION_RESET = Message.SESSION_RESET
 SERVICE_IDS = Message.SERVICE_IDS
 CONNECTION_START = Message.CONNECTION_START
 CONNECTION_RESET = Message.CONNECTION_RESET
-_MAX_STREAM_ID = 2**31 - 1
+_SHOWN_ID_LENGTH = 40
+
+
+def shown_id(service_id: str) -> str:
+    """
+    A service id from the wire as a log line shows it: quoted, escaped,
+    and cut short (naming its length) when it is long, for a hostile
+    service may send ids of thousands of characters.
+    """
+    if len(service_id) <= _SHOWN_ID_LENGTH:
+        return repr(service_id)
+    return f"{service_id[:_SHOWN_ID_LENGTH]!r}... ({len(service_id)} characters)"
 
 
 class SessionError(Exception):
@@ -167,6 +189,8 @@ class Session:
     @param client_type: a source's C{-y V1|V2}, or L{None}.
     @param max_connections: the most simultaneous connections of one
         service (V3).
+    @param max_services: the most services of the tunnel's SERVICE_IDS
+        served (the first ones); a named map raises it to its own size.
     @param from_config_dir: the map came from C{--config-dir} files.
     @param trace: log every record (verbosity 6 and up).
     """
@@ -182,6 +206,7 @@ class Session:
         subprotocol: str = NEWEST_SUBPROTOCOL,
         client_type: str | None = None,
         max_connections: int = 128,
+        max_services: int = DEFAULT_MAX_SERVICES,
         from_config_dir: bool = False,
         trace: bool = False,
     ) -> None:
@@ -194,6 +219,8 @@ class Session:
             fmt = min(fmt, int(client_type[1]))
         self.format = fmt
         self._max_connections = max(1, max_connections)
+        named = bool(keys) and self._keys != [""] and not from_config_dir
+        self._max_services = max(1, max_services, len(self._keys) if named else 0)
         self._from_config_dir = from_config_dir
         self._trace = trace
         self._bindings: list[ServiceBinding] | None = None
@@ -340,18 +367,18 @@ class Session:
         if service is None:
             if self._trace:
                 self._log.debug(
-                    "Dropping DATA for stale stream {stream_id} of {service_id!r}",
+                    "Dropping DATA for stale stream {stream_id} of {service_id}",
                     stream_id=message.streamId,
-                    service_id=message.serviceId,
+                    service_id=shown_id(message.serviceId),
                 )
             return
         channel = service.channels.get(service.connection_key(message))
         if channel is None:
             if self._trace:
                 self._log.debug(
-                    "Dropping DATA for unknown connection {connection_id} of {service_id!r}",
+                    "Dropping DATA for unknown connection {connection_id} of {service_id}",
                     connection_id=message.connectionId,
-                    service_id=message.serviceId,
+                    service_id=shown_id(message.serviceId),
                 )
             return
         if self._trace:
@@ -374,13 +401,20 @@ class Session:
             return
         stream_id = message.streamId
         service = self._lookup(message.serviceId)
-        if stream_id <= 0 or service is None:
+        why = None
+        if message.serviceId and not is_valid_service_id(message.serviceId):
+            why = f"not a service id (1 to {SERVICE_ID_MAX_LENGTH} of [{SERVICE_ID_CHARACTERS}])"
+        elif service is None:
+            why = "service not served"
+        elif not is_valid_stream_id(stream_id):
+            why = "invalid stream id"
+        if why is not None or service is None:
             self._log.warn(
                 "Ignoring a STREAM_START with stream id {stream_id} for service "
-                "{service_id!r}: {why}",
+                "{service_id}: {why}",
                 stream_id=stream_id,
-                service_id=message.serviceId,
-                why="invalid stream id" if service is not None else "service not mapped",
+                service_id=shown_id(message.serviceId),
+                why=why,
             )
             return
         if stream_id == service.stream_id:
@@ -399,8 +433,8 @@ class Session:
                 service.format = min(service.format, 2)
                 if self.format >= 3:
                     self._log.info(
-                        "Service {service_id!r}: the source speaks V2 (no connection ids)",
-                        service_id=message.serviceId,
+                        "Service {service_id}: the source speaks V2 (no connection ids)",
+                        service_id=shown_id(message.serviceId),
                     )
             elif service.format < 3:
                 # A V3 source may offer an older subprotocol and still number
@@ -409,9 +443,9 @@ class Session:
                 # lack its connection id.
                 service.format = 3
                 self._log.info(
-                    "Service {service_id!r}: the source numbers its connections "
+                    "Service {service_id}: the source numbers its connections "
                     "(V3) although the subprotocol is older; answering in V3",
-                    service_id=message.serviceId,
+                    service_id=shown_id(message.serviceId),
                 )
         service.wire_id = message.serviceId
         service.stream_id = stream_id
@@ -424,13 +458,18 @@ class Session:
             self._log.warn("Ignoring a CONNECTION_START sent to a source")
             return
         service = self._active(message)
-        if service is None or service.format < 3 or message.connectionId == 0:
+        if service is None or service.format < 3 or not is_valid_connection_id(
+            message.connectionId
+        ):
             self._log.warn(
                 "Ignoring a CONNECTION_START for stream {stream_id} connection "
-                "{connection_id} of {service_id!r}: no such active stream",
+                "{connection_id} of {service_id}: {why}",
                 stream_id=message.streamId,
                 connection_id=message.connectionId,
-                service_id=message.serviceId,
+                service_id=shown_id(message.serviceId),
+                why=("no such active stream" if service is None
+                     else "the stream has no connection ids (V1, V2)" if service.format < 3
+                     else "invalid connection id"),
             )
             return
         connection_id = message.connectionId
@@ -451,9 +490,9 @@ class Session:
         service = self._active(message)
         if service is None:
             self._log.debug(
-                "Ignoring STREAM_RESET for inactive stream {stream_id} of {service_id!r}",
+                "Ignoring STREAM_RESET for inactive stream {stream_id} of {service_id}",
                 stream_id=message.streamId,
-                service_id=message.serviceId,
+                service_id=shown_id(message.serviceId),
             )
             return
         self._log.info(
@@ -479,7 +518,7 @@ class Session:
         if self._ids_seen or not self.connected_now or self.version == 1:
             self._log.debug("Ignoring a repeated SERVICE_IDS")
             return
-        ids = list(dict.fromkeys(received))
+        ids = self._served_ids(received)
         if self._bindings is None:
             self._install(self._resolve(ids))
         else:
@@ -495,6 +534,35 @@ class Session:
             "The tunnel announced services {service_ids}", service_ids=ids
         )
         self._actions.services_ready(self.bindings)
+
+    def _served_ids(self, received: Iterable[str]) -> list[str]:
+        """
+        The services of a SERVICE_IDS the proxy serves: each valid id once,
+        in order, at most C{max_services}; one warning for the invalid ids
+        and one for those over the limit.
+        """
+        ids = list(dict.fromkeys(received))
+        bad = [sid for sid in ids if not is_valid_service_id(sid)]
+        if bad:
+            self._log.warn(
+                "Ignoring {count} service id(s) of the tunnel that are not 1 to "
+                "{length} of [{characters}]: {ids}",
+                count=len(bad),
+                length=SERVICE_ID_MAX_LENGTH,
+                characters=SERVICE_ID_CHARACTERS,
+                ids=", ".join(map(shown_id, bad[:3])) + (", ..." if len(bad) > 3 else ""),
+            )
+            ids = [sid for sid in ids if is_valid_service_id(sid)]
+        if len(ids) > self._max_services:
+            self._log.warn(
+                "The tunnel announced {count} services, more than the "
+                "{limit} served (tunneling.proxy.websocket.max_services): "
+                "ignoring all but the first {limit}",
+                count=len(ids),
+                limit=self._max_services,
+            )
+            ids = ids[: self._max_services]
+        return ids
 
     def _resolve(self, ids: list[str]) -> list[ServiceBinding]:
         keys = self._keys
@@ -518,9 +586,9 @@ class Session:
                 )
             else:
                 self._log.info(
-                    "Service {service_id!r} is found in no config file: "
+                    "Service {service_id} is found in no config file: "
                     "listening on a random port",
-                    service_id=sid,
+                    service_id=shown_id(sid),
                 )
                 bindings.append(ServiceBinding(None, wire(sid)))
         return bindings
@@ -550,7 +618,7 @@ class Session:
 
     def _start_stream(self, service: _Service, connection_id: int) -> Channel:
         stream_id = service.last_stream_id + 1
-        if stream_id > _MAX_STREAM_ID:
+        if stream_id > MAX_STREAM_ID:
             stream_id = 1
         service.last_stream_id = service.stream_id = stream_id
         channel = self._new_channel(service, connection_id)

@@ -2,8 +2,8 @@
 """
 The fine-grained settings tree of the local proxy (protocol.md section 7).
 
-Exactly the reference proxy's keys and defaults, all under
-C{tunneling.proxy.}. L{ProxySettings} is the parsed, typed form the rest of
+The reference proxy's keys and defaults, all under C{tunneling.proxy.},
+plus lpxy's own C{websocket.max_services}. L{ProxySettings} is the parsed, typed form the rest of
 the proxy reads; L{export_default_settings} writes the defaults as the
 reference does (every value a string) and L{load_settings} merges a partial
 JSON file over them.
@@ -21,7 +21,7 @@ from attrs import Factory, evolve, field, fields, frozen
 from twisted.logger import Logger
 
 from lpxy.frames import LENGTH_PREFIX_SIZE
-from lpxy.wire import NEWEST_SUBPROTOCOL, SUBPROTOCOLS
+from lpxy.wire import DEFAULT_MAX_SERVICES, NEWEST_SUBPROTOCOL, SUBPROTOCOLS
 
 _log = Logger()
 
@@ -57,7 +57,13 @@ class TcpSettings:
 
 @frozen
 class WebSocketSettings:
-    """Tunnel connection behaviour (C{tunneling.proxy.websocket.*})."""
+    """
+    Tunnel connection behaviour (C{tunneling.proxy.websocket.*}).
+
+    C{max_services} is lpxy's own: the most services of the tunnel's
+    SERVICE_IDS the proxy serves (a source listens for, a destination
+    accepts starts of); the rest are ignored.
+    """
 
     ping_period_ms: int = 20000
     retry_delay_ms: int = 2500
@@ -67,6 +73,7 @@ class WebSocketSettings:
     max_frame_size: int = 131076
     write_buffer_size: int = 131076
     read_buffer_size: int = 131076
+    max_services: int = DEFAULT_MAX_SERVICES
 
 
 def _default_overrides() -> Mapping[str, str]:
@@ -93,7 +100,8 @@ class ProxySettings:
 
 
 # What the reference writes, in its order; endpoint_format and
-# tcp.write_buffer_size are honoured but never exported, as there.
+# tcp.write_buffer_size are honoured but never exported, as there, and
+# lpxy's own websocket.max_services is not exported either.
 _EXPORTED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("default_bind_address", ()),
     ("message", (
