@@ -136,7 +136,7 @@ class OpenAPITests(TestCase):
     def test_loopback_open(self) -> None:
         service, logs = self.start("tcp:0:interface=127.0.0.1")
         service.startService()
-        self.assertEqual(len(service.ports), 1)
+        self.assertEqual(len(logs.texts("Tunnel service listening on 127.0.0.1 port")), 1)
         self.assertEqual(len(logs.texts("The management API is open")), 1)
 
     def test_public_open_refused(self) -> None:
@@ -149,11 +149,11 @@ class OpenAPITests(TestCase):
     def test_public_open_allowed(self) -> None:
         service, logs = self.start("tcp:0", insecure_open_api=True)
         service.startService()
-        self.assertEqual(len(service.ports), 1)
+        self.assertEqual(len(logs.texts("Tunnel service listening on 0.0.0.0 port")), 1)
         self.assertEqual(len(logs.texts("The management API is open")), 1)
 
     def test_public_with_credentials(self) -> None:
         service, logs = self.start("tcp:0", verifier=SignatureVerifier(KEYS, Clock()))
         service.startService()
-        self.assertEqual(len(service.ports), 1)
+        self.assertEqual(len(logs.texts("Tunnel service listening on 0.0.0.0 port")), 1)
         self.assertEqual(logs.texts("The management API is open"), [])

@@ -13,20 +13,17 @@ import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.http import HTTPChannel
+from twisted.trial.unittest import TestCase
 
 from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
-from lpxy.tunnelservice.websocket import Connections, TunnelServerProtocol
+from lpxy.tunnelservice.websocket import TunnelServerProtocol
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.logs import LogRecorder
 from tests.support.sockets import no_delay
@@ -895,29 +892,3 @@ class TLSTests(ServiceTestCase):
 
         tunnel = await deferToThread(describe)
         self.assertEqual(tunnel["status"], "OPEN")
-
-
-class ConnectionsTests(SynchronousTestCase):
-    """L{Connections} closing what it tracks."""
-
-    def test_close_all_lets_http_channel_go_first(self) -> None:
-        """
-        An HTTP channel is its transport's producer; closing it must
-        unregister that first, or a transport that paused it (a response
-        over the buffer's mark) would drain and never close.
-        """
-        channel = HTTPChannel()
-        channel.timeOut = None
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        channel.pauseProducing()  # as the transport does with a full buffer
-        self.assertIs(transport.producer, channel)
-        connections = Connections()
-        connections.add(channel)
-        closed = connections.close_all()
-        self.assertTrue(transport.disconnecting)
-        self.assertIsNone(transport.producer)
-        self.assertNoResult(closed)
-        channel.connectionLost(Failure(ConnectionDone()))
-        connections.discard(channel)
-        self.successResultOf(closed)

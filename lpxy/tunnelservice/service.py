@@ -3,30 +3,33 @@
 The tunnel service as a Twisted service: ports serving both planes.
 
 Every port runs one twisted.web site: C{POST /} is the management API and
-C{GET /tunnel} the WebSocket data plane. Every connection, HTTP or
-WebSocket, is kept in one L{Connections} set, so that stopping the service
-can close them all (tunnel peers with 1001) and finish only when they are
-gone.
+C{GET /tunnel} the WebSocket data plane. Each port is a
+L{StreamServerEndpointService} child of the L{TunnelService}. Every
+connection, HTTP or WebSocket, is kept in one L{Connections} registry, so
+that stopping the service can close them all (tunnel peers with 1001) and
+finish only when they are gone.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._ws import Clock, set_no_delay
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
@@ -36,13 +39,58 @@ from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.websocket import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PING_INTERVAL,
-    Connections,
     TunnelServerFactory,
+    TunnelServerProtocol,
 )
+from lpxy.wire import CLOSE_GOING_AWAY
 
-__all__ = ["OpenAPIRefused", "TunnelService"]
+__all__ = ["Connections", "OpenAPIRefused", "TunnelService"]
 
 _HTTP_IDLE_TIMEOUT = 120
+
+
+class Connections:
+    """
+    The open connections of a service, HTTP and WebSocket alike, so that
+    stopping it can close them all and know when they are gone.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[Any] = set()
+        self._idle: list[defer.Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, connection: Any) -> None:
+        """Track a connection (a protocol with a transport)."""
+        self._open.add(connection)
+
+    def discard(self, connection: Any) -> None:
+        """A connection is gone (or no longer ours)."""
+        self._open.discard(connection)
+        if not self._open:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def close_all(self) -> defer.Deferred[None]:
+        """
+        Close every connection, tunnel peers with 1001; fire once none is left.
+        """
+        for connection in list(self._open):
+            if isinstance(connection, TunnelServerProtocol):
+                connection.close(CLOSE_GOING_AWAY, "service shutting down")
+            elif connection.transport is not None:
+                # An HTTP channel is its transport's producer, and the
+                # transport's loseConnection would wait for it to unregister;
+                # the channel's own loseConnection unregisters first.
+                connection.loseConnection()
+        if not self._open:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        return d
 
 
 class _PlainError(Resource):
@@ -139,6 +187,47 @@ def _is_local(address: Any) -> bool:
         return False
 
 
+@implementer(IStreamServerEndpoint)
+class _Reported:
+    """
+    An endpoint whose listening the service hears of: C{listened} gets each
+    port (and may refuse it by raising); a failure after the start has
+    passed goes to C{failed_later}, since it can no longer fail the start.
+    """
+
+    def __init__(
+        self,
+        endpoint: Any,
+        listened: Callable[[Any], Any],
+        failed_later: Callable[[Failure], None],
+    ) -> None:
+        self._endpoint = endpoint
+        self._listened = listened
+        self._failed_later = failed_later
+
+    def listen(self, factory: Factory) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = self._endpoint.listen(factory)
+        d.addCallback(self._listened)
+        if not d.called:
+            d.addErrback(self._failed_later)
+        return d
+
+
+class _Port(StreamServerEndpointService):
+    """
+    One port of the service. As with C{strports.service}, a port that cannot
+    listen when the service starts fails the start.
+    """
+
+    _raiseSynchronously = True
+
+    def stopService(self) -> defer.Deferred[None]:
+        if self._waitingForPort is None:
+            # Never asked to listen: an earlier port failed the start.
+            return defer.succeed(None)
+        return super().stopService()
+
+
 class TunnelService(MultiService):
     """
     The tunnel service: a broker and the ports that serve it.
@@ -179,9 +268,6 @@ class TunnelService(MultiService):
         self._reactor = reactor
         self._open_api = verifier is None
         self._insecure_open_api = insecure_open_api
-        self._endpoints = [
-            serverFromString(reactor, e) if isinstance(e, str) else e for e in endpoints
-        ]
         self.broker = Broker(
             clock if clock is not None else reactor, store=store, limits=limits
         )
@@ -203,59 +289,49 @@ class TunnelService(MultiService):
         site.displayTracebacks = False
         site.noisy = False
         self.factory = site
-        self.ports: list[Any] = []
+        for endpoint in endpoints:
+            if isinstance(endpoint, str):
+                endpoint = serverFromString(reactor, endpoint)
+            reported = _Reported(endpoint, self._listened, self._failed_later)
+            _Port(reported, site).setServiceParent(self)
         self._started_listening = False
-        self._synchronous = False
-        self._outcome: Any = None
-        self._waiting: list[defer.Deferred[list[IListeningPort]]] = []
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
+        self._start_listening()
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            self._cannot_listen(e)
 
     def startService(self) -> None:
-        super().startService()
-        if not self._started_listening:
-            self._listen()
+        self._start_listening()
+        try:
+            super().startService()
+        except Exception as e:
+            self._cannot_listen(e)
         # Under twistd, the root service takes over SIGTERM and SIGINT when
         # the reactor runs, before this.
         self._reactor.callWhenRunning(self._log.info, "Tunnel service ready")
 
-    def _listen(self) -> None:
+    def _start_listening(self) -> None:
+        if self._started_listening:
+            return
+        self._started_listening = True
         if self._open_api:
             self._log.warn(
                 "The management API is open: no --credentials were given, so anyone "
                 "who reaches its port can open, close and rotate tunnels."
             )
-        self._started_listening = True
-        self._synchronous = True
-        d = defer.gatherResults(
-            [e.listen(self.factory).addCallback(self._listened) for e in self._endpoints],
-            consumeErrors=True,
-        )
-        d.addBoth(self._listen_done)
-        self._synchronous = False
-        if isinstance(self._outcome, Failure):
-            # Fail the start, so that twistd exits 1, with one line.
-            self._log.critical(
-                "Tunnel service cannot listen: {error}", error=self._outcome.getErrorMessage()
-            )
-            raise SystemExit(f"tunnelservice: {self._outcome.getErrorMessage()}")
 
-    def _listen_done(self, outcome: Any) -> None:
-        if isinstance(outcome, Failure) and isinstance(outcome.value, defer.FirstError):
-            outcome = outcome.value.subFailure
-        self._outcome = outcome
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            if isinstance(outcome, Failure):
-                d.errback(outcome)
-            else:
-                d.callback(outcome)
-        if isinstance(outcome, Failure) and not self._synchronous:
-            self._log.failure("Tunnel service could not listen", outcome)
-            if self._reactor.running:
-                self._reactor.stop()
+    def _cannot_listen(self, error: Exception) -> None:
+        # Fail the start, so that twistd exits 1, with one line.
+        self._log.critical("Tunnel service cannot listen: {error}", error=str(error))
+        raise SystemExit(f"tunnelservice: {error}")
+
+    def _failed_later(self, failure: Failure) -> None:
+        self._log.failure("Tunnel service could not listen", failure)
+        if self._reactor.running:
+            self._reactor.stop()
 
     def _listened(self, port: Any) -> Any:
         address = port.getHost()
@@ -267,7 +343,6 @@ class TunnelService(MultiService):
                 "and the API has no --credentials: give --credentials FILE, listen on "
                 "loopback, or accept an open API with --insecure-open-api"
             )
-        self.ports.append(port)
         self._log.info("Tunnel service listening on {host} port {port}", **where)
         if self._open_api and not _is_local(address):
             self._log.warn(
@@ -277,16 +352,6 @@ class TunnelService(MultiService):
             )
         return port
 
-    def when_listening(self) -> defer.Deferred[list[IListeningPort]]:
-        """Fire with the listening ports once every endpoint listens."""
-        if self._outcome is None:
-            d: defer.Deferred[list[IListeningPort]] = defer.Deferred()
-            self._waiting.append(d)
-            return d
-        if isinstance(self._outcome, Failure):
-            return defer.fail(self._outcome)
-        return defer.succeed(self._outcome)
-
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         """
@@ -294,8 +359,6 @@ class TunnelService(MultiService):
         them, then for the store to write what is pending.
         """
         yield super().stopService()
-        ports, self.ports = self.ports, []
-        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         self.broker.stop()
         yield self.connections.close_all()
         yield self.store.close()

@@ -44,14 +44,13 @@ from a peer (flow control), that peer's silence is not held against it.
 from __future__ import annotations
 
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
+from typing import Any, Protocol
 
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -89,7 +88,6 @@ from lpxy.tunnelservice.policy import (
 )
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.wire import (
-    CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
@@ -102,7 +100,7 @@ from lpxy.wire import (
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_PING_INTERVAL",
-    "Connections",
+    "ConnectionRegistry",
     "TunnelServerFactory",
     "TunnelServerProtocol",
 ]
@@ -113,48 +111,14 @@ DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_IDLE_TIMEOUT = 90.0
 
 
-class Connections:
-    """
-    The open connections of a service, HTTP and WebSocket alike, so that
-    stopping it can close them all and know when they are gone.
-    """
-
-    def __init__(self) -> None:
-        self._open: set[Any] = set()
-        self._idle: list[defer.Deferred[None]] = []
-
-    def __len__(self) -> int:
-        return len(self._open)
+class ConnectionRegistry(Protocol):
+    """Where the factory's connections are kept (the service's L{Connections})."""
 
     def add(self, connection: Any) -> None:
-        """Track a connection (a protocol with a transport)."""
-        self._open.add(connection)
+        """A connection is open."""
 
     def discard(self, connection: Any) -> None:
-        """A connection is gone (or no longer ours)."""
-        self._open.discard(connection)
-        if not self._open:
-            idle, self._idle = self._idle, []
-            for d in idle:
-                d.callback(None)
-
-    def close_all(self) -> defer.Deferred[None]:
-        """
-        Close every connection, tunnel peers with 1001; fire once none is left.
-        """
-        for connection in list(self._open):
-            if isinstance(connection, TunnelServerProtocol):
-                connection.close(CLOSE_GOING_AWAY, "service shutting down")
-            elif connection.transport is not None:
-                # An HTTP channel is its transport's producer, and the
-                # transport's loseConnection would wait for it to unregister;
-                # the channel's own loseConnection unregisters first.
-                connection.loseConnection()
-        if not self._open:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(d)
-        return d
+        """A connection is gone."""
 
 
 @implementer(IPushProducer)
@@ -529,8 +493,8 @@ class TunnelServerFactory(WebSocketServerFactory):
     Builds L{TunnelServerProtocol}s for one L{Broker}.
 
     @param broker: decides which handshakes succeed and pairs the peers.
+    @param connections: where the open connections are kept.
     @param reactor: for Autobahn's timers (tests pass their own).
-    @param connections: where the open connections are tracked.
     @param clock: the time source of the liveness checks (the reactor unless given).
     @param ping_interval: seconds of silence after which a peer is pinged.
     @param idle_timeout: seconds of silence after which a peer is dropped.
@@ -542,8 +506,8 @@ class TunnelServerFactory(WebSocketServerFactory):
     def __init__(
         self,
         broker: Broker,
+        connections: ConnectionRegistry,
         reactor: Any = None,
-        connections: Connections | None = None,
         clock: Clock | None = None,
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -555,7 +519,7 @@ class TunnelServerFactory(WebSocketServerFactory):
         self.clock: Clock = clock if clock is not None else self.reactor
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
-        self.connections = connections if connections is not None else Connections()
+        self.connections = connections
         self.setProtocolOptions(
             maxFramePayloadSize=WIRE_FRAME_LIMIT,
             maxMessagePayloadSize=WIRE_FRAME_LIMIT,

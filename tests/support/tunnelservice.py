@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from tests.support.certs import TestPKI
 
 __all__ = [
+    "ListeningEndpoint",
     "OpenedTunnel",
     "RecordingPeer",
     "ServiceFixture",
@@ -63,6 +64,29 @@ class RecordingPeer:
 
     def partner_left(self, partner: IPeer) -> None:
         self.events.append((self.name, "left", partner.name))  # type: ignore[attr-defined]
+
+
+class ListeningEndpoint:
+    """
+    A server endpoint that hands its listening port to the test as well:
+    C{listening} fires with it (or fails as the listen fails).
+    """
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+        self.listening: defer.Deferred[Any] = defer.Deferred()
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        def listened(port: Any) -> Any:
+            self.listening.callback(port)
+            return port
+
+        def failed(failure: Any) -> Any:
+            self.listening.errback(failure)
+            return failure
+
+        d: defer.Deferred[Any] = self._endpoint.listen(factory)
+        return d.addCallbacks(listened, failed)
 
 
 @attrs.define
@@ -104,9 +128,10 @@ async def _start(
         description = "tcp:0:interface=127.0.0.1"
     else:
         description = tls.server_endpoint_string()
+    endpoint = ListeningEndpoint(serverFromString(reactor, description))
     service = TunnelService(
         reactor,
-        [serverFromString(reactor, description)],
+        [endpoint],
         limits=Limits(**limits),  # type: ignore[arg-type]
         max_request_size=max_request_size,
         clock=clock,
@@ -116,8 +141,7 @@ async def _start(
     )
     service.startService()
     case.addCleanup(service.stopService)
-    ports: list[Any] = await service.when_listening()
-    port = ports[0].getHost().port
+    port = (await endpoint.listening).getHost().port
     scheme = "https" if tls is not None else "http"
     return ServiceFixture(
         port=port,
