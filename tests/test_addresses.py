@@ -20,6 +20,7 @@ from lpxy.proxy.addresses import (
     parse_no_proxy,
     parse_source_map,
     parse_web_proxy,
+    reason_of,
     region_endpoint,
 )
 from lpxy.proxy.settings import ProxySettings
@@ -61,6 +62,7 @@ class EndpointTests(SynchronousTestCase):
         """
         Everything else is refused with the valid forms.
         """
+        characters = "Proxy endpoint contains invalid characters"
         for text in [
             "", "host:", "host:0", "host:65536", "host:x", "ho st", "host/path",
             "-host", "[::1", "[nothex]:1", "1:2:3", "wss://", "wss://h/tunnel",
@@ -68,6 +70,15 @@ class EndpointTests(SynchronousTestCase):
         ]:
             e = self.assertRaises(ValueError, parse_endpoint, text)
             self.assertEqual(str(e), f"{ENDPOINT_FORM}, got {text!r}")
+            if not text:
+                reason = "Proxy endpoint cannot be empty"
+            elif len(text) > 253:
+                reason = "Proxy endpoint exceeds maximum allowed length"
+            elif " " in text or "/" in text:
+                reason = characters
+            else:
+                reason = f"Invalid endpoint specified: {text}"
+            self.assertEqual(reason_of(e), reason, text)
 
     def test_urlForm(self) -> None:
         """
@@ -132,13 +143,18 @@ class RegionTests(SynchronousTestCase):
         """
         A region is lower-case letters, digits and dashes, at most 64.
         """
-        for region in ("US-EAST-1", "", "us_east_1", "a" * 65, "us.east"):
+        form = "Region must contain only lowercase letters, numbers, and hyphens"
+        for region, reason in (
+            ("US-EAST-1", form), ("", "Region cannot be empty"), ("us_east_1", form),
+            ("a" * 65, "Region exceeds maximum allowed length"), ("us.east", form),
+        ):
             e = self.assertRaises(ValueError, region_endpoint, region, ProxySettings())
             self.assertEqual(
                 str(e),
                 "expected lower-case letters, digits and '-' (at most 64),"
                 f" e.g. us-east-1, got {region!r}",
             )
+            self.assertEqual(reason_of(e), reason, region)
 
     def test_badOverride(self) -> None:
         """
@@ -171,24 +187,43 @@ class SourceMapTests(SynchronousTestCase):
         """
         Each mistake is named, followed by the valid form.
         """
+        range_ = "Port must be between 1 and 65535"
+        several = "Wrong format for the port mappings! Example: SSH1=5555,SSH2=6666."
         cases = {
-            "": "empty mapping",
-            " , ,": "empty mapping",
-            "0": "port '0' is not 1..65535",
-            "65536": "port '65536' is not 1..65535",
-            "SSH=70000": "port '70000' is not 1..65535",
-            "SSH=localhost:22": "port 'localhost:22' is not 1..65535",
-            "SSH=": "'SSH=' has no endpoint",
-            "=22": "service id '' is not 1 to 128 of [a-zA-Z0-9_-]",
-            "S.1=22": "service id 'S.1' is not 1 to 128 of [a-zA-Z0-9_-]",
-            "x" * 129 + "=1": f"service id {'x' * 129!r} is not 1 to 128 of [a-zA-Z0-9_-]",
-            "SSH=22,SSH=23": "service id 'SSH' given twice",
-            "22,23": "'22' needs an ID= when there are several",
-            "SSH=22,23": "'23' needs an ID= when there are several",
+            "": ("empty mapping", None),
+            " , ,": ("empty mapping", None),
+            "0": ("port '0' is not 1..65535", range_),
+            "65536": ("port '65536' is not 1..65535", range_),
+            "99999999999": ("port '99999999999' is not 1..65535", "Port value is too large"),
+            "SSH=70000": ("port '70000' is not 1..65535", range_),
+            "SSH=localhost:22": (
+                "port 'localhost:22' is not 1..65535", "Port must contain only digits"
+            ),
+            "SSH=": (
+                "'SSH=' has no endpoint",
+                "Wrong format for the port mappings: SSH= .Example: SSH1=5555",
+            ),
+            "=22": (
+                "service id '' is not 1 to 128 of [a-zA-Z0-9_-]",
+                "Wrong format for the port mappings: =22 .Example: SSH1=5555",
+            ),
+            "S.1=22": (
+                "service id 'S.1' is not 1 to 128 of [a-zA-Z0-9_-]",
+                "Service ID must contain only alphanumeric characters, hyphens, and"
+                " underscores",
+            ),
+            "x" * 129 + "=1": (
+                f"service id {'x' * 129!r} is not 1 to 128 of [a-zA-Z0-9_-]",
+                "Service ID exceeds maximum allowed length",
+            ),
+            "SSH=22,SSH=23": ("service id 'SSH' given twice", None),
+            "22,23": ("'22' needs an ID= when there are several", several),
+            "SSH=22,23": ("'23' needs an ID= when there are several", several),
         }
-        for text, problem in cases.items():
+        for text, (problem, reason) in cases.items():
             e = self.assertRaises(ValueError, parse_source_map, text)
             self.assertEqual(str(e), f"{problem}: expected {SOURCE_FORM}", text)
+            self.assertEqual(reason_of(e), reason, text)
 
 
 class DestinationMapTests(SynchronousTestCase):
@@ -230,20 +265,38 @@ class DestinationMapTests(SynchronousTestCase):
         """
         Each mistake is named, followed by the valid form.
         """
+        range_ = "Port must be between 1 and 65535"
         cases = {
-            "": "empty mapping",
-            "0": "port '0' is not 1..65535",
-            "host": "bad endpoint 'host' (no port)",
-            "host:0": "bad endpoint 'host:0' (port '0' is not 1..65535)",
-            "::1:22": "bad endpoint '::1:22' (no port)",
-            "[::1]": "bad endpoint '[::1]' (no port)",
-            "a b:1": "bad endpoint 'a b:1' (bad host name 'a b')",
-            "SSH=22,SSH=h:1": "service id 'SSH' given twice",
-            "S SH=22": "service id 'S SH' is not 1 to 128 of [a-zA-Z0-9_-]",
+            "": ("empty mapping", None),
+            "0": ("port '0' is not 1..65535", range_),
+            "99999999999": ("port '99999999999' is not 1..65535", "Port value is too large"),
+            "host": ("bad endpoint 'host' (no port)", None),
+            "host:0": ("bad endpoint 'host:0' (port '0' is not 1..65535)", range_),
+            "localhost:abc": (
+                "bad endpoint 'localhost:abc' (port 'abc' is not 1..65535)",
+                "Port must contain only digits",
+            ),
+            "::1:22": ("bad endpoint '::1:22' (no port)", None),
+            "[::1]": ("bad endpoint '[::1]' (no port)", None),
+            "a b:1": (
+                "bad endpoint 'a b:1' (bad host name 'a b')",
+                "Bind address contains invalid characters",
+            ),
+            "local host:22": (
+                "bad endpoint 'local host:22' (bad host name 'local host')",
+                "Bind address contains invalid characters",
+            ),
+            "SSH=22,SSH=h:1": ("service id 'SSH' given twice", None),
+            "S SH=22": (
+                "service id 'S SH' is not 1 to 128 of [a-zA-Z0-9_-]",
+                "Service ID must contain only alphanumeric characters, hyphens, and"
+                " underscores",
+            ),
         }
-        for text, problem in cases.items():
+        for text, (problem, reason) in cases.items():
             e = self.assertRaises(ValueError, parse_destination_map, text, "127.0.0.1")
             self.assertEqual(str(e), f"{problem}: expected {DESTINATION_FORM}", text)
+            self.assertEqual(reason_of(e), reason, text)
 
 
 class WebProxyTests(SynchronousTestCase):

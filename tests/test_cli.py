@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet.task import react
 from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.proxy import cli
@@ -40,17 +41,23 @@ class ParseTests(SynchronousTestCase):
 
     def test_usageError(self) -> None:
         """
-        A bad option is one line on standard error naming the problem, and
-        exit status 1.
+        A bad option goes to standard error as the reference writes it: its
+        reason, lpxy's line naming the option and the fix where it says
+        more, the reference's trailer; exit status 1.
         """
-        for argv, message in {
-            ("-t", TOKEN, "-e", "h", "-s", "0"):
-            "--source-listen-port/-s: port '0' is not 1..65535: expected PORT or"
-            " ID=PORT[,ID=PORT...], e.g. 5555 or SSH1=5555,HTTP1=8080",
-            ("--nope",): "option --nope not recognized",
-            ("-t", TOKEN, "-e", "h", "-s", "1", "foo"): "unexpected argument 'foo'",
-            ("-e", "h", "-s", "1"): "no access token: give --access-token/-t, access-token"
-            " in the --config file, or AWSIOT_TUNNEL_ACCESS_TOKEN",
+        for argv, lines in {
+            ("-t", TOKEN, "-e", "h", "-s", "0"): [
+                "Port must be between 1 and 65535",
+                "--source-listen-port/-s: port '0' is not 1..65535: expected PORT or"
+                " ID=PORT[,ID=PORT...], e.g. 5555 or SSH1=5555,HTTP1=8080",
+            ],
+            ("--nope",): ["unrecognised option '--nope'"],
+            ("-t", TOKEN, "-e", "h", "-s", "1", "foo"): ["unexpected argument 'foo'"],
+            ("-e", "h", "-s", "1"): [
+                "the option '--access-token' is required but missing",
+                "no access token: give --access-token/-t, access-token"
+                " in the --config file, or AWSIOT_TUNNEL_ACCESS_TOKEN",
+            ],
         }.items():
             stderr = io.StringIO()
             e = self.assertRaises(
@@ -58,9 +65,30 @@ class ParseTests(SynchronousTestCase):
             )
             self.assertEqual(e.code, 1)
             self.assertEqual(
-                stderr.getvalue(),
-                f"localproxy: error: {message} (see localproxy --help)\n",
+                stderr.getvalue().splitlines(),
+                [*lines, "Try 'localproxy --help' for a list of options."],
             )
+
+    def test_plainUsageErrorGetsTrailer(self) -> None:
+        """
+        A L{usage.UsageError} that is not an L{OptionError} (one of
+        Twisted's own) still ends with the reference's trailer, once.
+        """
+        class Failing(dict):  # type: ignore[type-arg]
+            def __init__(self, **kw: Any) -> None:
+                super().__init__()
+
+            def parseOptions(self, argv: list[str]) -> None:
+                raise usage.UsageError("Wrong number of arguments.")
+
+        self.patch(cli, "Options", Failing)
+        stderr = io.StringIO()
+        e = self.assertRaises(SystemExit, cli.parse, [], stderr)
+        self.assertEqual(e.code, 1)
+        self.assertEqual(
+            stderr.getvalue(),
+            "Wrong number of arguments.\nTry 'localproxy --help' for a list of options.\n",
+        )
 
 
 class RunTests(SynchronousTestCase):

@@ -5,6 +5,7 @@ environment, settings and C{--config-dir} into one L{ProxyConfig}.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -14,9 +15,9 @@ from typing import Any, ClassVar
 from attrs import evolve
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from lpxy.proxy import cli
 from lpxy.proxy.config import (
     ProxyConfig,
     TcpTarget,
@@ -26,12 +27,16 @@ from lpxy.proxy.config import (
     read_config_file,
     resolve,
 )
+from lpxy.proxy.option_errors import TRY_HELP, OptionError
 from lpxy.proxy.settings import ProxySettings, WebSocketSettings
 from tests.support.permissions import permissions_enforced
 
 TOKEN = "AQGAAXiK-source-token-Zm9vYmFy"
 CLIENT = "0123456789abcdef-0123456789abcdef"
 US_EAST = TunnelEndpoint("data.tunneling.iot.us-east-1.amazonaws.com")
+ENDPOINT_CHOICE = (
+    "Must specify one and only one of --region/-r or --proxy-endpoint/-e options"
+)
 
 
 class ResolveCase(SynchronousTestCase):
@@ -64,13 +69,20 @@ class ResolveCase(SynchronousTestCase):
         options: Mapping[str, object],
         message: str,
         environ: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
-        e = self.assertRaises(UsageError, resolve, options, environ or {}, self.cwd)
-        text = str(e).replace(str(self.cwd), "CWD")
-        self.assertEqual(text, message)
-        self.assertNotIn("\n", text)
-        self.assertNotIn(TOKEN, text)
-        self.assertNotIn(CLIENT, text)
+        """
+        L{resolve} refuses C{options}: the reference's C{reason} (if any),
+        then lpxy's one-line C{message}, then the reference's trailer.
+        """
+        e = self.assertRaises(OptionError, resolve, options, environ or {}, self.cwd)
+        detail = (e.detail or "").replace(str(self.cwd), "CWD")
+        self.assertEqual((e.reason, detail), (reason, message))
+        self.assertNotIn("\n", detail)
+        lines = [line for line in (reason, e.detail) if line is not None]
+        self.assertEqual(str(e), "\n".join([*lines, TRY_HELP]))
+        self.assertNotIn(TOKEN, str(e))
+        self.assertNotIn(CLIENT, str(e))
 
     def warnings(self) -> list[str]:
         return [
@@ -488,11 +500,20 @@ class ConfigDirTests(ResolveCase):
         """
         base = {"access-token": TOKEN, "region": "us-east-1", "mode": "src"}
         form = "is not a non-empty directory of ID = ENDPOINT files"
-        self.assertUsage({**base, "config-dir": "nope"}, f"--config-dir: 'nope' {form}")
+        self.assertUsage(
+            {**base, "config-dir": "nope"}, f"--config-dir: 'nope' {form}",
+            reason="Invalid configuration directory: nope",
+        )
         (self.cwd / "empty").mkdir()
-        self.assertUsage({**base, "config-dir": "empty"}, f"--config-dir: 'empty' {form}")
+        self.assertUsage(
+            {**base, "config-dir": "empty"}, f"--config-dir: 'empty' {form}",
+            reason="Invalid configuration directory: empty",
+        )
         self.file("afile", "x")
-        self.assertUsage({**base, "config-dir": "afile"}, f"--config-dir: 'afile' {form}")
+        self.assertUsage(
+            {**base, "config-dir": "afile"}, f"--config-dir: 'afile' {form}",
+            reason="Invalid configuration directory: afile",
+        )
         self.file("m1/a", "SSH1 5555\n")
         self.assertUsage(
             {**base, "config-dir": "m1"},
@@ -543,11 +564,13 @@ class ConfigFileTests(ResolveCase):
         self.assertUsage(
             {"config": "none.conf"},
             "--config: cannot read CWD/none.conf: No such file or directory",
+            reason="can not read options configuration file 'none.conf'",
         )
         self.file("a.conf", "region us-east-1\n")
         self.assertUsage(
             {"config": "a.conf"},
             "--config CWD/a.conf line 1: expected long-name = value, e.g. region = us-east-1",
+            reason="the options configuration file contains an invalid line 'region us-east-1'",
         )
         unknown = (
             "expected a long option name other than config, export-default-settings,"
@@ -555,24 +578,31 @@ class ConfigFileTests(ResolveCase):
         )
         self.file("b.conf", "\nregion = x\ncolour = blue\n")
         self.assertUsage(
-            {"config": "b.conf"}, f"--config CWD/b.conf line 3: unknown option 'colour'; {unknown}"
+            {"config": "b.conf"}, f"--config CWD/b.conf line 3: unknown option 'colour'; {unknown}",
+            reason="unrecognised option 'colour'",
         )
         self.file("c.conf", "config = other.conf\n")
         self.assertUsage(
-            {"config": "c.conf"}, f"--config CWD/c.conf line 1: unknown option 'config'; {unknown}"
+            {"config": "c.conf"}, f"--config CWD/c.conf line 1: unknown option 'config'; {unknown}",
+            reason="unrecognised option 'config'",
         )
         self.file("d.conf", "region = a\nregion = b\n")
-        self.assertUsage({"config": "d.conf"}, "--config CWD/d.conf line 2: region given twice")
+        self.assertUsage(
+            {"config": "d.conf"}, "--config CWD/d.conf line 2: region given twice",
+            reason="option '--region' cannot be specified more than once",
+        )
         self.file("e.conf", "no-ssl-host-verify = perhaps\n")
         self.assertUsage(
             {"config": "e.conf"},
             "no-ssl-host-verify (--config CWD/e.conf): expected true or false",
+            reason="the argument ('perhaps') for option '--no-ssl-host-verify' is invalid",
         )
         self.file("f.conf", "region = US\n")
         self.assertUsage(
             {"config": "f.conf", "access-token": TOKEN, "source-listen-port": "1"},
             "region (--config CWD/f.conf): expected lower-case letters, digits and '-'"
             " (at most 64), e.g. us-east-1, got 'US'",
+            reason="Region must contain only lowercase letters, numbers, and hyphens",
         )
 
 
@@ -593,16 +623,19 @@ class BadOptionTests(ResolveCase):
         self.assertUsage(
             {**self.source, "proxy-endpoint": "h"},
             "--region/-r and --proxy-endpoint/-e are exclusive: give only one",
+            reason=ENDPOINT_CHOICE,
         )
         self.assertUsage(
             {"access-token": TOKEN, "source-listen-port": "1"},
             "give one of --region/-r or --proxy-endpoint/-e"
             " (or AWSIOT_TUNNEL_REGION or AWSIOT_TUNNEL_ENDPOINT)",
+            reason=ENDPOINT_CHOICE,
         )
         self.assertUsage(
             {"access-token": TOKEN, "source-listen-port": "1"},
             "AWSIOT_TUNNEL_REGION and AWSIOT_TUNNEL_ENDPOINT are exclusive: give only one",
             {"AWSIOT_TUNNEL_REGION": "us-east-1", "AWSIOT_TUNNEL_ENDPOINT": "h"},
+            reason=ENDPOINT_CHOICE,
         )
 
     def test_badEndpointAndRegion(self) -> None:
@@ -613,17 +646,20 @@ class BadOptionTests(ResolveCase):
             {**self.source, "region": None, "proxy-endpoint": "host:99999"},
             "--proxy-endpoint/-e: expected HOST[:PORT], [IPV6]:PORT, wss://HOST[:PORT]"
             " or ws://HOST[:PORT], got 'host:99999'",
+            reason="Invalid endpoint specified: host:99999",
         )
         self.assertUsage(
             {**self.source, "region": "us east"},
             "--region/-r: expected lower-case letters, digits and '-' (at most 64),"
             " e.g. us-east-1, got 'us east'",
+            reason="Region must contain only lowercase letters, numbers, and hyphens",
         )
         self.assertUsage(
             {"access-token": TOKEN, "source-listen-port": "1"},
             "AWSIOT_TUNNEL_ENDPOINT: expected HOST[:PORT], [IPV6]:PORT, wss://HOST[:PORT]"
             " or ws://HOST[:PORT], got 'ftp://x'",
             {"AWSIOT_TUNNEL_ENDPOINT": "ftp://x"},
+            reason="Proxy endpoint contains invalid characters",
         )
 
     def test_mappingChoice(self) -> None:
@@ -633,19 +669,25 @@ class BadOptionTests(ResolveCase):
         self.assertUsage(
             {**self.source, "destination-app": "22"},
             "--source-listen-port/-s and --destination-app/-d are exclusive: give only one",
+            reason="Must specify one and only one of --source-listen-port/-s or"
+            " --destination-app/-d",
         )
         self.assertUsage(
             {"access-token": TOKEN, "region": "us-east-1"},
             "give one of --source-listen-port/-s, --destination-app/-d or --mode/-m",
+            reason="Must specify one of --source-listen-port/-s or --destination-app/-d"
+            " or --mode",
         )
         self.assertUsage(
             {**self.source, "mode": "dst"},
             "--source-listen-port/-s means source mode, but --mode/-m is dst",
+            reason="-s and --mode have mismatched mode. Mode is set to destination!",
         )
         self.assertUsage(
             {"access-token": TOKEN, "region": "us-east-1", "destination-app": "22",
              "mode": "source"},
             "--destination-app/-d means destination mode, but --mode/-m is source",
+            reason="-s and --mode have mismatched mode. Mode is set to source!",
         )
 
     def test_badMaps(self) -> None:
@@ -656,6 +698,7 @@ class BadOptionTests(ResolveCase):
             {**self.source, "source-listen-port": "65536"},
             "--source-listen-port/-s: port '65536' is not 1..65535: expected PORT or"
             " ID=PORT[,ID=PORT...], e.g. 5555 or SSH1=5555,HTTP1=8080",
+            reason="Port must be between 1 and 65535",
         )
         self.assertUsage(
             {**self.source, "source-listen-port": ","},
@@ -676,6 +719,7 @@ class BadOptionTests(ResolveCase):
         self.assertUsage(
             {**self.source, "mode": "both"},
             "--mode/-m: expected src, source, dst or destination, got 'both'",
+            reason="Mode value is wrong! Allowed values are: src, dst, source, destination",
         )
 
     def test_badClientType(self) -> None:
@@ -695,14 +739,19 @@ class BadOptionTests(ResolveCase):
 
     def test_badVerbosity(self) -> None:
         """
-        Verbosity is 0..255.
+        Verbosity is a 16-bit number, as the reference reads it: a negative
+        one wraps.
         """
-        for value in ("256", "-1", "loud", "", "1.5"):
+        for value in ("65536", "-65536", "loud", "", "1.5", "0x10"):
             self.assertUsage(
                 {**self.source, "verbose": value},
-                "--verbose/-v: expected 0..255 (0 off, 1 critical, 2 error, 3 warning,"
+                "--verbose/-v: expected 0..65535 (0 off, 1 critical, 2 error, 3 warning,"
                 f" 4 info, 5 debug, 6+ trace), got {value!r}",
+                reason=f"the argument ('{value}') for option '--verbose' is invalid",
             )
+        for value, verbosity in (("0", 0), ("255", 255), ("65535", 65535), ("-1", 65535)):
+            config = self.resolve({**self.source, "verbose": value})
+            self.assertEqual(config.verbosity, verbosity)
 
     def test_tokens(self) -> None:
         """
@@ -713,22 +762,43 @@ class BadOptionTests(ResolveCase):
             {"region": "us-east-1", "source-listen-port": "1"},
             "no access token: give --access-token/-t, access-token in the --config file,"
             " or AWSIOT_TUNNEL_ACCESS_TOKEN",
+            reason="the option '--access-token' is required but missing",
         )
-        for token in ("", "x" * 4097, TOKEN + "\n", TOKEN + "\x7f"):
+        for token, reason in (
+            ("", "Access token cannot be empty"),
+            ("x" * 4097, "Access token exceeds maximum allowed length"),
+            (TOKEN + "\n", "Access token contains invalid control characters"),
+            (TOKEN + "\x7f", "Access token contains invalid control characters"),
+        ):
             self.assertUsage(
                 {**self.source, "access-token": token},
                 "--access-token/-t: expected 1 to 4096 characters without control characters",
+                reason=reason,
             )
+        self.assertUsage(
+            {"region": "us-east-1", "source-listen-port": "1"},
+            "AWSIOT_TUNNEL_ACCESS_TOKEN: expected 1 to 4096 characters without control"
+            " characters",
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": ""},
+            reason="Access token cannot be empty",
+        )
         self.resolve({**self.source, "access-token": "x" * 4096})
-        for client in ("short", CLIENT + "!", "a" * 129, "", CLIENT + " "):
+        length = "Client token must be between 32 and 128 characters"
+        for client, reason in (
+            ("short", length), (CLIENT + "!", None), ("a" * 129, length), ("", length),
+            (CLIENT + " ", None), (CLIENT + "\t", "Client token contains invalid control"
+                                  " characters"),
+        ):
             self.assertUsage(
                 {**self.source, "client-token": client},
                 "--client-token/-i: expected 32 to 128 characters of [a-zA-Z0-9-]",
+                reason=reason,
             )
         self.assertUsage(
             {"region": "us-east-1", "source-listen-port": "1"},
             "AWSIOT_TUNNEL_CLIENT_TOKEN: expected 32 to 128 characters of [a-zA-Z0-9-]",
             {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN, "AWSIOT_TUNNEL_CLIENT_TOKEN": "bad"},
+            reason=length,
         )
 
     def test_badSettings(self) -> None:
@@ -738,12 +808,14 @@ class BadOptionTests(ResolveCase):
         self.assertUsage(
             {**self.source, "settings-json": "none.json"},
             "--settings-json: cannot read CWD/none.json: No such file or directory",
+            reason="none.json: cannot open file",
         )
         self.file("bad.json", "{")
         self.assertUsage(
             {**self.source, "settings-json": "bad.json"},
             "--settings-json: CWD/bad.json is not valid JSON: Expecting property name"
             " enclosed in double quotes at line 1",
+            reason="bad.json(1): expected key string",
         )
         self.file("typed.json", '{"tunneling": {"proxy": {"tcp": {"read_buffer_size": "big"}}}}')
         self.assertUsage(
@@ -761,15 +833,24 @@ class BadOptionTests(ResolveCase):
             {**self.source, "capath": ""},
             "--capath/-c: an empty path is not a directory or file; expected a directory"
             " of hashed CA certificates or a PEM bundle file",
+            reason="Path cannot be empty",
         )
         self.assertUsage(
             {**self.source, "settings-json": ""},
             "--settings-json: an empty path is not a file; expected a JSON file of settings",
+            reason="Path cannot be empty",
         )
         self.assertUsage(
             {**self.source, "config": ""},
             "--config: an empty path is not a file; expected a file of 'long-name = value'"
             " lines",
+            reason="Path cannot be empty",
+        )
+        self.assertUsage(
+            {**self.source, "config-dir": ""},
+            "--config-dir: an empty path is not a directory; expected a non-empty"
+            " directory of ID = ENDPOINT files",
+            reason="Path cannot be empty",
         )
 
     def test_badDefaultBindAddress(self) -> None:
@@ -794,9 +875,79 @@ class BadOptionTests(ResolveCase):
         self.assertUsage(
             {**self.source, "local-bind-address": "a b"},
             "--local-bind-address/-b: expected a host name or IP address, got 'a b'",
+            reason="Bind address contains invalid characters",
         )
         self.assertUsage(
             {**self.source, "capath": "nowhere"},
             "--capath/-c: no such directory or file 'nowhere'; expected a directory of"
             " hashed CA certificates or a PEM bundle file",
+        )
+
+
+class FileBoundsTests(ResolveCase):
+    """
+    Files larger than 1 MiB, endless, or JSON nested thousands deep are one
+    clear error, never a hang or a traceback.
+    """
+
+    source: ClassVar[Mapping[str, object]] = {
+        "access-token": TOKEN, "region": "us-east-1", "source-listen-port": "5555",
+    }
+    too_large = "is larger than 1 MiB (or endless); expected a small text file"
+
+    def test_configFile(self) -> None:
+        """
+        A C{--config} file over 1 MiB, or C{/dev/zero}.
+        """
+        self.file("big.conf", "# padding\n" * 110_000)
+        self.assertUsage({"config": "big.conf"}, f"--config: CWD/big.conf {self.too_large}")
+        self.assertUsage({"config": "/dev/zero"}, f"--config: /dev/zero {self.too_large}")
+
+    def test_settingsFile(self) -> None:
+        """
+        A C{--settings-json} file over 1 MiB, C{/dev/zero}, or nested
+        thousands deep.
+        """
+        self.file("big.json", " " * (1024 * 1024 + 1))
+        self.assertUsage(
+            {**self.source, "settings-json": "big.json"},
+            f"--settings-json: CWD/big.json {self.too_large}",
+        )
+        self.assertUsage(
+            {**self.source, "settings-json": "/dev/zero"},
+            f"--settings-json: /dev/zero {self.too_large}",
+        )
+        self.file("deep.json", "[" * 5000 + "]" * 5000)
+        self.assertUsage(
+            {**self.source, "settings-json": "deep.json"},
+            "--settings-json: CWD/deep.json nests JSON more than 32 deep; expected a"
+            " settings file, which needs 4",
+        )
+
+    def test_configDirFile(self) -> None:
+        """
+        A C{--config-dir} file over 1 MiB stops the proxy, as a malformed
+        one does, rather than being skipped.
+        """
+        self.file("maps/a", "SSH1 = 22\n")
+        self.file("maps/b", "# padding\n" * 110_000)
+        self.assertUsage(
+            {"access-token": TOKEN, "region": "us-east-1", "mode": "src",
+             "config-dir": "maps"},
+            f"--config-dir file CWD/maps/b {self.too_large}",
+        )
+
+    def test_exitStatus(self) -> None:
+        """
+        The console script exits 1 with the message and the reference's
+        trailer.
+        """
+        stderr = io.StringIO()
+        e = self.assertRaises(
+            SystemExit, cli.parse, ["--config", "/dev/zero"], stderr, {}, self.cwd
+        )
+        self.assertEqual(e.code, 1)
+        self.assertEqual(
+            stderr.getvalue().splitlines(),
+            [f"--config: /dev/zero {self.too_large}", TRY_HELP],
         )

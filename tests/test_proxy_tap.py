@@ -12,12 +12,12 @@ from typing import Any
 
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel
-from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy import __version__
 from lpxy._process import ProcessService, TwistdLog
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
+from lpxy.proxy.option_errors import OptionError
 from lpxy.proxy.settings import ProxySettings
 from lpxy.proxy.tap import Options, makeService
 from tests.support.certs import make_test_pki
@@ -95,22 +95,26 @@ class OptionsTests(SynchronousTestCase):
     def test_usageErrors(self) -> None:
         """
         Bad values, unknown options and missing arguments are
-        L{UsageError}s of one line.
+        L{OptionError}s: the reference's reason where it has one, lpxy's line
+        where it says more.
         """
         cases = {
-            ("-t", TOKEN, "-r", "us-east-1", "-e", "h", "-s", "1"):
+            ("-t", TOKEN, "-r", "us-east-1", "-e", "h", "-s", "1"): (
+                "Must specify one and only one of --region/-r or --proxy-endpoint/-e"
+                " options",
                 "--region/-r and --proxy-endpoint/-e are exclusive: give only one",
+            ),
             ("-t", TOKEN, "-r", "us-east-1", "-s", "1", "--colour"):
-                "option --colour not recognized",
-            ("-t",): "option -t requires argument",
+                ("unrecognised option '--colour'", None),
+            ("-t",): ("the required argument for option '--access-token' is missing", None),
             ("-t", TOKEN, "-r", "us-east-1", "-s", "1", "extra"):
-                "unexpected argument 'extra'",
+                (None, "unexpected argument 'extra'"),
             ("-t", TOKEN, "-r", "us-east-1", "foo", "bar", "-s", "1"):
-                "unexpected argument 'foo'",
+                (None, "unexpected argument 'foo'"),
         }
-        for argv, message in cases.items():
-            e = self.assertRaises(UsageError, self.parse, list(argv))
-            self.assertEqual(str(e), message)
+        for argv, expected in cases.items():
+            e = self.assertRaises(OptionError, self.parse, list(argv))
+            self.assertEqual((e.reason, e.detail), expected)
 
     def test_badBundle(self) -> None:
         """
@@ -119,12 +123,14 @@ class OptionsTests(SynchronousTestCase):
         """
         (self.cwd / "bad.pem").write_text("not a certificate\n")
         e = self.assertRaises(
-            UsageError, self.parse, ["-t", TOKEN, "-r", "us-east-1", "-s", "1", "-c", "bad.pem"]
+            OptionError, self.parse, ["-t", TOKEN, "-r", "us-east-1", "-s", "1", "-c", "bad.pem"]
         )
+        self.assertIsNone(e.reason)
+        assert e.detail is not None
         self.assertTrue(
-            str(e).startswith(f"--capath {self.cwd / 'bad.pem'}: not a PEM file"), str(e)
+            e.detail.startswith(f"--capath {self.cwd / 'bad.pem'}: not a PEM file"), e.detail
         )
-        self.assertNotIn("\n", str(e))
+        self.assertNotIn("\n", e.detail)
         ca = str(make_test_pki(self.cwd).ca_cert_path)
         options = self.parse(["-t", TOKEN, "-r", "us-east-1", "-s", "1", "-c", ca])
         self.assertEqual(options["proxy-config"].capath, ca)
@@ -180,11 +186,12 @@ class OptionsTests(SynchronousTestCase):
         A file that cannot be written is a usage error.
         """
         e = self.assertRaises(
-            UsageError, self.parse, ["--export-default-settings", "no/such/dir.json"]
+            OptionError, self.parse, ["--export-default-settings", "no/such/dir.json"]
         )
         self.assertEqual(
-            str(e),
-            "--export-default-settings: cannot write no/such/dir.json: No such file or directory",
+            (e.reason, e.detail),
+            (None, "--export-default-settings: cannot write no/such/dir.json:"
+             " No such file or directory"),
         )
 
     def test_underTwistd(self) -> None:

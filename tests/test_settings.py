@@ -21,6 +21,7 @@ from lpxy.proxy.settings import (
     WebSocketSettings,
     default_settings_tree,
     export_default_settings,
+    json_depth,
     load_settings,
     merge_settings,
     unused_settings,
@@ -347,6 +348,65 @@ class LoadTests(SynchronousTestCase):
         path = self.mktemp()
         e = self.assertRaises(SettingsError, load_settings, path)
         self.assertEqual(str(e), f"cannot read {path}: No such file or directory")
+
+    def test_reasons(self) -> None:
+        """
+        A missing or malformed file carries the reference's reason, naming
+        the path as the user gave it.
+        """
+        e = self.assertRaises(SettingsError, load_settings, self.mktemp(), "n.json")
+        self.assertEqual(e.reason, "n.json: cannot open file")
+        path = self.write('{"tunneling":\n {bad}}')
+        e = self.assertRaises(SettingsError, load_settings, path, "bad.json")
+        self.assertEqual(e.reason, "bad.json(2): expected key string")
+        path = self.write('{"tunneling": }')
+        e = self.assertRaises(SettingsError, load_settings, path, "v.json")
+        self.assertEqual(e.reason, "v.json(1): Expecting value")
+        path = self.write(proxyTree(tcp={"connection_retry_count": "x"}))
+        e = self.assertRaises(SettingsError, load_settings, path, "t.json")
+        self.assertIsNone(e.reason)
+
+    def test_tooLarge(self) -> None:
+        """
+        A file larger than 1 MiB is refused before it is parsed, and so is
+        an endless one.
+        """
+        path = self.write(" " * (1024 * 1024) + "{}")
+        e = self.assertRaises(SettingsError, load_settings, path)
+        self.assertEqual(
+            str(e), f"{path} is larger than 1 MiB (or endless); expected a small text file"
+        )
+        e = self.assertRaises(SettingsError, load_settings, "/dev/zero")
+        self.assertEqual(
+            str(e), "/dev/zero is larger than 1 MiB (or endless); expected a small text file"
+        )
+
+    def test_tooDeep(self) -> None:
+        """
+        JSON nested thousands deep is refused without parsing it (Python's
+        parser would recurse once per level); 32 levels are read.
+        """
+        for text in ("[" * 100_000, '{"a":' * 5000 + "1" + "}" * 5000, "[" * 33 + "]" * 33):
+            path = self.write(text)
+            e = self.assertRaises(SettingsError, load_settings, path)
+            self.assertEqual(
+                str(e),
+                f"{path} nests JSON more than 32 deep; expected a settings file,"
+                " which needs 4",
+            )
+        # Three levels for tunneling.proxy, 29 below: 32 in all.
+        path = self.write(proxyTree(deep=json.loads("[" * 29 + "]" * 29)))
+        self.assertEqual(load_settings(path), ProxySettings())
+
+    def test_depth(self) -> None:
+        """
+        L{json_depth} counts arrays and objects, not brackets in strings,
+        and stops just past a limit.
+        """
+        self.assertEqual(json_depth("1"), 0)
+        self.assertEqual(json_depth('{"a": [1, {"b": []}]}'), 4)
+        self.assertEqual(json_depth('{"a": "[[[{{{\\"[["}'), 1)
+        self.assertEqual(json_depth("[" * 1000, limit=32), 33)
 
     def test_mergeOverBase(self) -> None:
         """

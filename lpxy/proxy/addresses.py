@@ -5,8 +5,9 @@ service mappings (C{-s}, C{-d}), and the web proxy (C{https_proxy},
 C{NO_PROXY}); their types, their parsers, and L{authority} to write a
 C{host:port}.
 
-Parsers raise L{ValueError} with a message saying what is expected; the
-caller prefixes the option's name.
+Parsers raise L{AddressError} with a message saying what is expected (the
+caller prefixes the option's name) and, where the reference proxy refuses
+the same value with a fixed text, that text as its C{reason}.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from attrs import field, frozen
 
+from lpxy.proxy import option_errors as reference
 from lpxy.proxy.settings import ProxySettings
 
 Mode = Literal["source", "destination"]
@@ -27,6 +29,22 @@ DEFAULT_WEB_PROXY_PORT = 3128
 MAX_HOST = 253
 MAX_REGION = 64
 MAX_SERVICE_ID = 128
+
+
+class AddressError(ValueError):
+    """
+    A value that is not an address of the kind asked for. C{reason} is the
+    reference proxy's text for the same mistake, L{None} where it has none.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def reason_of(e: ValueError) -> str | None:
+    """The reference's text for the mistake C{e} reports, if it has one."""
+    return e.reason if isinstance(e, AddressError) else None
 
 
 def authority(host: str, port: int) -> str:
@@ -87,14 +105,27 @@ class WebProxy:
 # --- endpoints ---------------------------------------------------------------
 
 _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?\Z")
-_PORT = re.compile(r"[0-9]{1,5}\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
+# What the reference accepts in an endpoint or bind address, before
+# parsing it.
+_REFERENCE_ADDRESS = re.compile(r"[a-zA-Z0-9.:\[\]-]+\Z")
+# The largest port number the reference reads before calling it too large
+# rather than out of range (a C int).
+_REFERENCE_INT_MAX = 2**31 - 1
 _REGION = re.compile(r"[a-z0-9-]+\Z")
 _ENDPOINT_FORM = "expected HOST[:PORT], [IPV6]:PORT, wss://HOST[:PORT] or ws://HOST[:PORT]"
 
 
 def _port(text: str) -> int:
-    if not _PORT.match(text) or not 1 <= int(text) <= 65535:
-        raise ValueError(f"port {text!r} is not 1..65535")
+    message = f"port {text!r} is not 1..65535"
+    if not text:
+        raise AddressError(message, reference.PORT_EMPTY)
+    if not _DIGITS.match(text):
+        raise AddressError(message, reference.PORT_DIGITS)
+    if int(text) > _REFERENCE_INT_MAX:
+        raise AddressError(message, reference.PORT_TOO_LARGE)
+    if not 1 <= int(text) <= 65535:
+        raise AddressError(message, reference.PORT_RANGE)
     return int(text)
 
 
@@ -161,7 +192,18 @@ def parse_endpoint(text: str) -> TunnelEndpoint:
         host, port = _host_and_port(text, DEFAULT_PORT)
         return TunnelEndpoint(host, port, True)
     except ValueError:
-        raise ValueError(f"{_ENDPOINT_FORM}, got {text!r}") from None
+        raise AddressError(f"{_ENDPOINT_FORM}, got {text!r}", _endpoint_reason(text)) from None
+
+
+def _endpoint_reason(text: str) -> str:
+    """The reference's text for a C{-e} lpxy cannot use."""
+    if not text:
+        return reference.ENDPOINT_EMPTY
+    if len(text) > MAX_HOST:
+        return reference.ENDPOINT_LENGTH
+    if not _REFERENCE_ADDRESS.match(text):
+        return reference.ENDPOINT_CHARACTERS
+    return reference.endpoint_invalid(text)
 
 
 def region_endpoint(region: str, settings: ProxySettings) -> TunnelEndpoint:
@@ -172,9 +214,16 @@ def region_endpoint(region: str, settings: ProxySettings) -> TunnelEndpoint:
     @raise ValueError: the region or the host it gives is malformed.
     """
     if len(region) > MAX_REGION or not _REGION.match(region):
-        raise ValueError(
+        if not region:
+            reason = reference.REGION_EMPTY
+        elif len(region) > MAX_REGION:
+            reason = reference.REGION_LENGTH
+        else:
+            reason = reference.REGION_FORMAT
+        raise AddressError(
             f"expected lower-case letters, digits and '-' (at most {MAX_REGION}),"
-            f" e.g. us-east-1, got {region!r}"
+            f" e.g. us-east-1, got {region!r}",
+            reason,
         )
     host = settings.region_endpoint_overrides.get(region)
     if host is None:
@@ -202,8 +251,10 @@ def service_id(text: str) -> str:
     @raise ValueError: it is not.
     """
     if len(text) > MAX_SERVICE_ID or not _SERVICE_ID.match(text):
-        raise ValueError(
-            f"service id {text!r} is not 1 to {MAX_SERVICE_ID} of [a-zA-Z0-9_-]"
+        raise AddressError(
+            f"service id {text!r} is not 1 to {MAX_SERVICE_ID} of [a-zA-Z0-9_-]",
+            reference.SERVICE_ID_LENGTH if len(text) > MAX_SERVICE_ID
+            else reference.SERVICE_ID_CHARACTERS,
         )
     return text
 
@@ -218,12 +269,20 @@ def _map_items(text: str) -> dict[str, str]:
         name, equals, endpoint = item.partition("=")
         if not equals:
             if len(items) > 1:
-                raise ValueError(f"{item!r} needs an ID= when there are several")
+                raise AddressError(
+                    f"{item!r} needs an ID= when there are several",
+                    reference.MAPPINGS_FORMAT,
+                )
             endpoint, name = item, ""
         else:
-            name, endpoint = service_id(name.strip()), endpoint.strip()
-            if not endpoint:
-                raise ValueError(f"{item!r} has no endpoint")
+            name, endpoint = name.strip(), endpoint.strip()
+            if not name or not endpoint:
+                problem = (
+                    f"{item!r} has no endpoint" if name
+                    else f"service id '' is not 1 to {MAX_SERVICE_ID} of [a-zA-Z0-9_-]"
+                )
+                raise AddressError(problem, reference.mapping_item_format(item))
+            service_id(name)
         if name in mapping:
             raise ValueError(f"service id {name!r} given twice")
         mapping[name] = endpoint
@@ -246,7 +305,7 @@ def destination_target(text: str, default_host: str) -> LocalTarget:
 
     @raise ValueError: it is none of those.
     """
-    if _PORT.match(text):
+    if _DIGITS.match(text):
         return TcpTarget(default_host, _port(text))
     if "/" in text:
         if "\0" in text:
@@ -255,7 +314,21 @@ def destination_target(text: str, default_host: str) -> LocalTarget:
     try:
         return TcpTarget(*_host_and_port(text, None))
     except ValueError as e:
-        raise ValueError(f"bad endpoint {text!r} ({e})") from None
+        raise AddressError(
+            f"bad endpoint {text!r} ({e})", _destination_reason(text, e)
+        ) from None
+
+
+def _destination_reason(text: str, e: ValueError) -> str | None:
+    """
+    The reference's text for a C{HOST:PORT} lpxy cannot use: it checks the
+    characters and length first, then the port.
+    """
+    if len(text) > MAX_HOST:
+        return reference.BIND_ADDRESS_LENGTH
+    if not _REFERENCE_ADDRESS.match(text):
+        return reference.BIND_ADDRESS_CHARACTERS
+    return reason_of(e)
 
 
 def parse_source_map(text: str) -> dict[str, int]:
@@ -267,7 +340,7 @@ def parse_source_map(text: str) -> dict[str, int]:
     try:
         return {name: source_port(port) for name, port in _map_items(text).items()}
     except ValueError as e:
-        raise ValueError(f"{e}: expected {SOURCE_FORM}") from None
+        raise AddressError(f"{e}: expected {SOURCE_FORM}", reason_of(e)) from None
 
 
 def parse_destination_map(text: str, default_host: str) -> dict[str, LocalTarget]:
@@ -283,7 +356,7 @@ def parse_destination_map(text: str, default_host: str) -> dict[str, LocalTarget
             for name, endpoint in _map_items(text).items()
         }
     except ValueError as e:
-        raise ValueError(f"{e}: expected {DESTINATION_FORM}") from None
+        raise AddressError(f"{e}: expected {DESTINATION_FORM}", reason_of(e)) from None
 
 
 # --- web proxy -----------------------------------------------------------------

@@ -16,6 +16,7 @@ from twisted.internet.task import react
 from twisted.python import usage
 
 from lpxy.proxy.config import ProxyConfig
+from lpxy.proxy.option_errors import with_trailer
 from lpxy.proxy.tap import Options, ServiceFactory, default_service_factory
 from lpxy.proxy.verbosity import start_console_logging
 
@@ -29,15 +30,17 @@ def parse(
     cwd: Path | None = None,
 ) -> ProxyConfig:
     """
-    Parse the command line; a usage error is one line on C{stderr} and
-    exit status 1. C{--help}, C{--version} and C{--export-default-settings}
-    exit 0 from inside.
+    Parse the command line; a usage error goes to C{stderr} as the
+    reference writes it (its reason, then lpxy's line naming the option
+    and the fix, then C{Try 'localproxy --help' for a list of options.})
+    with exit status 1. C{--help}, C{--version} and
+    C{--export-default-settings} exit 0 from inside.
     """
     options = Options(environ=environ, cwd=cwd)
     try:
         options.parseOptions(list(argv))
     except usage.UsageError as e:
-        stderr.write(f"localproxy: error: {e} (see localproxy --help)\n")
+        stderr.write(with_trailer(str(e)) + "\n")
         stderr.flush()
         sys.exit(EXIT_USAGE)
     config: ProxyConfig = options["proxy-config"]

@@ -5,9 +5,11 @@ The local proxy's resolved configuration.
 L{ProxyConfig} is what the command line, the C{--config} file, the
 environment and the settings file amount to, once validated; everything
 after option parsing reads only this. L{resolve} builds it (protocol.md
-section 7): every bad value or combination raises L{UsageError} with one
-line naming the option and the valid form. Tokens never appear in a
-message or a repr.
+section 7): every bad value or combination raises an L{OptionError}: the
+reference proxy's reason for it where it has one, then lpxy's line naming
+the option and the valid form. Checks run in the reference's order, so the
+first mistake it would report is the one reported. Tokens never appear in
+a message or a repr.
 
 Precedence is command line, then C{--config} file, then environment, then
 C{--settings-json} (which only feeds the fine-grained settings). The choice
@@ -25,8 +27,8 @@ from typing import Literal, TypeVar
 
 from attrs import field, frozen
 from twisted.logger import Logger
-from twisted.python.usage import UsageError
 
+from lpxy.proxy import option_errors as reference
 from lpxy.proxy.addresses import (
     LocalTarget,
     Mode,
@@ -41,17 +43,19 @@ from lpxy.proxy.addresses import (
     parse_no_proxy,
     parse_source_map,
     parse_web_proxy,
+    reason_of,
     region_endpoint,
     service_id,
     source_port,
 )
+from lpxy.proxy.option_errors import OptionError
 from lpxy.proxy.settings import (
     ProxySettings,
     SettingsError,
     bind_address,
-    error_reason,
     load_settings,
 )
+from lpxy.proxy.textfiles import FileTooLarge, error_reason, read_text
 from lpxy.wire import (
     CLIENT_TOKEN_CHARACTERS,
     CLIENT_TOKEN_MAX_LENGTH,
@@ -102,8 +106,8 @@ class ProxyConfig:
     C{client_token} is L{None} when none was given: the runtime then makes
     one for the life of the process. C{web_proxy} is already L{None} when
     C{no_proxy} matches the endpoint; C{no_proxy} is kept for the log.
-    C{verbosity} is C{-v} as given (0..255); 6 and more mean per-record
-    trace logging.
+    C{verbosity} is C{-v} as given (0..65535, as the reference's 16 bits);
+    6 and more mean per-record trace logging.
     """
 
     mode: Mode
@@ -184,15 +188,18 @@ class _Layers:
                 return layer[name]
         return None
 
-    def choose(self, first: str, second: str) -> tuple[str, _Given] | None:
+    def choose(self, first: str, second: str, reason: str) -> tuple[str, _Given] | None:
         """
         The name and value of C{first} or C{second} from the first layer
-        naming either; both in one layer is an error.
+        naming either; both in one layer is an error, with the reference's
+        C{reason}.
         """
         for layer in self._layers:
             a, b = layer.get(first), layer.get(second)
             if a is not None and b is not None:
-                raise UsageError(f"{a.label} and {b.label} are exclusive: give only one")
+                raise OptionError(
+                    reason, f"{a.label} and {b.label} are exclusive: give only one"
+                )
             if a is not None:
                 return first, a
             if b is not None:
@@ -224,7 +231,10 @@ def _not_empty(given: _Given, what: str, expected: str) -> None:
     # Joined to the working directory, an empty path would name the
     # directory itself.
     if not given.value:
-        raise UsageError(f"{given.label}: an empty path is not {what}; expected {expected}")
+        raise OptionError(
+            reference.PATH_EMPTY,
+            f"{given.label}: an empty path is not {what}; expected {expected}",
+        )
 
 
 # --- the --config file -------------------------------------------------------
@@ -232,32 +242,45 @@ def _not_empty(given: _Given, what: str, expected: str) -> None:
 _NOT_IN_CONFIG = frozenset({"config", "help", "version", "export-default-settings"})
 
 
-def read_config_file(path: str) -> dict[str, str]:
+def read_config_file(path: str, shown: str | None = None) -> dict[str, str]:
     """
     Read a C{--config} file: C{long-name = value} lines, blank lines and
     C{#} comments.
 
-    @raise UsageError: the file is unreadable, a line is malformed, or names
-        an unknown or repeated option.
+    @param shown: the path as the user gave it, for the reference's
+        reasons (default: C{path}).
+
+    @raise OptionError: the file is unreadable or larger than 1 MiB, a
+        line is malformed, or names an unknown or repeated option.
     """
+    shown = path if shown is None else shown
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text(path)
+    except FileTooLarge as e:
+        raise OptionError(None, f"--config: {path} is {e}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config: cannot read {path}: {error_reason(e)}") from None
+        raise OptionError(
+            reference.config_unreadable(shown),
+            f"--config: cannot read {path}: {error_reason(e)}",
+        ) from None
     values: dict[str, str] = {}
     for number, line in _lines(text):
         where = f"--config {path} line {number}"
         name, equals, value = line.partition("=")
         name = name.strip()
         if not equals or not name:
-            raise UsageError(f"{where}: expected long-name = value, e.g. region = us-east-1")
+            raise OptionError(
+                reference.config_line_invalid(line),
+                f"{where}: expected long-name = value, e.g. region = us-east-1",
+            )
         if name not in OPTIONS:
-            raise UsageError(
+            raise OptionError(
+                reference.unrecognised(name),
                 f"{where}: unknown option {name!r}; expected a long option name"
-                f" other than {', '.join(sorted(_NOT_IN_CONFIG))}"
+                f" other than {', '.join(sorted(_NOT_IN_CONFIG))}",
             )
         if name in values:
-            raise UsageError(f"{where}: {name} given twice")
+            raise OptionError(reference.given_twice(name), f"{where}: {name} given twice")
         values[name] = value.strip()
     return values
 
@@ -269,16 +292,18 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _config_layer(path: str) -> dict[str, _Given]:
+def _config_layer(path: str, shown: str) -> dict[str, _Given]:
     given = {}
-    for name, value in read_config_file(path).items():
+    for name, value in read_config_file(path, shown).items():
         label = f"{name} (--config {path})"
         if name in FLAGS:
             lowered = value.lower()
             if lowered in ("true", "yes", "on", "1"):
                 given[name] = _Given("true", label)
             elif lowered not in ("false", "no", "off", "0"):
-                raise UsageError(f"{label}: expected true or false")
+                raise OptionError(
+                    reference.argument_invalid(value, name), f"{label}: expected true or false"
+                )
         else:
             given[name] = _Given(value, label)
     return given
@@ -310,12 +335,15 @@ def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T
     endpoint passed through C{parse}; the first file naming an id wins.
     Unreadable files are skipped with a warning.
 
-    @raise UsageError: a line is malformed.
+    @raise OptionError: a file is larger than 1 MiB, or a line is
+        malformed.
     """
     mapping: dict[str, _T] = {}
     for path in config_dir_files(directory):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_text(path)
+        except FileTooLarge as e:
+            raise OptionError(None, f"--config-dir file {path} is {e}") from None
         except (OSError, UnicodeDecodeError) as e:
             _log.warn(
                 "Skipping unreadable --config-dir file {path}: {reason}",
@@ -335,7 +363,7 @@ def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T
                     raise ValueError(f"service id {name!r} given twice")
                 target = parse(endpoint)
             except ValueError as e:
-                raise UsageError(f"{where}: {e}") from None
+                raise OptionError(None, f"{where}: {e}") from None
             seen.add(name)
             if name in mapping:
                 _log.debug(
@@ -358,11 +386,13 @@ def _config_directory(given: _Given | None, cwd: Path) -> Path | None:
     if given is None:
         default = cwd / "config"
         return default if _non_empty_directory(default) else None
+    expected = "a non-empty directory of ID = ENDPOINT files"
+    _not_empty(given, "a directory", expected)
     directory = cwd / given.value
-    if not given.value or not _non_empty_directory(directory):
-        raise UsageError(
-            f"{given.label}: {given.value!r} is not a non-empty directory of"
-            " ID = ENDPOINT files"
+    if not _non_empty_directory(directory):
+        raise OptionError(
+            reference.config_dir_invalid(given.value),
+            f"{given.label}: {given.value!r} is not {expected}",
         )
     return directory
 
@@ -373,7 +403,7 @@ def _web_proxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, 
             try:
                 proxy = parse_web_proxy(environ[variable])
             except ValueError as e:
-                raise UsageError(f"{variable}: {e}") from None
+                raise OptionError(None, f"{variable}: {e}") from None
             break
     else:
         proxy = None
@@ -389,22 +419,39 @@ def _web_proxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, 
 
 def _access_token(given: _Given) -> str:
     token = given.value
-    if not token or len(token) > MAX_TOKEN or any(
-        ord(c) < 0x20 or ord(c) == 0x7F for c in token
-    ):
-        raise UsageError(
-            f"{given.label}: expected 1 to {MAX_TOKEN} characters without control characters"
-        )
-    return token
+    if not token:
+        reason = reference.ACCESS_TOKEN_EMPTY
+    elif len(token) > MAX_TOKEN:
+        reason = reference.ACCESS_TOKEN_LENGTH
+    elif _has_control_characters(token):
+        reason = reference.ACCESS_TOKEN_CONTROL
+    else:
+        return token
+    raise OptionError(
+        reason,
+        f"{given.label}: expected 1 to {MAX_TOKEN} characters without control characters",
+    )
 
 
-def _clientToken(given: _Given) -> str:
-    if not is_valid_client_token(given.value):
-        raise UsageError(
-            f"{given.label}: expected {CLIENT_TOKEN_MIN_LENGTH} to {CLIENT_TOKEN_MAX_LENGTH}"
-            f" characters of [{CLIENT_TOKEN_CHARACTERS}]"
-        )
-    return given.value
+def _has_control_characters(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def _client_token(given: _Given) -> str:
+    token = given.value
+    if is_valid_client_token(token):
+        return token
+    if not CLIENT_TOKEN_MIN_LENGTH <= len(token) <= CLIENT_TOKEN_MAX_LENGTH:
+        reason: str | None = reference.CLIENT_TOKEN_LENGTH
+    elif _has_control_characters(token):
+        reason = reference.CLIENT_TOKEN_CONTROL
+    else:
+        reason = None
+    raise OptionError(
+        reason,
+        f"{given.label}: expected {CLIENT_TOKEN_MIN_LENGTH} to {CLIENT_TOKEN_MAX_LENGTH}"
+        f" characters of [{CLIENT_TOKEN_CHARACTERS}]",
+    )
 
 
 # --- putting it together ---------------------------------------------------------
@@ -425,17 +472,22 @@ def resolve(
     @param cwd: the working directory, for relative paths and the default
         C{--config-dir}.
 
-    @raise UsageError: one line naming the option and the valid form.
+    @raise OptionError: the reference's reason, if it has one, and a line
+        naming the option and the valid form.
     """
     found = _sources(options, environ, cwd)
     verbosity = _verbosity(found.get("verbose"))
     settings = _settings(found.get("settings-json"), cwd)
-    access_token, client_token = _tokens(found)
-    endpoint = _endpoint(found, settings)
-    bind = _local_bind_address(found.get("local-bind-address"))
-    mapping = found.choose("source-listen-port", "destination-app")
-    mode = _mode(found, mapping)
-    maps = _mappings(mode, mapping, found.get("config-dir"), bind, cwd)
+    token = _required_token(found, environ)
+    endpoint_given = _endpoint_choice(found)
+    access_token, client_token = _access_token(token), _optional_client_token(found)
+    endpoint = _endpoint(endpoint_given, settings)
+    mode = _mode(found)
+    mapping = found.choose("source-listen-port", "destination-app", reference.MAPPING_CHOICE)
+    mode = _mode_with_mapping(mode, mapping, found.get("mode"))
+    bind_given = found.get("local-bind-address")
+    maps = _mappings(mode, mapping, found.get("config-dir"), bind_given, cwd)
+    bind = _local_bind_address(bind_given)
     client_type = _client_type(found.get("destination-client-type"), mode)
     capath = _capath(found.get("capath"), cwd)
     web_proxy, no_proxy = _web_proxy_for(endpoint, environ)
@@ -472,21 +524,37 @@ def _sources(
             _Given(str(config), option_label("config")),
             "a file", "a file of 'long-name = value' lines",
         )
-        layers.append(_config_layer(str(cwd / str(config))))
+        layers.append(_config_layer(str(cwd / str(config)), str(config)))
     layers.append(_environment(environ))
     return _Layers(layers)
+
+
+def verbosity_from(text: str) -> int | None:
+    """
+    C{-v} as the reference reads it, a 16-bit unsigned number (a negative
+    one wraps, so C{-1} is 65535); L{None} when it is not one.
+    """
+    text = text.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 5:
+        return None
+    number = int(digits)
+    if number > 0xFFFF:
+        return None
+    return (0x10000 - number) % 0x10000 if text.startswith("-") else number
 
 
 def _verbosity(given: _Given | None) -> int:
     if given is None:
         return 4
-    text = given.value.strip()
-    if not text.isdigit() or len(text) > 3 or int(text) > 255:
-        raise UsageError(
-            f"{given.label}: expected 0..255 (0 off, 1 critical, 2 error, 3 warning,"
-            f" 4 info, 5 debug, 6+ trace), got {given.value!r}"
+    verbosity = verbosity_from(given.value)
+    if verbosity is None:
+        raise OptionError(
+            reference.argument_invalid(given.value, "verbose"),
+            f"{given.label}: expected 0..65535 (0 off, 1 critical, 2 error, 3 warning,"
+            f" 4 info, 5 debug, 6+ trace), got {given.value!r}",
         )
-    return int(text)
+    return verbosity
 
 
 def _settings(given: _Given | None, cwd: Path) -> ProxySettings:
@@ -494,38 +562,49 @@ def _settings(given: _Given | None, cwd: Path) -> ProxySettings:
         return ProxySettings()
     _not_empty(given, "a file", "a JSON file of settings")
     try:
-        return load_settings(cwd / given.value)
+        return load_settings(cwd / given.value, given.value)
     except SettingsError as e:
-        raise UsageError(f"{given.label}: {e}") from None
+        raise OptionError(e.reason, f"{given.label}: {e}") from None
 
 
-def _tokens(found: _Layers) -> tuple[str, str | None]:
-    """The access token (required) and the client token (optional)."""
+def _required_token(found: _Layers, environ: Mapping[str, str]) -> _Given:
     token = found.get("access-token")
-    if token is None:
-        raise UsageError(
-            "no access token: give --access-token/-t, access-token in the --config file,"
-            f" or {ACCESS_TOKEN_ENV}"
-        )
-    access_token = _access_token(token)
-    client = found.get("client-token")
-    return access_token, None if client is None else _clientToken(client)
+    if token is not None:
+        return token
+    if ACCESS_TOKEN_ENV in environ:
+        # Set but empty: the reference reads it as an empty token.
+        return _Given("", ACCESS_TOKEN_ENV)
+    raise OptionError(
+        reference.ACCESS_TOKEN_MISSING,
+        "no access token: give --access-token/-t, access-token in the --config file,"
+        f" or {ACCESS_TOKEN_ENV}",
+    )
 
 
-def _endpoint(found: _Layers, settings: ProxySettings) -> TunnelEndpoint:
-    chosen = found.choose("region", "proxy-endpoint")
+def _optional_client_token(found: _Layers) -> str | None:
+    given = found.get("client-token")
+    return None if given is None else _client_token(given)
+
+
+def _endpoint_choice(found: _Layers) -> tuple[str, _Given]:
+    chosen = found.choose("region", "proxy-endpoint", reference.ENDPOINT_CHOICE)
     if chosen is None:
-        raise UsageError(
+        raise OptionError(
+            reference.ENDPOINT_CHOICE,
             "give one of --region/-r or --proxy-endpoint/-e"
-            f" (or {REGION_ENV} or {ENDPOINT_ENV})"
+            f" (or {REGION_ENV} or {ENDPOINT_ENV})",
         )
+    return chosen
+
+
+def _endpoint(chosen: tuple[str, _Given], settings: ProxySettings) -> TunnelEndpoint:
     name, given = chosen
     try:
         if name == "region":
             return region_endpoint(given.value, settings)
         return parse_endpoint(given.value)
     except ValueError as e:
-        raise UsageError(f"{given.label}: {e}") from None
+        raise OptionError(reason_of(e), f"{given.label}: {e}") from None
 
 
 def _local_bind_address(given: _Given | None) -> str | None:
@@ -533,33 +612,52 @@ def _local_bind_address(given: _Given | None) -> str | None:
         return None
     address = bind_address(given.value)
     if address is None:
-        raise UsageError(
-            f"{given.label}: expected a host name or IP address, got {given.value!r}"
+        if len(given.value) > 253:
+            reason: str | None = reference.BIND_ADDRESS_LENGTH
+        elif given.value:
+            reason = reference.BIND_ADDRESS_CHARACTERS
+        else:
+            reason = None
+        raise OptionError(
+            reason,
+            f"{given.label}: expected a host name or IP address, got {given.value!r}",
         )
     return address
 
 
-def _mode(layers: _Layers, mapping: tuple[str, _Given] | None) -> Mode:
-    given = layers.get("mode")
+def _mode(found: _Layers) -> Mode | None:
+    """C{-m}, if given."""
+    given = found.get("mode")
     if given is None:
-        if mapping is None:
-            raise UsageError(
-                "give one of --source-listen-port/-s, --destination-app/-d or --mode/-m"
-            )
-        return "destination" if mapping[0] == "destination-app" else "source"
+        return None
     mode = _MODES.get(given.value.strip().lower())
     if mode is None:
-        raise UsageError(
-            f"{given.label}: expected src, source, dst or destination, got {given.value!r}"
+        raise OptionError(
+            reference.MODE_WRONG,
+            f"{given.label}: expected src, source, dst or destination, got {given.value!r}",
         )
-    if mapping is not None:
-        name, value = mapping
-        implied = "destination" if name == "destination-app" else "source"
-        if implied != mode:
-            raise UsageError(
-                f"{value.label} means {implied} mode, but {given.label} is {given.value}"
-            )
     return mode
+
+
+def _mode_with_mapping(
+    mode: Mode | None, mapping: tuple[str, _Given] | None, mode_given: _Given | None
+) -> Mode:
+    """The mode C{-m} and the choice of C{-s} or C{-d} agree on."""
+    if mapping is None:
+        if mode is None:
+            raise OptionError(
+                reference.MAPPING_OR_MODE,
+                "give one of --source-listen-port/-s, --destination-app/-d or --mode/-m",
+            )
+        return mode
+    name, value = mapping
+    implied: Mode = "destination" if name == "destination-app" else "source"
+    if mode is not None and mode_given is not None and implied != mode:
+        raise OptionError(
+            reference.mode_mismatch(mode),
+            f"{value.label} means {implied} mode, but {mode_given.label} is {mode_given.value}",
+        )
+    return implied
 
 
 @frozen
@@ -576,13 +674,15 @@ def _mappings(
     mode: Mode,
     mapping: tuple[str, _Given] | None,
     directory_given: _Given | None,
-    bind: str | None,
+    bind_given: _Given | None,
     cwd: Path,
 ) -> _Mappings:
     """
     The command line's map for C{mode}; without one, the C{--config-dir}
-    files' (the directory is checked either way).
+    files' (the directory is checked either way). A bad C{-b} is reported
+    after these, as the reference does.
     """
+    bind = None if bind_given is None else bind_address(bind_given.value)
     default_host = bind or DEFAULT_DESTINATION_HOST
     source_ports: dict[str, int] = {}
     destination_apps: dict[str, LocalTarget] = {}
@@ -594,7 +694,7 @@ def _mappings(
             else:
                 destination_apps = parse_destination_map(given.value, default_host)
         except ValueError as e:
-            raise UsageError(f"{given.label}: {e}") from None
+            raise OptionError(reason_of(e), f"{given.label}: {e}") from None
     directory = _config_directory(directory_given, cwd)
     from_directory = mapping is None
     if from_directory and directory is not None:
@@ -605,9 +705,10 @@ def _mappings(
                 directory, lambda text: destination_target(text, default_host)
             )
     if mode == "destination" and not destination_apps:
-        raise UsageError(
+        raise OptionError(
+            None,
             "destination mode needs --destination-app/-d or ID = ENDPOINT files"
-            " in --config-dir (default ./config)"
+            " in --config-dir (default ./config)",
         )
     return _Mappings(
         source_ports=source_ports,
@@ -622,11 +723,12 @@ def _client_type(given: _Given | None, mode: Mode) -> ClientType | None:
         return None
     value = given.value.strip().upper()
     if value not in ("V1", "V2"):
-        raise UsageError(f"{given.label}: expected V1 or V2, got {given.value!r}")
+        raise OptionError(None, f"{given.label}: expected V1 or V2, got {given.value!r}")
     if mode != "source":
-        raise UsageError(
+        raise OptionError(
+            None,
             f"{given.label} is for source mode only: a destination learns its"
-            " peer's version"
+            " peer's version",
         )
     return "V1" if value == "V1" else "V2"
 
@@ -638,8 +740,9 @@ def _capath(given: _Given | None, cwd: Path) -> str | None:
     _not_empty(given, "a directory or file", expected)
     path = cwd / given.value
     if not path.exists():
-        raise UsageError(
-            f"{given.label}: no such directory or file {given.value!r}; expected {expected}"
+        raise OptionError(
+            None,
+            f"{given.label}: no such directory or file {given.value!r}; expected {expected}",
         )
     return str(path)
 

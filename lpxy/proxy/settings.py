@@ -21,6 +21,8 @@ from attrs import Factory, evolve, field, fields, frozen
 from twisted.logger import Logger
 
 from lpxy.frames import LENGTH_PREFIX_SIZE
+from lpxy.proxy import option_errors as reference
+from lpxy.proxy.textfiles import FileTooLarge, error_reason, read_text
 from lpxy.wire import DEFAULT_MAX_SERVICES, NEWEST_SUBPROTOCOL, SUBPROTOCOLS
 
 _log = Logger()
@@ -30,8 +32,18 @@ ROOT = ("tunneling", "proxy")
 class SettingsError(ValueError):
     """
     A settings file could not be used. The message is one line naming the
-    file or the dotted key and what is expected.
+    file or the dotted key and what is expected; C{reason} is the reference
+    proxy's text for the same mistake, L{None} where it has none.
     """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: How deep a settings file may nest JSON objects and arrays: the settings
+#: tree is four deep; anything far deeper is a mistake or an attack.
+MAX_DEPTH = 32
 
 
 @frozen
@@ -204,39 +216,77 @@ def export_default_settings(path: str | Path) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
-def load_settings(path: str | Path) -> ProxySettings:
+def load_settings(path: str | Path, shown: str | None = None) -> ProxySettings:
     """
     Read a settings JSON file and merge it over the defaults.
 
     Values may be JSON numbers and booleans or the strings the export
     writes. Unknown keys are logged and ignored.
 
-    @raise SettingsError: when the file is missing, unreadable or not JSON,
-        or a value has the wrong type or range; the message names the file
-        or the dotted key.
+    @param shown: the path as the user gave it, for the reference's
+        reasons (default: C{path}).
+
+    @raise SettingsError: when the file is missing, unreadable, larger than
+        1 MiB, not JSON or nested more than L{MAX_DEPTH} deep, or a value
+        has the wrong type or range; the message names the file or the
+        dotted key.
     """
+    shown = str(path) if shown is None else shown
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text(path)
+    except FileTooLarge as e:
+        raise SettingsError(f"{path} is {e}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SettingsError(f"cannot read {path}: {error_reason(e)}") from None
+        raise SettingsError(
+            f"cannot read {path}: {error_reason(e)}", reference.settings_unreadable(shown)
+        ) from None
+    if json_depth(text, MAX_DEPTH) > MAX_DEPTH:
+        raise SettingsError(
+            f"{path} nests JSON more than {MAX_DEPTH} deep; expected a settings file,"
+            " which needs 4"
+        )
     try:
         tree = json.loads(text)
     except json.JSONDecodeError as e:
         raise SettingsError(
-            f"{path} is not valid JSON: {e.msg} at line {e.lineno}"
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno}",
+            reference.settings_malformed(shown, e.lineno, _boost_reason(e.msg)),
         ) from None
     return merge_settings(ProxySettings(), tree)
 
 
-def error_reason(e: BaseException) -> str:
+# Python's words for a JSON mistake -> the reference's (Boost's), where the
+# reference sheet records them; otherwise Python's words are kept.
+_BOOST_REASONS = {
+    "Expecting property name enclosed in double quotes": "expected key string",
+}
+
+
+def _boost_reason(message: str) -> str:
+    return _BOOST_REASONS.get(message, message)
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[{]|[\]}]')
+
+
+def json_depth(text: str, limit: int | None = None) -> int:
     """
-    What a file error says, for one-line messages: an L{OSError}'s
-    C{strerror} (without the path the message names already), else its
-    text.
+    How deep C{text} nests JSON arrays and objects (brackets inside
+    strings do not count), without parsing it: Python's parser recurses
+    once per level. With a C{limit}, counting stops just past it.
     """
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e)
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token == "[" or token == "{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if limit is not None and deepest > limit:
+                    break
+        elif token == "]" or token == "}":
+            depth -= 1
+    return deepest
 
 
 def merge_settings(base: ProxySettings, tree: object) -> ProxySettings:
