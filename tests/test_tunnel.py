@@ -111,7 +111,12 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertEqual(self.sent(), [(PING, b"21500")])
 
     def test_subprotocol_required(self) -> None:
-        self.open(subprotocol=None)
+        with capturedLogs() as events:
+            self.open(subprotocol=None)
+        # Failed, not raised: Autobahn would log the exception's traceback.
+        self.assertEqual([formatEvent(e) for e in events
+                          if "Failure" in formatEvent(e) or "log_failure" in e], [])
+        self.assertEqual(self.events.log, [])
         self.assertTrue(self.transport.disconnecting)
         self.protocol.connectionLost(Failure(ConnectionDone()))
         (event,) = self.events.log

@@ -153,13 +153,17 @@ class TunnelProtocol(WebSocketClientProtocol):
         expected = self.factory.subprotocol
         self.channel_id = response.headers.get("channel-id")
         if response.protocol != expected:
+            # Failed here rather than raised: Autobahn logs an exception
+            # from onConnect with its traceback, then opens anyway.
             self._by_us = True
-            raise ValueError(
+            self.failHandshake(
                 f"the service answered without subprotocol {expected!r} "
                 f"(got {response.protocol!r})"
             )
 
     def onOpen(self) -> None:
+        if self.state == self.STATE_CLOSED:
+            return  # the handshake was failed in onConnect
         self._opened = True
         period = self.factory.ping_period
         if period > 0:
