@@ -812,11 +812,11 @@ class FlowControlTests(ServiceTestCase):
         await paused
         # the service stopped reading long before the source's data ran out
         self.assertLess(server_source._bytes_in, total * len(record))
-        self.assertTrue(server_source.reading_paused)
+        self.assertTrue(server_source._reading_paused)
         destination.transport.resumeProducing()
         got = await destination.wait_messages(2 + 2 * total)
         self.assertEqual(sum(len(m.payload) for m in got), 2 * total * 64000)
-        self.assertFalse(server_source.reading_paused)
+        self.assertFalse(server_source._reading_paused)
 
 
 class TokenNeverLoggedTests(ServiceTestCase):

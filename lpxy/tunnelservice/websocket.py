@@ -2,25 +2,18 @@
 """
 The data plane: one WebSocket per tunnel end, records relayed between them.
 
-Handshake (C{GET /tunnel?local-proxy-mode=source|destination}): the request
-must name the mode once, offer at least one of the subprotocols
-C{aws.iot.securetunneling-3.0/2.0/1.0} (the newest offered is chosen), carry
-the access token in the C{access-token} header or the C{awsiot-tunnel-token}
-cookie (exactly one), and may carry a C{client-token}. A malformed request is
-answered 400, a token the broker refuses 401 (or 400 for a mode mismatch),
-with the reason as a plain-text body. On success the 101 carries a
-C{channel-id} header, and 2.0/3.0 peers first receive SERVICE_IDS.
+Handshake: the request is checked as L{lpxy.tunnelservice.handshake} says,
+then the broker takes the token, or refuses it with 401 (or 400 for a mode
+mismatch). On success the 101 carries a C{channel-id} header, and 2.0/3.0
+peers first receive SERVICE_IDS.
 
-Relaying: the payloads of binary messages form a record stream. It is cut
-into records with L{RecordDecoder.feed_raw}; each record is parsed only to
-check what a client may send and to follow which streams are open (the
-rules, the ledger and the pairing of the two ends are in
-L{lpxy.tunnelservice.policy}). Records go to the partner, through the
-pairing, unchanged and in order, in as few messages as possible, none over
-L{WIRE_FRAME_LIMIT}; when a whole incoming message is whole records it is sent
-on as it is. Without a partner, DATA is dropped and starts are answered with
-a reset. When a partner goes away, the peer left gets a STREAM_RESET for
-each stream still open.
+Relaying: the payloads of binary messages form a record stream, cut into
+records with L{RecordDecoder.feed_raw} and checked by the rules of
+L{lpxy.tunnelservice.policy}. Records go through the pairing to the partner
+unchanged and in order, in as few messages as possible, none over
+L{WIRE_FRAME_LIMIT}; a message of whole records goes on as it is. Without a
+partner, DATA is dropped and starts are answered with a reset; a peer whose
+partner leaves gets a STREAM_RESET for each stream still open.
 
 Flow control invariants:
   - Each peer's transport has the partner's reading as its streaming
@@ -32,39 +25,23 @@ Flow control invariants:
   - When a pairing ends (partner gone, replaced, closed) both registrations
     are removed and the peer left is resumed, so it never stays paused.
 
-Liveness: a peer whose TCP connection died silently (half-open) would stay
-CONNECTED for ever, so every peer is watched. Any bytes from it count as a
-sign of life. After C{ping_interval} seconds of silence the service pings
-it (proxies answer pings); once nothing at all has arrived for
-C{idle_timeout} seconds the connection is dropped, which disconnects its end
-and resets the partner's streams. While the service itself is not reading
-from a peer (flow control), that peer's silence is not held against it.
+Liveness: a half-open peer would stay CONNECTED for ever, so each is watched
+by a L{Keepalive}: any bytes count as life, silence is pinged after
+C{ping_interval} seconds and dropped after C{idle_timeout} (resetting the
+partner's streams); silence while the service is not reading does not count.
 """
 
 from __future__ import annotations
 
-from http.cookies import CookieError, SimpleCookie
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from autobahn.twisted.websocket import (
-    WebSocketServerFactory,
-    WebSocketServerProtocol,
-)
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
-from zope.interface import implementer  # type: ignore[import-untyped]
 
-from lpxy._ws import (
-    ANYTHING,
-    Clock,
-    Keepalive,
-    cancel_autobahn_timers,
-    quiet_autobahn_log,
-)
+from lpxy._ws import ANYTHING, Clock, Keepalive, cancel_autobahn_timers, quiet_autobahn_log
 from lpxy.frames import (
     WIRE_FRAME_LIMIT,
     Message,
@@ -74,69 +51,25 @@ from lpxy.frames import (
     encode_body,
     pack_records,
 )
-from lpxy.tunnelservice.broker import (
-    Attachment,
-    Broker,
-    HandshakeRefused,
-)
-from lpxy.tunnelservice.policy import (
-    Pairing,
-    RecordRules,
-    TunnelEnd,
-    Violation,
-    refusals,
-)
-from lpxy.tunnelservice.store import DESTINATION, SOURCE
+from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused
+from lpxy.tunnelservice.handshake import read_upgrade, refusal
+from lpxy.tunnelservice.policy import Pairing, ReadingOf, RecordRules, Violation, refusals
 from lpxy.wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
-    SUBPROTOCOLS,
-    choose_subprotocol,
-    is_valid_client_token,
     subprotocol_version,
 )
 
-__all__ = [
-    "DEFAULT_IDLE_TIMEOUT",
-    "DEFAULT_PING_INTERVAL",
-    "ConnectionRegistry",
-    "TunnelServerFactory",
-    "TunnelServerProtocol",
-]
+if TYPE_CHECKING:
+    from lpxy.tunnelservice.service import Connections
 
-TOKEN_COOKIE = "awsiot-tunnel-token"
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT", "DEFAULT_PING_INTERVAL", "TunnelServerFactory", "TunnelServerProtocol",
+]
 
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_IDLE_TIMEOUT = 90.0
-
-
-class ConnectionRegistry(Protocol):
-    """Where the factory's connections are kept (the service's L{Connections})."""
-
-    def add(self, connection: Any) -> None:
-        """A connection is open."""
-
-    def discard(self, connection: Any) -> None:
-        """A connection is gone."""
-
-
-@implementer(IPushProducer)
-class _ReadingOf:
-    """The reading side of a tunnel end, registered as the producer of its partner's transport."""
-
-    def __init__(self, end: TunnelEnd) -> None:
-        self._end = end
-
-    def pauseProducing(self) -> None:
-        self._end.pause_reading()
-
-    def resumeProducing(self) -> None:
-        self._end.resume_reading()
-
-    def stopProducing(self) -> None:
-        # The partner's transport is gone; the broker tells us separately.
-        pass
 
 
 class TunnelServerProtocol(WebSocketServerProtocol):
@@ -182,12 +115,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
 
     def _end_fields(self) -> dict[str, str | None]:
         """The log fields naming the tunnel end this connection serves (or served)."""
-        info = self._info
-        return {
-            "mode": info.mode if info else None,
-            "tunnel_id": info.tunnel_id if info else None,
-            "channel_id": info.channel_id if info else None,
-        }
+        return {k: getattr(self._info, k, None) for k in ("mode", "tunnel_id", "channel_id")}
 
     # Liveness
 
@@ -240,78 +168,22 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             raise
 
     def _on_connect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
-        if request.path != "/tunnel":
-            raise ConnectionDeny(400, f"Invalid request path {request.path!r}: use /tunnel")
-        modes = request.params.get("local-proxy-mode", [])
-        if len(modes) != 1 or modes[0] not in (SOURCE, DESTINATION):
-            raise ConnectionDeny(
-                400, "Missing or invalid local-proxy-mode: use source or destination"
-            )
-        mode = modes[0]
-        chosen = choose_subprotocol(request.protocols)
-        if chosen is None:
-            raise ConnectionDeny(
-                400,
-                "No supported subprotocol: offer one of " + ", ".join(reversed(SUBPROTOCOLS)),
-            )
-        client_token = request.headers.get("client-token")
-        if client_token is not None and not is_valid_client_token(client_token):
-            raise ConnectionDeny(400, "Invalid client-token: use 32 to 128 of a-z, A-Z, 0-9 and -")
-        header_token = request.headers.get("access-token")
-        cookie_token = self._cookie_token(request.headers.get("cookie"))
-        if header_token is not None and cookie_token is not None:
-            raise ConnectionDeny(
-                400,
-                "Give the access token either in the access-token header "
-                f"or in the {TOKEN_COOKIE} cookie, not both",
-            )
-        token = header_token if header_token is not None else cookie_token
-        if not token:
-            raise ConnectionDeny(401, "Missing access token")
         try:
-            attachment = self.factory.broker.connect(mode, token, client_token, self)
+            upgrade = read_upgrade(request.path, request.params, request.protocols, request.headers)
+            attachment = self.factory.broker.connect(
+                upgrade.mode, upgrade.access_token, upgrade.client_token, self
+            )
         except HandshakeRefused as refused:
             raise ConnectionDeny(refused.status, refused.reason) from None
         self._attachment = self._info = attachment
         self._rules = RecordRules(attachment.mode, attachment.services)
-        self._version = subprotocol_version(chosen)
-        self._subprotocol = chosen
-        return chosen, {"channel-id": attachment.channel_id}
+        self._version = subprotocol_version(upgrade.subprotocol)
+        self._subprotocol = upgrade.subprotocol
+        return upgrade.subprotocol, {"channel-id": attachment.channel_id}
 
-    def _cookie_token(self, header: str | None) -> str | None:
-        if header is None:
-            return None
-        values = []
-        for part in header.split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == TOKEN_COOKIE:
-                values.append(value)
-        if not values:
-            return None
-        if len(values) > 1:
-            raise ConnectionDeny(400, f"More than one {TOKEN_COOKIE} cookie")
-        try:
-            cookie: SimpleCookie = SimpleCookie()
-            cookie.load(f"{TOKEN_COOKIE}={values[0]}")
-            return cookie[TOKEN_COOKIE].value
-        except (CookieError, KeyError):
-            raise ConnectionDeny(400, f"Malformed {TOKEN_COOKIE} cookie") from None
-
-    def sendHttpErrorResponse(
-        self, code: int, reason: str, responseHeaders: Any = None
-    ) -> None:
-        # Autobahn puts the reason in the status line only; clients show the body.
-        body = (reason + "\n").encode("utf-8")
-        phrase = RESPONSES.get(code, b"Error").decode("latin-1")
-        lines = [
-            f"HTTP/1.1 {code} {phrase}",
-            "Content-Type: text/plain; charset=utf-8",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-        ]
-        for name, value in responseHeaders or ():
-            lines.append(f"{name}: {value}")
-        self.sendData(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        # Autobahn puts the reason in the status line only.
+        self.sendData(refusal(code, reason, responseHeaders or ()))
 
     def onOpen(self) -> None:
         try:
@@ -324,10 +196,8 @@ class TunnelServerProtocol(WebSocketServerProtocol):
                 **self._end_fields(), peer=self.peer, subprotocol=self._subprotocol,
             )
             if self._version >= 2:
-                self.send_records(encode(Message(
-                    type=Message.SERVICE_IDS,
-                    availableServiceIds=list(attachment.services),
-                )))
+                ids = Message(type=Message.SERVICE_IDS, availableServiceIds=attachment.services)
+                self.send_records(encode(ids))
         except BaseException:
             self._log.failure("Error opening tunnel connection from {peer}", peer=self.peer)
             if self._attachment is not None:
@@ -341,16 +211,13 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         if self._attachment is not None:
             self._attachment = None
             self._log.info(
-                "Closing {mode} of tunnel {tunnel_id}, channel {channel_id}: "
-                "{code} {reason}",
+                "Closing {mode} of tunnel {tunnel_id}, channel {channel_id}: {code} {reason}",
                 **self._end_fields(), code=code, reason=reason,
             )
         self._leave_pairing()
         if self.state == self.STATE_OPEN:
             # sendClose allows only 1000 and 3000-4999; we also need 1001, 1002, 1008.
-            self.sendCloseFrame(
-                code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False
-            )
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=False)
 
@@ -358,9 +225,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         pairing = self._pairing
         if pairing is not None:
             if pairing.partner_of(self) is partner:
-                # The broker tells both ends: the pairing made when the
-                # partner was told has introduced itself already.
-                return
+                return  # made when the broker told the partner, which came first
             pairing.dissolve()
         Pairing(self, partner)
 
@@ -391,7 +256,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         """Relay through C{pairing}; the partner's reading yields to this transport."""
         self._pairing = pairing
         self.transport.unregisterProducer()
-        self.transport.registerProducer(_ReadingOf(pairing.partner_of(self)), True)
+        self.transport.registerProducer(ReadingOf(pairing.partner_of(self)), True)
 
     def parted(self) -> None:
         """No partner any more: nothing yields to this transport, and it is read again."""
@@ -404,11 +269,6 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         self.resume_reading()
 
     # Flow control
-
-    @property
-    def reading_paused(self) -> bool:
-        """Whether the service has stopped reading from this peer (flow control)."""
-        return self._reading_paused
 
     def pause_reading(self) -> None:
         """Stop reading from this peer until L{resume_reading}."""
@@ -506,7 +366,7 @@ class TunnelServerFactory(WebSocketServerFactory):
     def __init__(
         self,
         broker: Broker,
-        connections: ConnectionRegistry,
+        connections: Connections,
         reactor: Any = None,
         clock: Clock | None = None,
         ping_interval: float = DEFAULT_PING_INTERVAL,
