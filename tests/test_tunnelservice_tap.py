@@ -42,6 +42,8 @@ class OptionsTests(SynchronousTestCase):
             "credentials": None,
             "keys": None,
             "insecure-open-api": 0,
+            "api-port": [],
+            "data-port": [],
         })
 
     def test_everything(self) -> None:
@@ -61,6 +63,8 @@ class OptionsTests(SynchronousTestCase):
             "credentials": None,
             "keys": None,
             "insecure-open-api": 0,
+            "api-port": [],
+            "data-port": [],
         })
 
     def test_credentials(self) -> None:
@@ -91,7 +95,27 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn("--idle-timeout", str(e))
             self.assertIn("must be more than --ping-interval", str(e))
 
+    def test_split_ports(self) -> None:
+        options = parse("--api-port", "tcp:9001:interface=127.0.0.1", "--data-port", "tcp:9002",
+                        "--data-port", "tcp:9003")
+        self.assertEqual(
+            (options["port"], options["api-port"], options["data-port"]),
+            ([], ["tcp:9001:interface=127.0.0.1"], ["tcp:9002", "tcp:9003"]),
+        )
+        options = parse("--port", "tcp:9000", "--data-port", "tcp:9002")
+        self.assertEqual((options["port"], options["data-port"]), (["tcp:9000"], ["tcp:9002"]))
+
+    def test_split_ports_need_both_planes(self) -> None:
+        e = self.assertRaises(UsageError, parse, "--api-port", "tcp:9001")
+        self.assertIn("--api-port needs a --data-port (or a --port)", str(e))
+        e = self.assertRaises(UsageError, parse, "--data-port", "tcp:9002")
+        self.assertIn("--data-port needs an --api-port (or a --port)", str(e))
+
     def test_bad_endpoint(self) -> None:
+        for name in ("api-port", "data-port"):
+            e = self.assertRaises(UsageError, parse, "--port", "tcp:9000",
+                                  f"--{name}", "carrier-pigeon:1")
+            self.assertIn(f"--{name} 'carrier-pigeon:1'", str(e))
         e = self.assertRaises(UsageError, parse, "--port", "carrier-pigeon:1")
         self.assertIn("--port 'carrier-pigeon:1'", str(e))
         e = self.assertRaises(UsageError, parse, "--port", "tcp:notaport")
@@ -147,6 +171,22 @@ class MakeServiceTests(SynchronousTestCase):
         root.startService()
         self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001])
         self.successResultOf(root.stopService())
+
+    def test_split_ports(self) -> None:
+        """--port, --api-port and --data-port each listen with their own site."""
+        reactor = MemoryReactorClock()
+        service = makeService(
+            parse("--port", "tcp:9000:interface=127.0.0.1",
+                  "--api-port", "tcp:9001:interface=127.0.0.1", "--data-port", "tcp:9002",
+                  # a memory reactor's ports say 0.0.0.0 whatever the interface
+                  "--db", ":memory:", "--insecure-open-api"),
+            reactor=reactor,
+        )
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001, 9002])
+        self.assertEqual(len({id(p[1]) for p in reactor.tcpServers}), 3)
+        self.successResultOf(service.stopService())
 
     def test_sqlite_store(self) -> None:
         """C{--db PATH}: the broker keeps its tunnels in that SQLite file."""

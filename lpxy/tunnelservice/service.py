@@ -12,6 +12,7 @@ finish only when they are gone.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ from lpxy.wire import CLOSE_GOING_AWAY
 __all__ = ["Connections", "OpenAPIRefused", "TunnelService"]
 
 _HTTP_IDLE_TIMEOUT = 120
+_BOTH, _API, _TUNNELS = "API and tunnels", "API", "tunnels"
 
 
 class Connections:
@@ -131,20 +133,27 @@ class _TunnelResource(WebSocketResource):
 
 
 class _Root(Resource):
-    """C{/} is the API, C{/tunnel} the data plane, anything else a 400."""
+    """
+    C{/} is the API and C{/tunnel} the data plane (each where this port
+    serves it), anything else a 400.
+    """
 
-    def __init__(self, api: Resource, tunnel: Any) -> None:
+    def __init__(self, api: Resource | None, tunnel: Any) -> None:
         super().__init__()
         self._api = api
         self._tunnel = tunnel
-        self._wrong_path = _PlainError(
-            400, "Invalid request path: the API is POST / and tunnels are GET /tunnel"
-        )
+        if api is None:
+            text = "Invalid request path: this port serves tunnels only, on GET /tunnel"
+        elif tunnel is None:
+            text = "Invalid request path: this port serves the API only, on POST /"
+        else:
+            text = "Invalid request path: the API is POST / and tunnels are GET /tunnel"
+        self._wrong_path = _PlainError(400, text)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
-        if path == b"" and not request.postpath:
+        if path == b"" and not request.postpath and self._api is not None:
             return self._api
-        if path == b"tunnel":
+        if path == b"tunnel" and self._tunnel is not None:
             return self._tunnel
         return self._wrong_path
 
@@ -233,7 +242,10 @@ class TunnelService(MultiService):
     The tunnel service: a broker and the ports that serve it.
 
     @param reactor: the reactor to listen with.
-    @param endpoints: server endpoint strings (or endpoint objects).
+    @param endpoints: server endpoint strings (or endpoint objects) serving
+        both the API and the data plane.
+    @param api_endpoints: endpoints serving the management API only.
+    @param data_endpoints: endpoints serving the data plane only.
     @param limits: the broker's limits.
     @param max_request_size: the largest API request body accepted.
     @param clock: the time source of the broker and of the peers' liveness
@@ -263,6 +275,8 @@ class TunnelService(MultiService):
         store: ITunnelStore | None = None,
         verifier: SignatureVerifier | None = None,
         insecure_open_api: bool = False,
+        api_endpoints: Sequence[Any] = (),
+        data_endpoints: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -281,19 +295,29 @@ class TunnelService(MultiService):
         class _Request(SizeLimitedRequest):
             max_size = max_request_size
 
-        site = _Site(
-            _Root(ManagementAPI(self.broker, verifier), _TunnelResource(self.websocket_factory)),
-            self.connections,
-        )
-        site.requestFactory = _Request
-        site.displayTracebacks = False
-        site.noisy = False
-        self.factory = site
-        for endpoint in endpoints:
-            if isinstance(endpoint, str):
-                endpoint = serverFromString(reactor, endpoint)
-            reported = _Reported(endpoint, self._listened, self._failed_later)
-            _Port(reported, site).setServiceParent(self)
+        def site(api: Resource | None, tunnel: Any) -> _Site:
+            made = _Site(_Root(api, tunnel), self.connections)
+            made.requestFactory = _Request
+            made.displayTracebacks = False
+            made.noisy = False
+            return made
+
+        api = ManagementAPI(self.broker, verifier)
+        tunnel = _TunnelResource(self.websocket_factory)
+        self.factory = site(api, tunnel)
+        sites = [(self.factory, _BOTH, endpoints)]
+        if api_endpoints:
+            sites.append((site(api, None), _API, api_endpoints))
+        if data_endpoints:
+            sites.append((site(None, tunnel), _TUNNELS, data_endpoints))
+        for factory, role, role_endpoints in sites:
+            for endpoint in role_endpoints:
+                if isinstance(endpoint, str):
+                    endpoint = serverFromString(reactor, endpoint)
+                reported = _Reported(
+                    endpoint, functools.partial(self._listened, role=role), self._failed_later
+                )
+                _Port(reported, factory).setServiceParent(self)
         self._started_listening = False
 
     def privilegedStartService(self) -> None:
@@ -333,18 +357,20 @@ class TunnelService(MultiService):
         if self._reactor.running:
             self._reactor.stop()
 
-    def _listened(self, port: Any) -> Any:
+    def _listened(self, port: Any, role: str) -> Any:
         address = port.getHost()
         where = {"host": getattr(address, "host", ""), "port": getattr(address, "port", None)}
-        if self._open_api and not self._insecure_open_api and not _is_local(address):
+        open_api = self._open_api and role != _TUNNELS
+        if open_api and not self._insecure_open_api and not _is_local(address):
             port.stopListening()
             raise OpenAPIRefused(
                 f"port {where['host']}:{where['port']} is reachable beyond this machine "
                 "and the API has no --credentials: give --credentials FILE, listen on "
                 "loopback, or accept an open API with --insecure-open-api"
             )
-        self._log.info("Tunnel service listening on {host} port {port}", **where)
-        if self._open_api and not _is_local(address):
+        self._log.info("Tunnel service listening on {host} port {port} ({role})",
+                       role=role, **where)
+        if open_api and not _is_local(address):
             self._log.warn(
                 "Port {host}:{port} is reachable beyond this machine and the API is open "
                 "(--insecure-open-api): anyone who reaches it can open and close tunnels.",

@@ -39,14 +39,18 @@ def _positive(name: str) -> Any:
 class Options(usage.Options):
     """Command-line options of C{twistd tunnelservice}."""
 
-    synopsis = "[--port ENDPOINT]... [options]"
+    synopsis = (
+        "[--port ENDPOINT]... [--api-port ENDPOINT]... [--data-port ENDPOINT]... [options]"
+    )
     longdesc = (
         "A self-hosted AWS IoT Secure Tunneling service. Each --port serves the "
         "management API (AWS JSON 1.1 on POST /, for boto3 and the AWS CLI with "
         "--endpoint-url) and the WebSocket data plane (GET /tunnel) for local "
-        "proxies. With --credentials, API requests must be signed (AWS Signature "
-        "Version 4) with one of the file's keys; without, the API is open and "
-        "only allowed on loopback unless --insecure-open-api is given."
+        "proxies; --api-port and --data-port serve only one of them, so that the "
+        "API can stay on loopback while devices reach the data plane. With "
+        "--credentials, API requests must be signed (AWS Signature Version 4) with "
+        "one of the file's keys; without, the API is open and only allowed on "
+        "loopback unless --insecure-open-api is given."
     )
     optFlags: ClassVar[list[list[Any]]] = [
         ["insecure-open-api", None,
@@ -79,6 +83,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["port"] = []
+        self["api-port"] = []
+        self["data-port"] = []
 
     def opt_port(self, endpoint: str) -> None:
         """
@@ -90,14 +96,37 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_api_port(self, endpoint: str) -> None:
+        """
+        A server endpoint serving the management API only, e.g.
+        tcp:8081:interface=127.0.0.1 (repeatable; needs --data-port or --port).
+        """
+        self["api-port"].append(endpoint)
+
+    def opt_data_port(self, endpoint: str) -> None:
+        """
+        A server endpoint serving the tunnels' data plane only, e.g.
+        ssl:8443:privateKey=key.pem:certKey=cert.pem (repeatable; needs
+        --api-port or --port).
+        """
+        self["data-port"].append(endpoint)
+
     def postOptions(self) -> None:
         if self["idle-timeout"] <= self["ping-interval"]:
             raise usage.UsageError(
                 f"--idle-timeout ({self['idle-timeout']}) must be more than "
                 f"--ping-interval ({self['ping-interval']})"
             )
-        if not self["port"]:
+        if not (self["port"] or self["api-port"] or self["data-port"]):
             self["port"] = [DEFAULT_PORT]
+        elif not self["port"] and not self["data-port"]:
+            raise usage.UsageError(
+                "--api-port needs a --data-port (or a --port) for the tunnels' data plane"
+            )
+        elif not self["port"] and not self["api-port"]:
+            raise usage.UsageError(
+                "--data-port needs an --api-port (or a --port) for the management API"
+            )
         self["keys"] = None
         if self["credentials"] is not None:
             try:
@@ -107,11 +136,12 @@ class Options(usage.Options):
         from twisted.internet import reactor
         from twisted.internet.endpoints import serverFromString
 
-        for endpoint in self["port"]:
-            try:
-                serverFromString(reactor, endpoint)
-            except Exception as e:
-                raise usage.UsageError(f"--port {endpoint!r}: {e}") from None
+        for name in ("port", "api-port", "data-port"):
+            for endpoint in self[name]:
+                try:
+                    serverFromString(reactor, endpoint)
+                except Exception as e:
+                    raise usage.UsageError(f"--{name} {endpoint!r}: {e}") from None
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -134,6 +164,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     service = TunnelService(
         reactor,
         options["port"],
+        api_endpoints=options["api-port"],
+        data_endpoints=options["data-port"],
         limits=Limits(
             max_services=options["max-services"],
             max_open_tunnels=options["max-open-tunnels"],
