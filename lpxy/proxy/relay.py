@@ -211,7 +211,6 @@ class LocalRelay(Protocol):
         peer_description: str | None = None,
     ) -> None:
         self.channel = channel
-        channel.peer = self
         self._sink = sink
         self._flow = flow
         self._clock = clock

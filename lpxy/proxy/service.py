@@ -1,30 +1,24 @@
 # -*- test-case-name: tests.test_proxy_service -*-
 """
-The local proxy as a service: the tunnel connection, the listeners, the end.
+The local proxy as a service: the tunnel connection kept up, the retry
+budget, the end.
 
 L{LocalProxyService} is a C{MultiService} owning a C{ClientService} for the
 WebSocket (design.md, "Connecting and reconnecting"). Its
 C{prepareConnection} waits for L{TunnelProtocol.ready}: a connection counts
 only once the handshake is done and, in V2/V3, SERVICE_IDS has settled the
-services (and, for a source, the listeners are up). L{ProxyConnector} is the
-glue, like magic-wormhole's C{RendezvousConnector}: it hears the tunnel
-protocol's events, feeds the L{Session}, carries out the session's
-decisions on relays and listeners, and says when the proxy is done.
-
-Exit statuses (L{LocalProxyService.whenDone}):
- - 0 (L{EXIT_CLOSED}): the service closed the tunnel (Close 1000:
-   CloseTunnel, expiry, replacement);
- - 1 (L{EXIT_CONFIG}): the tunnel does not fit the configuration (its
-   services do not match the map, a port cannot be listened on);
- - 2 (L{EXIT_REJECTED}): the handshake was refused with a 4xx status;
- - 3 (L{EXIT_GAVE_UP}): the connection retries are spent, or a protocol
-   error with C{reconnect_on_data_error} false.
+services (and, for a source, the listeners are up). Its
+L{lpxy.proxy.connector.ProxyConnector} carries the connection's events to
+the session and tells the service of losses, failed attempts and the end;
+the service counts the failures against C{websocket.connect_retry_count}
+and fires L{LocalProxyService.whenDone} with the exit status (see
+L{lpxy.proxy.connector} for the statuses).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, cast
 
 from automat import NoTransition
@@ -37,21 +31,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lpxy import __version__
-from lpxy.frames import WIRE_FRAME_LIMIT, Message, ProtocolError
+from lpxy.frames import WIRE_FRAME_LIMIT
 from lpxy.proxy.config import ProxyConfig
-from lpxy.proxy.destination import AppConnector
-from lpxy.proxy.relay import LocalRelay, TunnelFlow
-from lpxy.proxy.session import (
-    Channel,
-    ProtocolViolation,
-    ServiceBinding,
-    ServiceMismatch,
-    Session,
+from lpxy.proxy.connector import (
+    EXIT_CLOSED,
+    EXIT_CONFIG,
+    EXIT_GAVE_UP,
+    EXIT_REJECTED,
+    ProxyConnector,
+    TunnelConnectionFailed,
 )
 from lpxy.proxy.settings import unused_settings
-from lpxy.proxy.source import SourceListeners
-from lpxy.proxy.tunnel import CloseOutcome, TunnelFactory, TunnelProtocol, describe_rejection
-from lpxy.wire import CLOSE_NORMAL
+from lpxy.proxy.tunnel import TunnelFactory, TunnelProtocol
 
 __all__ = [
     "EXIT_CLOSED",
@@ -60,33 +51,28 @@ __all__ = [
     "EXIT_REJECTED",
     "WIRE_FRAME_LIMIT",
     "LocalProxyService",
-    "ProxyConnector",
     "TunnelConnectionFailed",
 ]
-
-EXIT_CLOSED = 0
-EXIT_CONFIG = 1
-EXIT_REJECTED = 2
-EXIT_GAVE_UP = 3
 
 USER_AGENT = f"lpxy/{__version__}"
 
 
-class TunnelConnectionFailed(Exception):
-    """The tunnel connection ended before it was ready; the message says why."""
-
-
-class _Gate(Protocol):
+class _NoTransitionGuard(Protocol):
     """
-    Stands between a transport and the protocol C{ClientService} built.
+    Stands between a transport and the protocol C{ClientService} built,
+    and swallows the C{NoTransition} C{ClientService} raises when that
+    connection is lost before it was prepared.
 
-    C{ClientService} (Twisted 26.10) has no transition for a connection lost
-    while C{prepareConnection} is pending or after it failed: its
-    disconnection notice then raises C{NoTransition} out of
-    C{connectionLost}, which the reactor would log as a traceback. Our
-    C{prepareConnection} fails exactly when a connection closes during the
-    WebSocket handshake (a 4xx, a dropped upgrade), so this gate swallows
-    that one exception after the protocol has heard of the loss.
+    Works around Twisted's C{ClientService} (its state machine in
+    C{twisted/application/_client_service.py}, Twisted 26.10): it has no
+    transition for C{_clientDisconnected} in its Connecting state
+    (C{prepareConnection} pending) or its Waiting state (after
+    C{prepareConnection} failed), so the disconnection notice raises
+    C{NoTransition} out of C{connectionLost}, which the reactor would log as
+    a traceback. Our C{prepareConnection} fails exactly when a connection
+    closes during the WebSocket handshake (a 4xx, a dropped upgrade); the
+    guard swallows that one exception after the protocol has heard of the
+    loss.
     """
 
     def __init__(self, wrapped: Any) -> None:
@@ -106,7 +92,9 @@ class _Gate(Protocol):
             pass
 
 
-class _GateFactory(Factory):
+class _NoTransitionGuardFactory(Factory):
+    """Builds the wrapped factory's protocols, each inside a L{_NoTransitionGuard}."""
+
     def __init__(self, wrapped: Any) -> None:
         self._wrapped = wrapped
 
@@ -118,13 +106,18 @@ class _GateFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         built = self._wrapped.buildProtocol(addr)
-        return None if built is None else _Gate(built)
+        return None if built is None else _NoTransitionGuard(built)
 
 
-class _GatedEndpoint:
+class _GuardedEndpoint:
     """
-    Wraps an endpoint so every connection goes through a L{_Gate}, and
-    names the failure of an attempt that never connected.
+    Wraps an endpoint so every connection goes through a
+    L{_NoTransitionGuard}, and logs and reports an attempt that never
+    connected before C{ClientService} hears of it.
+
+    C{ClientService} (Twisted 26.10) schedules and logs its next attempt
+    ("Scheduling retry") as soon as one fails, with no hook before that:
+    reporting the failure first lets a spent retry budget stop it in time.
     """
 
     _log = Logger()
@@ -137,7 +130,7 @@ class _GatedEndpoint:
         self._report = failed
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        connecting: Deferred[Any] = self._endpoint.connect(_GateFactory(factory))
+        connecting: Deferred[Any] = self._endpoint.connect(_NoTransitionGuardFactory(factory))
         return connecting.addCallbacks(lambda gate: gate.wrapped, self._failed)
 
     def _failed(self, reason: Failure) -> Failure:
@@ -156,16 +149,17 @@ class _GatedEndpoint:
         return f"<tunnel endpoint {self._description}>"
 
 
-class _RoutineDrops:
+class _DropWarningAsInfo:
     """
     Autobahn's logger for a tunnel protocol, with its "dropping connection"
     warning told at info.
 
-    Autobahn warns whenever it drops a connection that did not close
-    cleanly: a refused handshake, our own abort after a protocol error or a
-    dead connection. Each of those has its line from L{ProxyConnector} at
-    the level it deserves, so Autobahn's is a routine detail; every other
-    Autobahn warning keeps its level.
+    Works around Autobahn's C{WebSocketProtocol.dropConnection}
+    (C{autobahn/websocket/protocol.py}), which warns whenever it drops a
+    connection that did not close cleanly: a refused handshake, our own
+    abort after a protocol error or a dead connection. Each of those has its
+    line from L{ProxyConnector} at the level it deserves, so Autobahn's is a
+    routine detail; every other Autobahn warning keeps its level.
     """
 
     def __init__(self, wrapped: Any) -> None:
@@ -183,296 +177,15 @@ class _RoutineDrops:
 
 
 class _ProxyTunnelProtocol(TunnelProtocol):
-    log = _RoutineDrops(TunnelProtocol.log)
-
-
-class ProxyConnector:
-    """
-    Joins the tunnel protocol, the session, the relays and the listeners.
-
-    It is the L{TunnelEvents} of the tunnel factory, the L{SessionActions}
-    of the session and the L{RelaySink} of every relay.
-
-    @ivar finished: called with an exit status when the proxy must end.
-    """
-
-    _log = Logger()
-
-    def __init__(self, config: ProxyConfig, reactor: Any, clock: Any) -> None:
-        self._config = config
-        self._reactor = reactor
-        self._clock = clock
-        settings = config.settings
-        self._settings = settings
-        keys = list(
-            config.source_ports if config.mode == "source" else config.destination_apps
-        )
-        self.session = Session(
-            config.mode,
-            keys,
-            self,
-            subprotocol=settings.websocket.subprotocol,
-            client_type=config.destination_client_type,
-            max_connections=settings.tcp.max_active_connections,
-            max_services=settings.websocket.max_services,
-            from_config_dir=config.mappings_from_config_dir or not keys,
-            trace=config.verbosity >= 6,
-        )
-        self.flow = TunnelFlow()
-        self._gone: list[Deferred[None]] = []
-        self.protocol: TunnelProtocol | None = None
-        self.listeners: SourceListeners | None = None
-        self.apps: AppConnector | None = None
-        if config.mode == "source":
-            self.listeners = SourceListeners(
-                reactor, config.listen_address, config.source_ports, self.accept
-            )
-        else:
-            self.apps = AppConnector(
-                reactor,
-                retry_count=settings.tcp.connection_retry_count,
-                retry_delay=settings.tcp.connection_retry_delay_ms / 1000.0,
-                clock=clock,
-            )
-        self.stopping = False
-        self.ending = False
-        # Set by the service: called with the exit status when the proxy must
-        # end; and with the reason of a lost connection or failed attempt,
-        # answering whether a retry follows.
-        self.finished: Callable[[int], object] | None = None
-        self.reconnected: Callable[[str], bool] | None = None
-        self.attempt_failed: Callable[[str], bool] | None = None
-
-    def _end(self, status: int) -> None:
-        self.ending = True
-        if self.finished is not None:
-            self.finished(status)
-
-    # -- TunnelEvents ----------------------------------------------------
-
-    def ws_open(self, protocol: TunnelProtocol) -> None:
-        self.protocol = protocol
-        self.flow.attach(protocol)
-        self._log.info(
-            "Connected to {endpoint} as {mode}: channel id {channel_id}, "
-            "subprotocol {subprotocol}",
-            endpoint=self._config.endpoint.origin(),
-            mode=self._config.mode,
-            channel_id=protocol.channel_id,
-            subprotocol=protocol.factory.subprotocol,
-        )
-        self.session.connected()
-
-    def ws_records(self, protocol: TunnelProtocol, messages: list[Message]) -> None:
-        received = self.session.received
-        try:
-            for message in messages:
-                received(message)
-        except ProtocolViolation as e:
-            self._protocol_error(protocol, str(e))
-        except ServiceMismatch as e:
-            self._log.error("{error}", error=str(e))
-            protocol.abort()
-            self._end(EXIT_CONFIG)
-
-    def ws_error(self, protocol: TunnelProtocol, error: ProtocolError) -> None:
-        self._protocol_error(protocol, str(error))
-
-    def _protocol_error(self, protocol: TunnelProtocol, text: str) -> None:
-        if self._settings.websocket.reconnect_on_data_error:
-            self._log.warn(
-                "Protocol error from the tunneling service: {error}; reconnecting",
-                error=text,
-            )
-        else:
-            self._log.error(
-                "Protocol error from the tunneling service: {error}; stopping "
-                "(websocket.reconnect_on_data_error is false)",
-                error=text,
-            )
-            self._end(EXIT_GAVE_UP)
-        protocol.abort()
-
-    def ws_close(self, protocol: TunnelProtocol, outcome: CloseOutcome) -> None:
-        was_ready = protocol.ready.called
-        if self.protocol is protocol:
-            self.protocol = None
-            self.flow.detach()
-            self.session.disconnected()
-        gone, self._gone = self._gone, []
-        for waiter in gone:
-            waiter.callback(None)
-        if not (self.stopping or self.ending):
-            self._decide(protocol, outcome, was_ready)
-        if not protocol.ready.called:
-            # Decided first: failing this tells ClientService, whose retry
-            # budget may then end the proxy with its own status.
-            protocol.ready.errback(Failure(TunnelConnectionFailed(self._why(outcome))))
-            protocol.ready.addErrback(lambda _: None)
-
-    def _decide(self, protocol: TunnelProtocol, outcome: CloseOutcome, was_ready: bool) -> None:
-        delay = self._settings.websocket.retry_delay_ms / 1000.0
-        if outcome.http_status is not None and 400 <= outcome.http_status < 500:
-            self._log.error(
-                "The tunneling service refused the connection: {meaning}; not retrying",
-                meaning=describe_rejection(outcome.http_status, protocol.rejection_body),
-            )
-            self._end(EXIT_REJECTED)
-        elif outcome.opened and outcome.code == CLOSE_NORMAL and not outcome.by_us:
-            self._log.info(
-                "The tunneling service closed the tunnel ({reason})",
-                reason=outcome.reason or "no reason given",
-            )
-            self._end(EXIT_CLOSED)
-        elif was_ready:
-            why = self._why(outcome)
-            if self.reconnected is not None and not self.reconnected(why):
-                return
-            self._log.warn(
-                "Lost the tunnel connection ({reason}); reconnecting in {delay}s",
-                reason=why,
-                delay=delay,
-            )
-        else:
-            why = self._why(outcome)
-            if self.attempt_failed is not None and not self.attempt_failed(why):
-                return
-            self._log.warn(
-                "Could not connect to the tunneling service ({reason}); "
-                "retrying in {delay}s",
-                reason=why,
-                delay=delay,
-            )
-
-    @staticmethod
-    def _why(outcome: CloseOutcome) -> str:
-        if outcome.dead:
-            return "no pong in two ping periods"
-        if outcome.http_status is not None:
-            return f"HTTP status {outcome.http_status}"
-        if outcome.code is not None:
-            return f"close code {outcome.code}: {outcome.reason or ''}".rstrip(": ")
-        return outcome.reason or "connection lost"
-
-    # -- readiness -------------------------------------------------------
-
-    def _mark_ready(self) -> None:
-        protocol = self.protocol
-        if protocol is not None and not protocol.ready.called:
-            protocol.ready.callback(None)
-
-    # -- SessionActions --------------------------------------------------
-
-    def send(self, message: Message) -> None:
-        if self.protocol is not None:
-            self.protocol.send_message(message)
-
-    def deliver(self, channel: Channel, data: bytes) -> None:
-        relay = channel.peer
-        if relay is not None:
-            relay.deliver(data)  # type: ignore[attr-defined]
-
-    def open_local(self, channel: Channel) -> None:
-        assert self.apps is not None
-        target = self._config.destination_apps.get(channel.binding.key or "")
-        relay = self._relay(channel)
-        if target is None:
-            self._log.error(
-                "No local application for service {service_id!r}",
-                service_id=channel.binding.service_id,
-            )
-            relay.give_up()
-            self.session.local_closed(channel)
-            return
-        self.apps.connect(relay, target, lambda: self.session.local_closed(channel))
-
-    def close_local(self, channel: Channel) -> None:
-        relay = channel.peer
-        if relay is not None:
-            relay.close()  # type: ignore[attr-defined]
-
-    def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
-        listeners = self.listeners
-        if listeners is None or listeners.started:
-            self._mark_ready()
-            return
-        listeners.start(bindings).addCallbacks(
-            lambda _: self._mark_ready(), self._listen_failed
-        )
-
-    def _listen_failed(self, reason: Failure) -> None:
-        self._log.error("Cannot listen: {error}", error=reason.getErrorMessage())
-        if self.protocol is not None:
-            self.protocol.abort()
-        self._end(EXIT_CONFIG)
-
-    # -- RelaySink -------------------------------------------------------
-
-    def send_data(self, channel: Channel, payload: bytes | memoryview) -> None:
-        protocol = self.protocol
-        if protocol is not None:
-            protocol.send_data(channel.header, payload)
-
-    def local_closed(self, channel: Channel) -> None:
-        self.session.local_closed(channel)
-
-    # -- source ----------------------------------------------------------
-
-    def accept(self, binding: ServiceBinding, addr: IAddress) -> Protocol | None:
-        """A local client connected to the port of C{binding}."""
-        if self.protocol is None or not self.session.ready or self.stopping:
-            self._log.info(
-                "Refusing a client of service {service_id!r}: the tunnel is not connected",
-                service_id=binding.service_id,
-            )
-            return None
-        channel = self.session.open_channel(binding)
-        if channel is None:
-            return None
-        host = getattr(addr, "host", None)
-        port = getattr(addr, "port", None)
-        relay = self._relay(channel)
-        if host is not None:
-            relay.peer_description = f"{host}:{port}"
-        return relay
-
-    def _relay(self, channel: Channel) -> LocalRelay:
-        settings = self._settings
-        return LocalRelay(
-            channel,
-            self,
-            self.flow,
-            self._clock,
-            max_payload_size=settings.message.max_payload_size,
-            buffer_limit=settings.tcp.write_buffer_size,
-        )
-
-    # -- stopping --------------------------------------------------------
-
-    def shutdown(self) -> Deferred[None]:
-        """
-        Close every stream and the WebSocket, cleanly, and stop listening.
-
-        @return: fires once the WebSocket is gone: after the service's answer
-            to our Close (RFC 6455 wants the server to close TCP first), or
-            Autobahn's close handshake timeout.
-        """
-        self.stopping = True
-        self.session.reset_all()
-        gone: Deferred[None] = succeed(None)
-        if self.protocol is not None:
-            gone = Deferred()
-            self._gone.append(gone)
-            self.protocol.close(CLOSE_NORMAL, "local proxy stopping")
-        if self.listeners is not None:
-            self.listeners.stop()
-        return gone
+    log = _DropWarningAsInfo(TunnelProtocol.log)
 
 
 class LocalProxyService(MultiService):
     """
     The local proxy: a tunnel connection kept up by a C{ClientService},
-    plus the listeners (source) or application connections (destination).
+    plus the listeners (source) or application connections (destination)
+    of its L{ProxyConnector}, whose
+    L{lpxy.proxy.connector.ConnectorListener} it is.
 
     @param config: the validated configuration.
     @param reactor: the reactor (the global one by default).
@@ -505,10 +218,7 @@ class LocalProxyService(MultiService):
             endpoint = tunnel_client_endpoint(reactor, config)
         self.client_token = config.client_token or str(uuid.uuid4())
         settings = config.settings.websocket
-        self.connector = ProxyConnector(config, reactor, self._clock)
-        self.connector.finished = self._finish
-        self.connector.reconnected = self._lost
-        self.connector.attempt_failed = self._attempt_failed
+        self.connector = ProxyConnector(config, reactor, self._clock, self)
         self.factory = TunnelFactory(
             config.endpoint.url(config.mode),
             self.connector,
@@ -540,7 +250,7 @@ class LocalProxyService(MultiService):
         # it before it schedules (and logs) a retry that will never come.
         self._failures = 0
         self.client = ClientService(
-            cast(Any, _GatedEndpoint(endpoint, endpoint_name, self._endpoint_failed)),
+            cast(Any, _GuardedEndpoint(endpoint, endpoint_name, self._endpoint_failed)),
             cast(Any, self.factory),
             retryPolicy=lambda attempt: delay,
             clock=self._clock,
@@ -563,10 +273,10 @@ class LocalProxyService(MultiService):
         self._failures = 0
 
     def _endpoint_failed(self, error: str) -> None:
-        if not self.connector.stopping:
-            self._attempt_failed(error)
+        if not self.connector.ending:
+            self.attempt_failed(error)
 
-    def _attempt_failed(self, error: str) -> bool:
+    def attempt_failed(self, error: str) -> bool:
         """
         An attempt failed: give up if the budget is spent, else say that a
         retry follows.
@@ -581,11 +291,11 @@ class LocalProxyService(MultiService):
                 retries=self._retries,
                 error=error,
             )
-            self._finish(EXIT_GAVE_UP)
+            self.finished(EXIT_GAVE_UP)
             return False
         return True
 
-    def _lost(self, reason: str) -> bool:
+    def connection_lost(self, reason: str) -> bool:
         """A usable connection was lost: say whether a reconnection follows."""
         self._failures = 1
         if self._retries == 0:
@@ -594,11 +304,12 @@ class LocalProxyService(MultiService):
                 "websocket.connect_retry_count is 0",
                 reason=reason,
             )
-            self._finish(EXIT_GAVE_UP)
+            self.finished(EXIT_GAVE_UP)
             return False
         return True
 
-    def _finish(self, status: int) -> None:
+    def finished(self, status: int) -> None:
+        """The proxy must end with C{status}: stop, then fire L{whenDone}."""
         if self._status is not None:
             return
         self._status = status

@@ -117,8 +117,7 @@ class Channel:
     """
     One local connection's place in the tunnel: the ids its records carry.
 
-    The I/O layer keeps its own object for the connection in C{peer}. A
-    channel is current until the session closes it (C{open} false); a
+    A channel is current until the session closes it (C{open} false); a
     replaced or reset channel never gets data again, and closing it locally
     sends nothing.
     """
@@ -128,7 +127,6 @@ class Channel:
     stream_id: int
     connection_id: int
     header: bytes = field(repr=False)
-    peer: object = field(default=None, repr=False)
     open: bool = True
 
 
