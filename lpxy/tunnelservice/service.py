@@ -368,8 +368,8 @@ class TunnelService(MultiService):
                 "and the API has no --credentials: give --credentials FILE, listen on "
                 "loopback, or accept an open API with --insecure-open-api"
             )
-        self._log.info("Tunnel service listening on {host} port {port} ({role})",
-                       role=role, **where)
+        self._log.info("Tunnel service listening on {host} port {port}{role}",
+                       role="" if role == _BOTH else f" ({role} only)", **where)
         if open_api and not _is_local(address):
             self._log.warn(
                 "Port {host}:{port} is reachable beyond this machine and the API is open "
