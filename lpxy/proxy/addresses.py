@@ -21,6 +21,7 @@ from attrs import field, frozen
 
 from lpxy.proxy import option_errors as reference
 from lpxy.proxy.settings import ProxySettings
+from lpxy.wire import SERVICE_ID_MAX_LENGTH
 
 Mode = Literal["source", "destination"]
 
@@ -28,7 +29,6 @@ DEFAULT_PORT = 443
 DEFAULT_WEB_PROXY_PORT = 3128
 MAX_HOST = 253
 MAX_REGION = 64
-MAX_SERVICE_ID = 128
 
 
 class AddressError(ValueError):
@@ -236,6 +236,8 @@ def region_endpoint(region: str, settings: ProxySettings) -> TunnelEndpoint:
 
 # --- mappings ----------------------------------------------------------------
 
+# The reference's rule for ids in -s, -d and --config-dir: AWS's
+# (lpxy.wire) without its ':'.
 _SERVICE_ID = re.compile(r"[a-zA-Z0-9_-]+\Z")
 SOURCE_FORM = "PORT or ID=PORT[,ID=PORT...], e.g. 5555 or SSH1=5555,HTTP1=8080"
 DESTINATION_FORM = (
@@ -250,10 +252,10 @@ def service_id(text: str) -> str:
 
     @raise ValueError: it is not.
     """
-    if len(text) > MAX_SERVICE_ID or not _SERVICE_ID.match(text):
+    if len(text) > SERVICE_ID_MAX_LENGTH or not _SERVICE_ID.match(text):
         raise AddressError(
-            f"service id {text!r} is not 1 to {MAX_SERVICE_ID} of [a-zA-Z0-9_-]",
-            reference.SERVICE_ID_LENGTH if len(text) > MAX_SERVICE_ID
+            f"service id {text!r} is not 1 to {SERVICE_ID_MAX_LENGTH} of [a-zA-Z0-9_-]",
+            reference.SERVICE_ID_LENGTH if len(text) > SERVICE_ID_MAX_LENGTH
             else reference.SERVICE_ID_CHARACTERS,
         )
     return text
@@ -279,7 +281,7 @@ def _map_items(text: str) -> dict[str, str]:
             if not name or not endpoint:
                 problem = (
                     f"{item!r} has no endpoint" if name
-                    else f"service id '' is not 1 to {MAX_SERVICE_ID} of [a-zA-Z0-9_-]"
+                    else f"service id '' is not 1 to {SERVICE_ID_MAX_LENGTH} of [a-zA-Z0-9_-]"
                 )
                 raise AddressError(problem, reference.mapping_item_format(item))
             service_id(name)
