@@ -197,7 +197,15 @@ class CommandLineTests(ResolveCase):
         """
         self.resolve({"access-token": TOKEN, "region": "us-east-1", "source-listen-port": "1"})
         [warning] = self.warnings()
-        self.assertIn("AWSIOT_TUNNEL_ACCESS_TOKEN", warning)
+        # The reference's warning (messages.md section 1b), then lpxy's why.
+        self.assertTrue(
+            warning.startswith(
+                "Found access token supplied via CLI arg. Consider using environment"
+                " variable AWSIOT_TUNNEL_ACCESS_TOKEN instead"
+            ),
+            warning,
+        )
+        self.assertIn("other users of this machine can see a command line", warning)
         self.assertNotIn(TOKEN, warning)
 
     def test_noWarningFromEnvironment(self) -> None:

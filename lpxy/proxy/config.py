@@ -761,8 +761,9 @@ def _web_proxy_for(
 
 
 def _warn_token_on_command_line() -> None:
+    # The reference's words first: scripts may look for them.
     _log.warn(
-        "The access token was given on the command line, where other users of"
-        " this machine can see it; set {variable} instead",
+        "Found access token supplied via CLI arg. Consider using environment variable"
+        " {variable} instead: other users of this machine can see a command line",
         variable=ACCESS_TOKEN_ENV,
     )
