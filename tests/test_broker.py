@@ -129,7 +129,7 @@ class LifetimeTests(BrokerTestCase):
         self.assertEqual(record.status, CLOSED)
         self.assertEqual(record.last_updated_at, 1005)
         self.assertFalse(record.source.connected)
-        self.assertEqual(self.broker.connection_count, 0)
+        self.assertFalse(record.destination.connected)
         # only the removal of the closed tunnel, three hours on, is left
         [removal] = self.clock.getDelayedCalls()
         self.assertEqual(removal.getTime(), 1005 + 3 * 3600)
@@ -247,10 +247,13 @@ class TokenTests(BrokerTestCase):
 
     def test_disconnect_of_replaced_is_ignored(self) -> None:
         s1 = self.broker.connect(SOURCE, self.opened.source_token, CT1, self.peer("s1"))
-        self.broker.connect(SOURCE, self.opened.source_token, CT1, self.peer("s2"))
+        s2 = self.broker.connect(SOURCE, self.opened.source_token, CT1, self.peer("s2"))
         self.broker.disconnect(s1)
-        self.assertTrue(self.broker.describe(self.opened.tunnel_id).source.connected)
-        self.assertEqual(self.broker.connection_count, 1)
+        record = self.broker.describe(self.opened.tunnel_id)
+        self.assertTrue(record.source.connected)
+        self.assertFalse(record.destination.connected)
+        self.broker.disconnect(s2)  # the live one
+        self.assertFalse(record.source.connected)
 
     def test_partner_left(self) -> None:
         s = self.broker.connect(SOURCE, self.opened.source_token, None, self.peer("s"))

@@ -115,7 +115,7 @@ class TLSTests(TestCase):
         listeners = src.connector.listeners
         assert listeners is not None
         self.assertFalse(listeners.started)
-        self.assertIsNone(self.fixture.broker.peer(self.opened.tunnel_id, "source"))
+        self.assertFalse(self.fixture.broker.describe(self.opened.tunnel_id).source.connected)
         self.assertEqual(dst.connector.flow.relays, set())
         self.assertEqual(self.app.accepted, [])
         self.assertNoResult(dst.whenDone())
@@ -180,7 +180,7 @@ class TLSTests(TestCase):
         protocol = pair.source.connector.protocol
         assert protocol is not None
         self.assertEqual(protocol.transport.getHandle().get_servername(), b"localhost")
-        peer: Any = self.fixture.broker.peer(self.opened.tunnel_id, "source")
+        peer = self.fixture.server_side(self.opened.tunnel_id, "source")
         self.assertEqual(peer.transport.getHandle().get_servername(), b"localhost")
 
     @inlineCallbacks

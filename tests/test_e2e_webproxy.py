@@ -147,7 +147,7 @@ class WebProxyTests(TestCase):
             self.assertIn("407", text)
         for text in logs.texts():
             self.assertNotIn("wrong", text)
-        self.assertIsNone(self.fixture.broker.peer(self.opened.tunnel_id, "source"))
+        self.assertFalse(self.fixture.broker.describe(self.opened.tunnel_id).source.connected)
 
     @inlineCallbacks
     def test_https_proxy_from_environment(self) -> Any:

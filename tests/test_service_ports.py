@@ -84,7 +84,7 @@ class SplitPortTests(TestCase):
         status, answer = await deferToThread(exchange, api_port, upgrade(opened.source_token))
         self.assertEqual(status, 400)
         self.assertIn(b"this port serves the API only, on POST /", answer)
-        self.assertIsNone(service.broker.peer(opened.tunnel_id, "source"))
+        self.assertFalse(service.broker.describe(opened.tunnel_id).source.connected)
 
         # The data port reaches the broker: an unknown token is refused by it.
         status, answer = await deferToThread(exchange, data_port, upgrade("nope"))

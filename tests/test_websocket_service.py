@@ -208,9 +208,7 @@ class ServiceTestCase(TestCase):
         return int(head.split(b" ")[1]), head, body
 
     def server_side(self, tunnel_id: str, mode: str) -> TunnelServerProtocol:
-        peer = self.fixture.broker.peer(tunnel_id, mode)
-        assert isinstance(peer, TunnelServerProtocol)
-        return peer
+        return self.fixture.server_side(tunnel_id, mode)
 
     async def pair(
         self, services: list[str] | None = None, version: str = V3
@@ -249,8 +247,7 @@ class HandshakeTests(ServiceTestCase):
         opened = self.fixture.open_tunnel(["SSH"])
         peer = await self.connect(SOURCE, opened.source_token, [V1, V3, V2, "other"])
         self.assertEqual(peer.response.protocol, V3)
-        info = self.fixture.broker.peer(opened.tunnel_id, SOURCE)
-        assert isinstance(info, TunnelServerProtocol)
+        info = self.fixture.server_side(opened.tunnel_id, SOURCE)
         assert info._info is not None
         self.assertEqual(peer.response.headers["channel-id"], info._info.channel_id)
         peer2 = await self.connect(DESTINATION, opened.destination_token, [V1, V2])

@@ -167,7 +167,7 @@ class Attachment:
     @property
     def partner(self) -> IPeer | None:
         """The live connection of the other end, if any."""
-        return self._broker.peer(self.tunnel_id, _other(self.mode))
+        return self._broker._peer(self.tunnel_id, _other(self.mode))
 
 
 def _other(mode: str) -> str:
@@ -596,12 +596,6 @@ class Broker:
         """Where this broker keeps its tunnels."""
         return self._store
 
-    def peer(self, tunnel_id: str, mode: str) -> IPeer | None:
-        """The live connection of one tunnel end, if any."""
+    def _peer(self, tunnel_id: str, mode: str) -> IPeer | None:
         attachment = self._live.get((tunnel_id, mode))
         return attachment.peer if attachment is not None else None
-
-    @property
-    def connection_count(self) -> int:
-        """How many data-plane connections are live."""
-        return len(self._live)

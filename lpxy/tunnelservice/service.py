@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -61,8 +61,9 @@ class Connections:
         self._open: set[Any] = set()
         self._idle: list[defer.Deferred[None]] = []
 
-    def __len__(self) -> int:
-        return len(self._open)
+    def __iter__(self) -> Iterator[Any]:
+        """The open connections, as they are now."""
+        return iter(list(self._open))
 
     def add(self, connection: Any) -> None:
         """Track a connection (a protocol with a transport)."""
@@ -80,7 +81,7 @@ class Connections:
         """
         Close every connection, tunnel peers with 1001; fire once none is left.
         """
-        for connection in list(self._open):
+        for connection in self:
             if isinstance(connection, TunnelServerProtocol):
                 connection.close(CLOSE_GOING_AWAY, "service shutting down")
             elif connection.transport is not None:

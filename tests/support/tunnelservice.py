@@ -30,7 +30,11 @@ from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, IPeer, Limits, OpenedTunnel
 from lpxy.tunnelservice.service import TunnelService
-from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
+from lpxy.tunnelservice.websocket import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_PING_INTERVAL,
+    TunnelServerProtocol,
+)
 
 if TYPE_CHECKING:
     from tests.support.certs import TestPKI
@@ -109,6 +113,15 @@ class ServiceFixture:
     def close_tunnel(self, tunnel_id: str) -> None:
         """Close a tunnel straight through the broker; its peers get 1000."""
         self.broker.close_tunnel(tunnel_id)
+
+    def server_side(self, tunnel_id: str, mode: str) -> TunnelServerProtocol:
+        """The service's side of the live connection of one tunnel end."""
+        [peer] = [
+            c for c in self.service.connections
+            if isinstance(c, TunnelServerProtocol) and c._attachment is not None
+            and (c._attachment.tunnel_id, c._attachment.mode) == (tunnel_id, mode)
+        ]
+        return peer
 
 
 async def _start(
