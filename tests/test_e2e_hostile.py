@@ -111,6 +111,15 @@ class HostileServiceTests(TestCase):
         self.assertTrue(line.endswith("retrying in 0.1s"), line)
         self.assertEqual(self.lines("onConnect"), [])
 
+    @inlineCallbacks
+    def test_stopped_while_connecting(self) -> Any:
+        """Stopping while an attempt is under way says nothing at warning."""
+        service = yield Deferred.fromCoroutine(start_hostile(self, subprotocol=None))
+        proxy = yield self.start_source(service, SSH=0)
+        yield service.connection(2)
+        yield proxy.stopService()
+        self.assertEqual(len(self.warnings()), 1, self.warnings())
+
     def test_no_subprotocol(self) -> Any:
         """A 101 without a subprotocol is a failed attempt, retried."""
         return self.check_subprotocol_refused(
@@ -187,16 +196,16 @@ class HostileServiceTests(TestCase):
         proxy = yield self.start_source(service, SSH=0)
         yield service.connection(2)
         yield proxy.client.whenConnected()
-        lines = self.lines(reason)
-        self.assertEqual(len(lines), 1, self.logs.texts())
-        return lines[0]
+        (line,) = self.warnings()
+        self.assertIn(reason, line)
+        self.assertTrue(line.endswith("; reconnecting in 0.1s"), line)
 
     def test_unknown_type(self) -> Any:
         record = Message(type=99, streamId=1).SerializeToString()  # type: ignore[arg-type]
         return self.check_reconnects(
             LENGTH_PREFIX.pack(len(record)) + record,
             "Protocol error from the tunneling service: received a record of unknown "
-            "type 99 not marked ignorable; reconnecting",
+            "type 99 not marked ignorable",
         )
 
     def test_malformed_protobuf(self) -> Any:
@@ -211,7 +220,12 @@ class HostileServiceTests(TestCase):
         )
 
     def test_oversized_message(self) -> Any:
-        return self.check_reconnects(b"\x01" * 200_000, "reconnecting")
+        return self.check_reconnects(
+            b"\x01" * 200_000,
+            "Lost the tunnel connection (connection was closed uncleanly (\"I dropped the "
+            "WebSocket TCP connection: received WebSocket message size 200000 exceeds "
+            "payload limit of 131076 octets\"))",
+        )
 
     @inlineCallbacks
     def test_ignorable_and_text(self) -> Any:

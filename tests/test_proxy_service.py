@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import evolve
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -39,7 +40,10 @@ class FakeEndpoint:
         self.connections: list[tuple[Any, WebSocketTransport]] = []
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
+        # Cancelled as a HostnameEndpoint's attempt is.
+        d: Deferred[Any] = Deferred(
+            lambda d: d.errback(ConnectingCancelledError(IPv4Address("TCP", "127.0.0.1", 8080)))
+        )
         self.attempts.append((d, factory))
         return d
 
@@ -330,6 +334,25 @@ class FinalOutcomeLogTests(ServiceTestBase):
         warnings = self.warnings(events)
         self.assertEqual(len([w for w in warnings if "retrying in" in w]), 1, warnings)
         self.assertIn("Giving up", warnings[-1])
+
+    def test_stopped_while_connecting(self) -> None:
+        """A cancelled attempt is no failure: stopping says nothing at warning."""
+        with capturedLogs() as events:
+            self.build(config())
+            self.service.stopService()
+        self.assertEqual(self.warnings(events), [])
+
+    def test_protocol_error_one_line(self) -> None:
+        """A protocol error is told once, with the reconnection that follows."""
+        with capturedLogs() as events:
+            self.build(config())
+            protocol, transport = self.handshake(ids=["SSH"])
+            protocol.dataReceived(frame(BINARY, b"\x00\x03\xff\xff\xff"))
+            self.lose(protocol, transport)
+        (line,) = self.warnings(events)
+        self.assertTrue(line.startswith("Protocol error from the tunneling service: record body"),
+                        line)
+        self.assertTrue(line.endswith("; reconnecting in 2.5s"), line)
 
     def test_protocol_error_keeps_warning(self) -> None:
         with capturedLogs() as events:

@@ -122,6 +122,8 @@ class ProxyConnector:
         self.flow = TunnelFlow()
         self._relays: dict[Channel, LocalRelay] = {}
         self._gone: list[Deferred[None]] = []
+        # The protocol error that made us drop each connection, until it is gone.
+        self._faults: dict[TunnelProtocol, str] = {}
         self.protocol: TunnelProtocol | None = None
         self.listeners: SourceListeners | None = None
         self.apps: AppConnector | None = None
@@ -174,10 +176,8 @@ class ProxyConnector:
 
     def _protocol_error(self, protocol: TunnelProtocol, text: str) -> None:
         if self._settings.websocket.reconnect_on_data_error:
-            self._log.warn(
-                "Protocol error from the tunneling service: {error}; reconnecting",
-                error=text,
-            )
+            # Told once the connection is gone, with what follows.
+            self._faults[protocol] = text
         else:
             self._log.error(
                 "Protocol error from the tunneling service: {error}; stopping "
@@ -189,6 +189,7 @@ class ProxyConnector:
 
     def ws_close(self, protocol: TunnelProtocol, outcome: CloseOutcome) -> None:
         was_ready = protocol.ready.called
+        fault = self._faults.pop(protocol, None)
         if self.protocol is protocol:
             self.protocol = None
             self.flow.detach()
@@ -197,14 +198,16 @@ class ProxyConnector:
         for waiter in gone:
             waiter.callback(None)
         if not self.ending:
-            self._decide(protocol, outcome, was_ready)
+            self._decide(protocol, outcome, was_ready, fault)
         if not protocol.ready.called:
             # Decided first: failing this tells ClientService, whose retry
             # budget may then end the proxy with its own status.
             protocol.ready.errback(Failure(TunnelConnectionFailed(self._why(outcome))))
             protocol.ready.addErrback(lambda _: None)
 
-    def _decide(self, protocol: TunnelProtocol, outcome: CloseOutcome, was_ready: bool) -> None:
+    def _decide(
+        self, protocol: TunnelProtocol, outcome: CloseOutcome, was_ready: bool, fault: str | None
+    ) -> None:
         delay = self._settings.websocket.retry_delay_ms / 1000.0
         if outcome.http_status is not None and 400 <= outcome.http_status < 500:
             self._log.error(
@@ -218,6 +221,16 @@ class ProxyConnector:
                 reason=outcome.reason or "no reason given",
             )
             self._end(EXIT_CLOSED)
+        elif fault is not None:
+            why = f"protocol error: {fault}"
+            retry = self._listener.connection_lost if was_ready else self._listener.attempt_failed
+            if not retry(why):
+                return
+            self._log.warn(
+                "Protocol error from the tunneling service: {error}; reconnecting in {delay}s",
+                error=fault,
+                delay=delay,
+            )
         elif was_ready:
             why = self._why(outcome)
             if not self._listener.connection_lost(why):

@@ -25,6 +25,7 @@ from automat import NoTransition
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -134,7 +135,7 @@ class _GuardedEndpoint:
         return connecting.addCallbacks(lambda gate: gate.wrapped, self._failed)
 
     def _failed(self, reason: Failure) -> Failure:
-        if not reason.check(CancelledError):
+        if not reason.check(CancelledError, ConnectingCancelledError):
             self._log.warn(
                 "Could not connect to {endpoint}: {error}",
                 endpoint=self._description,
@@ -149,15 +150,19 @@ class _GuardedEndpoint:
         return f"<tunnel endpoint {self._description}>"
 
 
+_ROUTINE = ("dropping connection to peer", "failing WebSocket connection")
+
+
 class _DropWarningAsInfo:
     """
     Autobahn's logger for a tunnel protocol, with its "dropping connection"
-    warning told at info.
+    and "failing WebSocket connection" warnings told at info.
 
-    Works around Autobahn's C{WebSocketProtocol.dropConnection}
-    (C{autobahn/websocket/protocol.py}), which warns whenever it drops a
-    connection that did not close cleanly: a refused handshake, our own
-    abort after a protocol error or a dead connection. Each of those has its
+    Works around Autobahn's C{WebSocketProtocol.dropConnection} and
+    C{_fail_connection} (C{autobahn/websocket/protocol.py}), which warn
+    whenever they drop a connection that did not close cleanly (a refused
+    handshake, our own abort after a protocol error or a dead connection)
+    or fail one (a message over the size limit). Each of those has its
     line from L{ProxyConnector} at the level it deserves, so Autobahn's is a
     routine detail; every other Autobahn warning keeps its level.
     """
@@ -167,7 +172,7 @@ class _DropWarningAsInfo:
 
     def warn(self, *args: Any, **kwargs: Any) -> None:
         text = args[0] if args else kwargs.get("format", "")
-        if isinstance(text, str) and text.startswith("dropping connection to peer"):
+        if isinstance(text, str) and text.startswith(_ROUTINE):
             self._wrapped.info(*args, **kwargs)
         else:
             self._wrapped.warn(*args, **kwargs)
