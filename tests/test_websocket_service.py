@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
-from lpxy.tunnelservice.websocket import TunnelServerProtocol
+from lpxy.tunnelservice.websocket import PARTNER_BEHIND, TunnelServerProtocol
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.logs import LogRecorder
 from tests.support.sockets import no_delay
@@ -794,8 +794,8 @@ class FlowControlTests(ServiceTestCase):
         paused: defer.Deferred[None] = defer.Deferred()
         original = server_source.pause_reading
 
-        def pause() -> None:
-            original()
+        def pause(reason: str = PARTNER_BEHIND) -> None:
+            original(reason)
             if not paused.called:
                 paused.callback(None)
 
@@ -809,11 +809,11 @@ class FlowControlTests(ServiceTestCase):
         await paused
         # the service stopped reading long before the source's data ran out
         self.assertLess(server_source._bytes_in, total * len(record))
-        self.assertTrue(server_source._reading_paused)
+        self.assertTrue(server_source._pausers)
         destination.transport.resumeProducing()
         got = await destination.wait_messages(2 + 2 * total)
         self.assertEqual(sum(len(m.payload) for m in got), 2 * total * 64000)
-        self.assertFalse(server_source._reading_paused)
+        self.assertFalse(server_source._pausers)
 
 
 class TokenNeverLoggedTests(ServiceTestCase):

@@ -24,8 +24,6 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import attrs
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy.frames import Message, ProtocolError, encode, parse_body
 from lpxy.tunnelservice.store import SOURCE
@@ -40,7 +38,6 @@ from lpxy.wire import (
 
 __all__ = [
     "Pairing",
-    "ReadingOf",
     "RecordRules",
     "StreamLedger",
     "TunnelEnd",
@@ -190,27 +187,6 @@ class TunnelEnd(Protocol):
 
     def parted(self) -> None:
         """Its pairing is over: it has no partner, and reads again."""
-
-
-@implementer(IPushProducer)
-class ReadingOf:
-    """
-    The reading of one tunnel end as a push producer: registered with its
-    partner's transport, so that a partner that cannot keep up pauses it.
-    """
-
-    def __init__(self, end: TunnelEnd) -> None:
-        self._end = end
-
-    def pauseProducing(self) -> None:
-        self._end.pause_reading()
-
-    def resumeProducing(self) -> None:
-        self._end.resume_reading()
-
-    def stopProducing(self) -> None:
-        # The partner's transport is gone; the broker tells the pairing.
-        pass
 
 
 class Pairing:

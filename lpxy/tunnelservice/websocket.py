@@ -16,14 +16,26 @@ partner, DATA is dropped and starts are answered with a reset; a peer whose
 partner leaves gets a STREAM_RESET for each stream still open.
 
 Flow control invariants:
-  - Each peer's transport has the partner's reading as its streaming
-    producer: when our write buffer passes Twisted's high-water mark the
-    partner's transport stops reading, and resumes once ours drains. So at
-    most one read's worth of records plus a transport buffer is held per
-    direction, whatever the peers' speeds.
+  - Each peer's transport has, for the life of its connection, an
+    L{_OutputWatch} as its streaming producer. When the transport's write
+    buffer passes Twisted's high-water mark the partner's reading stops,
+    and resumes once the buffer drains. So at most one read's worth of
+    records (and one message Autobahn had half read) plus a transport
+    buffer is held per direction, whatever the peers' speeds.
+  - The service's own answers count too: a peer that sends pings or
+    STREAM_STARTs without a partner and never reads makes pongs and resets
+    pile up in its own buffer. Once more than C{output_mark} bytes were
+    written to a peer since its buffer passed the high-water mark, the
+    service stops reading that peer until the buffer drains. Relayed data
+    alone never gets there (its partner was paused first), so honest
+    peers never wait on their own output, which would deadlock a peer
+    whose application answers what it reads (an echo server).
+  - A peer's reading is paused while any reason holds (its partner's
+    buffer, its own, its tunnel's bandwidth): a set of pausers.
   - Nothing else buffers: the decoder keeps at most one incomplete record.
-  - When a pairing ends (partner gone, replaced, closed) both registrations
-    are removed and the peer left is resumed, so it never stays paused.
+  - When a pairing ends (partner gone, replaced, closed) each end's reading
+    is no longer held by the other's buffer, so neither stays paused for it.
+  - What is buffered for a peer goes with its transport when it leaves.
 
 Liveness: a half-open peer would stay CONNECTED for ever, so each is watched
 by a L{Keepalive}: any bytes count as life, silence is pinged after
@@ -33,13 +45,15 @@ partner's streams); silence while the service is not reading does not count.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._ws import ANYTHING, Clock, Keepalive, cancel_autobahn_timers, quiet_autobahn_log
 from lpxy.frames import (
@@ -53,7 +67,7 @@ from lpxy.frames import (
 )
 from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused
 from lpxy.tunnelservice.handshake import read_upgrade, refusal
-from lpxy.tunnelservice.policy import Pairing, ReadingOf, RecordRules, Violation, refusals
+from lpxy.tunnelservice.policy import Pairing, RecordRules, Violation, refusals
 from lpxy.wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_PROTOCOL_ERROR,
@@ -70,6 +84,61 @@ __all__ = [
 
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_IDLE_TIMEOUT = 90.0
+DEFAULT_OUTPUT_MARK = 512 * 1024
+"""
+Bytes the service may write to a peer after its transport's buffer passed
+Twisted's high-water mark before it stops reading that peer: far above what
+a partner's last read and one half-read message add (about 192 KB), so only
+the service's own answers to a peer that does not read get there.
+"""
+
+# Why a peer's reading is paused (a set of pausers, see the module docstring).
+PARTNER_BEHIND = "partner's output"
+OWN_OUTPUT = "own output"
+
+
+@implementer(IPushProducer)
+class _OutputWatch:
+    """
+    The producer of one peer's transport: Twisted pauses it when the
+    transport's buffer passes the high-water mark and resumes it once the
+    buffer is empty. While paused, the partner is not read, and once more
+    than C{mark} bytes were written to the peer the peer itself is not read.
+    """
+
+    def __init__(self, peer: TunnelServerProtocol, mark: int) -> None:
+        self._peer = peer
+        self._mark = mark
+        self.full = False
+        self._written = 0
+
+    def wrote(self, size: int) -> None:
+        """C{size} bytes were written to the peer's transport."""
+        if self.full:
+            self._written += size
+            if self._written > self._mark:
+                self._peer.pause_reading(OWN_OUTPUT)
+
+    def pauseProducing(self) -> None:
+        # Twisted says so again on every write while the buffer is full.
+        if self.full:
+            return
+        self.full = True
+        self._written = 0
+        partner = self._peer.partner
+        if partner is not None:
+            partner.pause_reading(PARTNER_BEHIND)
+
+    def resumeProducing(self) -> None:
+        self.full = False
+        self._peer.resume_reading(OWN_OUTPUT)
+        partner = self._peer.partner
+        if partner is not None:
+            partner.resume_reading(PARTNER_BEHIND)
+
+    def stopProducing(self) -> None:
+        # The transport is gone; the broker tells the partner separately.
+        pass
 
 
 class TunnelServerProtocol(WebSocketServerProtocol):
@@ -90,18 +159,33 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     _pairing: Pairing | None = None
     _rules: RecordRules | None = None
     _version = 0
-    _reading_paused = False
     _keepalive: Keepalive | None = None
+    _output: _OutputWatch | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._decoder = RecordDecoder()
         self._bytes_in = 0
         self._bytes_out = 0
+        self._pausers: set[str] = set()
         # twisted.web's channel registered itself as the producer of this
         # transport before the WebSocket resource took it over.
         self.transport.unregisterProducer()
+        self._output = _OutputWatch(self, self.factory.output_mark)
+        self.transport.registerProducer(self._output, True)
         self.factory.connections.add(self)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # A transport with a producer waits for it before it closes.
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        super()._closeConnection(abort)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Every byte Autobahn writes (messages, pongs, closes) passes here.
+        super().sendData(data, sync, chopsize)
+        if self._output is not None:
+            self._output.wrote(len(data))
 
     def dataReceived(self, data: bytes) -> None:
         if self._keepalive is not None:
@@ -125,7 +209,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             factory.clock, interval=factory.ping_interval, timeout=factory.idle_timeout,
             send_ping=self._ping, on_dead=self._silent, life=ANYTHING,
         )
-        if self._reading_paused:
+        if self._pausers:
             self._keepalive.pause()
         self._keepalive.start()
 
@@ -237,8 +321,6 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     def _leave_pairing(self) -> None:
         if self._pairing is not None:
             self._pairing.dissolve()
-        else:
-            self._unwire()
 
     # What a pairing asks of a tunnel end (TunnelEnd)
 
@@ -255,34 +337,40 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     def paired(self, pairing: Pairing) -> None:
         """Relay through C{pairing}; the partner's reading yields to this transport."""
         self._pairing = pairing
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(ReadingOf(pairing.partner_of(self)), True)
+        if self._output is not None and self._output.full:
+            cast(TunnelServerProtocol, pairing.partner_of(self)).pause_reading(PARTNER_BEHIND)
 
     def parted(self) -> None:
-        """No partner any more: nothing yields to this transport, and it is read again."""
+        """No partner any more: no partner's buffer holds this peer's reading."""
         self._pairing = None
-        self._unwire()
+        self.resume_reading(PARTNER_BEHIND)
 
-    def _unwire(self) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
-        self.resume_reading()
+    @property
+    def partner(self) -> TunnelServerProtocol | None:
+        """The other end while paired."""
+        if self._pairing is None:
+            return None
+        return cast(TunnelServerProtocol, self._pairing.partner_of(self))
 
     # Flow control
 
-    def pause_reading(self) -> None:
-        """Stop reading from this peer until L{resume_reading}."""
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
+    def pause_reading(self, reason: str = PARTNER_BEHIND) -> None:
+        """Stop reading from this peer until L{resume_reading} for each reason given."""
+        if self.transport is None or reason in self._pausers:
+            return
+        self._pausers.add(reason)
+        if len(self._pausers) == 1:
             self.transport.pauseProducing()
             if self._keepalive is not None:
                 # What it sends waits in the kernel: not silence.
                 self._keepalive.pause()
 
-    def resume_reading(self) -> None:
-        """Read from this peer again."""
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
+    def resume_reading(self, reason: str = PARTNER_BEHIND) -> None:
+        """C{reason} no longer holds; read from this peer again if no other does."""
+        if self.transport is None or reason not in self._pausers:
+            return
+        self._pausers.discard(reason)
+        if not self._pausers:
             self.transport.resumeProducing()
             if self._keepalive is not None:
                 self._keepalive.resume()
@@ -358,6 +446,8 @@ class TunnelServerFactory(WebSocketServerFactory):
     @param clock: the time source of the liveness checks (the reactor unless given).
     @param ping_interval: seconds of silence after which a peer is pinged.
     @param idle_timeout: seconds of silence after which a peer is dropped.
+    @param output_mark: bytes written to a peer after its transport's buffer
+        passed the high-water mark before the peer is not read any more.
     """
 
     protocol = TunnelServerProtocol  # type: ignore[assignment]
@@ -371,6 +461,7 @@ class TunnelServerFactory(WebSocketServerFactory):
         clock: Clock | None = None,
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        output_mark: int = DEFAULT_OUTPUT_MARK,
     ) -> None:
         if not 0 < ping_interval < idle_timeout:
             raise ValueError("need 0 < ping_interval < idle_timeout")
@@ -379,6 +470,7 @@ class TunnelServerFactory(WebSocketServerFactory):
         self.clock: Clock = clock if clock is not None else self.reactor
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
+        self.output_mark = output_mark
         self.connections = connections
         self.setProtocolOptions(
             maxFramePayloadSize=WIRE_FRAME_LIMIT,

@@ -78,6 +78,19 @@ def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return head + payload
 
 
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A client-to-server frame, masked with the key 0 (which leaves the payload as it is)."""
+    head = bytearray(frame(opcode, b"", fin)[:1])
+    size = len(payload)
+    if size < 126:
+        head += struct.pack(">B", 0x80 | size)
+    elif size < 65536:
+        head += struct.pack(">BH", 0x80 | 126, size)
+    else:
+        head += struct.pack(">BQ", 0x80 | 127, size)
+    return bytes(head) + b"\0\0\0\0" + payload
+
+
 def read_frames(data: bytes) -> list[tuple[int, bytes]]:
     """Decode the client's (masked) frames in C{data}."""
     frames = []
