@@ -44,6 +44,8 @@ class OptionsTests(SynchronousTestCase):
             "insecure-open-api": 0,
             "api-port": [],
             "data-port": [],
+            "api-rate": 20.0,
+            "closed-retention": 10800,
         })
 
     def test_everything(self) -> None:
@@ -65,6 +67,8 @@ class OptionsTests(SynchronousTestCase):
             "insecure-open-api": 0,
             "api-port": [],
             "data-port": [],
+            "api-rate": 20.0,
+            "closed-retention": 10800,
         })
 
     def test_credentials(self) -> None:
@@ -94,6 +98,16 @@ class OptionsTests(SynchronousTestCase):
             e = self.assertRaises(UsageError, parse, *argv)
             self.assertIn("--idle-timeout", str(e))
             self.assertIn("must be more than --ping-interval", str(e))
+
+    def test_bounds(self) -> None:
+        options = parse("--api-rate", "2.5", "--closed-retention", "60")
+        self.assertEqual((options["api-rate"], options["closed-retention"]), (2.5, 60))
+        for value in ("0", "-1", "nan", "inf", "x"):
+            e = self.assertRaises(UsageError, parse, "--api-rate", value)
+            self.assertIn("--api-rate must be a positive number", str(e))
+        service = only_child(makeService(parse("--closed-retention", "60", "--db", ":memory:"),
+                                         reactor=MemoryReactorClock()))
+        self.assertEqual(service.broker.limits.closed_retention_seconds, 60)
 
     def test_split_ports(self) -> None:
         options = parse("--api-port", "tcp:9001:interface=127.0.0.1", "--data-port", "tcp:9002",

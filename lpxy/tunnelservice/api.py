@@ -33,12 +33,16 @@ from lpxy.tunnelservice.broker import (
     InvalidRequest,
     LimitExceeded,
     ResourceNotFound,
+    TooManyTags,
 )
 from lpxy.tunnelservice.store import DESTINATION, SOURCE, TunnelRecord
+from lpxy.tunnelservice.throttle import Throttle
 
 __all__ = ["DEFAULT_MAX_REQUEST_SIZE", "ManagementAPI", "SizeLimitedRequest"]
 
 DEFAULT_MAX_REQUEST_SIZE = 65536
+MAX_JSON_DEPTH = 8
+"""Nesting of arrays and objects a request body may have (the API needs 3)."""
 TARGET_PREFIX = "IoTSecuredTunneling."
 CONTENT_TYPE = b"application/x-amz-json-1.1"
 
@@ -61,6 +65,23 @@ class ApiError(Exception):
 
 def _invalid(message: str) -> ApiError:
     return ApiError(400, "ValidationException", message)
+
+
+_log = Logger()
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _nesting_depth(text: bytes) -> int:
+    """How deeply JSON text nests arrays and objects (strings skipped)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_STRING.sub(b"", text)):
+        if match.group() in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 class SizeLimitedRequest(server.Request):
@@ -86,6 +107,21 @@ class SizeLimitedRequest(server.Request):
                 self.content.truncate()
             return
         super().handleContentChunk(data)
+
+    def processingFailed(self, reason: Any) -> None:
+        # Whatever failed, the client gets AWS's JSON error, never a page
+        # with a traceback, and the log gets one line.
+        _log.error("API request failed: {error}", error=reason.getErrorMessage())
+        if self.finished or self.startedWriting:
+            self.loseConnection()
+            return
+        body = json.dumps({"__type": "InternalFailure",
+                           "message": "The request processing has failed"}).encode()
+        self.setResponseCode(500)
+        self.setHeader(b"content-type", CONTENT_TYPE)
+        self.setHeader(b"content-length", str(len(body)).encode())
+        self.write(body)
+        self.finish()
 
 
 # Field checks, after botocore's shapes.
@@ -231,15 +267,23 @@ class ManagementAPI(Resource):
     @param broker: carries out every operation.
     @param verifier: checks each request's signature; L{None} leaves the
         API open.
+    @param throttle: limits each caller's request rate (by access key, or
+        by client address when the API is open); L{None} for no limit.
     """
 
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, broker: Broker, verifier: SignatureVerifier | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        verifier: SignatureVerifier | None = None,
+        throttle: Throttle | None = None,
+    ) -> None:
         super().__init__()
         self._broker = broker
         self._verifier = verifier
+        self._throttle = throttle
         self._operations: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "OpenTunnel": self._open_tunnel,
             "CloseTunnel": self._close_tunnel,
@@ -260,7 +304,12 @@ class ManagementAPI(Resource):
                 raise _invalid("Request body is too large")
             assert request.content is not None
             content = request.content.read()
-            self._authenticate(request, content)
+            caller = self._authenticate(request, content)
+            if self._throttle is not None:
+                if caller is None:
+                    caller = "address " + str(getattr(request.getClientAddress(), "host", ""))
+                if not self._throttle.allow(caller):
+                    raise ApiError(400, "ThrottlingException", "Rate exceeded")
             target = (request.getHeader(b"x-amz-target") or b"").decode("latin-1")
             if not target.startswith(TARGET_PREFIX):
                 raise ApiError(400, "UnknownOperationException", "Missing or unknown X-Amz-Target")
@@ -269,6 +318,9 @@ class ManagementAPI(Resource):
             if handler is None:
                 raise ApiError(400, "UnknownOperationException",
                                f"Unknown operation {operation}")
+            if _nesting_depth(content) > MAX_JSON_DEPTH:
+                raise ApiError(400, "SerializationException",
+                               f"Body nests deeper than {MAX_JSON_DEPTH} levels")
             try:
                 body = json.loads(content or b"{}")
             except ValueError:
@@ -283,11 +335,19 @@ class ManagementAPI(Resource):
         except ResourceNotFound as e:
             return self._error(request, operation,
                                ApiError(404, "ResourceNotFoundException", str(e)))
+        except TooManyTags as e:
+            return self._error(request, operation,
+                               ApiError(400, "TooManyTagsException", str(e)))
         except LimitExceeded as e:
             return self._error(request, operation,
                                ApiError(400, "LimitExceededException", str(e)))
         except InvalidRequest as e:
             return self._error(request, operation, _invalid(str(e)))
+        except Exception as e:
+            self._log.error("API {operation} failed: {error!r}", operation=operation, error=e)
+            return self._error(request, operation, ApiError(
+                500, "InternalFailure", "The request processing has failed"
+            ))
         self._log.debug("API {operation}: OK", operation=operation)
         return json.dumps(result).encode()
 

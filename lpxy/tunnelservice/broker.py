@@ -60,6 +60,7 @@ __all__ = [
     "OpenedTunnel",
     "ResourceNotFound",
     "RotatedTokens",
+    "TooManyTags",
 ]
 
 ALL = "all"
@@ -116,6 +117,10 @@ class LimitExceeded(Exception):
     """A configured limit would be exceeded."""
 
 
+class TooManyTags(LimitExceeded):
+    """A tunnel would have more than L{Limits.max_tags} tags."""
+
+
 class InvalidRequest(Exception):
     """A request breaks a rule the API's shapes cannot express."""
 
@@ -128,6 +133,8 @@ class Limits:
     max_open_tunnels: int = 10000
     closed_retention_seconds: float = 3 * 60 * 60
     """How long a closed tunnel can still be described and listed."""
+    max_tags: int = 50
+    """Tags per tunnel."""
 
 
 @attrs.frozen
@@ -276,6 +283,19 @@ class Broker:
             raise InvalidRequest("Service names must be unique")
         return services
 
+    def _checked_tags(
+        self, tags: dict[str, str], added: Iterable[tuple[str, str]]
+    ) -> dict[str, str]:
+        """
+        C{tags} with C{added} added or replaced, within the limit.
+
+        @raise TooManyTags: more than L{Limits.max_tags} tags.
+        """
+        merged = {**tags, **dict(added)}
+        if len(merged) > self.limits.max_tags:
+            raise TooManyTags(f"A tunnel can have at most {self.limits.max_tags} tags")
+        return merged
+
     def open_tunnel(
         self,
         services: Iterable[str] = (),
@@ -314,7 +334,7 @@ class Broker:
             destination=EndRecord(
                 token_hash=_digest(destination_token), last_updated_at=now
             ),
-            tags=dict(tags),
+            tags=self._checked_tags({}, tags),
         )
         self._store.add(record)
         self._expiries[tunnel_id] = self._clock.callLater(
@@ -480,7 +500,7 @@ class Broker:
         @raise ResourceNotFound: no tunnel has this ARN.
         """
         record = self._by_arn(arn)
-        record.tags.update(tags)
+        record.tags = self._checked_tags(record.tags, tags)
         self._store.save(record)
 
     def untag(self, arn: str, keys: Iterable[str]) -> None:

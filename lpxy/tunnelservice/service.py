@@ -37,6 +37,7 @@ from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, Size
 from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, Limits
 from lpxy.tunnelservice.store import ITunnelStore
+from lpxy.tunnelservice.throttle import Throttle
 from lpxy.tunnelservice.websocket import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PING_INTERVAL,
@@ -246,6 +247,8 @@ class TunnelService(MultiService):
     @param endpoints: server endpoint strings (or endpoint objects) serving
         both the API and the data plane.
     @param api_endpoints: endpoints serving the management API only.
+    @param api_rate: API requests a second each caller may make (no limit
+        unless given).
     @param data_endpoints: endpoints serving the data plane only.
     @param limits: the broker's limits.
     @param max_request_size: the largest API request body accepted.
@@ -278,6 +281,7 @@ class TunnelService(MultiService):
         insecure_open_api: bool = False,
         api_endpoints: Sequence[Any] = (),
         data_endpoints: Sequence[Any] = (),
+        api_rate: float | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -303,7 +307,10 @@ class TunnelService(MultiService):
             made.noisy = False
             return made
 
-        api = ManagementAPI(self.broker, verifier)
+        throttle = None
+        if api_rate is not None:
+            throttle = Throttle(clock if clock is not None else reactor, rate=api_rate)
+        api = ManagementAPI(self.broker, verifier, throttle)
         tunnel = _TunnelResource(self.websocket_factory)
         self.factory = site(api, tunnel)
         sites = [(self.factory, _BOTH, endpoints)]

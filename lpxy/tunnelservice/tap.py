@@ -15,6 +15,7 @@ from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import CredentialsError, load_credentials
 from lpxy.tunnelservice.broker import Limits
 from lpxy.tunnelservice.sqlstore import DEFAULT_DB, StoreError, open_store
+from lpxy.tunnelservice.throttle import DEFAULT_API_RATE
 from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
 __all__ = ["DEFAULT_PORT", "Options", "makeService"]
@@ -33,6 +34,20 @@ def _positive(name: str) -> Any:
         return number
 
     coerce.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _positive_number(name: str) -> Any:
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = 0
+        if not number > 0 or number == float("inf"):
+            raise ValueError(f"--{name} must be a positive number, not {value!r}")
+        return number
+
+    coerce.coerceDoc = "A positive number."  # type: ignore[attr-defined]
     return coerce
 
 
@@ -58,6 +73,13 @@ class Options(usage.Options):
          "(anyone who reaches them can open and close tunnels)."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
+        ["api-rate", None, DEFAULT_API_RATE,
+         "API requests a second each access key (or, with an open API, each "
+         "client address) may make on average, twice that at once; more get "
+         "ThrottlingException.", _positive_number("api-rate")],
+        ["closed-retention", None, int(Limits().closed_retention_seconds),
+         "Seconds a closed tunnel can still be described and listed.",
+         _positive("closed-retention")],
         ["credentials", None, None,
          "A file in the AWS shared-credentials format ([profile] sections with "
          "aws_access_key_id and aws_secret_access_key); API requests must be "
@@ -166,9 +188,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         options["port"],
         api_endpoints=options["api-port"],
         data_endpoints=options["data-port"],
+        api_rate=options["api-rate"],
         limits=Limits(
             max_services=options["max-services"],
             max_open_tunnels=options["max-open-tunnels"],
+            closed_retention_seconds=options["closed-retention"],
         ),
         max_request_size=options["max-request-size"],
         ping_interval=options["ping-interval"],
