@@ -7,6 +7,7 @@ reconnects.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -85,6 +86,21 @@ class HostileServiceTests(TestCase):
                          (Message.STREAM_START, "S3", 1))
         client.transport.loseConnection()
         yield client.closed
+
+    @inlineCallbacks
+    def test_thousands_of_ids_to_a_named_map(self) -> Any:
+        """
+        A named map cannot fit 5000 services: the proxy ends with status 1
+        and one error line of bounded length.
+        """
+        service = yield Deferred.fromCoroutine(start_hostile(self))
+        service.on_open = lambda c: c.send_records([ids_record([f"S{i}" for i in range(5000)])])
+        proxy = yield self.start_source(service, SSH=0)
+        status = yield proxy.whenDone()
+        self.assertEqual(status, 1)
+        errors = [line for line in self.warnings() if "do not match" in line]
+        self.assertEqual(len(errors), 1, self.warnings())
+        self.assertLess(len(errors[0]), 300)
 
     @inlineCallbacks
     def test_huge_service_id(self) -> Any:
@@ -183,14 +199,17 @@ class HostileServiceTests(TestCase):
         self.assertEqual(len(service.connections), 1)
 
     @inlineCallbacks
-    def check_reconnects(self, payload: bytes, reason: str) -> Any:
-        """After C{payload}, the proxy logs C{reason} once and reconnects."""
+    def check_reconnects(self, payload: bytes, reason: str, raw: bool = False) -> Any:
+        """
+        After C{payload} (a binary message's, or C{raw} bytes), the proxy
+        logs C{reason} in one warning and reconnects.
+        """
         service = yield Deferred.fromCoroutine(start_hostile(self))
 
         def on_open(c: HostileConnection) -> None:
             c.send_records([ids_record(["SSH"])])
             if len(service.connections) == 1:
-                c.send_payload(payload)
+                (c.send_raw if raw else c.send_payload)(payload)
 
         service.on_open = on_open
         proxy = yield self.start_source(service, SSH=0)
@@ -225,6 +244,14 @@ class HostileServiceTests(TestCase):
             "Lost the tunnel connection (connection was closed uncleanly (\"I dropped the "
             "WebSocket TCP connection: received WebSocket message size 200000 exceeds "
             "payload limit of 131076 octets\"))",
+        )
+
+    def test_frame_claiming_exabytes(self) -> Any:
+        """A frame header announcing 2**62 bytes is refused before any is read."""
+        return self.check_reconnects(
+            struct.pack(">BBQ", 0x82, 127, 2**62),
+            "exceeds payload limit of 131076 octets",
+            raw=True,
         )
 
     @inlineCallbacks

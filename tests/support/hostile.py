@@ -118,6 +118,10 @@ class HostileConnection(Protocol):
         """Send one WebSocket message (binary unless told) holding C{payload}."""
         self.transport.write(frame(opcode, payload))
 
+    def send_raw(self, data: bytes) -> None:
+        """Write C{data} as it is: frames made by hand, or not frames at all."""
+        self.transport.write(data)
+
     def send_text(self, text: str) -> None:
         """Send a text message."""
         self.send_payload(text.encode(), TEXT)
