@@ -288,7 +288,7 @@ class OutputBoundLoopbackTests(TestCase):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", fixture.port)
         await endpoint.connect(Factory.forProtocol(lambda: flood))
         await flood.opened
-        server = fixture.broker.peer(opened.tunnel_id, SOURCE)
+        server = fixture.server_side(opened.tunnel_id, SOURCE)
         assert isinstance(server, WatchedServerProtocol)
         # Small kernel buffers, so that what piles up does so in the service.
         tcp_socket(flood.transport).setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
