@@ -7,29 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lpxy.proxy.session import ServiceBinding
 from lpxy.proxy.source import ServiceListenerFactory, SourceListeners
-
-
-class Client(Protocol):
-    def __init__(self) -> None:
-        self.lost: Deferred[None] = Deferred()
-        self.received = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost.callback(None)
+from tests.support.apps import Client
 
 
 class Greeter(Protocol):
@@ -59,15 +47,15 @@ class SourceListenersTests(TestCase):
         client = Client()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", ports["B"])
         yield endpoint.connect(_factory(client))
-        yield client.lost
-        self.assertEqual(client.received, b"hello")
+        yield client.closed
+        self.assertEqual(bytes(client.data), b"hello")
         self.assertEqual(accepted[0][0], ServiceBinding(None, "B"))
 
         refuse[0] = True
         client = Client()
         yield TCP4ClientEndpoint(reactor, "127.0.0.1", ports["A"]).connect(_factory(client))
-        yield client.lost
-        self.assertEqual(client.received, b"")
+        yield client.closed
+        self.assertEqual(bytes(client.data), b"")
         self.assertEqual(accepted[1][0], ServiceBinding("A", "A"))
 
     @inlineCallbacks
@@ -97,9 +85,9 @@ class QuietListenersTests(TestCase):
         ports = yield listeners.start([ServiceBinding("A", "A")])
         client = Client()
         yield TCP4ClientEndpoint(reactor, "127.0.0.1", ports["A"]).connect(_factory(client))
-        yield client.lost
+        yield client.closed
         yield listeners.stop()
-        self.assertEqual(client.received, b"hello")
+        self.assertEqual(bytes(client.data), b"hello")
         self.assertTrue(any("starting on" in (formatEvent(e) or "") for e in events))
         self.assertEqual(
             [e for e in events if isinstance(e.get("factory"), ServiceListenerFactory)], []
