@@ -27,7 +27,6 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer  # type: ignore[import-untyped]
@@ -36,6 +35,7 @@ from lpxy._ws import Clock, set_no_delay
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, Limits
+from lpxy.tunnelservice.http import BoundedHTTPChannel
 from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.throttle import Throttle
 from lpxy.tunnelservice.websocket import (
@@ -160,7 +160,7 @@ class _Root(Resource):
         return self._wrong_path
 
 
-class _Channel(HTTPChannel):
+class _Channel(BoundedHTTPChannel):
     """An HTTP connection that the service keeps track of, with Nagle off."""
 
     site: _Site
