@@ -201,6 +201,11 @@ def api_client(url: str, key_id: str = "x", secret: str = "x", **kwargs: Any) ->
     C{kwargs} go to C{boto3.client}, e.g. C{verify} for a TLS port.
     Creating one takes a moment: call it in a thread from a reactor test.
 
+    It makes each request once: botocore would retry a throttled or failed
+    request (C{LimitExceededException} included) with backoff, which hides
+    what the service answered and makes a test wait seconds. A C{config}
+    in C{kwargs} is merged over that.
+
     The client reads none of the machine's AWS setup: no C{~/.aws} files
     (nor those C{AWS_CONFIG_FILE} or C{AWS_SHARED_CREDENTIALS_FILE} name)
     and no C{AWS_PROFILE}, so that a developer's profile cannot change or
@@ -209,6 +214,7 @@ def api_client(url: str, key_id: str = "x", secret: str = "x", **kwargs: Any) ->
     # only API tests need these; the proxies' tests import this module too
     import boto3.session
     import botocore.session
+    from botocore.config import Config
 
     # (name in a config file, environment variables, default, conversion)
     core = botocore.session.Session(session_vars={
@@ -216,11 +222,15 @@ def api_client(url: str, key_id: str = "x", secret: str = "x", **kwargs: Any) ->
         "config_file": (None, None, os.devnull, None),
         "credentials_file": (None, None, os.devnull, None),
     })
+    config = Config(retries={"max_attempts": 1, "mode": "standard"})
+    if "config" in kwargs:
+        config = config.merge(kwargs.pop("config"))
     return boto3.session.Session(botocore_session=core).client(
         "iotsecuretunneling",
         endpoint_url=url,
         region_name="us-east-1",
         aws_access_key_id=key_id,
         aws_secret_access_key=secret,
+        config=config,
         **kwargs,
     )
