@@ -140,8 +140,8 @@ class HostileServiceTests(TestCase):
         """A 101 without a subprotocol is a failed attempt, retried."""
         return self.check_subprotocol_refused(
             None,
-            "the service answered without subprotocol 'aws.iot.securetunneling-3.0' "
-            "(got None)",
+            "Could not connect to the tunneling service (the service answered without "
+            "subprotocol 'aws.iot.securetunneling-3.0' (got None)); retrying in 0.1s",
         )
 
     def test_subprotocol_not_offered(self) -> Any:

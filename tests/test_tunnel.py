@@ -126,6 +126,10 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertFalse(outcome.opened)
         self.assertTrue(outcome.by_us)
         self.assertIsNone(outcome.http_status)
+        self.assertEqual(
+            outcome.reason,
+            "the service answered without subprotocol 'aws.iot.securetunneling-3.0' (got None)",
+        )
 
     def test_rejected(self) -> None:
         self.transport.clear()

@@ -135,6 +135,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         super().__init__()
         self._opened = False
         self._by_us = False
+        self._refused: str | None = None
         self._dead = False
         self._decoder = RecordDecoder()
         self._queue: list[tuple[bytes | memoryview, ...]] = []
@@ -156,10 +157,11 @@ class TunnelProtocol(WebSocketClientProtocol):
             # Failed here rather than raised: Autobahn logs an exception
             # from onConnect with its traceback, then opens anyway.
             self._by_us = True
-            self.failHandshake(
+            self._refused = (
                 f"the service answered without subprotocol {expected!r} "
                 f"(got {response.protocol!r})"
             )
+            self.failHandshake(self._refused)
 
     def onOpen(self) -> None:
         if self.state == self.STATE_CLOSED:
@@ -209,7 +211,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         outcome = CloseOutcome(
             opened=self._opened,
             code=code if wasClean else None,
-            reason=reason or getattr(self, "wasNotCleanReason", None),
+            reason=self._refused or reason or getattr(self, "wasNotCleanReason", None),
             http_status=status,
             by_us=self._by_us,
             dead=self._dead,
