@@ -20,7 +20,7 @@ from tests.support.entrypoints import FakeProxyService
 TOKEN = "cli-test-token"
 CONFIG = ProxyConfig(
     mode="source", access_token=TOKEN, endpoint=TunnelEndpoint("h"),
-    source_ports={"": 1},
+    source_ports={"": 1}, state_dir="/run/state/lpxy",
 )
 
 
@@ -34,7 +34,8 @@ class ParseTests(SynchronousTestCase):
         Good options give the configuration.
         """
         config = cli.parse(
-            ["-e", "h", "-s", "1"], io.StringIO(), {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN},
+            ["-e", "h", "-s", "1"], io.StringIO(),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN, "STATE_DIRECTORY": "/run/state/lpxy"},
             Path(self.mktemp()),
         )
         self.assertEqual(config, CONFIG)

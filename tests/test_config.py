@@ -29,6 +29,7 @@ from lpxy.proxy.config import (
 )
 from lpxy.proxy.option_errors import TRY_HELP, OptionError
 from lpxy.proxy.settings import ProxySettings, WebSocketSettings
+from lpxy.proxy.statedir import STATE_DIRECTORY_ENV
 from tests.support.permissions import permissions_enforced
 
 TOKEN = "AQGAAXiK-source-token-Zm9vYmFy"
@@ -59,9 +60,18 @@ class ResolveCase(SynchronousTestCase):
     def resolve(
         self, options: Mapping[str, object], environ: dict[str, str] | None = None
     ) -> ProxyConfig:
-        config = resolve(options, environ or {}, self.cwd)
+        """
+        L{resolve} with C{STATE_DIRECTORY} set (unless C{environ} sets it);
+        the state directory is checked here and left out of the result
+        (C{state_dir} L{None}), so tests compare whole configurations.
+        """
+        state = str(self.cwd / "state")
+        config = resolve(options, {STATE_DIRECTORY_ENV: state, **(environ or {})}, self.cwd)
         self.assertNotIn(TOKEN, repr(config))
         self.assertNotIn(CLIENT, repr(config))
+        if "state-dir" not in options and not (environ or {}).get(STATE_DIRECTORY_ENV):
+            self.assertEqual(config.state_dir, None if config.client_token else state)
+            config = evolve(config, state_dir=None)
         return config
 
     def assertUsage(

@@ -45,7 +45,8 @@ def settings_json(max_payload_size: int) -> str:
 
 def parse(arguments: list[str], environ: dict[str, str], cwd: Path) -> ProxyConfig:
     """The configuration C{localproxy ARGUMENTS} resolves to."""
-    options = Options(environ=environ, cwd=cwd)
+    # Any client token kept goes below the test's directory.
+    options = Options(environ={"STATE_DIRECTORY": str(cwd / "state"), **environ}, cwd=cwd)
     options.parseOptions(arguments)
     config: ProxyConfig = options["proxy-config"]
     return config

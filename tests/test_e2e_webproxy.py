@@ -163,6 +163,7 @@ class WebProxyTests(TestCase):
             environ={
                 "https_proxy": url,
                 "AWSIOT_TUNNEL_ACCESS_TOKEN": self.opened.source_token,
+                "STATE_DIRECTORY": str(cwd / "state"),
             },
             cwd=cwd,
         )

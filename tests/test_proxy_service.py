@@ -5,6 +5,7 @@ statuses, with a C{Clock}, a fake endpoint and C{StringTransport}s.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from attrs import evolve
@@ -21,6 +22,7 @@ from lpxy.frames import Message, encode
 from lpxy.proxy.config import ProxyConfig, TcpTarget, TunnelEndpoint
 from lpxy.proxy.service import LocalProxyService
 from lpxy.proxy.settings import ProxySettings, TcpSettings, WebSocketSettings
+from lpxy.proxy.statedir import client_token_file
 from tests.support.wsframes import (
     BINARY,
     WebSocketTransport,
@@ -148,6 +150,25 @@ class ServiceTests(ServiceTestBase):
         _, headers2, _ = parse_request(transport2.value())
         self.assertEqual(headers2["client-token"], first)
         self.assertEqual(headers2["access-token"], TOKEN)
+
+    def test_client_token_kept_in_state_dir(self) -> None:
+        """
+        With a state directory, the client token is the one kept there for
+        the access token: a second service (a restarted process) sends the
+        same one.
+        """
+        state = self.mktemp()
+        self.build(evolve(config(), state_dir=state))
+        first = self.service.client_token
+        self.assertEqual(
+            client_token_file(Path(state), TOKEN).read_text().strip(), first
+        )
+        self.service.stopService()
+        self.clock.advance(100)
+        self.build(evolve(config(), state_dir=state))
+        _, transport = self.endpoint.succeed()
+        _, headers, _ = parse_request(transport.value())
+        self.assertEqual(headers["client-token"], first)
 
     def test_rejected_is_final(self) -> None:
         self.build(config())

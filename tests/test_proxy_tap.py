@@ -74,11 +74,11 @@ class OptionsTests(SynchronousTestCase):
 
     def test_destinationAndConfigDir(self) -> None:
         """
-        C{-r}, C{-d}, C{--config-dir} and C{--config}.
+        C{-r}, C{-d}, C{--config-dir}, C{--config} and C{--state-dir}.
         """
         (self.cwd / "c.conf").write_text("region = eu-west-1\n")
         options = self.parse(
-            ["--config", "c.conf", "-m", "dst", "--config-dir", "maps"],
+            ["--config", "c.conf", "-m", "dst", "--config-dir", "maps", "--state-dir", "st"],
             {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN},
         )
         self.assertEqual(options["proxy-config"], ProxyConfig(
@@ -86,6 +86,7 @@ class OptionsTests(SynchronousTestCase):
             endpoint=TunnelEndpoint("data.tunneling.iot.eu-west-1.amazonaws.com"),
             destination_apps={"SSH1": TcpTarget("127.0.0.1", 22)},
             config_dir=str(self.cwd / "maps"), mappings_from_config_dir=True,
+            state_dir=str(self.cwd / "st"),
         ))
         options = self.parse(["-r", "us-east-1", "-d", "web:80", "-t", TOKEN])
         self.assertEqual(

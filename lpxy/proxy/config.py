@@ -55,6 +55,7 @@ from lpxy.proxy.settings import (
     bind_address,
     load_settings,
 )
+from lpxy.proxy.statedir import default_state_directory
 from lpxy.proxy.textfiles import FileTooLarge, error_reason, read_text
 from lpxy.wire import (
     CLIENT_TOKEN_CHARACTERS,
@@ -103,8 +104,9 @@ class ProxyConfig:
     (protocol.md section 4: a source then listens on a random port for an
     announced id found nowhere; a destination fails).
 
-    C{client_token} is L{None} when none was given: the runtime then makes
-    one for the life of the process. C{web_proxy} is already L{None} when
+    C{client_token} is L{None} when none was given: the runtime then keeps
+    one in C{state_dir} (L{lpxy.proxy.statedir}), or makes one for the life
+    of the process when C{state_dir} is L{None} or unusable. C{web_proxy} is already L{None} when
     C{no_proxy} matches the endpoint; C{no_proxy} is kept for the log.
     C{verbosity} is C{-v} as given (0..65535, as the reference's 16 bits);
     6 and more mean per-record trace logging.
@@ -126,6 +128,7 @@ class ProxyConfig:
     settings: ProxySettings = ProxySettings()
     web_proxy: WebProxy | None = None
     no_proxy: tuple[str, ...] = ()
+    state_dir: str | None = None
 
     @property
     def listen_address(self) -> str:
@@ -149,6 +152,7 @@ OPTIONS: Mapping[str, str | None] = {
     "mode": "m",
     "destination-client-type": "y",
     "config-dir": None,
+    "state-dir": None,
 }
 FLAGS = frozenset({"no-ssl-host-verify"})
 _ENVIRONMENT = {
@@ -462,7 +466,10 @@ _MODES: Mapping[str, Mode] = {
 
 
 def resolve(
-    options: Mapping[str, object], environ: Mapping[str, str], cwd: Path
+    options: Mapping[str, object],
+    environ: Mapping[str, str],
+    cwd: Path,
+    euid: int | None = None,
 ) -> ProxyConfig:
     """
     Turn the command line (C{options}, long option names to values, L{None}
@@ -471,6 +478,8 @@ def resolve(
 
     @param cwd: the working directory, for relative paths and the default
         C{--config-dir}.
+    @param euid: the effective user id, for the default state directory
+        (the process's by default).
 
     @raise OptionError: the reference's reason, if it has one, and a line
         naming the option and the valid form.
@@ -491,6 +500,10 @@ def resolve(
     client_type = _client_type(found.get("destination-client-type"), mode)
     capath = _capath(found.get("capath"), cwd)
     web_proxy, no_proxy = _web_proxy_for(endpoint, environ)
+    state_dir = _state_dir(
+        found.get("state-dir"), client_token, environ,
+        os.geteuid() if euid is None else euid, cwd,
+    )
     if options.get("access-token") is not None:
         _warn_token_on_command_line()
     return ProxyConfig(
@@ -510,6 +523,7 @@ def resolve(
         settings=settings,
         web_proxy=web_proxy,
         no_proxy=no_proxy,
+        state_dir=state_dir,
     )
 
 
@@ -758,6 +772,34 @@ def _web_proxy_for(
         )
         web_proxy = None
     return web_proxy, no_proxy
+
+
+def _state_dir(
+    given: _Given | None,
+    client_token: str | None,
+    environ: Mapping[str, str],
+    euid: int,
+    cwd: Path,
+) -> str | None:
+    """
+    Where a made-up client token is kept: C{--state-dir}, else the default
+    (L{default_state_directory}); none is needed with C{-i}.
+    """
+    if given is not None:
+        _not_empty(given, "a directory", "a directory the proxy may write")
+        return str(cwd / given.value)
+    if client_token is not None:
+        return None
+    default = default_state_directory(environ, euid)
+    if default is None:
+        _log.warn(
+            "No state directory (no STATE_DIRECTORY, XDG_STATE_HOME or HOME):"
+            " the client token lasts only as long as this process, so a"
+            " restarted proxy cannot rejoin the tunnel; give --state-dir DIR"
+            " or --client-token/-i"
+        )
+        return None
+    return str(default)
 
 
 def _warn_token_on_command_line() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 from automat import NoTransition
@@ -43,6 +44,7 @@ from lpxy.proxy.connector import (
     TunnelConnectionFailed,
 )
 from lpxy.proxy.settings import unused_settings
+from lpxy.proxy.statedir import kept_client_token
 from lpxy.proxy.tunnel import TunnelFactory, TunnelProtocol
 
 __all__ = [
@@ -221,7 +223,7 @@ class LocalProxyService(MultiService):
             from lpxy.proxy.endpoints import tunnel_client_endpoint
 
             endpoint = tunnel_client_endpoint(reactor, config)
-        self.client_token = config.client_token or str(uuid.uuid4())
+        self.client_token = self._client_token(config)
         settings = config.settings.websocket
         self.connector = ProxyConnector(config, reactor, self._clock, self)
         self.factory = TunnelFactory(
@@ -264,6 +266,17 @@ class LocalProxyService(MultiService):
         self.client.setServiceParent(self)
         self._done: Deferred[int] = Deferred()
         self._status: int | None = None
+
+    @staticmethod
+    def _client_token(config: ProxyConfig) -> str:
+        """C{-i}, else the one kept in the state directory, else a new one."""
+        if config.client_token is not None:
+            return config.client_token
+        if config.state_dir is None:
+            return str(uuid.uuid4())
+        return kept_client_token(
+            Path(config.state_dir), config.access_token, lambda: str(uuid.uuid4())
+        )
 
     def whenDone(self) -> Deferred[int]:
         """Fires with the exit status when the proxy ends on its own."""

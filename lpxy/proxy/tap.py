@@ -79,7 +79,7 @@ class Options(usage.Options):
             "Optional Client Token",
             f"lpxy: {CLIENT_TOKEN_MIN_LENGTH} to {CLIENT_TOKEN_MAX_LENGTH} of"
             f" [{CLIENT_TOKEN_CHARACTERS}], sent on every connection so that"
-            " reconnecting works (default: one made up for this process).",
+            " reconnecting works (default: one made up and kept in --state-dir).",
         )],
         ["proxy-endpoint", "e", None, _describe(
             "Endpoint of proxy server with port (if not default 443). Example:"
@@ -149,6 +149,12 @@ class Options(usage.Options):
             "lpxy: 'ID = PORT-or-ENDPOINT' files, used when the command line gives"
             " no -s or -d; the default is ./config in the working directory.",
         )],
+        ["state-dir", None, None,
+         "lpxy: where the client token made up without -i is kept (a file"
+         " named by a hash of the access token, mode 0600), so that a"
+         " restarted proxy rejoins its tunnel. Default: $STATE_DIRECTORY"
+         " (systemd), else $XDG_STATE_HOME/lpxy, else /var/lib/lpxy for root"
+         " and ~/.local/state/lpxy for others."],
     ]
 
     def __init__(
@@ -177,6 +183,11 @@ class Options(usage.Options):
         if getattr(self, "parent", None) is not None:
             return "Usage: twistd [twistd options] localproxy [options]"
         return "Usage: localproxy [options]"
+
+    def getUsage(self, width: int | None = None) -> str:
+        # Twisted sorts the options by name; lpxy's own come after the
+        # reference's.
+        return _own_options_last(super().getUsage(width), ("--state-dir=",))
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)
@@ -228,6 +239,25 @@ class Options(usage.Options):
         parent = getattr(self, "parent", None)
         if parent is not None:
             filter_twistd_logging(parent, config.verbosity, self._twistd_log)
+
+
+def _own_options_last(usage_text: str, own: Sequence[str]) -> str:
+    """
+    Move the entries of options C{own} (spelled as in the table, e.g.
+    C{--state-dir=}) to the end of C{usage_text}'s option table.
+    """
+    lines = usage_text.split("\n")
+    table_end = next(
+        (i for i, line in enumerate(lines) if i and not line.startswith("  ")), len(lines)
+    )
+    moved: list[str] = []
+    kept: list[str] = []
+    in_own = False
+    for line in lines[1:table_end]:
+        if not line.startswith(" " * 20) or not line.strip():
+            in_own = line.strip().split("  ")[0].split(", ")[-1] in own
+        (moved if in_own else kept).append(line)
+    return "\n".join([lines[0], *kept, *moved, *lines[table_end:]])
 
 
 def _checkBundle(config: ProxyConfig) -> None:

@@ -59,9 +59,17 @@ def installed_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         and not k.startswith("AWSIOT_TUNNEL_")
     }
     env["PYTHONPATH"] = str(installed_copy())
+    # Client tokens the children keep go to a directory of this test run,
+    # not to ~/.local/state or /var/lib (a test may name its own).
+    env["XDG_STATE_HOME"] = _state_home()
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+@cache
+def _state_home() -> str:
+    return tempfile.mkdtemp(prefix="lpxy-state-")
 
 
 def outside_dir() -> str:
