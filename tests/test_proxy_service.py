@@ -5,13 +5,19 @@ statuses, with a C{Clock}, a fake endpoint and C{StringTransport}s.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
 from attrs import evolve
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionRefusedError,
+)
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -80,6 +86,16 @@ def config(mode: str = "destination", retries: int = -1, **websocket: Any) -> Pr
         settings=settings,
         **maps,
     )
+
+
+class BusyReactor(MemoryReactor):
+    """A reactor on which every port is in use."""
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50,
+                  interface: str = "") -> Any:
+        raise CannotListenError(
+            interface, port, OSError(errno.EADDRINUSE, "Address already in use")
+        )
 
 
 class ServiceTestBase(SynchronousTestCase):
@@ -266,23 +282,58 @@ class ServiceTests(ServiceTestBase):
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(self.done), 1)
 
-    def test_source_listens_after_service_ids_once(self) -> None:
+    def test_source_binds_before_connecting_and_listens_once(self) -> None:
+        """
+        A source binds its configured port before it connects; until
+        SERVICE_IDS has settled the service (and while disconnected), the
+        port closes its clients at once; reconnecting listens on nothing
+        more.
+        """
         self.build(config("source"))
-        protocol, transport = self.handshake()
-        self.assertEqual(self.reactor.tcpServers, [])
-        protocol.dataReceived(
-            frame(BINARY, encode(Message(type=Message.SERVICE_IDS, availableServiceIds=["SSH"])))
-        )
         self.assertEqual(
             [(port, interface) for port, _, _, interface in self.reactor.tcpServers],
             [(5555, "localhost")],
         )
-        self.lose(protocol, transport)
         factory = self.reactor.tcpServers[0][1]
+        self.assertIsNone(factory.buildProtocol(None))
+        protocol, transport = self.handshake()
+        self.assertIsNone(factory.buildProtocol(None))
+        protocol.dataReceived(
+            frame(BINARY, encode(Message(type=Message.SERVICE_IDS, availableServiceIds=["SSH"])))
+        )
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.assertEqual(factory.binding.service_id, "SSH")
+        self.assertIsNotNone(factory.buildProtocol(None))
+        self.lose(protocol, transport)
         self.assertIsNone(factory.buildProtocol(None))
         self.clock.advance(2.5)
         self.handshake(ids=["SSH"])
         self.assertEqual(len(self.reactor.tcpServers), 1)
+
+    def test_source_port_busy(self) -> None:
+        """
+        A configured port that cannot be listened on ends the source at
+        once with status 1, in the reference's words, before any
+        connection attempt.
+        """
+        with capturedLogs() as events:
+            self.clock = Clock()
+            self.reactor = BusyReactor()
+            self.endpoint = FakeEndpoint()
+            self.service = LocalProxyService(
+                config("source"), self.reactor, endpoint=self.endpoint, clock=self.clock
+            )
+            self.done = self.service.whenDone()
+            self.service.startService()
+            self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.done), 1)
+        self.assertEqual(self.endpoint.attempts, [])
+        errors = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.error]
+        self.assertEqual(
+            errors, ["Could not bind to address: localhost:5555 -- Address already in use"]
+        )
+        self.clock.advance(60)
+        self.assertEqual(self.endpoint.attempts, [])
 
     def test_stop_closes_websocket(self) -> None:
         self.build(config())

@@ -16,7 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lpxy.proxy.session import ServiceBinding
-from lpxy.proxy.source import ServiceListenerFactory, SourceListeners
+from lpxy.proxy.source import ServiceListenerFactory, SourceListeners, bind_error
 from tests.support.apps import Client
 
 
@@ -68,6 +68,76 @@ class SourceListenersTests(TestCase):
         with self.assertRaises(CannotListenError):
             yield second.start([ServiceBinding("B", "B"), ServiceBinding("A", "A")])
         self.assertIsNone(second.port_for("B"))
+
+
+class BindFirstTests(TestCase):
+    """
+    L{SourceListeners.bind}: the configured ports bound before the services
+    are known.
+    """
+
+    @inlineCallbacks
+    def test_bound_ports_serve_their_service(self) -> Any:
+        """
+        A bound port closes its clients until L{SourceListeners.start}
+        gives it its service, then serves it; a bound port whose service the
+        tunnel lacks is closed.
+        """
+        first = SourceListeners(reactor, "127.0.0.1", {"A": 0, "B": 0}, lambda b, a: None)
+        first_ports = yield first.start([ServiceBinding("A", "A"), ServiceBinding("B", "B")])
+        yield first.stop()
+        accepted: list[ServiceBinding] = []
+
+        def accept(binding: ServiceBinding, addr: IAddress) -> Protocol:
+            accepted.append(binding)
+            return Greeter()
+
+        listeners = SourceListeners(reactor, "127.0.0.1", dict(first_ports), accept)
+        self.addCleanup(listeners.stop)
+        listeners.bind()
+        early = Client()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", first_ports["A"]).connect(
+            _factory(early)
+        )
+        yield early.closed
+        self.assertEqual((bytes(early.data), accepted), (b"", []))
+
+        ports = yield listeners.start([ServiceBinding("A", "A")])
+        self.assertEqual(ports, {"A": first_ports["A"]})
+        client = Client()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", ports["A"]).connect(_factory(client))
+        yield client.closed
+        self.assertEqual((bytes(client.data), accepted), (b"hello", [ServiceBinding("A", "A")]))
+        # B's port is free again.
+        again = SourceListeners(reactor, "127.0.0.1", {"B": first_ports["B"]}, accept)
+        again.bind()
+        yield again.stop()
+
+    @inlineCallbacks
+    def test_busy_port(self) -> Any:
+        """
+        A busy port: L{CannotListenError}, in the reference's words; stopping
+        closes the ports already bound.
+        """
+        holder = SourceListeners(reactor, "127.0.0.1", {"A": 0}, lambda b, a: None)
+        self.addCleanup(holder.stop)
+        held = yield holder.start([ServiceBinding("A", "A")])
+        free = SourceListeners(reactor, "127.0.0.1", {"F": 0}, lambda b, a: None)
+        free_port = (yield free.start([ServiceBinding("F", "F")]))["F"]
+        yield free.stop()
+        listeners = SourceListeners(
+            reactor, "127.0.0.1", {"F": free_port, "A": held["A"]}, lambda b, a: None
+        )
+        error = self.assertRaises(CannotListenError, listeners.bind)
+        self.assertEqual(
+            bind_error(error),
+            f"Could not bind to address: 127.0.0.1:{held['A']} -- Address already in use",
+        )
+        yield listeners.stop()
+        # F was closed again.
+        again = SourceListeners(reactor, "127.0.0.1", {"F": free_port}, lambda b, a: None)
+        again.bind()
+        yield again.stop()
 
 
 class QuietListenersTests(TestCase):

@@ -24,9 +24,9 @@ from typing import Any, cast
 
 from automat import NoTransition
 from twisted.application.internet import ClientService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import CannotListenError, ConnectingCancelledError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -44,6 +44,7 @@ from lpxy.proxy.connector import (
     TunnelConnectionFailed,
 )
 from lpxy.proxy.settings import unused_settings
+from lpxy.proxy.source import bind_error
 from lpxy.proxy.statedir import kept_client_token
 from lpxy.proxy.tunnel import TunnelFactory, TunnelProtocol
 
@@ -277,6 +278,21 @@ class LocalProxyService(MultiService):
         return kept_client_token(
             Path(config.state_dir), config.access_token, lambda: str(uuid.uuid4())
         )
+
+    def startService(self) -> None:
+        # A source binds the ports its command line names before the first
+        # connection: a busy or privileged port then ends the proxy at once,
+        # its access token unspent.
+        listeners = self.connector.listeners
+        if listeners is not None and not self._config.mappings_from_config_dir:
+            try:
+                listeners.bind()
+            except CannotListenError as e:
+                Service.startService(self)
+                self._log.error("{text}", text=bind_error(e))
+                self.finished(EXIT_CONFIG)
+                return
+        super().startService()
 
     def whenDone(self) -> Deferred[int]:
         """Fires with the exit status when the proxy ends on its own."""
