@@ -29,17 +29,20 @@ class ChildProcess(ProcessProtocol):
         self.stderr = bytearray()
         self.ended: Deferred[int] = Deferred()
         self.status: int | None = None
-        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+        self._waiting: list[tuple[bytes, int, Deferred[None]]] = []
 
     @property
     def output(self) -> str:
         """Everything the child wrote, standard output then error."""
         return (bytes(self.stdout) + bytes(self.stderr)).decode("utf-8", "replace")
 
-    def wait_for(self, text: str) -> Deferred[None]:
-        """Fire when C{text} has appeared; fail if the child ends first."""
+    def wait_for(self, text: str, times: int = 1) -> Deferred[None]:
+        """
+        Fire when C{text} has appeared (C{times} times); fail if the child
+        ends first.
+        """
         d: Deferred[None] = Deferred()
-        self._waiting.append((text.encode(), d))
+        self._waiting.append((text.encode(), times, d))
         self._check()
         if self.status is not None and not d.called:
             self._waiting.clear()
@@ -55,16 +58,16 @@ class ChildProcess(ProcessProtocol):
     def _check(self) -> None:
         seen = bytes(self.stdout) + b"\n" + bytes(self.stderr)
         for item in list(self._waiting):
-            if item[0] in seen:
+            if seen.count(item[0]) >= item[1]:
                 self._waiting.remove(item)
-                item[1].callback(None)
+                item[2].callback(None)
 
     def processEnded(self, reason: Failure) -> None:
         value: Any = reason.value
         status = value.exitCode if value.exitCode is not None else -value.signal
         self.status = status
         waiting, self._waiting = self._waiting, []
-        for text, d in waiting:
+        for text, _, d in waiting:
             d.errback(AssertionError(
                 f"ended with {status} before {text!r} appeared:\n{self.output}"
             ))
