@@ -87,7 +87,10 @@ class SinkFactory(protocol.Factory):
 
 @implementer(IPushProducer)
 class Writer(protocol.Protocol):
-    """Writes C{total} bytes as fast as the transport takes them."""
+    """
+    Writes C{total} bytes as fast as the transport takes them, then stops
+    being its producer (C{loseConnection} would wait for that).
+    """
 
     def __init__(self, total: int) -> None:
         self.left, self.paused = total, False
@@ -102,6 +105,8 @@ class Writer(protocol.Protocol):
         while not self.paused and self.left > 0:
             self.transport.write(CHUNK)
             self.left -= len(CHUNK)
+        if self.left <= 0 and self.transport.producer is self:
+            self.transport.unregisterProducer()
 
     def pauseProducing(self) -> None:
         self.paused = True
