@@ -242,6 +242,30 @@ class ErrorTests(APITestCase):
         self.assertIn("too large", message)
 
 
+class ClosedTunnelTests(APITestCase):
+    """Closed tunnels beyond the retention time or the count are gone alike."""
+
+    limits: ClassVar[dict[str, int]] = {"max_closed_tunnels": 1, "closed_retention_seconds": 60}
+
+    async def gone(self, tunnel_id: str) -> tuple[str, int, str]:
+        code, status, message = await self.error("describe_tunnel", tunnelId=tunnel_id)
+        return code, status, message.replace(tunnel_id, "ID")
+
+    async def test_beyond_count_like_beyond_time(self) -> None:
+        expired, evicted, kept = (self.fixture.open_tunnel() for _ in range(3))
+        self.fixture.close_tunnel(expired.tunnel_id)
+        self.clock.advance(60)
+        self.fixture.close_tunnel(evicted.tunnel_id)
+        tunnel = (await self.call("describe_tunnel", tunnelId=evicted.tunnel_id))["tunnel"]
+        self.assertEqual(tunnel["status"], "CLOSED")
+        self.fixture.close_tunnel(kept.tunnel_id)
+        after_time = await self.gone(expired.tunnel_id)
+        self.assertEqual(after_time[:2], ("ResourceNotFoundException", 404))
+        self.assertEqual(await self.gone(evicted.tunnel_id), after_time)
+        listed = (await self.call("list_tunnels"))["tunnelSummaries"]
+        self.assertEqual([t["tunnelId"] for t in listed], [kept.tunnel_id])
+
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:

@@ -189,6 +189,67 @@ class LifetimeTests(BrokerTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class ClosedLimitTests(SynchronousTestCase):
+    """At most L{Limits.max_closed_tunnels} closed tunnels are kept; the longest closed go first."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.broker = Broker(self.clock, limits=Limits(max_closed_tunnels=2))
+
+    def kept(self) -> list[str]:
+        return [record.tunnel_id for record in self.broker.list_tunnels()[0]]
+
+    def test_next_closed_forgets_the_longest_closed(self) -> None:
+        # Closed in another order than opened: the count goes by closing.
+        first, second, third = (self.broker.open_tunnel() for _ in range(3))
+        for opened in (second, first, third):
+            self.clock.advance(1)
+            self.broker.close_tunnel(opened.tunnel_id)
+        self.assertRaises(ResourceNotFound, self.broker.describe, second.tunnel_id)
+        self.assertEqual(self.kept(), [third.tunnel_id, first.tunnel_id])
+        # The forgotten tunnel's removal timer went with it.
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+
+    def test_open_tunnels_are_never_forgotten(self) -> None:
+        opened = [self.broker.open_tunnel() for _ in range(4)]
+        for tunnel in opened[1:]:
+            self.broker.close_tunnel(tunnel.tunnel_id)
+        self.assertEqual(self.kept(), [opened[3].tunnel_id, opened[2].tunnel_id,
+                                       opened[0].tunnel_id])
+        self.assertEqual(self.broker.describe(opened[0].tunnel_id).status, OPEN)
+
+    def test_expiry_and_deletion_count(self) -> None:
+        expiring = self.broker.open_tunnel(lifetime_minutes=1)
+        deleted, closed, last = (self.broker.open_tunnel() for _ in range(3))
+        self.clock.advance(60)
+        self.broker.close_tunnel(deleted.tunnel_id)
+        self.broker.close_tunnel(deleted.tunnel_id, delete=True)
+        self.broker.close_tunnel(closed.tunnel_id)
+        # Two closed (the expired one and closed); a deleted one takes no place.
+        self.assertEqual(
+            self.kept(), [last.tunnel_id, closed.tunnel_id, expiring.tunnel_id]
+        )
+        self.broker.close_tunnel(last.tunnel_id)
+        self.assertEqual(self.kept(), [last.tunnel_id, closed.tunnel_id])
+
+    def test_retention_still_ends_them(self) -> None:
+        opened = self.broker.open_tunnel()
+        self.broker.close_tunnel(opened.tunnel_id)
+        self.clock.advance(3 * 3600)
+        self.assertEqual(self.kept(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_forgotten_ones_leave_the_store(self) -> None:
+        store = MemoryTunnelStore()
+        broker = Broker(self.clock, store=store, limits=Limits(max_closed_tunnels=1))
+        first, second = broker.open_tunnel(), broker.open_tunnel()
+        broker.close_tunnel(first.tunnel_id)
+        broker.close_tunnel(second.tunnel_id)
+        self.assertIsNone(store.get(first.tunnel_id))
+        self.assertEqual([r.tunnel_id for r in store.newest_first()], [second.tunnel_id])
+
+
 class TokenTests(BrokerTestCase):
     """Handshakes as the token rules say: spending, client tokens, replacement, rotation."""
 

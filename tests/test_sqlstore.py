@@ -359,14 +359,17 @@ class BrokerRestartTests(StoreTestCase):
         self.events: list[tuple[object, ...]] = []
         self.broker = Broker(self.clock, store=self.open())
 
-    async def restart(self, after: float = 0.0) -> None:
-        """Stop the broker, let C{after} seconds pass, start a new one on the file."""
+    async def restart(self, after: float = 0.0, limits: Limits | None = None) -> None:
+        """
+        Stop the broker, let C{after} seconds pass, start a new one on the
+        file (with C{limits} if given).
+        """
         self.broker.stop()
         await self.broker.store.close()
         now = self.clock.seconds()
         self.clock = Clock()
         self.clock.advance(now + after)
-        self.broker = Broker(self.clock, store=self.open())
+        self.broker = Broker(self.clock, store=self.open(), limits=limits)
 
     def peer(self, name: str) -> RecordingPeer:
         return RecordingPeer(name, self.events)
@@ -443,6 +446,38 @@ class BrokerRestartTests(StoreTestCase):
         self.assertRaises(ResourceNotFound, self.broker.describe, shown.tunnel_id)
         await self.restart()
         self.assertEqual(self.broker.list_tunnels(), ([], None))
+
+    async def test_closed_limit_across_restart(self) -> None:
+        await self.restart(limits=Limits(max_closed_tunnels=2))
+        opened = [self.broker.open_tunnel() for _ in range(5)]
+        for tunnel in opened[:3]:
+            self.clock.advance(1)
+            self.broker.close_tunnel(tunnel.tunnel_id)
+        self.assertRaises(ResourceNotFound, self.broker.describe, opened[0].tunnel_id)
+        await self.restart(limits=Limits(max_closed_tunnels=2))
+        self.assertRaises(ResourceNotFound, self.broker.describe, opened[0].tunnel_id)
+        self.assertEqual(self.broker.describe(opened[1].tunnel_id).status, CLOSED)
+        # The bound holds on: the next closed one forgets the longest closed.
+        self.clock.advance(1)
+        self.broker.close_tunnel(opened[3].tunnel_id)
+        self.assertRaises(ResourceNotFound, self.broker.describe, opened[1].tunnel_id)
+        # A lower bound after a restart forgets the longest closed at once,
+        # before any tunnel whose lifetime ended while the service was stopped.
+        expiring = self.broker.open_tunnel(lifetime_minutes=1)
+        await self.restart(after=60, limits=Limits(max_closed_tunnels=1))
+        self.assertEqual(
+            [r.tunnel_id for r in self.broker.list_tunnels()[0]],
+            [expiring.tunnel_id, opened[4].tunnel_id],
+        )
+        await self.restart(limits=Limits(max_closed_tunnels=1))
+        self.assertEqual(
+            [r.tunnel_id for r in self.broker.store.newest_first()],
+            [expiring.tunnel_id, opened[4].tunnel_id],
+        )
+        self.assertEqual(
+            [row[0] for row in query(self.path, "SELECT tunnel_id FROM tunnels ORDER BY sequence")],
+            [opened[4].tunnel_id, expiring.tunnel_id],
+        )
 
     async def test_rotation_and_listing_carry_on(self) -> None:
         first = self.broker.open_tunnel(thing_name="t")

@@ -45,6 +45,7 @@ class OptionsTests(SynchronousTestCase):
             "api-port": [],
             "data-port": [],
             "api-rate": 20.0,
+            "closed-limit": 10000,
             "closed-retention": 10800,
         })
 
@@ -68,6 +69,7 @@ class OptionsTests(SynchronousTestCase):
             "api-port": [],
             "data-port": [],
             "api-rate": 20.0,
+            "closed-limit": 10000,
             "closed-retention": 10800,
         })
 
@@ -105,9 +107,15 @@ class OptionsTests(SynchronousTestCase):
         for value in ("0", "-1", "nan", "inf", "x"):
             e = self.assertRaises(UsageError, parse, "--api-rate", value)
             self.assertIn("--api-rate must be a positive number", str(e))
-        service = only_child(makeService(parse("--closed-retention", "60", "--db", ":memory:"),
-                                         reactor=MemoryReactorClock()))
+        for value in ("0", "-1", "x"):
+            e = self.assertRaises(UsageError, parse, "--closed-limit", value)
+            self.assertIn("--closed-limit must be a positive integer", str(e))
+        service = only_child(makeService(
+            parse("--closed-retention", "60", "--closed-limit", "7", "--db", ":memory:"),
+            reactor=MemoryReactorClock(),
+        ))
         self.assertEqual(service.broker.limits.closed_retention_seconds, 60)
+        self.assertEqual(service.broker.limits.max_closed_tunnels, 7)
 
     def test_split_ports(self) -> None:
         options = parse("--api-port", "tcp:9001:interface=127.0.0.1", "--data-port", "tcp:9002",

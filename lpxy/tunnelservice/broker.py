@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -133,6 +134,8 @@ class Limits:
     max_open_tunnels: int = 10000
     closed_retention_seconds: float = 3 * 60 * 60
     """How long a closed tunnel can still be described and listed."""
+    max_closed_tunnels: int = 10000
+    """Closed tunnels kept at most; beyond, the longest closed are forgotten."""
     max_tags: int = 50
     """Tags per tunnel."""
 
@@ -219,6 +222,8 @@ class Broker:
         # Each tunnel's one timer: its expiry while open, its removal once closed.
         self._expiries: dict[str, DelayedCall] = {}
         self._live: dict[tuple[str, str], Attachment] = {}
+        # Closed tunnels still kept, the longest closed first.
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self._resume()
 
     def _resume(self) -> None:
@@ -226,43 +231,49 @@ class Broker:
         Take over the tunnels a store kept from an earlier run: re-arm each
         open tunnel's expiry at its deadline and each closed one's removal
         at the end of its retention, closing or forgetting at once those
-        whose time passed while the service was down.
+        whose time passed while the service was down, and forgetting the
+        longest closed beyond L{Limits.max_closed_tunnels}.
         """
         now = self._clock.seconds()
-        counts = {OPEN: 0, CLOSED: 0, "expired": 0, "forgotten": 0}
-        for record in list(self._store.newest_first()):
-            tunnel_id = record.tunnel_id
-            if record.status == OPEN:
-                if record.expires_at <= now:
-                    counts["expired"] += 1
-                    self._close(
-                        record, "tunnel lifetime expired",
-                        "lifetime expired while the service was stopped",
-                    )
-                    continue
-                counts[OPEN] += 1
-                self._expiries[tunnel_id] = self._clock.callLater(
-                    record.expires_at - now, self._expire, tunnel_id
-                )
+        records = list(self._store.newest_first())
+        # Closed ones first, in the order they closed, so that the count
+        # bound forgets the longest closed, not those closed just now.
+        closed = sorted(
+            (record for record in records if record.status != OPEN),
+            key=lambda record: (record.last_updated_at, record.sequence),
+        )
+        for record in closed:
+            until = record.last_updated_at + self.limits.closed_retention_seconds
+            if until <= now:
+                self._forget(record.tunnel_id)
             else:
-                until = record.last_updated_at + self.limits.closed_retention_seconds
-                if until <= now:
-                    counts["forgotten"] += 1
-                    self._forget(tunnel_id)
-                    continue
-                counts[CLOSED] += 1
-                self._expiries[tunnel_id] = self._clock.callLater(
-                    until - now, self._forget, tunnel_id
+                self._retain(record.tunnel_id, until - now)
+        counts = {OPEN: 0, "expired": 0}
+        for record in records:
+            if record.status != OPEN:
+                continue
+            if record.expires_at <= now:
+                counts["expired"] += 1
+                self._close(
+                    record, "tunnel lifetime expired",
+                    "lifetime expired while the service was stopped",
                 )
-        if any(counts.values()):
+                continue
+            counts[OPEN] += 1
+            self._expiries[record.tunnel_id] = self._clock.callLater(
+                record.expires_at - now, self._expire, record.tunnel_id
+            )
+        kept = sum(1 for record in closed if record.tunnel_id in self._closed)
+        if records:
             self._log.info(
                 "Resumed {open} open and {closed} closed tunnels from the store; "
-                "closed {expired} whose lifetime ended and forgot {forgotten} "
-                "past their retention while the service was stopped",
+                "closed {expired} whose lifetime ended while the service was "
+                "stopped and forgot {forgotten} past their retention or the "
+                "closed-tunnel limit",
                 open=counts[OPEN],
-                closed=counts[CLOSED],
+                closed=kept,
                 expired=counts["expired"],
-                forgotten=counts["forgotten"],
+                forgotten=len(closed) - kept,
             )
 
     # Tunnel operations (the management API)
@@ -385,10 +396,27 @@ class Broker:
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _forget(self, tunnel_id: str) -> None:
+    def _forget(self, tunnel_id: str, why: str = "deleted") -> None:
         self._cancel_timer(tunnel_id)
+        self._closed.pop(tunnel_id, None)
         self._store.remove(tunnel_id)
-        self._log.info("Tunnel {tunnel_id} deleted", tunnel_id=tunnel_id)
+        self._log.info("Tunnel {tunnel_id} {why}", tunnel_id=tunnel_id, why=why)
+
+    def _retain(self, tunnel_id: str, seconds: float) -> None:
+        """
+        Keep a closed tunnel visible for C{seconds}, as AWS keeps them, and
+        forget the longest closed if more than the limit are kept now.
+        """
+        self._expiries[tunnel_id] = self._clock.callLater(
+            seconds, self._forget, tunnel_id
+        )
+        self._closed[tunnel_id] = None
+        limit = self.limits.max_closed_tunnels
+        while len(self._closed) > limit:
+            oldest = next(iter(self._closed))
+            self._forget(
+                oldest, f"forgotten (more than {limit} closed tunnels are kept)"
+            )
 
     def _close(self, record: TunnelRecord, reason: str, why: str) -> None:
         self._cancel_timer(record.tunnel_id)
@@ -401,10 +429,7 @@ class Broker:
         for attachment in attachments:
             self._detach(attachment, notify=False)
         self._store.save(record)
-        # Closed tunnels stay visible for a while, as AWS keeps them, then go.
-        self._expiries[record.tunnel_id] = self._clock.callLater(
-            self.limits.closed_retention_seconds, self._forget, record.tunnel_id
-        )
+        self._retain(record.tunnel_id, self.limits.closed_retention_seconds)
         self._log.info(
             "Tunnel {tunnel_id} closed ({why})", tunnel_id=record.tunnel_id, why=why
         )

@@ -77,6 +77,9 @@ class Options(usage.Options):
          "API requests a second each access key (or, with an open API, each "
          "client address) may make on average, twice that at once; more get "
          "ThrottlingException.", _positive_number("api-rate")],
+        ["closed-limit", None, Limits().max_closed_tunnels,
+         "Closed tunnels kept at most; beyond, the longest closed are forgotten "
+         "before their --closed-retention ends.", _positive("closed-limit")],
         ["closed-retention", None, int(Limits().closed_retention_seconds),
          "Seconds a closed tunnel can still be described and listed.",
          _positive("closed-retention")],
@@ -193,6 +196,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             max_services=options["max-services"],
             max_open_tunnels=options["max-open-tunnels"],
             closed_retention_seconds=options["closed-retention"],
+            max_closed_tunnels=options["closed-limit"],
         ),
         max_request_size=options["max-request-size"],
         ping_interval=options["ping-interval"],
