@@ -20,6 +20,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from lpxy.tunnelservice.store import SOURCE
+from lpxy.wire import is_valid_service_id
 from tests.support.tunnelservice import (
     RecordingPeer,
     ServiceFixture,
@@ -120,6 +121,22 @@ class OperationTests(APITestCase):
         await self.call("close_tunnel", tunnelId=opened.tunnel_id, delete=True)
         code, status, _ = await self.error("describe_tunnel", tunnelId=opened.tunnel_id)
         self.assertEqual((code, status), ("ResourceNotFoundException", 404))
+
+    async def test_service_id_rule(self) -> None:
+        # OpenTunnel's services follow lpxy.wire's rule, with AWS's message.
+        valid = ["SSH", "a:b_c-d", "x" * 128]
+        self.assertTrue(all(map(is_valid_service_id, valid)))
+        opened = await self.call("open_tunnel", destinationConfig={"services": valid})
+        self.assertEqual(
+            self.fixture.broker.describe(opened["tunnelId"]).services, tuple(valid)
+        )
+        for service in ("no spaces", "a.b", "\u00e9"):
+            self.assertFalse(is_valid_service_id(service), service)
+            code, status, message = await self.error(
+                "open_tunnel", destinationConfig={"services": [service]}
+            )
+            self.assertEqual((code, status), ("ValidationException", 400), service)
+            self.assertEqual(message, "Value for services must match [a-zA-Z0-9:_-]{1,128}")
 
     async def test_list(self) -> None:
         ids = [
