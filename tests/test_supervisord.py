@@ -115,10 +115,14 @@ class SupervisordTests(TestCase):
             program("source", localproxy_argv(
                 "-e", endpoint, "-s", f"ECHO={source_port}", "-b", "127.0.0.1",
             ), "SOURCE_TOKEN"),
-            # Refused at once: exit 2 well within a second.
+            # A refused token: exit 2.
             program("refused", localproxy_argv(
                 "-e", endpoint, "-d", f"ECHO=127.0.0.1:{echo_port}",
             ), "REFUSED_TOKEN"),
+            # Exit 2 within a few milliseconds, as the reference's refused
+            # proxy does: without startsecs=0 supervisord would take it for a
+            # failed start and try again (then give up).
+            program("fast", [sys.executable, "-c", "raise SystemExit(2)"], "REFUSED_TOKEN"),
         ]))
         supervisord = spawn(self, [
             sys.executable, "-m", "supervisor.supervisord", "-c", str(here / "supervisord.conf"),
@@ -132,7 +136,9 @@ class SupervisordTests(TestCase):
         # its programs rather than orphaning them.
         self.addCleanup(self.stopSupervisord, supervisord)
 
-        await supervisord.wait_for("exited: refused (exit status 2; expected)")
+        for name in ("refused", "fast"):
+            await supervisord.wait_for(f"exited: {name} (exit status 2;")
+            self.assertIn(f"exited: {name} (exit status 2; expected)", supervisord.output)
         await supervisord.wait_for(f"Listening on 127.0.0.1:{source_port}")
         await supervisord.wait_for("as destination: channel id")
         await echo_round_trip(self, source_port, 300_000)
@@ -150,6 +156,7 @@ class SupervisordTests(TestCase):
         self.assertEqual(supervisord.output.count("spawned: 'source'"), 2, supervisord.output)
         self.assertEqual(supervisord.output.count("spawned: 'destination'"), 1)
         self.assertEqual(supervisord.output.count("spawned: 'refused'"), 1)
+        self.assertEqual(supervisord.output.count("spawned: 'fast'"), 1)
         self.assertNotIn("gave up", supervisord.output)
         self.assertNotIn(tunnel.source_token, supervisord.output)
         self.assertNotIn(tunnel.destination_token, supervisord.output)
