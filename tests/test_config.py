@@ -24,7 +24,6 @@ from lpxy.proxy.config import (
     TunnelEndpoint,
     UnixTarget,
     WebProxy,
-    read_config_file,
     resolve,
 )
 from lpxy.proxy.option_errors import TRY_HELP, OptionError
@@ -564,15 +563,6 @@ class ConfigFileTests(ResolveCase):
     """
     The --config file's own errors.
     """
-
-    def test_read(self) -> None:
-        """
-        L{read_config_file} returns the raw values by long name.
-        """
-        path = self.file("c", "region=us-east-1\n  mode =  dst  \n#x=y\n")
-        self.assertEqual(
-            read_config_file(str(path)), {"region": "us-east-1", "mode": "dst"}
-        )
 
     def test_errors(self) -> None:
         """

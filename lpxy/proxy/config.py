@@ -21,9 +21,9 @@ error.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 from attrs import field, frozen
 from twisted.logger import Logger
@@ -45,10 +45,19 @@ from lpxy.proxy.addresses import (
     parse_web_proxy,
     reason_of,
     region_endpoint,
-    service_id,
     source_port,
 )
+from lpxy.proxy.config_dir import config_directory, read_config_dir
 from lpxy.proxy.option_errors import OptionError
+from lpxy.proxy.option_sources import (
+    ACCESS_TOKEN_ENV,
+    ENDPOINT_ENV,
+    REGION_ENV,
+    Given,
+    Layers,
+    not_empty,
+    sources,
+)
 from lpxy.proxy.settings import (
     ProxySettings,
     SettingsError,
@@ -56,7 +65,6 @@ from lpxy.proxy.settings import (
     load_settings,
 )
 from lpxy.proxy.statedir import default_state_directory
-from lpxy.proxy.textfiles import FileTooLarge, error_reason, read_text
 from lpxy.wire import (
     CLIENT_TOKEN_CHARACTERS,
     CLIENT_TOKEN_MAX_LENGTH,
@@ -77,14 +85,8 @@ __all__ = [
 ]
 
 _log = Logger()
-_T = TypeVar("_T")
 
 ClientType = Literal["V1", "V2"]
-
-ACCESS_TOKEN_ENV = "AWSIOT_TUNNEL_ACCESS_TOKEN"
-CLIENT_TOKEN_ENV = "AWSIOT_TUNNEL_CLIENT_TOKEN"
-ENDPOINT_ENV = "AWSIOT_TUNNEL_ENDPOINT"
-REGION_ENV = "AWSIOT_TUNNEL_REGION"
 
 # The destination's host for a bare port when -b is not given, as the
 # reference.
@@ -136,271 +138,6 @@ class ProxyConfig:
         return self.bind_address or self.settings.default_bind_address
 
 
-# Long option name -> short letter (or None), for messages and --config.
-OPTIONS: Mapping[str, str | None] = {
-    "access-token": "t",
-    "client-token": "i",
-    "proxy-endpoint": "e",
-    "region": "r",
-    "source-listen-port": "s",
-    "destination-app": "d",
-    "local-bind-address": "b",
-    "capath": "c",
-    "no-ssl-host-verify": "k",
-    "settings-json": None,
-    "verbose": "v",
-    "mode": "m",
-    "destination-client-type": "y",
-    "config-dir": None,
-    "state-dir": None,
-}
-FLAGS = frozenset({"no-ssl-host-verify"})
-_ENVIRONMENT = {
-    "access-token": ACCESS_TOKEN_ENV,
-    "client-token": CLIENT_TOKEN_ENV,
-    "proxy-endpoint": ENDPOINT_ENV,
-    "region": REGION_ENV,
-}
-
-
-def option_label(name: str) -> str:
-    """How messages name a command-line option: C{--region/-r}."""
-    short = OPTIONS.get(name)
-    return f"--{name}/-{short}" if short else f"--{name}"
-
-
-# --- values and where they came from -------------------------------------
-
-@frozen
-class _Given:
-    value: str = field(repr=False)
-    label: str
-
-
-class _Layers:
-    """
-    The command line, the --config file and the environment, searched in
-    that order.
-    """
-
-    def __init__(self, layers: list[dict[str, _Given]]) -> None:
-        self._layers = layers
-
-    def get(self, name: str) -> _Given | None:
-        for layer in self._layers:
-            if name in layer:
-                return layer[name]
-        return None
-
-    def choose(self, first: str, second: str, reason: str) -> tuple[str, _Given] | None:
-        """
-        The name and value of C{first} or C{second} from the first layer
-        naming either; both in one layer is an error, with the reference's
-        C{reason}.
-        """
-        for layer in self._layers:
-            a, b = layer.get(first), layer.get(second)
-            if a is not None and b is not None:
-                raise OptionError(
-                    reason, f"{a.label} and {b.label} are exclusive: give only one"
-                )
-            if a is not None:
-                return first, a
-            if b is not None:
-                return second, b
-        return None
-
-
-def _command_line(options: Mapping[str, object]) -> dict[str, _Given]:
-    given = {}
-    for name in OPTIONS:
-        value = options.get(name)
-        if name in FLAGS:
-            if value:
-                given[name] = _Given("true", option_label(name))
-        elif value is not None:
-            given[name] = _Given(str(value), option_label(name))
-    return given
-
-
-def _environment(environ: Mapping[str, str]) -> dict[str, _Given]:
-    return {
-        name: _Given(environ[variable], variable)
-        for name, variable in _ENVIRONMENT.items()
-        if environ.get(variable)
-    }
-
-
-def _not_empty(given: _Given, what: str, expected: str) -> None:
-    # Joined to the working directory, an empty path would name the
-    # directory itself.
-    if not given.value:
-        raise OptionError(
-            reference.PATH_EMPTY,
-            f"{given.label}: an empty path is not {what}; expected {expected}",
-        )
-
-
-# --- the --config file -------------------------------------------------------
-
-_NOT_IN_CONFIG = frozenset({"config", "help", "version", "export-default-settings"})
-
-
-def read_config_file(path: str, shown: str | None = None) -> dict[str, str]:
-    """
-    Read a C{--config} file: C{long-name = value} lines, blank lines and
-    C{#} comments.
-
-    @param shown: the path as the user gave it, for the reference's
-        reasons (default: C{path}).
-
-    @raise OptionError: the file is unreadable or larger than 1 MiB, a
-        line is malformed, or names an unknown or repeated option.
-    """
-    shown = path if shown is None else shown
-    try:
-        text = read_text(path)
-    except FileTooLarge as e:
-        raise OptionError(None, f"--config: {path} is {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise OptionError(
-            reference.config_unreadable(shown),
-            f"--config: cannot read {path}: {error_reason(e)}",
-        ) from None
-    values: dict[str, str] = {}
-    for number, line in _lines(text):
-        where = f"--config {path} line {number}"
-        name, equals, value = line.partition("=")
-        name = name.strip()
-        if not equals or not name:
-            raise OptionError(
-                reference.config_line_invalid(line),
-                f"{where}: expected long-name = value, e.g. region = us-east-1",
-            )
-        if name not in OPTIONS:
-            raise OptionError(
-                reference.unrecognised(name),
-                f"{where}: unknown option {name!r}; expected a long option name"
-                f" other than {', '.join(sorted(_NOT_IN_CONFIG))}",
-            )
-        if name in values:
-            raise OptionError(reference.given_twice(name), f"{where}: {name} given twice")
-        values[name] = value.strip()
-    return values
-
-
-def _lines(text: str) -> Iterator[tuple[int, str]]:
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if line and not line.startswith(("#", ";")):
-            yield number, line
-
-
-def _config_layer(path: str, shown: str) -> dict[str, _Given]:
-    given = {}
-    for name, value in read_config_file(path, shown).items():
-        label = f"{name} (--config {path})"
-        if name in FLAGS:
-            lowered = value.lower()
-            if lowered in ("true", "yes", "on", "1"):
-                given[name] = _Given("true", label)
-            elif lowered not in ("false", "no", "off", "0"):
-                raise OptionError(
-                    reference.argument_invalid(value, name), f"{label}: expected true or false"
-                )
-        else:
-            given[name] = _Given(value, label)
-    return given
-
-
-# --- --config-dir ------------------------------------------------------------
-
-def config_dir_files(directory: Path) -> list[Path]:
-    """
-    Every regular file below C{directory}, in a stable order; directories
-    that cannot be listed are skipped with a warning.
-    """
-
-    def unlisted(e: OSError) -> None:
-        _log.warn(
-            "Skipping unreadable --config-dir directory {path}: {reason}",
-            path=e.filename, reason=error_reason(e),
-        )
-
-    files: list[Path] = []
-    for root, _, names in os.walk(directory, onerror=unlisted):
-        files.extend(Path(root, name) for name in names if Path(root, name).is_file())
-    return sorted(files)
-
-
-def read_config_dir(directory: Path, parse: Callable[[str], _T]) -> dict[str, _T]:
-    """
-    Read every file below C{directory} as C{id = endpoint} lines, each
-    endpoint passed through C{parse}; the first file naming an id wins.
-    Unreadable files are skipped with a warning.
-
-    @raise OptionError: a file is larger than 1 MiB, or a line is
-        malformed.
-    """
-    mapping: dict[str, _T] = {}
-    for path in config_dir_files(directory):
-        try:
-            text = read_text(path)
-        except FileTooLarge as e:
-            raise OptionError(None, f"--config-dir file {path} is {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            _log.warn(
-                "Skipping unreadable --config-dir file {path}: {reason}",
-                path=str(path), reason=error_reason(e),
-            )
-            continue
-        seen: set[str] = set()
-        for number, line in _lines(text):
-            where = f"--config-dir file {path} line {number}"
-            name, equals, endpoint = line.partition("=")
-            name, endpoint = name.strip(), endpoint.strip()
-            try:
-                if not equals or not endpoint:
-                    raise ValueError("expected ID = ENDPOINT, e.g. SSH1 = 22")
-                service_id(name)
-                if name in seen:
-                    raise ValueError(f"service id {name!r} given twice")
-                target = parse(endpoint)
-            except ValueError as e:
-                raise OptionError(None, f"{where}: {e}") from None
-            seen.add(name)
-            if name in mapping:
-                _log.debug(
-                    "{path} names {service} again; the first file wins",
-                    path=str(path), service=name,
-                )
-            else:
-                mapping[name] = target
-    return mapping
-
-
-def _non_empty_directory(path: Path) -> bool:
-    try:
-        return path.is_dir() and any(path.iterdir())
-    except OSError:
-        return False
-
-
-def _config_directory(given: _Given | None, cwd: Path) -> Path | None:
-    if given is None:
-        default = cwd / "config"
-        return default if _non_empty_directory(default) else None
-    expected = "a non-empty directory of ID = ENDPOINT files"
-    _not_empty(given, "a directory", expected)
-    directory = cwd / given.value
-    if not _non_empty_directory(directory):
-        raise OptionError(
-            reference.config_dir_invalid(given.value),
-            f"{given.label}: {given.value!r} is not {expected}",
-        )
-    return directory
-
-
 def _web_proxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, ...]]:
     for variable in ("https_proxy", "HTTPS_PROXY"):
         if environ.get(variable):
@@ -421,7 +158,7 @@ def _web_proxy(environ: Mapping[str, str]) -> tuple[WebProxy | None, tuple[str, 
 
 # --- tokens --------------------------------------------------------------------
 
-def _access_token(given: _Given) -> str:
+def _access_token(given: Given) -> str:
     token = given.value
     if not token:
         reason = reference.ACCESS_TOKEN_EMPTY
@@ -441,7 +178,7 @@ def _has_control_characters(text: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
-def _client_token(given: _Given) -> str:
+def _client_token(given: Given) -> str:
     token = given.value
     if is_valid_client_token(token):
         return token
@@ -484,7 +221,7 @@ def resolve(
     @raise OptionError: the reference's reason, if it has one, and a line
         naming the option and the valid form.
     """
-    found = _sources(options, environ, cwd)
+    found = sources(options, environ, cwd)
     verbosity = _verbosity(found.get("verbose"))
     settings = _settings(found.get("settings-json"), cwd)
     token = _required_token(found, environ)
@@ -527,22 +264,6 @@ def resolve(
     )
 
 
-def _sources(
-    options: Mapping[str, object], environ: Mapping[str, str], cwd: Path
-) -> _Layers:
-    """The command line, the C{--config} file it names, and the environment."""
-    layers = [_command_line(options)]
-    config = options.get("config")
-    if config is not None:
-        _not_empty(
-            _Given(str(config), option_label("config")),
-            "a file", "a file of 'long-name = value' lines",
-        )
-        layers.append(_config_layer(str(cwd / str(config)), str(config)))
-    layers.append(_environment(environ))
-    return _Layers(layers)
-
-
 def verbosity_from(text: str) -> int | None:
     """
     C{-v} as the reference reads it, a 16-bit unsigned number (a negative
@@ -558,7 +279,7 @@ def verbosity_from(text: str) -> int | None:
     return (0x10000 - number) % 0x10000 if text.startswith("-") else number
 
 
-def _verbosity(given: _Given | None) -> int:
+def _verbosity(given: Given | None) -> int:
     if given is None:
         return 4
     verbosity = verbosity_from(given.value)
@@ -571,23 +292,23 @@ def _verbosity(given: _Given | None) -> int:
     return verbosity
 
 
-def _settings(given: _Given | None, cwd: Path) -> ProxySettings:
+def _settings(given: Given | None, cwd: Path) -> ProxySettings:
     if given is None:
         return ProxySettings()
-    _not_empty(given, "a file", "a JSON file of settings")
+    not_empty(given, "a file", "a JSON file of settings")
     try:
         return load_settings(cwd / given.value, given.value)
     except SettingsError as e:
         raise OptionError(e.reason, f"{given.label}: {e}") from None
 
 
-def _required_token(found: _Layers, environ: Mapping[str, str]) -> _Given:
+def _required_token(found: Layers, environ: Mapping[str, str]) -> Given:
     token = found.get("access-token")
     if token is not None:
         return token
     if ACCESS_TOKEN_ENV in environ:
         # Set but empty: the reference reads it as an empty token.
-        return _Given("", ACCESS_TOKEN_ENV)
+        return Given("", ACCESS_TOKEN_ENV)
     raise OptionError(
         reference.ACCESS_TOKEN_MISSING,
         "no access token: give --access-token/-t, access-token in the --config file,"
@@ -595,12 +316,12 @@ def _required_token(found: _Layers, environ: Mapping[str, str]) -> _Given:
     )
 
 
-def _optional_client_token(found: _Layers) -> str | None:
+def _optional_client_token(found: Layers) -> str | None:
     given = found.get("client-token")
     return None if given is None else _client_token(given)
 
 
-def _endpoint_choice(found: _Layers) -> tuple[str, _Given]:
+def _endpoint_choice(found: Layers) -> tuple[str, Given]:
     chosen = found.choose("region", "proxy-endpoint", reference.ENDPOINT_CHOICE)
     if chosen is None:
         raise OptionError(
@@ -611,7 +332,7 @@ def _endpoint_choice(found: _Layers) -> tuple[str, _Given]:
     return chosen
 
 
-def _endpoint(chosen: tuple[str, _Given], settings: ProxySettings) -> TunnelEndpoint:
+def _endpoint(chosen: tuple[str, Given], settings: ProxySettings) -> TunnelEndpoint:
     name, given = chosen
     try:
         if name == "region":
@@ -621,7 +342,7 @@ def _endpoint(chosen: tuple[str, _Given], settings: ProxySettings) -> TunnelEndp
         raise OptionError(reason_of(e), f"{given.label}: {e}") from None
 
 
-def _local_bind_address(given: _Given | None) -> str | None:
+def _local_bind_address(given: Given | None) -> str | None:
     if given is None:
         return None
     address = bind_address(given.value)
@@ -639,7 +360,7 @@ def _local_bind_address(given: _Given | None) -> str | None:
     return address
 
 
-def _mode(found: _Layers) -> Mode | None:
+def _mode(found: Layers) -> Mode | None:
     """C{-m}, if given."""
     given = found.get("mode")
     if given is None:
@@ -654,7 +375,7 @@ def _mode(found: _Layers) -> Mode | None:
 
 
 def _mode_with_mapping(
-    mode: Mode | None, mapping: tuple[str, _Given] | None, mode_given: _Given | None
+    mode: Mode | None, mapping: tuple[str, Given] | None, mode_given: Given | None
 ) -> Mode:
     """The mode C{-m} and the choice of C{-s} or C{-d} agree on."""
     if mapping is None:
@@ -686,9 +407,9 @@ class _Mappings:
 
 def _mappings(
     mode: Mode,
-    mapping: tuple[str, _Given] | None,
-    directory_given: _Given | None,
-    bind_given: _Given | None,
+    mapping: tuple[str, Given] | None,
+    directory_given: Given | None,
+    bind_given: Given | None,
     cwd: Path,
 ) -> _Mappings:
     """
@@ -709,7 +430,7 @@ def _mappings(
                 destination_apps = parse_destination_map(given.value, default_host)
         except ValueError as e:
             raise OptionError(reason_of(e), f"{given.label}: {e}") from None
-    directory = _config_directory(directory_given, cwd)
+    directory = config_directory(directory_given, cwd)
     from_directory = mapping is None
     if from_directory and directory is not None:
         if mode == "source":
@@ -732,7 +453,7 @@ def _mappings(
     )
 
 
-def _client_type(given: _Given | None, mode: Mode) -> ClientType | None:
+def _client_type(given: Given | None, mode: Mode) -> ClientType | None:
     if given is None:
         return None
     value = given.value.strip().upper()
@@ -747,11 +468,11 @@ def _client_type(given: _Given | None, mode: Mode) -> ClientType | None:
     return "V1" if value == "V1" else "V2"
 
 
-def _capath(given: _Given | None, cwd: Path) -> str | None:
+def _capath(given: Given | None, cwd: Path) -> str | None:
     if given is None:
         return None
     expected = "a directory of hashed CA certificates or a PEM bundle file"
-    _not_empty(given, "a directory or file", expected)
+    not_empty(given, "a directory or file", expected)
     path = cwd / given.value
     if not path.exists():
         raise OptionError(
@@ -775,7 +496,7 @@ def _web_proxy_for(
 
 
 def _state_dir(
-    given: _Given | None,
+    given: Given | None,
     client_token: str | None,
     environ: Mapping[str, str],
     euid: int,
@@ -786,7 +507,7 @@ def _state_dir(
     (L{default_state_directory}); none is needed with C{-i}.
     """
     if given is not None:
-        _not_empty(given, "a directory", "a directory the proxy may write")
+        not_empty(given, "a directory", "a directory the proxy may write")
         return str(cwd / given.value)
     if client_token is not None:
         return None

@@ -25,8 +25,9 @@ from twisted.python.reflect import namedAny
 from lpxy import __version__
 from lpxy._process import TWISTD_LOG, ProcessService, TwistdLog
 from lpxy.proxy import option_errors as reference
-from lpxy.proxy.config import OPTIONS, ProxyConfig, resolve, verbosity_from
+from lpxy.proxy.config import ProxyConfig, resolve, verbosity_from
 from lpxy.proxy.option_errors import OptionError
+from lpxy.proxy.option_sources import OPTIONS
 from lpxy.proxy.settings import export_default_settings
 from lpxy.proxy.verbosity import filter_twistd_logging
 from lpxy.wire import CLIENT_TOKEN_CHARACTERS, CLIENT_TOKEN_MAX_LENGTH, CLIENT_TOKEN_MIN_LENGTH
