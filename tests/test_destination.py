@@ -22,10 +22,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from lpxy.proxy.channel import Channel, ServiceBinding
 from lpxy.proxy.config import TcpTarget, UnixTarget
 from lpxy.proxy.destination import AppConnector, describe_target
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
-from lpxy.proxy.session import Channel, ServiceBinding
 from tests.support.logs import LogRecorder
 from tests.support.recorders import FakeWebSocket, Sink
 from tests.support.waiting import turns

@@ -14,8 +14,8 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from lpxy.proxy.channel import Channel, ServiceBinding
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
-from lpxy.proxy.session import Channel, ServiceBinding
 from tests.support.recorders import FakeWebSocket, Sink
 
 

@@ -13,14 +13,13 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.frames import Message, encode
-from lpxy.proxy.session import (
+from lpxy.proxy.channel import (
     ProtocolViolation,
     ServiceBinding,
     ServiceMismatch,
-    Session,
     SessionError,
-    shown_id,
 )
+from lpxy.proxy.session import Session
 from lpxy.wire import MAX_CONNECTION_ID, MAX_STREAM_ID, is_valid_service_id
 from tests.support.recorders import Recorder
 
@@ -381,11 +380,6 @@ class HostileServiceIdsTests(SynchronousTestCase):
         with self.assertRaises(ServiceMismatch) as caught:
             make(keys=["SSH"], ids=ids)
         self.assertLess(len(str(caught.exception)), 300)
-
-    def test_shown_id(self) -> None:
-        self.assertEqual(shown_id("SSH"), "'SSH'")
-        self.assertEqual(shown_id("a\nb"), "'a\\nb'")
-        self.assertEqual(shown_id("y" * 41), f"{'y' * 40!r}... (41 characters)")
 
 
 class HostileRecordTests(SynchronousTestCase):

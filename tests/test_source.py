@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from lpxy.proxy.session import ServiceBinding
+from lpxy.proxy.channel import ServiceBinding
 from lpxy.proxy.source import ServiceListenerFactory, SourceListeners, bind_error
 from tests.support.apps import Client
 

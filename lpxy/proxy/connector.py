@@ -30,16 +30,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lpxy.frames import Message, ProtocolError
-from lpxy.proxy.config import ProxyConfig
-from lpxy.proxy.destination import AppConnector
-from lpxy.proxy.relay import LocalRelay, TunnelFlow
-from lpxy.proxy.session import (
+from lpxy.proxy.channel import (
     Channel,
     ProtocolViolation,
     ServiceBinding,
     ServiceMismatch,
-    Session,
 )
+from lpxy.proxy.config import ProxyConfig
+from lpxy.proxy.destination import AppConnector
+from lpxy.proxy.relay import LocalRelay, TunnelFlow
+from lpxy.proxy.session import Session
 from lpxy.proxy.source import SourceListeners
 from lpxy.proxy.tunnel import CloseOutcome, TunnelProtocol, describe_rejection
 from lpxy.wire import CLOSE_NORMAL

@@ -62,7 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._ws import Clock, set_no_delay
-from lpxy.proxy.session import Channel
+from lpxy.proxy.channel import Channel
 
 __all__ = ["LocalRelay", "RelaySink", "TunnelFlow", "WebSocketSide"]
 

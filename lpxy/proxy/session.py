@@ -25,12 +25,21 @@ service, follows the first start it gets in a WebSocket session
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from typing import Literal, Protocol
+from typing import Literal
 
-from attrs import define, field, frozen
+from attrs import define, field
 from twisted.logger import Logger
 
 from lpxy.frames import Message
+from lpxy.proxy.channel import (
+    Channel,
+    ProtocolViolation,
+    ServiceBinding,
+    ServiceMismatch,
+    SessionActions,
+    shown_id,
+)
+from lpxy.proxy.service_ids import ServiceMap
 from lpxy.wire import (
     DEFAULT_MAX_SERVICES,
     MAX_STREAM_ID,
@@ -43,16 +52,7 @@ from lpxy.wire import (
     subprotocol_version,
 )
 
-__all__ = [
-    "Channel",
-    "ProtocolViolation",
-    "ServiceBinding",
-    "ServiceMismatch",
-    "Session",
-    "SessionActions",
-    "SessionError",
-    "shown_id",
-]
+__all__ = ["Session"]
 
 _T = Message.Type
 DATA = Message.DATA
@@ -62,93 +62,6 @@ SESSION_RESET = Message.SESSION_RESET
 SERVICE_IDS = Message.SERVICE_IDS
 CONNECTION_START = Message.CONNECTION_START
 CONNECTION_RESET = Message.CONNECTION_RESET
-_SHOWN_ID_LENGTH = 40
-
-
-def shown_id(service_id: str) -> str:
-    """
-    A service id from the wire as a log line shows it: quoted, escaped,
-    and cut short (naming its length) when it is long, for a hostile
-    service may send ids of thousands of characters.
-    """
-    if len(service_id) <= _SHOWN_ID_LENGTH:
-        return repr(service_id)
-    return f"{service_id[:_SHOWN_ID_LENGTH]!r}... ({len(service_id)} characters)"
-
-
-class SessionError(Exception):
-    """The tunnel cannot go on as it is; the message says why."""
-
-
-class ProtocolViolation(SessionError):
-    """
-    The peer broke the protocol in a way that ends the WebSocket session:
-    a message of type UNKNOWN (0) or an unknown type not marked ignorable.
-    """
-
-
-class ServiceMismatch(SessionError):
-    """
-    The services the tunnel announced do not fit the local map (a named map
-    that does not name exactly the announced ids, or a destination whose
-    config-dir lacks an announced id). Reconnecting does not help.
-    """
-
-
-@frozen
-class ServiceBinding:
-    """
-    One service of the tunnel as the proxy serves it.
-
-    @ivar key: the key of the local map (C{source_ports} or
-        C{destination_apps}) this service uses; C{""} for the unnamed single
-        mapping, L{None} for an announced id no map knows (a source then
-        listens on a random port).
-    @ivar service_id: the tunnel's service id (C{""} when the tunnel
-        announced none, or in V1).
-    """
-
-    key: str | None
-    service_id: str
-
-
-@define(eq=False)
-class Channel:
-    """
-    One local connection's place in the tunnel: the ids its records carry.
-
-    A channel is current until the session closes it (C{open} false); a
-    replaced or reset channel never gets data again, and closing it locally
-    sends nothing.
-    """
-
-    binding: ServiceBinding
-    wire_service_id: str
-    stream_id: int
-    connection_id: int
-    header: bytes = field(repr=False)
-    open: bool = True
-
-
-class SessionActions(Protocol):
-    """What a L{Session} asks of the I/O around it."""
-
-    def send(self, message: Message) -> None:
-        """Send a control record to the tunnel."""
-
-    def deliver(self, channel: Channel, data: bytes) -> None:
-        """Write C{data} to C{channel}'s local socket."""
-
-    def open_local(self, channel: Channel) -> None:
-        """Destination: connect C{channel} to its local application."""
-
-    def close_local(self, channel: Channel) -> None:
-        """Close C{channel}'s local socket once what was delivered is flushed."""
-
-    def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
-        """The service map is settled for this WebSocket session."""
-
-
 @define(eq=False)
 class _Service:
     binding: ServiceBinding
@@ -218,8 +131,13 @@ class Session:
         self.format = fmt
         self._max_connections = max(1, max_connections)
         named = bool(keys) and self._keys != [""] and not from_config_dir
-        self._max_services = max(1, max_services, len(self._keys) if named else 0)
-        self._from_config_dir = from_config_dir
+        self._map = ServiceMap(
+            mode,
+            tuple(self._keys),
+            fmt,
+            from_config_dir,
+            max(1, max_services, len(self._keys) if named else 0),
+        )
         self._trace = trace
         self._bindings: list[ServiceBinding] | None = None
         self._services: dict[str, _Service] = {}
@@ -516,12 +434,12 @@ class Session:
         if self._ids_seen or not self.connected_now or self.version == 1:
             self._log.debug("Ignoring a repeated SERVICE_IDS")
             return
-        ids = self._served_ids(received)
+        ids = self._map.served_ids(received)
         if self._bindings is None:
-            self._install(self._resolve(ids))
+            self._install(self._map.bindings(ids))
         else:
             expected = sorted(b.service_id for b in self._bindings)
-            fresh = self._resolve(ids)
+            fresh = self._map.bindings(ids)
             if sorted(b.service_id for b in fresh) != expected:
                 raise ServiceMismatch(
                     f"after reconnecting, the tunnel announced services {ids}, "
@@ -533,63 +451,6 @@ class Session:
         )
         self._actions.services_ready(self.bindings)
 
-    def _served_ids(self, received: Iterable[str]) -> list[str]:
-        """
-        The services of a SERVICE_IDS the proxy serves: each valid id once,
-        in order, at most C{max_services}; one warning for the invalid ids
-        and one for those over the limit.
-        """
-        ids = list(dict.fromkeys(received))
-        bad = [sid for sid in ids if not is_valid_service_id(sid)]
-        if bad:
-            self._log.warn(
-                "Ignoring {count} service id(s) of the tunnel that are not 1 to "
-                "{length} of [{characters}]: {ids}",
-                count=len(bad),
-                length=SERVICE_ID_MAX_LENGTH,
-                characters=SERVICE_ID_CHARACTERS,
-                ids=", ".join(map(shown_id, bad[:3])) + (", ..." if len(bad) > 3 else ""),
-            )
-            ids = [sid for sid in ids if is_valid_service_id(sid)]
-        if len(ids) > self._max_services:
-            self._log.warn(
-                "The tunnel announced {count} services, more than the "
-                "{limit} served (tunneling.proxy.websocket.max_services): "
-                "ignoring all but the first {limit}",
-                count=len(ids),
-                limit=self._max_services,
-            )
-            ids = ids[: self._max_services]
-        return ids
-
-    def _resolve(self, ids: list[str]) -> list[ServiceBinding]:
-        keys = self._keys
-        wire = (lambda sid: "") if self.format == 1 else (lambda sid: sid)
-        if keys == [""]:
-            return [ServiceBinding("", wire(ids[0]) if len(ids) == 1 else "")]
-        if not self._from_config_dir and keys:
-            if sorted(keys) != sorted(ids):
-                raise ServiceMismatch(
-                    f"the tunnel's services {sorted(ids)} do not match the "
-                    f"mapped services {sorted(keys)}; map exactly the tunnel's services"
-                )
-            return [ServiceBinding(k, wire(k)) for k in keys]
-        bindings = []
-        for sid in ids:
-            if sid in keys:
-                bindings.append(ServiceBinding(sid, wire(sid)))
-            elif self.mode == "destination":
-                raise ServiceMismatch(
-                    f"service {sid!r} of the tunnel is found in no --config-dir file"
-                )
-            else:
-                self._log.info(
-                    "Service {service_id} is found in no config file: "
-                    "listening on a random port",
-                    service_id=shown_id(sid),
-                )
-                bindings.append(ServiceBinding(None, wire(sid)))
-        return bindings
 
     def _install(self, bindings: list[ServiceBinding]) -> None:
         self._bindings = bindings

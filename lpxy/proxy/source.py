@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
-from lpxy.proxy.session import ServiceBinding
+from lpxy.proxy.channel import ServiceBinding
 
 __all__ = ["ServiceListenerFactory", "SourceListeners", "bind_error"]
 

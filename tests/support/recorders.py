@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from twisted.internet.interfaces import IPushProducer
 
 from lpxy.frames import Message
-from lpxy.proxy.session import Channel, ServiceBinding
+from lpxy.proxy.channel import Channel, ServiceBinding
 
 __all__ = ["FakeWebSocket", "Recorder", "Sink"]
 
