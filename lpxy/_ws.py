@@ -1,14 +1,15 @@
 # -*- test-case-name: tests.test_ws -*-
 """
 WebSocket plumbing both products share: the keepalive watch over a peer,
-Autobahn's logger kept quiet and its leftover timers cancelled, Nagle
-switched off, and the typing protocol of the clocks they are given.
+the set of reasons a WebSocket is not read, Autobahn's logger kept quiet
+and its leftover timers cancelled, Nagle switched off, and the typing
+protocol of the clocks they are given.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Literal, Protocol
 
 from twisted.logger import Logger
@@ -20,6 +21,7 @@ __all__ = [
     "Clock",
     "DelayedCall",
     "Keepalive",
+    "ReadingPauses",
     "cancel_autobahn_timers",
     "quiet_autobahn_log",
     "set_no_delay",
@@ -246,3 +248,37 @@ class Keepalive:
         if self._life == PONGS:
             self._pings[payload] = now
         self._send_ping(payload)
+
+
+class ReadingPauses:
+    """
+    The reasons a WebSocket is not read now: reading stops when the first
+    reason appears (C{pause} is called) and starts again when the last one
+    goes (C{resume}), so that one reason going never resumes reading another
+    still holds.
+    """
+
+    def __init__(self, pause: Callable[[], object], resume: Callable[[], object]) -> None:
+        self._pause = pause
+        self._resume = resume
+        self._reasons: set[Hashable] = set()
+
+    def __bool__(self) -> bool:
+        """Whether any reason holds."""
+        return bool(self._reasons)
+
+    def add(self, reason: Hashable) -> None:
+        """C{reason} holds: stop reading if it is the first."""
+        if reason in self._reasons:
+            return
+        self._reasons.add(reason)
+        if len(self._reasons) == 1:
+            self._pause()
+
+    def discard(self, reason: Hashable) -> None:
+        """C{reason} no longer holds: read again if it was the last."""
+        if reason not in self._reasons:
+            return
+        self._reasons.discard(reason)
+        if not self._reasons:
+            self._resume()

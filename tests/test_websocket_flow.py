@@ -22,14 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpxy.frames import Message, encode
 from lpxy.tunnelservice.broker import Broker
+from lpxy.tunnelservice.dataplane import TunnelServerFactory
+from lpxy.tunnelservice.flow import OWN_OUTPUT, PARTNER_BEHIND
 from lpxy.tunnelservice.service import Connections
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
-from lpxy.tunnelservice.websocket import (
-    OWN_OUTPUT,
-    PARTNER_BEHIND,
-    TunnelServerFactory,
-    TunnelServerProtocol,
-)
+from lpxy.tunnelservice.websocket import TunnelServerProtocol
 from tests.support.sockets import buffered, tcp_socket
 from tests.support.tunnelservice import start_tunnelservice
 from tests.support.wsframes import (

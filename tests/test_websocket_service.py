@@ -22,8 +22,9 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode
+from lpxy.tunnelservice.flow import PARTNER_BEHIND
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
-from lpxy.tunnelservice.websocket import PARTNER_BEHIND, TunnelServerProtocol
+from lpxy.tunnelservice.websocket import TunnelServerProtocol
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.logs import LogRecorder
 from tests.support.sockets import no_delay

@@ -14,6 +14,7 @@ from lpxy._ws import (
     ANYTHING,
     PONGS,
     Keepalive,
+    ReadingPauses,
     cancel_autobahn_timers,
     quiet_autobahn_log,
     set_no_delay,
@@ -297,3 +298,26 @@ class AutobahnTests(SynchronousTestCase):
             closeHandshakeTimeoutCall = None
 
         cancel_autobahn_timers(Protocol())
+
+
+class ReadingPausesTests(SynchronousTestCase):
+    """
+    L{ReadingPauses} stops reading at the first reason and reads again
+    when the last one goes.
+    """
+
+    def test_first_and_last(self) -> None:
+        calls: list[str] = []
+        pauses = ReadingPauses(lambda: calls.append("pause"), lambda: calls.append("resume"))
+        self.assertFalse(pauses)
+        pauses.add("partner")
+        pauses.add("partner")
+        pauses.add("own")
+        self.assertTrue(pauses)
+        self.assertEqual(calls, ["pause"])
+        pauses.discard("partner")
+        self.assertEqual(calls, ["pause"])
+        pauses.discard("own")
+        pauses.discard("own")
+        self.assertFalse(pauses)
+        self.assertEqual(calls, ["pause", "resume"])

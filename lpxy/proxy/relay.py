@@ -51,7 +51,7 @@ Invariants (design.md, "Data flow and flow control"):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from lpxy._ws import Clock, set_no_delay
+from lpxy._ws import Clock, ReadingPauses, set_no_delay
 from lpxy.proxy.channel import Channel
 
 __all__ = ["LocalRelay", "RelaySink", "TunnelFlow", "WebSocketSide"]
@@ -101,7 +101,7 @@ class TunnelFlow:
 
     def __init__(self) -> None:
         self._ws: WebSocketSide | None = None
-        self._pausers: set[object] = set()
+        self._pausers = ReadingPauses(self._pause_ws, self._resume_ws)
         self._relays: set[LocalRelay] = set()
         self._ws_full = False
 
@@ -152,20 +152,20 @@ class TunnelFlow:
 
     # pausers of the WebSocket's reading
 
-    def add_pauser(self, pauser: object) -> None:
+    def add_pauser(self, pauser: Hashable) -> None:
         """C{pauser} cannot take more data: stop reading the WebSocket."""
-        if pauser in self._pausers:
-            return
         self._pausers.add(pauser)
-        if len(self._pausers) == 1 and self._ws is not None:
+
+    def remove_pauser(self, pauser: Hashable) -> None:
+        """C{pauser} can take data again; read when nobody objects."""
+        self._pausers.discard(pauser)
+
+    def _pause_ws(self) -> None:
+        if self._ws is not None:
             self._ws.pause_reading()
 
-    def remove_pauser(self, pauser: object) -> None:
-        """C{pauser} can take data again; read when nobody objects."""
-        if pauser not in self._pausers:
-            return
-        self._pausers.discard(pauser)
-        if not self._pausers and self._ws is not None:
+    def _resume_ws(self) -> None:
+        if self._ws is not None:
             self._ws.resume_reading()
 
     # relays

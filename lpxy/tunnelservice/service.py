@@ -35,15 +35,15 @@ from lpxy._ws import Clock, set_no_delay
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, Limits
-from lpxy.tunnelservice.http import BoundedHTTPChannel
-from lpxy.tunnelservice.store import ITunnelStore
-from lpxy.tunnelservice.throttle import Throttle
-from lpxy.tunnelservice.websocket import (
+from lpxy.tunnelservice.dataplane import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PING_INTERVAL,
     TunnelServerFactory,
-    TunnelServerProtocol,
 )
+from lpxy.tunnelservice.http import BoundedHTTPChannel
+from lpxy.tunnelservice.store import ITunnelStore
+from lpxy.tunnelservice.throttle import Throttle
+from lpxy.tunnelservice.websocket import TunnelServerProtocol
 from lpxy.wire import CLOSE_GOING_AWAY
 
 __all__ = ["Connections", "OpenAPIRefused", "TunnelService"]

@@ -14,9 +14,9 @@ from lpxy._process import ProcessService
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import CredentialsError, load_credentials
 from lpxy.tunnelservice.broker import Limits
+from lpxy.tunnelservice.dataplane import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from lpxy.tunnelservice.sqlstore import DEFAULT_DB, StoreError, open_store
 from lpxy.tunnelservice.throttle import DEFAULT_API_RATE
-from lpxy.tunnelservice.websocket import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 
 __all__ = ["DEFAULT_PORT", "Options", "makeService"]
 

@@ -15,27 +15,7 @@ L{WIRE_FRAME_LIMIT}; a message of whole records goes on as it is. Without a
 partner, DATA is dropped and starts are answered with a reset; a peer whose
 partner leaves gets a STREAM_RESET for each stream still open.
 
-Flow control invariants:
-  - Each peer's transport has, for the life of its connection, an
-    L{_OutputWatch} as its streaming producer. When the transport's write
-    buffer passes Twisted's high-water mark the partner's reading stops,
-    and resumes once the buffer drains. So at most one read's worth of
-    records (and one message Autobahn had half read) plus a transport
-    buffer is held per direction, whatever the peers' speeds.
-  - The service's own answers count too: a peer that sends pings or
-    STREAM_STARTs without a partner and never reads makes pongs and resets
-    pile up in its own buffer. Once more than C{output_mark} bytes were
-    written to a peer since its buffer passed the high-water mark, the
-    service stops reading that peer until the buffer drains. Relayed data
-    alone never gets there (its partner was paused first), so honest
-    peers never wait on their own output, which would deadlock a peer
-    whose application answers what it reads (an echo server).
-  - A peer's reading is paused while any reason holds (its partner's
-    buffer, its own, its tunnel's bandwidth): a set of pausers.
-  - Nothing else buffers: the decoder keeps at most one incomplete record.
-  - When a pairing ends (partner gone, replaced, closed) each end's reading
-    is no longer held by the other's buffer, so neither stays paused for it.
-  - What is buffered for a peer goes with its transport when it leaves.
+Flow control: L{lpxy.tunnelservice.flow} says what holds a peer's reading.
 
 Liveness: a half-open peer would stay CONNECTED for ever, so each is watched
 by a L{Keepalive}: any bytes count as life, silence is pinged after
@@ -47,17 +27,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer  # type: ignore[import-untyped]
 
-from lpxy._ws import ANYTHING, Clock, Keepalive, cancel_autobahn_timers, quiet_autobahn_log
+from lpxy._ws import (
+    ANYTHING,
+    Keepalive,
+    ReadingPauses,
+    cancel_autobahn_timers,
+    quiet_autobahn_log,
+)
 from lpxy.frames import (
-    WIRE_FRAME_LIMIT,
     Message,
     ProtocolError,
     RecordDecoder,
@@ -65,7 +48,8 @@ from lpxy.frames import (
     encode_body,
     pack_records,
 )
-from lpxy.tunnelservice.broker import Attachment, Broker, HandshakeRefused
+from lpxy.tunnelservice.broker import Attachment, HandshakeRefused
+from lpxy.tunnelservice.flow import PARTNER_BEHIND, OutputWatch
 from lpxy.tunnelservice.handshake import read_upgrade, refusal
 from lpxy.tunnelservice.policy import Pairing, RecordRules, Violation, refusals
 from lpxy.wire import (
@@ -76,69 +60,9 @@ from lpxy.wire import (
 )
 
 if TYPE_CHECKING:
-    from lpxy.tunnelservice.service import Connections
+    from lpxy.tunnelservice.dataplane import TunnelServerFactory
 
-__all__ = [
-    "DEFAULT_IDLE_TIMEOUT", "DEFAULT_PING_INTERVAL", "TunnelServerFactory", "TunnelServerProtocol",
-]
-
-DEFAULT_PING_INTERVAL = 30.0
-DEFAULT_IDLE_TIMEOUT = 90.0
-DEFAULT_OUTPUT_MARK = 512 * 1024
-"""
-Bytes the service may write to a peer after its transport's buffer passed
-Twisted's high-water mark before it stops reading that peer: far above what
-a partner's last read and one half-read message add (about 192 KB), so only
-the service's own answers to a peer that does not read get there.
-"""
-
-# Why a peer's reading is paused (a set of pausers, see the module docstring).
-PARTNER_BEHIND = "partner's output"
-OWN_OUTPUT = "own output"
-
-
-@implementer(IPushProducer)
-class _OutputWatch:
-    """
-    The producer of one peer's transport: Twisted pauses it when the
-    transport's buffer passes the high-water mark and resumes it once the
-    buffer is empty. While paused, the partner is not read, and once more
-    than C{mark} bytes were written to the peer the peer itself is not read.
-    """
-
-    def __init__(self, peer: TunnelServerProtocol, mark: int) -> None:
-        self._peer = peer
-        self._mark = mark
-        self.full = False
-        self._written = 0
-
-    def wrote(self, size: int) -> None:
-        """C{size} bytes were written to the peer's transport."""
-        if self.full:
-            self._written += size
-            if self._written > self._mark:
-                self._peer.pause_reading(OWN_OUTPUT)
-
-    def pauseProducing(self) -> None:
-        # Twisted says so again on every write while the buffer is full.
-        if self.full:
-            return
-        self.full = True
-        self._written = 0
-        partner = self._peer.partner
-        if partner is not None:
-            partner.pause_reading(PARTNER_BEHIND)
-
-    def resumeProducing(self) -> None:
-        self.full = False
-        self._peer.resume_reading(OWN_OUTPUT)
-        partner = self._peer.partner
-        if partner is not None:
-            partner.resume_reading(PARTNER_BEHIND)
-
-    def stopProducing(self) -> None:
-        # The transport is gone; the broker tells the partner separately.
-        pass
+__all__ = ["TunnelServerProtocol"]
 
 
 class TunnelServerProtocol(WebSocketServerProtocol):
@@ -160,18 +84,18 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     _rules: RecordRules | None = None
     _version = 0
     _keepalive: Keepalive | None = None
-    _output: _OutputWatch | None = None
+    _output: OutputWatch | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._decoder = RecordDecoder()
         self._bytes_in = 0
         self._bytes_out = 0
-        self._pausers: set[str] = set()
+        self._pausers = ReadingPauses(self._stop_reading, self._read_again)
         # twisted.web's channel registered itself as the producer of this
         # transport before the WebSocket resource took it over.
         self.transport.unregisterProducer()
-        self._output = _OutputWatch(self, self.factory.output_mark)
+        self._output = OutputWatch(self, self.factory.output_mark)
         self.transport.registerProducer(self._output, True)
         self.factory.connections.add(self)
 
@@ -356,24 +280,24 @@ class TunnelServerProtocol(WebSocketServerProtocol):
 
     def pause_reading(self, reason: str = PARTNER_BEHIND) -> None:
         """Stop reading from this peer until L{resume_reading} for each reason given."""
-        if self.transport is None or reason in self._pausers:
-            return
-        self._pausers.add(reason)
-        if len(self._pausers) == 1:
-            self.transport.pauseProducing()
-            if self._keepalive is not None:
-                # What it sends waits in the kernel: not silence.
-                self._keepalive.pause()
+        if self.transport is not None:
+            self._pausers.add(reason)
 
     def resume_reading(self, reason: str = PARTNER_BEHIND) -> None:
         """C{reason} no longer holds; read from this peer again if no other does."""
-        if self.transport is None or reason not in self._pausers:
-            return
-        self._pausers.discard(reason)
-        if not self._pausers:
-            self.transport.resumeProducing()
-            if self._keepalive is not None:
-                self._keepalive.resume()
+        if self.transport is not None:
+            self._pausers.discard(reason)
+
+    def _stop_reading(self) -> None:
+        self.transport.pauseProducing()
+        if self._keepalive is not None:
+            # What it sends waits in the kernel: not silence.
+            self._keepalive.pause()
+
+    def _read_again(self) -> None:
+        self.transport.resumeProducing()
+        if self._keepalive is not None:
+            self._keepalive.resume()
 
     # Relaying
 
@@ -434,56 +358,3 @@ class TunnelServerProtocol(WebSocketServerProtocol):
                 **self._end_fields(), peer=self.peer, code=code, reason=reason,
                 bytes_in=self._bytes_in, bytes_out=self._bytes_out,
             )
-
-
-class TunnelServerFactory(WebSocketServerFactory):
-    """
-    Builds L{TunnelServerProtocol}s for one L{Broker}.
-
-    @param broker: decides which handshakes succeed and pairs the peers.
-    @param connections: where the open connections are kept.
-    @param reactor: for Autobahn's timers (tests pass their own).
-    @param clock: the time source of the liveness checks (the reactor unless given).
-    @param ping_interval: seconds of silence after which a peer is pinged.
-    @param idle_timeout: seconds of silence after which a peer is dropped.
-    @param output_mark: bytes written to a peer after its transport's buffer
-        passed the high-water mark before the peer is not read any more.
-    """
-
-    protocol = TunnelServerProtocol  # type: ignore[assignment]
-    log = quiet_autobahn_log()
-
-    def __init__(
-        self,
-        broker: Broker,
-        connections: Connections,
-        reactor: Any = None,
-        clock: Clock | None = None,
-        ping_interval: float = DEFAULT_PING_INTERVAL,
-        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-        output_mark: int = DEFAULT_OUTPUT_MARK,
-    ) -> None:
-        if not 0 < ping_interval < idle_timeout:
-            raise ValueError("need 0 < ping_interval < idle_timeout")
-        super().__init__(server="lpxy-tunnelservice", reactor=reactor)
-        self.broker = broker
-        self.clock: Clock = clock if clock is not None else self.reactor
-        self.ping_interval = ping_interval
-        self.idle_timeout = idle_timeout
-        self.output_mark = output_mark
-        self.connections = connections
-        self.setProtocolOptions(
-            maxFramePayloadSize=WIRE_FRAME_LIMIT,
-            maxMessagePayloadSize=WIRE_FRAME_LIMIT,
-            autoFragmentSize=0,
-            utf8validateIncoming=False,
-            failByDrop=False,
-            # Our own liveness check instead, which counts any bytes as
-            # life and spares a peer we are not reading from.
-            autoPingInterval=0,
-            # twisted.web has read the whole request before the WebSocket
-            # takes over, so the opening handshake cannot stall.
-            openHandshakeTimeout=0,
-            tcpNoDelay=True,
-            perMessageCompressionAccept=lambda offers: None,
-        )

@@ -29,12 +29,9 @@ from lpxy._ws import Clock
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, IPeer, Limits, OpenedTunnel
+from lpxy.tunnelservice.dataplane import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from lpxy.tunnelservice.service import TunnelService
-from lpxy.tunnelservice.websocket import (
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_PING_INTERVAL,
-    TunnelServerProtocol,
-)
+from lpxy.tunnelservice.websocket import TunnelServerProtocol
 
 if TYPE_CHECKING:
     from tests.support.certs import TestPKI
