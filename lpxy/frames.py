@@ -27,6 +27,7 @@ __all__ = [
     "Message",
     "ProtocolError",
     "RecordDecoder",
+    "data_header",
     "data_record_parts",
     "encode",
     "encode_body",
@@ -261,6 +262,20 @@ def _split_header(header: bytes) -> tuple[bytes, bytes]:
             offset += 1
         offset += 1
     return header[:offset], header[offset:]
+
+
+def data_header(service_id: str, stream_id: int, connection_id: int) -> bytes:
+    """
+    The serialized DATA header of one channel: a C{Message} of type DATA
+    without payload, made once and given to L{data_record_parts} for each
+    payload.
+    """
+    return Message(
+        type=Message.DATA,
+        streamId=stream_id,
+        serviceId=service_id,
+        connectionId=connection_id,
+    ).SerializeToString()
 
 
 def data_record_parts(header: bytes, payload_size: int) -> tuple[bytes, bytes]:

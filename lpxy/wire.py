@@ -35,6 +35,7 @@ __all__ = [
     "NEWEST_SUBPROTOCOL",
     "SERVICE_ID_CHARACTERS",
     "SERVICE_ID_MAX_LENGTH",
+    "SERVICE_ID_PATTERN",
     "SERVICE_ONLY_TYPES",
     "SOURCE_ONLY_TYPES",
     "STREAM_TYPES",
@@ -109,7 +110,8 @@ tunnel can carry. The reference proxy's command-line maps are narrower (no
 C{:}).
 """
 
-_SERVICE_ID = re.compile(f"[{SERVICE_ID_CHARACTERS}]{{1,{SERVICE_ID_MAX_LENGTH}}}")
+SERVICE_ID_PATTERN = re.compile(f"[{SERVICE_ID_CHARACTERS}]{{1,{SERVICE_ID_MAX_LENGTH}}}")
+"""AWS's service id rule as a whole-string pattern (its text is AWS's)."""
 
 AWS_MAX_SERVICES = 3
 """The most services AWS lets one tunnel have."""
@@ -127,7 +129,7 @@ def is_valid_service_id(service_id: str) -> bool:
     Whether C{service_id} may name a service of a tunnel: 1 to 128 ASCII
     letters, digits, C{:}, C{_} and C{-}.
     """
-    return _SERVICE_ID.fullmatch(service_id) is not None
+    return SERVICE_ID_PATTERN.fullmatch(service_id) is not None
 
 
 # --- stream and connection ids ---------------------------------------------------

@@ -13,6 +13,7 @@ from lpxy.frames import (
     Message,
     ProtocolError,
     RecordDecoder,
+    data_header,
     data_record_parts,
     encode,
     encode_body,
@@ -106,6 +107,23 @@ class DataRecordTests(SynchronousTestCase):
             record = self.record(header, payload)
             header.payload = payload
             self.assertEqual(record, encode(header))
+
+    def test_dataHeader(self) -> None:
+        """
+        L{data_header} is a channel's DATA message without payload; its
+        record with a payload is L{encode} of that message with it.
+        """
+        header = data_header("SSH", 5, 2)
+        self.assertEqual(
+            Message.FromString(header),
+            Message(type=Message.DATA, streamId=5, serviceId="SSH", connectionId=2),
+        )
+        before, after = data_record_parts(header, 3)
+        self.assertEqual(
+            before + b"abc" + after,
+            encode(Message(type=Message.DATA, streamId=5, serviceId="SSH", connectionId=2,
+                           payload=b"abc")),
+        )
 
     def test_emptyPayload(self) -> None:
         """Without payload the record is the header's (proto3 leaves it out)."""

@@ -30,7 +30,7 @@ from typing import Literal
 from attrs import define, field
 from twisted.logger import Logger
 
-from lpxy.frames import Message
+from lpxy.frames import Message, data_header
 from lpxy.proxy.channel import (
     Channel,
     ProtocolViolation,
@@ -76,15 +76,6 @@ class _Service:
     def connection_key(self, message: Message) -> int:
         """The key in C{channels} of the connection C{message} names (V1/V2: 0)."""
         return message.connectionId if self.format >= 3 else 0
-
-
-def _data_header(wire_service_id: str, stream_id: int, connection_id: int) -> bytes:
-    return Message(
-        type=DATA,
-        streamId=stream_id,
-        serviceId=wire_service_id,
-        connectionId=connection_id,
-    ).SerializeToString()
 
 
 class Session:
@@ -490,7 +481,7 @@ class Session:
             service.wire_id,
             service.stream_id,
             connection_id,
-            _data_header(service.wire_id, service.stream_id, connection_id),
+            data_header(service.wire_id, service.stream_id, connection_id),
         )
         service.channels[connection_id] = channel
         return channel

@@ -37,6 +37,7 @@ from lpxy.tunnelservice.broker import (
 )
 from lpxy.tunnelservice.store import DESTINATION, SOURCE, TunnelRecord
 from lpxy.tunnelservice.throttle import Throttle
+from lpxy.wire import SERVICE_ID_PATTERN
 
 __all__ = ["DEFAULT_MAX_REQUEST_SIZE", "ManagementAPI", "SizeLimitedRequest"]
 
@@ -47,7 +48,7 @@ TARGET_PREFIX = "IoTSecuredTunneling."
 CONTENT_TYPE = b"application/x-amz-json-1.1"
 
 _TUNNEL_ID = re.compile(r"[a-zA-Z0-9_\-+=:]{1,128}")
-_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _NEXT_TOKEN = re.compile(r"[a-zA-Z0-9_=-]{1,4096}")
 _TAG_EXTRA = set("_.:/=+-@")
 _CLIENT_MODES = {"SOURCE": SOURCE, "DESTINATION": DESTINATION, "ALL": ALL}
@@ -205,14 +206,14 @@ def _destination_config(body: dict[str, Any]) -> tuple[str | None, list[str]] | 
         return None
     thing_name = _get(config, "thingName", str)
     if thing_name is not None:
-        _matching(_NAME, "thingName", thing_name)
+        _matching(_THING_NAME, "thingName", thing_name)
     services = _get(config, "services", list, True)
     if not services:
         raise _invalid("destinationConfig.services must hold at least one service")
     for service in services:
         if not isinstance(service, str):
             raise _invalid("Each service must be a string")
-        _matching(_NAME, "services", service)
+        _matching(SERVICE_ID_PATTERN, "services", service)
     return thing_name, services
 
 
@@ -408,7 +409,7 @@ class ManagementAPI(Resource):
     def _list_tunnels(self, body: dict[str, Any]) -> dict[str, Any]:
         thing_name = _get(body, "thingName", str)
         if thing_name is not None:
-            _matching(_NAME, "thingName", thing_name)
+            _matching(_THING_NAME, "thingName", thing_name)
         max_results = _integer("maxResults", _get(body, "maxResults", int), 1, 100)
         next_token = _get(body, "nextToken", str)
         if next_token is not None:

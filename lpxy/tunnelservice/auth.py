@@ -29,7 +29,6 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Protocol
 
 import attrs
 import botocore.auth
@@ -38,6 +37,8 @@ import botocore.compat
 import botocore.configloader
 import botocore.credentials
 import botocore.exceptions
+
+from lpxy._ws import Clock
 
 __all__ = [
     "MAX_SKEW_SECONDS",
@@ -65,10 +66,6 @@ _SIGNATURE_MISMATCH = (
     "Check your AWS Secret Access Key and signing method. "
     "Consult the service documentation for details."
 )
-
-
-class _Clock(Protocol):
-    def seconds(self) -> float: ...
 
 
 class AccessKeys(dict[str, str]):
@@ -251,7 +248,7 @@ class SignatureVerifier:
         time may be at most L{MAX_SKEW_SECONDS} off.
     """
 
-    def __init__(self, keys: Mapping[str, str], clock: _Clock) -> None:
+    def __init__(self, keys: Mapping[str, str], clock: Clock) -> None:
         self._keys = dict(keys)
         self._clock = clock
 

@@ -13,16 +13,13 @@ cannot fill memory.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+
+from lpxy._ws import Clock
 
 __all__ = ["DEFAULT_API_RATE", "Throttle", "TokenBucket"]
 
 DEFAULT_API_RATE = 20.0
 """Requests a second per caller, as AWS allows for the busiest operations."""
-
-
-class _Clock(Protocol):
-    def seconds(self) -> float: ...
 
 
 class TokenBucket:
@@ -72,7 +69,7 @@ class Throttle:
 
     def __init__(
         self,
-        clock: _Clock,
+        clock: Clock,
         rate: float = DEFAULT_API_RATE,
         burst: float | None = None,
         max_callers: int = 10000,
