@@ -310,6 +310,25 @@ class ServiceTests(ServiceTestBase):
         self.handshake(ids=["SSH"])
         self.assertEqual(len(self.reactor.tcpServers), 1)
 
+    def test_source_binds_while_privileged(self) -> None:
+        """
+        Under twistd, the ports are bound in C{privilegedStartService},
+        before twistd drops privileges, and only there.
+        """
+        self.clock = Clock()
+        self.reactor = MemoryReactor()
+        self.endpoint = FakeEndpoint()
+        self.service = LocalProxyService(
+            config("source"), self.reactor, endpoint=self.endpoint, clock=self.clock
+        )
+        self.done = self.service.whenDone()
+        self.service.privilegedStartService()
+        self.assertEqual([port for port, _, _, _ in self.reactor.tcpServers], [5555])
+        self.assertEqual(self.endpoint.attempts, [])
+        self.service.startService()
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
     def test_source_port_busy(self) -> None:
         """
         A configured port that cannot be listened on ends the source at

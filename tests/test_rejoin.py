@@ -8,6 +8,7 @@ status 1 before it spends its token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -156,7 +157,7 @@ class BindFirstTests(TestCase):
 
     timeout = 60
 
-    async def test_busyPort(self) -> None:
+    async def busy(self, make: Callable[..., list[str]]) -> None:
         """
         A busy port ends the source at once with status 1 and the
         reference's words, without connecting: its access token is unspent,
@@ -165,19 +166,31 @@ class BindFirstTests(TestCase):
         fixture = await start_tunnelservice(self)
         tunnel = fixture.open_tunnel(["ECHO"])
         busy, _ = await start_app(self)
-        child = spawn(self, localproxy_argv(
+        child = spawn(self, make(
             "-e", f"ws://127.0.0.1:{fixture.port}", "-s", f"ECHO={busy}", "-b", "127.0.0.1",
             "--state-dir", self.mktemp(),
         ), {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel.source_token})
         status = await child.ended
         self.assertEqual(status, 1, child.output)
-        self.assertIn(
-            f"Could not bind to address: 127.0.0.1:{busy} -- Address already in use",
-            child.output,
-        )
+        self.assertEqual(child.output.count(
+            f"Could not bind to address: 127.0.0.1:{busy} -- Address already in use"
+        ), 1, child.output)
         self.assertNotIn(CONNECTED, child.output)
         self.assertNotIn("Traceback", child.output)
         await start_proxy(self, make_config(
             fixture, tunnel.source_token, "source", source_ports={"ECHO": 0},
             connect_retry_count=0,
         ))
+
+    async def test_busyPortConsole(self) -> None:
+        """
+        C{localproxy} with a busy port.
+        """
+        await self.busy(localproxy_argv)
+
+    async def test_busyPortTwistd(self) -> None:
+        """
+        C{twistd localproxy} with a busy port (bound in
+        C{privilegedStartService}).
+        """
+        await self.busy(lambda *args: twistd_argv("-n", "--pidfile=", "localproxy", *args))

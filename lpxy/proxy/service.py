@@ -267,6 +267,8 @@ class LocalProxyService(MultiService):
         self.client.setServiceParent(self)
         self._done: Deferred[int] = Deferred()
         self._status: int | None = None
+        self._bind_tried = False
+        self._bind_failed = False
 
     @staticmethod
     def _client_token(config: ProxyConfig) -> str:
@@ -279,20 +281,34 @@ class LocalProxyService(MultiService):
             Path(config.state_dir), config.access_token, lambda: str(uuid.uuid4())
         )
 
+    def privilegedStartService(self) -> None:
+        # twistd calls this before it drops privileges (--uid), so a port
+        # below 1024 can be bound here.
+        self._bind_first()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        if not self._bind_tried:
+            self._bind_first()
+        if self._bind_failed:
+            Service.startService(self)
+            self.finished(EXIT_CONFIG)
+            return
+        super().startService()
+
+    def _bind_first(self) -> None:
         # A source binds the ports its command line names before the first
         # connection: a busy or privileged port then ends the proxy at once,
         # its access token unspent.
+        self._bind_tried = True
         listeners = self.connector.listeners
-        if listeners is not None and not self._config.mappings_from_config_dir:
-            try:
-                listeners.bind()
-            except CannotListenError as e:
-                Service.startService(self)
-                self._log.error("{text}", text=bind_error(e))
-                self.finished(EXIT_CONFIG)
-                return
-        super().startService()
+        if listeners is None or self._config.mappings_from_config_dir:
+            return
+        try:
+            listeners.bind()
+        except CannotListenError as e:
+            self._log.error("{text}", text=bind_error(e))
+            self._bind_failed = True
 
     def whenDone(self) -> Deferred[int]:
         """Fires with the exit status when the proxy ends on its own."""
