@@ -47,6 +47,7 @@ class OptionsTests(SynchronousTestCase):
             "api-rate": 20.0,
             "closed-limit": 10000,
             "closed-retention": 10800,
+            "tunnel-rate": None,
         })
 
     def test_everything(self) -> None:
@@ -54,6 +55,7 @@ class OptionsTests(SynchronousTestCase):
             "--port", "tcp:9000", r"--port=tcp:9001:interface=\:\:1",
             "--max-services", "5", "--max-open-tunnels", "7", "--max-request-size", "2048",
             "--ping-interval", "5", "--idle-timeout", "12", "--db", "/var/lib/t.db",
+            "--tunnel-rate", "819200",
         )
         self.assertEqual(dict(options), {
             "port": ["tcp:9000", r"tcp:9001:interface=\:\:1"],
@@ -71,6 +73,7 @@ class OptionsTests(SynchronousTestCase):
             "api-rate": 20.0,
             "closed-limit": 10000,
             "closed-retention": 10800,
+            "tunnel-rate": 819200,
         })
 
     def test_credentials(self) -> None:
@@ -89,7 +92,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertTrue(str(e).startswith(f"--credentials {path.path}: profile [a] needs"))
 
     def test_bad_numbers(self) -> None:
-        for name in ("max-services", "max-open-tunnels", "max-request-size",
+        for name in ("max-services", "max-open-tunnels", "max-request-size", "tunnel-rate",
                      "ping-interval", "idle-timeout"):
             for value in ("0", "-1", "many"):
                 e = self.assertRaises(UsageError, parse, f"--{name}", value)
@@ -177,7 +180,7 @@ class MakeServiceTests(SynchronousTestCase):
         root = makeService(
             parse("--port", "tcp:9000", "--port", "tcp:9001", "--max-services", "4",
                   "--ping-interval", "7", "--idle-timeout", "20", "--db", ":memory:",
-                  "--insecure-open-api"),
+                  "--insecure-open-api", "--tunnel-rate", "1000"),
             reactor=reactor,
         )
         self.assertIsInstance(root, ProcessService)
@@ -189,6 +192,8 @@ class MakeServiceTests(SynchronousTestCase):
         factory = service.websocket_factory
         self.assertEqual((factory.ping_interval, factory.idle_timeout), (7, 20))
         self.assertIs(factory.clock, reactor)
+        assert factory.tunnel_rates is not None
+        self.assertEqual(factory.tunnel_rates.rate, 1000)
         root.privilegedStartService()
         root.startService()
         self.assertEqual([p[0] for p in reactor.tcpServers], [9000, 9001])

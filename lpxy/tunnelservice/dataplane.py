@@ -13,6 +13,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 
 from lpxy._ws import Clock, quiet_autobahn_log
 from lpxy.frames import WIRE_FRAME_LIMIT
+from lpxy.tunnelservice.bandwidth import TunnelRates
 from lpxy.tunnelservice.broker import Broker
 from lpxy.tunnelservice.flow import DEFAULT_OUTPUT_MARK
 from lpxy.tunnelservice.websocket import TunnelServerProtocol
@@ -38,6 +39,8 @@ class TunnelServerFactory(WebSocketServerFactory):
     @param idle_timeout: seconds of silence after which a peer is dropped.
     @param output_mark: bytes written to a peer after its transport's buffer
         passed the high-water mark before the peer is not read any more.
+    @param tunnel_rates: the tunnels' bandwidth buckets, if tunnels have a
+        bandwidth limit.
     """
 
     protocol = TunnelServerProtocol  # type: ignore[assignment]
@@ -52,6 +55,7 @@ class TunnelServerFactory(WebSocketServerFactory):
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         output_mark: int = DEFAULT_OUTPUT_MARK,
+        tunnel_rates: TunnelRates | None = None,
     ) -> None:
         if not 0 < ping_interval < idle_timeout:
             raise ValueError("need 0 < ping_interval < idle_timeout")
@@ -61,6 +65,7 @@ class TunnelServerFactory(WebSocketServerFactory):
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.output_mark = output_mark
+        self.tunnel_rates = tunnel_rates
         self.connections = connections
         self.setProtocolOptions(
             maxFramePayloadSize=WIRE_FRAME_LIMIT,

@@ -19,7 +19,8 @@ Invariants:
     peers never wait on their own output, which would deadlock a peer
     whose application answers what it reads (an echo server).
   - A peer's reading is paused while any reason holds (its partner's
-    buffer, its own, its tunnel's bandwidth): a set of pausers.
+    buffer, its own, its tunnel's bandwidth limit, see
+    L{lpxy.tunnelservice.bandwidth}): a set of pausers.
   - Nothing else buffers: the decoder keeps at most one incomplete record.
   - When a pairing ends (partner gone, replaced, closed) each end's reading
     is no longer held by the other's buffer, so neither stays paused for it.
@@ -36,7 +37,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 if TYPE_CHECKING:
     from lpxy.tunnelservice.websocket import TunnelServerProtocol
 
-__all__ = ["DEFAULT_OUTPUT_MARK", "OWN_OUTPUT", "PARTNER_BEHIND", "OutputWatch"]
+__all__ = ["BANDWIDTH", "DEFAULT_OUTPUT_MARK", "OWN_OUTPUT", "PARTNER_BEHIND", "OutputWatch"]
 
 DEFAULT_OUTPUT_MARK = 512 * 1024
 """
@@ -49,6 +50,7 @@ the service's own answers to a peer that does not read get there.
 # Why a peer's reading is paused (a set of pausers, see the module docstring).
 PARTNER_BEHIND = "partner's output"
 OWN_OUTPUT = "own output"
+BANDWIDTH = "tunnel bandwidth"
 
 
 @implementer(IPushProducer)

@@ -34,6 +34,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 from lpxy._ws import Clock, set_no_delay
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.auth import SignatureVerifier
+from lpxy.tunnelservice.bandwidth import TunnelRates
 from lpxy.tunnelservice.broker import Broker, Limits
 from lpxy.tunnelservice.dataplane import (
     DEFAULT_IDLE_TIMEOUT,
@@ -263,6 +264,8 @@ class TunnelService(MultiService):
         open, and then only on loopback unless C{insecure_open_api}.
     @param insecure_open_api: allow an open API on a port reachable beyond
         this machine.
+    @param tunnel_rate: bytes a second each tunnel may carry, all streams
+        and both directions together (no limit unless given).
     """
 
     _log = Logger()
@@ -282,6 +285,7 @@ class TunnelService(MultiService):
         api_endpoints: Sequence[Any] = (),
         data_endpoints: Sequence[Any] = (),
         api_rate: float | None = None,
+        tunnel_rate: float | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -295,6 +299,9 @@ class TunnelService(MultiService):
         self.websocket_factory = TunnelServerFactory(
             self.broker, reactor=reactor, connections=self.connections, clock=clock,
             ping_interval=ping_interval, idle_timeout=idle_timeout,
+            tunnel_rates=None if tunnel_rate is None else TunnelRates(
+                clock if clock is not None else reactor, tunnel_rate
+            ),
         )
 
         class _Request(SizeLimitedRequest):

@@ -13,6 +13,7 @@ from twisted.python import usage
 from lpxy._process import ProcessService
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import CredentialsError, load_credentials
+from lpxy.tunnelservice.bandwidth import AWS_TUNNEL_RATE
 from lpxy.tunnelservice.broker import Limits
 from lpxy.tunnelservice.dataplane import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from lpxy.tunnelservice.sqlstore import DEFAULT_DB, StoreError, open_store
@@ -100,6 +101,10 @@ class Options(usage.Options):
          "Drop a tunnel peer after this many seconds without anything from it "
          "(a dead connection); more than --ping-interval.",
          _positive("idle-timeout")],
+        ["tunnel-rate", None, None,
+         "Bytes a second each tunnel may carry, all streams and both directions "
+         f"together (AWS allows about {AWS_TUNNEL_RATE}); no limit unless given.",
+         _positive("tunnel-rate")],
         ["db", None, DEFAULT_DB,
          "The SQLite file keeping tunnels across restarts (created if missing); "
          ":memory: to keep nothing."],
@@ -201,6 +206,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_request_size=options["max-request-size"],
         ping_interval=options["ping-interval"],
         idle_timeout=options["idle-timeout"],
+        tunnel_rate=options["tunnel-rate"],
         store=store,
         verifier=None if keys is None else SignatureVerifier(keys, reactor),
         insecure_open_api=bool(options["insecure-open-api"]),

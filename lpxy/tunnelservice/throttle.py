@@ -50,6 +50,15 @@ class TokenBucket:
             return True
         return False
 
+    def spend(self, amount: float, now: float) -> float:
+        """
+        Spend C{amount} tokens, going into debt if there are fewer: the
+        seconds until the debt is paid off (0 when there was no debt).
+        """
+        self._refill(now)
+        self._tokens -= amount
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
     def full(self, now: float) -> bool:
         """Whether the bucket is back at C{burst} (and can be forgotten)."""
         self._refill(now)

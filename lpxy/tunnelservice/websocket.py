@@ -48,8 +48,9 @@ from lpxy.frames import (
     encode_body,
     pack_records,
 )
+from lpxy.tunnelservice.bandwidth import ReadPacer
 from lpxy.tunnelservice.broker import Attachment, HandshakeRefused
-from lpxy.tunnelservice.flow import PARTNER_BEHIND, OutputWatch
+from lpxy.tunnelservice.flow import BANDWIDTH, PARTNER_BEHIND, OutputWatch
 from lpxy.tunnelservice.handshake import read_upgrade, refusal
 from lpxy.tunnelservice.policy import Pairing, RecordRules, Violation, refusals
 from lpxy.wire import (
@@ -85,6 +86,7 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     _version = 0
     _keepalive: Keepalive | None = None
     _output: OutputWatch | None = None
+    _pacer: ReadPacer | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -115,8 +117,12 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         if self._keepalive is not None:
             self._keepalive.heard()
         super().dataReceived(data)
+        if self._pacer is not None:
+            self._pacer.read(len(data))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._pacer is not None:
+            self._pacer.stop()
         self._stop_keepalive()
         super().connectionLost(reason)
         self.factory.connections.discard(self)
@@ -185,6 +191,13 @@ class TunnelServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(refused.status, refused.reason) from None
         self._attachment = self._info = attachment
         self._rules = RecordRules(attachment.mode, attachment.services)
+        rates = self.factory.tunnel_rates
+        if rates is not None:
+            self._pacer = rates.pacer(
+                attachment.tunnel_id,
+                pause=lambda: self.pause_reading(BANDWIDTH),
+                resume=lambda: self.resume_reading(BANDWIDTH),
+            )
         self._version = subprotocol_version(upgrade.subprotocol)
         self._subprotocol = upgrade.subprotocol
         return upgrade.subprotocol, {"channel-id": attachment.channel_id}

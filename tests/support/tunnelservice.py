@@ -139,15 +139,17 @@ async def _start(
     else:
         description = tls.server_endpoint_string()
     endpoint = ListeningEndpoint(serverFromString(reactor, description))
+    tunnel_rate = limits.pop("tunnel_rate", None)
     service = TunnelService(
         reactor,
         [endpoint],
-        limits=Limits(**limits),  # type: ignore[arg-type]
         max_request_size=max_request_size,
         clock=clock,
         ping_interval=ping_interval,
         idle_timeout=idle_timeout,
         verifier=verifier,
+        limits=Limits(**limits),  # type: ignore[arg-type]
+        tunnel_rate=tunnel_rate,
     )
     service.startService()
     case.addCleanup(service.stopService)
@@ -183,7 +185,7 @@ def start_tunnelservice(
     @param tls: the test PKI whose server certificate a TLS port presents.
     @param verifier: makes the API check signatures (open without).
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
-        C{closed_retention_seconds}.
+        C{closed_retention_seconds}, C{tunnel_rate}.
     """
     return defer.Deferred.fromCoroutine(
         _start(case, reactor, clock, tls, ping_interval, idle_timeout, verifier, limits)
