@@ -11,16 +11,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.tunnelservice.broker import (
     ALL,
-    CLIENT_TOKEN_MISMATCH,
-    SPENT_TOKEN,
     Broker,
-    HandshakeRefused,
     InvalidRequest,
     LimitExceeded,
     Limits,
     ResourceNotFound,
 )
 from lpxy.tunnelservice.store import CLOSED, DESTINATION, OPEN, SOURCE, MemoryTunnelStore
+from lpxy.tunnelservice.tokens import CLIENT_TOKEN_MISMATCH, SPENT_TOKEN, HandshakeRefused
 from tests.support.tunnelservice import RecordingPeer
 
 CT1 = "a" * 32

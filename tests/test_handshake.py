@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy.tunnelservice.broker import HandshakeRefused
 from lpxy.tunnelservice.handshake import Upgrade, read_upgrade, refusal
+from lpxy.tunnelservice.tokens import HandshakeRefused
 
 V1, V2, V3 = (f"aws.iot.securetunneling-{v}" for v in ("1.0", "2.0", "3.0"))
 TOKEN = "t0ken-Value_with.dots"

@@ -15,16 +15,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from lpxy.tunnelservice.broker import (
-    CLIENT_TOKEN_MISMATCH,
-    CLOSED_TUNNEL,
-    SPENT_TOKEN,
-    UNKNOWN_TOKEN,
-    Broker,
-    HandshakeRefused,
-    Limits,
-    ResourceNotFound,
-)
+from lpxy.tunnelservice.broker import Broker, Limits, ResourceNotFound
 from lpxy.tunnelservice.schema import LATEST, MIGRATIONS, SQLITE, SchemaError, migrate
 from lpxy.tunnelservice.sqlstore import (
     SQLTunnelStore,
@@ -40,6 +31,13 @@ from lpxy.tunnelservice.store import (
     EndRecord,
     MemoryTunnelStore,
     TunnelRecord,
+)
+from lpxy.tunnelservice.tokens import (
+    CLIENT_TOKEN_MISMATCH,
+    CLOSED_TUNNEL,
+    SPENT_TOKEN,
+    UNKNOWN_TOKEN,
+    HandshakeRefused,
 )
 from tests.support.tunnelservice import RecordingPeer
 

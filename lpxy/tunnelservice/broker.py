@@ -8,23 +8,15 @@ a WebSocket handshake arrives and L{Broker.disconnect} when it ends. Live
 connections are L{IPeer}s, which the broker asks to close and tells about
 their partner. Time comes from an injected L{IReactorTime}.
 
-Token rules, as AWS applies them:
-  - An access token without a client token is spent by its first successful
-    handshake. A handshake that sets a client token may reconnect later with
-    the same client token; any other client token (or none) is refused.
-  - A new handshake for an end that is already connected replaces the old
-    connection, which is closed.
-  - Rotation gives an end a fresh token (unspent, no client token) and
-    closes that end's live connection.
-Only SHA-256 digests of tokens are kept, and they are compared in constant
-time. No token appears in a log line, a repr or an exception message.
+Which handshake an end's tokens admit is L{lpxy.tunnelservice.tokens}'s
+rule; the broker also replaces a connection already live on that end, and
+rotation gives an end a fresh token (unspent, no client token) and closes
+that end's live connection. No token appears in a log line, a repr or an
+exception message.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -44,6 +36,7 @@ from lpxy.tunnelservice.store import (
     MemoryTunnelStore,
     TunnelRecord,
 )
+from lpxy.tunnelservice.tokens import admit, digest, new_token
 from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL
 
 if TYPE_CHECKING:
@@ -53,7 +46,6 @@ __all__ = [
     "ALL",
     "Attachment",
     "Broker",
-    "HandshakeRefused",
     "IPeer",
     "InvalidRequest",
     "LimitExceeded",
@@ -66,17 +58,6 @@ __all__ = [
 
 ALL = "all"
 MODES = (SOURCE, DESTINATION)
-
-SPENT_TOKEN = (
-    "Invalid access token: The access token was previously used and cannot be used again"
-)
-CLIENT_TOKEN_MISMATCH = (
-    "Invalid client token: The provided client token does not match the client "
-    "token that was previously set."
-)
-UNKNOWN_TOKEN = "Invalid access token: The access token is not valid"
-CLOSED_TUNNEL = "Invalid access token: The tunnel is closed"
-MODE_MISMATCH = "Invalid local-proxy-mode: it does not match the access token"
 
 
 class IPeer(Protocol):
@@ -94,20 +75,6 @@ class IPeer(Protocol):
 
     def partner_left(self, partner: Self) -> None:
         """C{partner}, the other end's connection, is gone."""
-
-
-class HandshakeRefused(Exception):
-    """
-    A data-plane handshake is refused.
-
-    @ivar status: the HTTP status to answer with (401 or 400).
-    @ivar reason: the text for the response body.
-    """
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
 
 
 class ResourceNotFound(Exception):
@@ -182,14 +149,6 @@ class Attachment:
 
 def _other(mode: str) -> str:
     return DESTINATION if mode == SOURCE else SOURCE
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8")).digest()
-
-
-def _new_token() -> str:
-    return secrets.token_urlsafe(48)
 
 
 class Broker:
@@ -330,7 +289,7 @@ class Broker:
             )
         now = self._clock.seconds()
         tunnel_id = self._new_id()
-        source_token, destination_token = _new_token(), _new_token()
+        source_token, destination_token = new_token(), new_token()
         record = TunnelRecord(
             tunnel_id=tunnel_id,
             arn=self._arn_prefix + tunnel_id,
@@ -341,9 +300,9 @@ class Broker:
             lifetime_minutes=lifetime_minutes,
             created_at=now,
             last_updated_at=now,
-            source=EndRecord(token_hash=_digest(source_token), last_updated_at=now),
+            source=EndRecord(token_hash=digest(source_token), last_updated_at=now),
             destination=EndRecord(
-                token_hash=_digest(destination_token), last_updated_at=now
+                token_hash=digest(destination_token), last_updated_at=now
             ),
             tags=self._checked_tags({}, tags),
         )
@@ -490,9 +449,9 @@ class Broker:
         tokens: dict[str, str] = {}
         replaced = []
         for m in modes:
-            token = tokens[m] = _new_token()
+            token = tokens[m] = new_token()
             end = record.end(m)
-            end.token_hash = _digest(token)
+            end.token_hash = digest(token)
             end.client_token_hash = None
             end.spent = False
             attachment = self._live.get((tunnel_id, m))
@@ -558,30 +517,8 @@ class Broker:
 
         @raise HandshakeRefused: with the status and reason to answer.
         """
-        token_hash = _digest(access_token)
-        found = self._store.find_token(token_hash)
-        if found is None:
-            raise HandshakeRefused(401, UNKNOWN_TOKEN)
-        record, token_mode = found
-        end = record.end(token_mode)
-        if not hmac.compare_digest(end.token_hash, token_hash):
-            raise HandshakeRefused(401, UNKNOWN_TOKEN)
-        if record.status != OPEN:
-            raise HandshakeRefused(401, CLOSED_TUNNEL)
-        if mode != token_mode:
-            raise HandshakeRefused(400, MODE_MISMATCH)
-        if end.client_token_hash is not None:
-            if client_token is None or not hmac.compare_digest(
-                end.client_token_hash, _digest(client_token)
-            ):
-                raise HandshakeRefused(401, CLIENT_TOKEN_MISMATCH)
-        elif end.spent:
-            raise HandshakeRefused(401, SPENT_TOKEN)
-        else:
-            end.spent = True
-            if client_token is not None:
-                end.client_token_hash = _digest(client_token)
-
+        token_hash = digest(access_token)
+        record, end = admit(self._store.find_token(token_hash), token_hash, mode, client_token)
         old = self._live.get((record.tunnel_id, mode))
         if old is not None:
             self._detach(old, notify=True)

@@ -20,8 +20,8 @@ from http.cookies import CookieError, SimpleCookie
 import attrs
 from twisted.web.http import RESPONSES
 
-from lpxy.tunnelservice.broker import HandshakeRefused
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
+from lpxy.tunnelservice.tokens import HandshakeRefused
 from lpxy.wire import SUBPROTOCOLS, choose_subprotocol, is_valid_client_token
 
 __all__ = ["TOKEN_COOKIE", "Upgrade", "read_upgrade", "refusal"]

@@ -49,10 +49,11 @@ from lpxy.frames import (
     pack_records,
 )
 from lpxy.tunnelservice.bandwidth import ReadPacer
-from lpxy.tunnelservice.broker import Attachment, HandshakeRefused
+from lpxy.tunnelservice.broker import Attachment
 from lpxy.tunnelservice.flow import BANDWIDTH, PARTNER_BEHIND, OutputWatch
 from lpxy.tunnelservice.handshake import read_upgrade, refusal
 from lpxy.tunnelservice.policy import Pairing, RecordRules, Violation, refusals
+from lpxy.tunnelservice.tokens import HandshakeRefused
 from lpxy.wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_PROTOCOL_ERROR,
