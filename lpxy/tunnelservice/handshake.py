@@ -22,7 +22,13 @@ from twisted.web.http import RESPONSES
 
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.tokens import HandshakeRefused
-from lpxy.wire import SUBPROTOCOLS, choose_subprotocol, is_valid_client_token
+from lpxy.wire import (
+    CLIENT_TOKEN_MAX_LENGTH,
+    CLIENT_TOKEN_MIN_LENGTH,
+    SUBPROTOCOLS,
+    choose_subprotocol,
+    is_valid_client_token,
+)
 
 __all__ = ["TOKEN_COOKIE", "Upgrade", "read_upgrade", "refusal"]
 
@@ -66,7 +72,11 @@ def read_upgrade(
         )
     client_token = headers.get("client-token")
     if client_token is not None and not is_valid_client_token(client_token):
-        raise HandshakeRefused(400, "Invalid client-token: use 32 to 128 of a-z, A-Z, 0-9 and -")
+        raise HandshakeRefused(
+            400,
+            f"Invalid client-token: use {CLIENT_TOKEN_MIN_LENGTH} to {CLIENT_TOKEN_MAX_LENGTH}"
+            " of a-z, A-Z, 0-9 and -",
+        )
     header_token = headers.get("access-token")
     cookie_token = _cookie_token(headers.get("cookie"))
     if header_token is not None and cookie_token is not None:
