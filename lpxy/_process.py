@@ -30,17 +30,39 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
-from twisted.logger import LogEvent, Logger
+from twisted.logger import (
+    FileLogObserver,
+    LogEvent,
+    Logger,
+    formatEventAsClassicLogText,
+    formatTime,
+)
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 
-__all__ = ["TWISTD_LOG", "Observer", "ProcessEnd", "ProcessService", "TwistdLog"]
+__all__ = [
+    "SUBSECOND_TIME_FORMAT",
+    "TWISTD_LOG",
+    "Observer",
+    "ProcessEnd",
+    "ProcessService",
+    "TwistdLog",
+]
 
 _log = Logger()
 
 SignalHandler = Callable[[int, FrameType | None], None]
 #: A log observer (an L{ILogObserver}).
 Observer = Callable[[LogEvent], None]
+#: twistd's time format (RFC 3339) with microseconds.
+SUBSECOND_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f%z"
+
+
+def subsecond_classic_text(event: LogEvent) -> str | None:
+    """twistd's classic log line, its timestamp to the microsecond."""
+    return formatEventAsClassicLogText(
+        event, formatTime=lambda when: formatTime(when, SUBSECOND_TIME_FORMAT)
+    )
 
 
 def stop_reactor(reactor: Any) -> None:
@@ -179,7 +201,10 @@ class TwistdLog:
     SIGUSR1's default action ends the process. twistd takes a wrapper only
     as the dotted name of an observer factory, its C{--logger}; L{wrap}
     sets that name to this object's L{observer}, which must be reachable
-    as C{name}. With C{--syslog}, twistd's observer is left alone.
+    as C{name}. With C{--syslog}, twistd's observer is left alone. The
+    observer twistd makes writes its timestamps to the microsecond
+    (L{SUBSECOND_TIME_FORMAT}); one from the user's C{--logger} is used as
+    it is.
 
     @ivar name: the dotted name of this object (see L{TWISTD_LOG}).
     """
@@ -227,6 +252,8 @@ class TwistdLog:
                 {"logfile": self._options.get("logfile"),
                  "nodaemon": self._options.get("nodaemon")}
             )._getLogObserver()
+            if isinstance(made, FileLogObserver):
+                made.formatEvent = subsecond_classic_text
         return made if self._wrapper is None else self._wrapper(made)
 
 

@@ -388,8 +388,11 @@ class FinalOutcomeLogTests(ServiceTestBase):
         self.assertEqual(len(self.warnings(events)), 1, self.warnings(events))
         self.assertIn("refused the connection", self.warnings(events)[0])
         self.assertIn("not retrying", self.warnings(events)[0])
-        self.assertTrue(any(formatEvent(e).startswith("dropping connection")
-                            for e in events), "Autobahn's line is kept, at info")
+        dropped = [e for e in events if formatEvent(e).startswith("dropping connection")]
+        self.assertTrue(dropped, "Autobahn's line is kept")
+        self.assertEqual({e["log_level"] for e in dropped}, {LogLevel.debug})
+        failing = [e for e in events if formatEvent(e).startswith("failing WebSocket")]
+        self.assertEqual({e["log_level"] for e in failing}, {LogLevel.debug})
 
     def test_close_1000(self) -> None:
         with capturedLogs() as events:

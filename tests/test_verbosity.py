@@ -15,9 +15,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from lpxy._process import TwistdLog
 from lpxy.proxy import verbosity
 
+# The reference's log line, messages.md section 3.
+REFERENCE_LINE = (
+    r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\] \(0x[0-9a-f]{16}\) "
+    r"\[(trace|debug|info|warning|error|fatal)\] (.*)$"
+)
+# twistd's timestamp, to the microsecond.
+TWISTD_SUBSECOND = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d{4} "
+
 
 def event(level: LogLevel | None) -> dict[str, Any]:
-    e: dict[str, Any] = {"log_format": "hello {who}", "who": "world", "log_namespace": "x"}
+    e: dict[str, Any] = {"log_format": "hello {who}", "who": "world", "log_namespace": "x",
+                         "log_time": 1764460000.25}
     if level is not None:
         e["log_level"] = level
     return e
@@ -106,7 +115,39 @@ class ConsoleLoggingTests(SynchronousTestCase):
         publisher(event(LogLevel.error))
         lines = stream.getvalue().splitlines()
         self.assertEqual(len(lines), 1)
-        self.assertTrue(lines[0].endswith("[x#error] hello world"), lines[0])
+        self.assertRegex(lines[0], REFERENCE_LINE)
+        self.assertTrue(lines[0].endswith(") [error] hello world"), lines[0])
+
+    def test_portChatter(self) -> None:
+        """
+        Twisted's legacy lines about a port starting and stopping to listen
+        are left out at the default level, shown at debug (C{-v 5}); other
+        legacy lines stay.
+        """
+        publisher = LogPublisher()
+        seen = {4: [], 5: []}  # type: dict[int, list[Any]]
+        for level, events in seen.items():
+            publisher.addObserver(
+                verbosity.filtered(events.append, verbosity.VerbosityFilter(level))
+            )
+        for text in (
+            "ServiceListenerFactory starting on 5555",
+            "(TCP Port 5555 Closed)",
+            "something else starting soon",
+        ):
+            publisher({"log_namespace": "log_legacy", "log_level": LogLevel.info,
+                       "log_format": "{log_text}", "log_text": text})
+        self.assertEqual([e["log_text"] for e in seen[4]], ["something else starting soon"])
+        self.assertEqual(len(seen[5]), 3)
+
+    def test_namedPortLinesStay(self) -> None:
+        """
+        Only the legacy log's port lines count as chatter: an lpxy line
+        worded alike is kept.
+        """
+        self.assertFalse(verbosity.is_noise(
+            {"log_namespace": "lpxy.x", "log_format": "(TCP Port 5 Closed)"}
+        ))
 
 
 class TwistdLoggingTests(SynchronousTestCase):
@@ -134,6 +175,7 @@ class TwistdLoggingTests(SynchronousTestCase):
         observer(event(LogLevel.error))
         self.assertEqual(len(stdout.getvalue().splitlines()), 1)
         self.assertIn("[x#error] hello world", stdout.getvalue())
+        self.assertRegex(stdout.getvalue(), TWISTD_SUBSECOND)
 
     def test_syslogLeftAlone(self) -> None:
         """

@@ -153,39 +153,56 @@ class _GuardedEndpoint:
         return f"<tunnel endpoint {self._description}>"
 
 
-_ROUTINE = ("dropping connection to peer", "failing WebSocket connection")
-
-
-class _DropWarningAsInfo:
+class _RoutineAutobahnLinesAsDebug:
     """
-    Autobahn's logger for a tunnel protocol, with its "dropping connection"
-    and "failing WebSocket connection" warnings told at info.
+    Autobahn's logger for a tunnel protocol, with its "dropping
+    connection", "failing WebSocket connection" and "failing WebSocket
+    opening handshake" lines told at debug.
 
-    Works around Autobahn's C{WebSocketProtocol.dropConnection} and
-    C{_fail_connection} (C{autobahn/websocket/protocol.py}), which warn
-    whenever they drop a connection that did not close cleanly (a refused
-    handshake, our own abort after a protocol error or a dead connection)
-    or fail one (a message over the size limit). Each of those has its
-    line from L{ProxyConnector} at the level it deserves, so Autobahn's is a
-    routine detail; every other Autobahn warning keeps its level.
+    Works around Autobahn's C{WebSocketProtocol.dropConnection},
+    C{_fail_connection} and C{failHandshake}
+    (C{autobahn/websocket/protocol.py}), which speak up whenever they drop
+    a connection that did not close cleanly (a refused handshake, our own
+    abort after a protocol error or a dead connection) or fail one (a
+    message over the size limit). Each of those has its line from
+    L{ProxyConnector}, in the reference's words where it has some, so
+    Autobahn's is a routine detail; every other Autobahn line keeps its
+    level.
     """
+
+    _ROUTINE = (
+        "dropping connection to peer",
+        "failing WebSocket connection",
+        "failing WebSocket opening handshake",
+    )
+    # Twisted's own logger: txaio's drops debug lines below its own level.
+    _debug = Logger(namespace="autobahn")
 
     def __init__(self, wrapped: Any) -> None:
         self._wrapped = wrapped
 
-    def warn(self, *args: Any, **kwargs: Any) -> None:
+    def _routine(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         text = args[0] if args else kwargs.get("format", "")
-        if isinstance(text, str) and text.startswith(_ROUTINE):
-            self._wrapped.info(*args, **kwargs)
+        return isinstance(text, str) and text.startswith(self._ROUTINE)
+
+    def warn(self, *args: Any, **kwargs: Any) -> None:
+        if self._routine(args, kwargs):
+            self._debug.debug(*args, **kwargs)
         else:
             self._wrapped.warn(*args, **kwargs)
+
+    def info(self, *args: Any, **kwargs: Any) -> None:
+        if self._routine(args, kwargs):
+            self._debug.debug(*args, **kwargs)
+        else:
+            self._wrapped.info(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._wrapped, name)
 
 
 class _ProxyTunnelProtocol(TunnelProtocol):
-    log = _DropWarningAsInfo(TunnelProtocol.log)
+    log = _RoutineAutobahnLinesAsDebug(TunnelProtocol.log)
 
 
 class LocalProxyService(MultiService):

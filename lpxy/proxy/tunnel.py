@@ -336,6 +336,9 @@ class TunnelFactory(WebSocketClientFactory):
 
     protocol = TunnelProtocol  # type: ignore[assignment]
     log = quiet_autobahn_log()
+    # No "Starting factory" / "Stopping factory" on every (re)connection:
+    # the connector says in the reference's words what each attempt does.
+    noisy = False
 
     def __init__(
         self,

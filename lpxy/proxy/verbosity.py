@@ -8,10 +8,17 @@ included, through one L{VerbosityFilter}: in front of the console
 script's standard error observer (L{start_console_logging}), and in front
 of the observer twistd makes from its own options (L{filter_twistd_logging},
 through L{lpxy._process.TwistdLog}).
+
+Twisted's own chatter about listening ports (C{ServiceListenerFactory
+starting on 5555}, C{(TCP Port 5555 Closed)}) counts as debug
+(L{is_noise}): the proxy says what it listens on in the reference's words.
+The console script writes the reference's log line format
+(L{lpxy.proxy.logformat}).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import IO, Any
@@ -22,12 +29,13 @@ from twisted.logger import (
     LogBeginner,
     LogLevel,
     PredicateResult,
+    formatEvent,
     globalLogBeginner,
-    textFileLogObserver,
 )
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._process import TWISTD_LOG, TwistdLog
+from lpxy.proxy.logformat import reference_observer
 
 DEFAULT_VERBOSITY = 4
 TRACE = 6
@@ -52,11 +60,23 @@ def level_for(verbosity: int) -> LogLevel | None:
     return _LEVELS.get(verbosity, LogLevel.debug)
 
 
+# What twisted.internet.tcp.Port says (through the legacy log) when it
+# starts and stops listening.
+_PORT_CHATTER = re.compile(r"^(\S+ starting on \S+|\(\S+ Port \S+ Closed\))$")
+
+
+def is_noise(event: Mapping[str, Any]) -> bool:
+    """Twisted's own line about a port starting or stopping to listen."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    return bool(_PORT_CHATTER.match(formatEvent(dict(event))))
+
+
 @implementer(ILogFilterPredicate)
 class VerbosityFilter:
     """
     Lets through the log events C{-v} asks for. Events without a level
-    count as info.
+    count as info, Twisted's port chatter (L{is_noise}) as debug.
 
     @ivar verbosity: C{-v} as given, 0..255.
     """
@@ -69,7 +89,11 @@ class VerbosityFilter:
         if wanted is None:
             return PredicateResult.no
         level = event.get("log_level", LogLevel.info)
-        return PredicateResult.maybe if level >= wanted else PredicateResult.no
+        if level < wanted:
+            return PredicateResult.no
+        if wanted > LogLevel.debug and is_noise(event):
+            return PredicateResult.no
+        return PredicateResult.maybe
 
 
 def filtered(observer: Any, predicate: VerbosityFilter) -> Any:
@@ -84,10 +108,10 @@ def start_console_logging(
     beginner: LogBeginner = globalLogBeginner,
 ) -> None:
     """
-    Log to C{stream} (standard error) as readable text, at C{verbosity}:
-    what the console script does.
+    Log to C{stream} (standard error) in the reference's line format, at
+    C{verbosity}: what the console script does.
     """
-    observer = textFileLogObserver(sys.stderr if stream is None else stream)
+    observer = reference_observer(sys.stderr if stream is None else stream)
     beginner.beginLoggingTo(
         [filtered(observer, VerbosityFilter(verbosity))], redirectStandardIO=False
     )
