@@ -47,6 +47,7 @@ class FakeTunnel(FakeWebSocket):
         self.channel_id = "the-channel"
         self.factory = SimpleNamespace(subprotocol="aws.iot.securetunneling-3.0")
         self.rejection_body = ""
+        self.status_line = ""
         self.messages: list[Message] = []
         self.data: list[tuple[bytes, bytes]] = []
         self.aborted = 0

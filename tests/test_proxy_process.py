@@ -218,7 +218,7 @@ class LifecycleTests(TestCase):
             make("-e", f"ws://127.0.0.1:{fixture.port}", "-d", f"SSH={app_port}"),
             {"AWSIOT_TUNNEL_ACCESS_TOKEN": opened.destination_token},
         )
-        await child.wait_for("Connected to ws://127.0.0.1")
+        await child.wait_for("Successfully established websocket connection with proxy server: ws://127.0.0.1")
         source = await start_proxy(self, make_config(
             fixture, opened.source_token, "source", source_ports={"SSH": 0},
         ))
@@ -266,7 +266,7 @@ class LifecycleTests(TestCase):
 
     async def closed(self, make: object) -> None:
         child, (fixture, opened) = await self.start(make)  # type: ignore[misc]
-        await child.wait_for("Connected to ws://127.0.0.1")
+        await child.wait_for("Successfully established websocket connection with proxy server: ws://127.0.0.1")
         fixture.close_tunnel(opened.tunnel_id)
         status = await child.ended
         self.assertEqual(status, 0, child.output)
@@ -321,7 +321,8 @@ class LifecycleTests(TestCase):
         child, _ = await self.start(make, SECRET, "-v", "2")
         status = await child.ended
         self.assertEqual(status, 2, child.output)
-        self.assertIn(error + " The tunneling service refused the connection", child.output)
+        self.assertIn(error + " Proxy server rejected web socket upgrade request: (HTTP/1.1 401",
+                      child.output)
         self.assertNotIn(info, child.output)
         self.assertNotIn(warn, child.output)
 
@@ -362,7 +363,7 @@ class ConfigSourcesTests(TestCase):
             {"AWSIOT_TUNNEL_ACCESS_TOKEN": opened.destination_token},
             cwd=cwd,
         )
-        await child.wait_for("Connected to ws://127.0.0.1")
+        await child.wait_for("Successfully established websocket connection with proxy server: ws://127.0.0.1")
         fixture.close_tunnel(opened.tunnel_id)
         return child, await child.ended
 

@@ -78,7 +78,7 @@ class RejoinTests(TestCase):
         ))
         port = unused_port()
         first = self.source(port)
-        await first.wait_for(f"Listening on 127.0.0.1:{port}")
+        await first.wait_for(f"Listening for new connection on port {port}")
         await echo_round_trip(self, port)
         client = await connect_client(self, port)
         assert client.transport is not None
@@ -88,7 +88,7 @@ class RejoinTests(TestCase):
         await self.killed(first)
         await client.closed
         second = self.source(port)
-        await second.wait_for(f"Listening on 127.0.0.1:{port}")
+        await second.wait_for(f"Listening for new connection on port {port}")
         await echo_round_trip(self, port, 300_000)
         self.assertNotIn("refused", second.output)
         self.assertNotIn("Traceback", second.output)

@@ -139,15 +139,17 @@ class SupervisordTests(TestCase):
         for name in ("refused", "fast"):
             await supervisord.wait_for(f"exited: {name} (exit status 2;")
             self.assertIn(f"exited: {name} (exit status 2; expected)", supervisord.output)
-        await supervisord.wait_for(f"Listening on 127.0.0.1:{source_port}")
-        await supervisord.wait_for("as destination: channel id")
+        await supervisord.wait_for(f"Listening for new connection on port {source_port}")
+        await supervisord.wait_for("Connected as destination with subprotocol")
         await echo_round_trip(self, source_port, 300_000)
 
         # kill -9: supervisord restarts the source, which rejoins.
         pid = int(re.findall(r"spawned: 'source' with pid (\d+)", supervisord.output)[0])
         os.kill(pid, signal.SIGKILL)
         await supervisord.wait_for("exited: source (terminated by SIGKILL; not expected)")
-        await supervisord.wait_for(f"Listening on 127.0.0.1:{source_port}", times=2)
+        await supervisord.wait_for(
+            f"Listening for new connection on port {source_port}", times=2
+        )
         await echo_round_trip(self, source_port, 300_000)
 
         service.close_tunnel(tunnel.tunnel_id)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,12 +36,13 @@ from lpxy.proxy.channel import (
     ProtocolViolation,
     ServiceBinding,
     ServiceMismatch,
+    shown_id,
 )
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.destination import AppConnector
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.session import Session
-from lpxy.proxy.source import SourceListeners
+from lpxy.proxy.source import SourceListeners, bind_error
 from lpxy.proxy.tunnel import CloseOutcome, TunnelProtocol, describe_rejection
 from lpxy.wire import CLOSE_NORMAL
 
@@ -58,6 +60,14 @@ EXIT_CLOSED = 0
 EXIT_CONFIG = 1
 EXIT_REJECTED = 2
 EXIT_GAVE_UP = 3
+
+
+def _session_id(channel_id: str | None) -> str:
+    """The C{channel-id} header as logged: as it is, unless it is odd or long."""
+    value = channel_id or ""
+    if len(value) <= 128 and value.isprintable():
+        return value
+    return shown_id(value)
 
 
 class TunnelConnectionFailed(Exception):
@@ -150,11 +160,15 @@ class ProxyConnector:
         self.protocol = protocol
         self.flow.attach(protocol)
         self._log.info(
-            "Connected to {endpoint} as {mode}: channel id {channel_id}, "
-            "subprotocol {subprotocol}",
+            "Web socket session ID: {channel_id}", channel_id=_session_id(protocol.channel_id)
+        )
+        self._log.info(
+            "Successfully established websocket connection with proxy server: {endpoint}",
             endpoint=self._config.endpoint.origin(),
+        )
+        self._log.info(
+            "Connected as {mode} with subprotocol {subprotocol}",
             mode=self._config.mode,
-            channel_id=protocol.channel_id,
             subprotocol=protocol.factory.subprotocol,
         )
         self.session.connected()
@@ -197,6 +211,12 @@ class ProxyConnector:
         gone, self._gone = self._gone, []
         for waiter in gone:
             waiter.callback(None)
+        if outcome.opened and outcome.code is not None and not outcome.by_us:
+            self._log.info(
+                "Web socket close received. Code: {code}; Reason: {reason}",
+                code=outcome.code,
+                reason=outcome.reason or "",
+            )
         if not self.ending:
             self._decide(protocol, outcome, was_ready, fault)
         if not protocol.ready.called:
@@ -209,10 +229,23 @@ class ProxyConnector:
         self, protocol: TunnelProtocol, outcome: CloseOutcome, was_ready: bool, fault: str | None
     ) -> None:
         delay = self._settings.websocket.retry_delay_ms / 1000.0
+        rejected = 'Proxy server rejected web socket upgrade request: ({status_line}) "{body}"'
+        status_line = protocol.status_line
+        body = " ".join(protocol.rejection_body.split())[:200]
+        if outcome.http_status is not None and not 400 <= outcome.http_status < 500:
+            self._log.error(rejected, status_line=status_line, body=body)
+        elif outcome.tls_failure is not None:
+            self._log.error(
+                "Could not perform SSL handshake with proxy server: {why}",
+                why=outcome.tls_failure,
+            )
         if outcome.http_status is not None and 400 <= outcome.http_status < 500:
             self._log.error(
-                "The tunneling service refused the connection: {meaning}; not retrying",
-                meaning=describe_rejection(outcome.http_status, protocol.rejection_body),
+                rejected + "; the tunneling service refused the connection: {meaning};"
+                " not retrying",
+                status_line=status_line,
+                body=body,
+                meaning=describe_rejection(outcome.http_status),
             )
             self._end(EXIT_REJECTED)
         elif outcome.opened and outcome.code == CLOSE_NORMAL and not outcome.by_us:
@@ -257,6 +290,8 @@ class ProxyConnector:
             return "no pong in two ping periods"
         if outcome.http_status is not None:
             return f"HTTP status {outcome.http_status}"
+        if outcome.tls_failure is not None:
+            return outcome.tls_failure
         if outcome.code is not None:
             return f"close code {outcome.code}: {outcome.reason or ''}".rstrip(": ")
         return outcome.reason or "connection lost"
@@ -309,7 +344,11 @@ class ProxyConnector:
         )
 
     def _listen_failed(self, reason: Failure) -> None:
-        self._log.error("Cannot listen: {error}", error=reason.getErrorMessage())
+        error = reason.value
+        if isinstance(error, CannotListenError):
+            self._log.error("{text}", text=bind_error(error))
+        else:
+            self._log.error("Cannot listen: {error}", error=reason.getErrorMessage())
         if self.protocol is not None:
             self.protocol.abort()
         self._end(EXIT_CONFIG)
@@ -335,11 +374,18 @@ class ProxyConnector:
                 service_id=binding.service_id,
             )
             return None
+        host = getattr(addr, "host", None)
+        port = getattr(addr, "port", None)
+        assert self.listeners is not None
+        self._log.info(
+            "Accepted tcp connection on port {local} from {host}:{port}",
+            local=self.listeners.port_for(binding.service_id),
+            host=host,
+            port=port,
+        )
         channel = self.session.open_channel(binding)
         if channel is None:
             return None
-        host = getattr(addr, "host", None)
-        port = getattr(addr, "port", None)
         relay = self._relay(channel)
         if host is not None:
             relay.peer_description = f"{host}:{port}"

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lpxy.proxy.addresses import authority
-from lpxy.proxy.config import LocalTarget, TcpTarget
+from lpxy.proxy.config import LocalTarget, TcpTarget, UnixTarget
 from lpxy.proxy.relay import LocalRelay
 
 __all__ = ["AppConnector", "describe_target"]
@@ -81,6 +81,11 @@ class _Attempt:
         relay.peer_description = describe_target(target)
 
     def start(self) -> None:
+        if not self._tries:
+            self._log.info(
+                "Attempting to establish tcp socket connection to: {target}",
+                target=describe_target(self._target),
+            )
         self._tries += 1
         self._retry = None
         endpoint = self._owner.endpoint_for(self._target)
@@ -90,6 +95,16 @@ class _Attempt:
     def _connected(self, _protocol: object) -> None:
         self._pending = None
         self._relay.abandon = None
+        transport: Any = self._relay.transport
+        peer = transport.getPeer() if transport is not None else None
+        if isinstance(self._target, UnixTarget):
+            self._log.info("Connected to Unix socket: {path}", path=self._target.path)
+        elif peer is not None:
+            self._log.info(
+                "Connected to {host}, port: {port}",
+                host=getattr(peer, "host", "?"),
+                port=getattr(peer, "port", "?"),
+            )
 
     def _failure(self, reason: Failure) -> None:
         self._pending = None

@@ -280,6 +280,7 @@ class LocalRelay(Protocol):
         if not self._closing:
             self._closing = True
             self._sink.local_closed(self.channel)
+        self._log.info("Disconnected from: {peer}", peer=self._peer_address())
         self._log.info(
             "Stream closed: service {service_id!r} stream {stream_id} connection "
             "{connection_id}, local peer {peer}: {bytes_out} bytes sent, "
@@ -292,6 +293,19 @@ class LocalRelay(Protocol):
             bytes_in=self.bytes_in,
             duration=self._clock.seconds() - self.started,
         )
+
+    def _peer_address(self) -> str:
+        """The local socket's other end, C{ip:port} (or the socket's path)."""
+        transport: Any = self.transport
+        try:
+            peer = transport.getPeer()
+        except (AttributeError, NotImplementedError):
+            peer = None
+        host = getattr(peer, "host", None)
+        if host is not None:
+            return f"{host}:{getattr(peer, 'port', '?')}"
+        name = getattr(peer, "name", None)
+        return str(name) if name else str(self.peer_description)
 
     # -- from the tunnel ---------------------------------------------------
 

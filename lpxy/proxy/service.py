@@ -26,7 +26,12 @@ from automat import NoTransition
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import CannotListenError, ConnectingCancelledError
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectingCancelledError,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -113,6 +118,20 @@ class _NoTransitionGuardFactory(Factory):
         return None if built is None else _NoTransitionGuard(built)
 
 
+def connect_failure(reason: Failure, host: str) -> str:
+    """
+    The reference's words for a connection to the tunneling service that
+    failed before TCP connected: C{Could not connect to proxy server:
+    Connection refused}, C{Could not resolve DNS hostname of proxy host:
+    <host> - <why>}.
+    """
+    if reason.check(DNSLookupError):
+        return f"Could not resolve DNS hostname of proxy host: {host} - {reason.getErrorMessage()}"
+    if reason.check(ConnectionRefusedError):
+        return "Could not connect to proxy server: Connection refused"
+    return f"Could not connect to proxy server: {reason.getErrorMessage()}"
+
+
 class _GuardedEndpoint:
     """
     Wraps an endpoint so every connection goes through a
@@ -127,20 +146,26 @@ class _GuardedEndpoint:
     _log = Logger()
 
     def __init__(
-        self, endpoint: Any, description: str, failed: Callable[[str], object]
+        self, endpoint: Any, description: str, failed: Callable[[str], object], host: str = ""
     ) -> None:
         self._endpoint = endpoint
         self._description = description
+        self._host = host
         self._report = failed
 
     def connect(self, factory: Any) -> Deferred[Any]:
+        self._log.info(
+            "Attempting to establish web socket connection with endpoint {endpoint}",
+            endpoint=self._description,
+        )
         connecting: Deferred[Any] = self._endpoint.connect(_NoTransitionGuardFactory(factory))
         return connecting.addCallbacks(lambda gate: gate.wrapped, self._failed)
 
     def _failed(self, reason: Failure) -> Failure:
         if not reason.check(CancelledError, ConnectingCancelledError):
             self._log.warn(
-                "Could not connect to {endpoint}: {error}",
+                "{what} ({endpoint}: {error})",
+                what=connect_failure(reason, self._host),
                 endpoint=self._description,
                 error=reason.getErrorMessage(),
             )
@@ -275,7 +300,9 @@ class LocalProxyService(MultiService):
         # it before it schedules (and logs) a retry that will never come.
         self._failures = 0
         self.client = ClientService(
-            cast(Any, _GuardedEndpoint(endpoint, endpoint_name, self._endpoint_failed)),
+            cast(Any, _GuardedEndpoint(
+                endpoint, endpoint_name, self._endpoint_failed, config.endpoint.host
+            )),
             cast(Any, self.factory),
             retryPolicy=lambda attempt: delay,
             clock=self._clock,
@@ -284,6 +311,7 @@ class LocalProxyService(MultiService):
         self.client.setServiceParent(self)
         self._done: Deferred[int] = Deferred()
         self._status: int | None = None
+        self._announced = False
         self._bind_tried = False
         self._bind_failed = False
 
@@ -298,13 +326,20 @@ class LocalProxyService(MultiService):
             Path(config.state_dir), config.access_token, lambda: str(uuid.uuid4())
         )
 
+    def _announce(self) -> None:
+        if not self._announced:
+            self._announced = True
+            self._log.info("Starting proxy in {mode} mode", mode=self._config.mode)
+
     def privilegedStartService(self) -> None:
         # twistd calls this before it drops privileges (--uid), so a port
         # below 1024 can be bound here.
+        self._announce()
         self._bind_first()
         super().privilegedStartService()
 
     def startService(self) -> None:
+        self._announce()
         if not self._bind_tried:
             self._bind_first()
         if self._bind_failed:

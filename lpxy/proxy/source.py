@@ -133,7 +133,8 @@ class SourceListeners:
                     listening = yield self._endpoint(port).listen(factory)
                 self._listening[binding.service_id] = listening
                 self._log.info(
-                    "Listening on {address}:{port} for service {service_id!r}",
+                    "Listening for new connection on port {port}"
+                    " (service {service_id!r}, address {address})",
                     address=self._address,
                     port=listening.getHost().port,
                     service_id=binding.service_id,

@@ -18,6 +18,8 @@ from ipaddress import ip_address
 from typing import cast
 
 from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.exceptions import CertificateError
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the trustRoot type
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
@@ -28,6 +30,7 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 _log = Logger()
@@ -153,3 +156,38 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def tls_failure(reason: Failure | None, host: str) -> str | None:
+    """
+    Why a connection's TLS handshake with C{host} failed, for the
+    reference's C{Could not perform SSL handshake with proxy server: ...}
+    line: C{certificate verify failed}, then what was checked and where to
+    look (C{-c/--capath}); L{None} when C{reason} is no TLS failure.
+    """
+    if reason is None:
+        return None
+    shown = host.strip("[]")
+    if reason.check(VerificationError, CertificateError):
+        kind = "address" if _is_ip_literal(shown) else "name"
+        return (
+            f"certificate verify failed (the service's certificate is not valid for"
+            f" the {kind} {shown!r} this proxy connected to: {reason.value}); connect"
+            f" by a name or address the certificate holds (-e), and check that -c/--capath"
+            f" gives the certificate authority that signed it"
+        )
+    if not reason.check(SSL.Error):
+        return None
+    args = getattr(reason.value, "args", ())
+    errors = args[0] if args else []
+    texts = [
+        f"{error[2]} ({error[0]})" if isinstance(error, tuple) and len(error) == 3 else str(error)
+        for error in (errors if isinstance(errors, list) else [errors])
+    ]
+    text = "; ".join(texts) or "TLS handshake failed"
+    if "certificate verify failed" in text:
+        text += (
+            f": the certificate of {shown!r} is not signed by a certificate authority"
+            f" this proxy trusts; give that authority with -c/--capath"
+        )
+    return text

@@ -26,7 +26,9 @@ from attrs import frozen
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from lpxy._ws import (
     PONGS,
@@ -45,6 +47,7 @@ from lpxy.frames import (
     encode,
     pack_records,
 )
+from lpxy.proxy.tls import tls_failure
 from lpxy.wire import CLOSE_NORMAL
 
 __all__ = [
@@ -67,6 +70,8 @@ class CloseOutcome:
     @ivar http_status: the HTTP status of a refused handshake (not 101).
     @ivar by_us: we closed it (stopping, or after a protocol error).
     @ivar dead: no pong came back in two ping periods.
+    @ivar tls_failure: why the TLS handshake failed, if it did (see
+        L{lpxy.proxy.tls.tls_failure}).
     """
 
     opened: bool
@@ -75,6 +80,7 @@ class CloseOutcome:
     http_status: int | None = None
     by_us: bool = False
     dead: bool = False
+    tls_failure: str | None = None
 
 
 def describe_rejection(status: int, body: str = "") -> str:
@@ -142,6 +148,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._queued = 0
         self._flush_call: Any = None
         self._keepalive: Keepalive | None = None
+        self._lost: Failure | None = None
         self.ready: Deferred[None] = Deferred(lambda _: self.abort())
 
     # -- Autobahn callbacks ----------------------------------------------
@@ -149,6 +156,12 @@ class TunnelProtocol(WebSocketClientProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         set_no_delay(self.transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Autobahn tells onClose only its own words for an unclean end; a
+        # failed certificate or name check is in the reason.
+        self._lost = reason
+        super().connectionLost(reason)
 
     def onConnect(self, response: Any) -> None:
         expected = self.factory.subprotocol
@@ -215,6 +228,7 @@ class TunnelProtocol(WebSocketClientProtocol):
             http_status=status,
             by_us=self._by_us,
             dead=self._dead,
+            tls_failure=None if self._opened else tls_failure(self._lost, self.factory.host),
         )
         self.factory.events.ws_close(self, outcome)
 
@@ -228,6 +242,12 @@ class TunnelProtocol(WebSocketClientProtocol):
         except (IndexError, ValueError):
             return None
         return None if status == 101 else status
+
+    @property
+    def status_line(self) -> str:
+        """The status line of a refused handshake (C{HTTP/1.1 401 Unauthorized})."""
+        line = getattr(self, "http_status_line", None) or ""
+        return " ".join(str(line).split())[:200]
 
     @property
     def rejection_body(self) -> str:
