@@ -21,7 +21,7 @@ from tests.support.sockets import unused_port
 from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
 
 # A plain-text endpoint: -e ws://...
-CONNECTED = "Connected to ws://127.0.0.1"
+CONNECTED = "Successfully established websocket connection with proxy server: ws://127.0.0.1"
 
 
 class RejoinTests(TestCase):
