@@ -24,7 +24,7 @@ from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from lpxy.proxy.addresses import TunnelEndpoint
 from lpxy.proxy.config import ProxyConfig, UnixTarget
@@ -262,6 +262,15 @@ class DNSPhraseTests(SynchronousTestCase):
         self.assertRegex(text, phrase("refused"))
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 class TLSPhraseTests(PhraseCase):
     """
     A failed certificate or name check says so, naming what was checked
@@ -269,16 +278,18 @@ class TLSPhraseTests(PhraseCase):
     """
 
     @inlineCallbacks
-    def failed_line(self, hostnames: tuple[str, ...], capath: bool) -> Any:
+    def failed_line(
+        self, hostnames: tuple[str, ...], capath: bool, address: str = "127.0.0.1"
+    ) -> Any:
         directory = Path(self.mktemp())
         directory.mkdir()
         pki = make_test_pki(directory, hostnames)
-        fixture = yield start_tunnelservice(self, tls=pki)
+        fixture = yield start_tunnelservice(self, tls=pki, interface=address)
         opened = fixture.open_tunnel(["SSH"])
         config: ProxyConfig = evolve(
             make_config(fixture, opened.source_token, "source", source_ports={"SSH": 0},
                         connect_retry_count=1, retry_delay_ms=1),
-            endpoint=TunnelEndpoint("127.0.0.1", fixture.port, tls=True),
+            endpoint=TunnelEndpoint(address, fixture.port, tls=True),
             capath=str(pki.ca_dir) if capath else None,
         )
         service = yield Deferred.fromCoroutine(start_proxy(self, config, wait=False))
@@ -298,6 +309,20 @@ class TLSPhraseTests(PhraseCase):
         """
         line = yield self.failed_line(("localhost",), capath=True)
         self.assertIn("'127.0.0.1'", line)
+        self.assertIn("-c/--capath", line)
+        self.assertNotIn("closed uncleanly", line)
+
+    @inlineCallbacks
+    def test_ipv6_not_in_certificate(self) -> Any:
+        """
+        Over IPv6 with a certificate for C{localhost} and C{127.0.0.1} but
+        not C{::1}: the line names C{::1}, not Autobahn's "closed
+        uncleanly".
+        """
+        if not _ipv6_loopback():
+            raise SkipTest("no IPv6 loopback here")
+        line = yield self.failed_line(("localhost", "127.0.0.1"), capath=True, address="::1")
+        self.assertIn("'::1'", line)
         self.assertIn("-c/--capath", line)
         self.assertNotIn("closed uncleanly", line)
 

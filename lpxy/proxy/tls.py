@@ -171,10 +171,10 @@ def tls_failure(reason: Failure | None, host: str) -> str | None:
     if reason.check(VerificationError, CertificateError):
         kind = "address" if _is_ip_literal(shown) else "name"
         return (
-            f"certificate verify failed (the service's certificate is not valid for"
-            f" the {kind} {shown!r} this proxy connected to: {reason.value}); connect"
-            f" by a name or address the certificate holds (-e), and check that -c/--capath"
-            f" gives the certificate authority that signed it"
+            f"certificate verify failed (the service's certificate does not hold the"
+            f" {kind} {shown!r} this proxy connected to); connect by a name or address"
+            f" the certificate holds (-e), and check that -c/--capath gives the"
+            f" certificate authority that signed it"
         )
     if not reason.check(SSL.Error):
         return None

@@ -130,14 +130,15 @@ async def _start(
     idle_timeout: float,
     verifier: SignatureVerifier | None,
     limits: dict[str, float],
+    interface: str = "127.0.0.1",
 ) -> ServiceFixture:
     if reactor is None:
         from twisted.internet import reactor
     max_request_size = int(limits.pop("max_request_size", DEFAULT_MAX_REQUEST_SIZE))
     if tls is None:
-        description = "tcp:0:interface=127.0.0.1"
+        description = f"tcp:0:interface={interface.replace(':', chr(92) + ':')}"
     else:
-        description = tls.server_endpoint_string()
+        description = tls.server_endpoint_string(interface=interface)
     endpoint = ListeningEndpoint(serverFromString(reactor, description))
     tunnel_rate = limits.pop("tunnel_rate", None)
     service = TunnelService(
@@ -157,7 +158,7 @@ async def _start(
     scheme = "https" if tls is not None else "http"
     return ServiceFixture(
         port=port,
-        api_url=f"{scheme}://127.0.0.1:{port}",
+        api_url=f"{scheme}://{f'[{interface}]' if ':' in interface else interface}:{port}",
         broker=service.broker,
         service=service,
     )
@@ -172,6 +173,7 @@ def start_tunnelservice(
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     verifier: SignatureVerifier | None = None,
+    interface: str = "127.0.0.1",
     **limits: float,
 ) -> defer.Deferred[ServiceFixture]:
     """
@@ -184,11 +186,13 @@ def start_tunnelservice(
     @param idle_timeout: seconds of a peer's silence before the service drops it.
     @param tls: the test PKI whose server certificate a TLS port presents.
     @param verifier: makes the API check signatures (open without).
+    @param interface: the address to listen on (C{"::1"} for IPv6).
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
         C{closed_retention_seconds}, C{tunnel_rate}.
     """
     return defer.Deferred.fromCoroutine(
-        _start(case, reactor, clock, tls, ping_interval, idle_timeout, verifier, limits)
+        _start(case, reactor, clock, tls, ping_interval, idle_timeout, verifier, limits,
+               interface)
     )
 
 
