@@ -2,7 +2,9 @@
 Tests for L{lpxy.tunnelservice.tap}: C{twistd tunnelservice} options.
 """
 
+import io
 import os
+import sys
 from typing import Any
 
 from twisted.application.service import IServiceCollection
@@ -15,7 +17,7 @@ from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy._process import ProcessService
+from lpxy._process import ProcessService, TwistdLog
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.sqlstore import SQLTunnelStore
 from lpxy.tunnelservice.tap import Options, makeService
@@ -48,6 +50,7 @@ class OptionsTests(SynchronousTestCase):
             "closed-limit": 10000,
             "closed-retention": 10800,
             "tunnel-rate": None,
+            "log-level": LogLevel.info,
         })
 
     def test_everything(self) -> None:
@@ -74,6 +77,7 @@ class OptionsTests(SynchronousTestCase):
             "closed-limit": 10000,
             "closed-retention": 10800,
             "tunnel-rate": 819200,
+            "log-level": LogLevel.info,
         })
 
     def test_credentials(self) -> None:
@@ -159,6 +163,78 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--db", text)
         self.assertIn("--credentials", text)
         self.assertIn("--insecure-open-api", text)
+        self.assertIn("--log-level", text)
+
+
+def describe_debug_line() -> dict[str, Any]:
+    """The management API's per-call line, as it logs a DescribeTunnel."""
+    return {"log_format": "API {operation}: OK", "operation": "DescribeTunnel",
+            "log_level": LogLevel.debug, "log_namespace": "lpxy.tunnelservice.api"}
+
+
+def line(level: LogLevel, text: str) -> dict[str, Any]:
+    return {"log_format": text, "log_level": level, "log_namespace": "x"}
+
+
+class LogLevelTests(SynchronousTestCase):
+    """
+    C{--log-level} filters what twistd's own observer shows (through a
+    L{TwistdLog} of the test's, not the process's).
+    """
+
+    def test_names(self) -> None:
+        for name, level in [("critical", LogLevel.critical), ("error", LogLevel.error),
+                            ("warn", LogLevel.warn), ("info", LogLevel.info),
+                            ("DEBUG", LogLevel.debug)]:
+            self.assertEqual(parse("--log-level", name)["log-level"], level)
+        self.assertEqual(parse("--log-level=warn")["log-level"], LogLevel.warn)
+
+    def test_bad_name(self) -> None:
+        for value in ("loud", "warning", "", "5"):
+            e = self.assertRaises(UsageError, parse, "--log-level", value)
+            self.assertIn(
+                "--log-level must be one of critical, error, warn, info, debug", str(e)
+            )
+
+    def shown(self, *argv: str, syslog: int = 0) -> tuple[dict[str, Any], list[str]]:
+        """What twistd's observer writes (with -n, to standard output) of some events."""
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        twistd_log = TwistdLog("tests.test_tunnelservice_tap.SOME_LOG")
+        server_options = {"logger": None, "logfile": None, "nodaemon": 1, "syslog": syslog}
+        options = Options(twistd_log)
+        options.parent = server_options
+        options.parseOptions(list(argv))
+        observer = twistd_log.observer()
+        for event in [describe_debug_line(), line(LogLevel.info, "Refused tunnel handshake"),
+                      line(LogLevel.warn, "Dropping"), line(LogLevel.error, "API failed")]:
+            observer(event)
+        return server_options, stdout.getvalue().splitlines()
+
+    def test_default_hides_debug(self) -> None:
+        """
+        By default twistd's observer shows info and above: not the
+        per-call DescribeTunnel line.
+        """
+        server_options, lines = self.shown()
+        self.assertEqual(server_options["logger"], "tests.test_tunnelservice_tap.SOME_LOG.observer")
+        self.assertEqual(len(lines), 3, lines)
+        self.assertNotIn("DescribeTunnel", "\n".join(lines))
+        self.assertIn("Refused tunnel handshake", lines[0])
+
+    def test_debug_shows_api_calls(self) -> None:
+        _, lines = self.shown("--log-level", "debug")
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn("API DescribeTunnel: OK", lines[0])
+
+    def test_error(self) -> None:
+        _, lines = self.shown("--log-level", "error")
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("API failed", lines[0])
+
+    def test_syslog_left_alone(self) -> None:
+        server_options, _ = self.shown("--log-level", "debug", syslog=1)
+        self.assertIsNone(server_options["logger"])
 
 
 def only_child(root: Any) -> TunnelService:

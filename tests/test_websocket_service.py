@@ -376,6 +376,47 @@ class RejectionTests(ServiceTestCase):
         self.assertEqual(status, 401)
         self.assertIn("Invalid access token", body)
 
+    async def test_refusal_logged_without_token(self) -> None:
+        """
+        Each refused handshake is one info line naming the reason and,
+        where known, the tunnel and mode; the access token is never in it.
+        """
+        log = LogRecorder(self)
+        opened = self.fixture.open_tunnel()
+        token = opened.source_token
+        await self.connect(SOURCE, token)
+        cases = [
+            # (request, reason in the line, tunnel known, mode)
+            (upgrade("/tunnel?local-proxy-mode=source", f"access-token: {token}"),
+             "previously used", True, SOURCE),
+            (upgrade("/tunnel?local-proxy-mode=destination", f"access-token: {token}"),
+             "local-proxy-mode", True, DESTINATION),
+            (upgrade("/tunnel?local-proxy-mode=source", "access-token: secret-nonsense-42"),
+             "Invalid access token", False, SOURCE),
+            (upgrade("/tunnel?local-proxy-mode=source", f"access-token: {token}", protocol="chat"),
+             "No supported subprotocol", False, SOURCE),
+            (upgrade("/tunnel", f"access-token: {token}"), "local-proxy-mode", False, None),
+        ]
+        for request, reason, tunnel_known, mode in cases:
+            before = len(log.events)
+            await self.refused(request)
+            lines = [
+                e for e in log.events[before:]
+                if "Refused tunnel handshake" in formatEvent(e)
+            ]
+            self.assertEqual(len(lines), 1, request)
+            line = lines[0]
+            self.assertEqual(line["log_level"], LogLevel.info)
+            self.assertIn(reason, formatEvent(line))
+            self.assertEqual(line["tunnel_id"], opened.tunnel_id if tunnel_known else None)
+            self.assertEqual(line["mode"], mode)
+            if tunnel_known:
+                self.assertIn(f"tunnel {opened.tunnel_id}", formatEvent(line))
+            if mode is not None:
+                self.assertIn(f"({mode})", formatEvent(line))
+        self.assertEqual(log.mentioning(token), [])
+        self.assertEqual(log.mentioning("secret-nonsense-42"), [])
+
     async def test_autobahn_client_sees_refusal(self) -> None:
         with self.assertRaises(HandshakeFailed):
             await self.connect(SOURCE, "nonsense")

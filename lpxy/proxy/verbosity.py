@@ -7,7 +7,7 @@ C{-v} applies to every log event of the process, Twisted's and Autobahn's
 included, through one L{VerbosityFilter}: in front of the console
 script's standard error observer (L{start_console_logging}), and in front
 of the observer twistd makes from its own options (L{filter_twistd_logging},
-through L{lpxy._process.TwistdLog}).
+through L{lpxy.loglevels.filter_twistd_log}).
 
 Twisted's own chatter about listening ports (C{ServiceListenerFactory
 starting on 5555}, C{(TCP Port 5555 Closed)}) counts as debug
@@ -24,7 +24,6 @@ from collections.abc import Mapping, MutableMapping
 from typing import IO, Any
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogFilterPredicate,
     LogBeginner,
     LogLevel,
@@ -35,6 +34,7 @@ from twisted.logger import (
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._process import TWISTD_LOG, TwistdLog
+from lpxy.loglevels import filter_twistd_log, filtered
 from lpxy.proxy.logformat import reference_observer
 
 DEFAULT_VERBOSITY = 4
@@ -96,12 +96,6 @@ class VerbosityFilter:
         return PredicateResult.maybe
 
 
-def filtered(observer: Any, predicate: VerbosityFilter) -> Any:
-    """C{observer}, an L{ILogObserver}, seeing only what C{predicate} lets through."""
-    predicates: list[Any] = [predicate]
-    return FilteringLogObserver(observer, predicates)
-
-
 def start_console_logging(
     verbosity: int,
     stream: IO[str] | None = None,
@@ -127,5 +121,4 @@ def filter_twistd_logging(
     subcommand's C{postOptions}, given twistd's own options. With
     C{--syslog} twistd's observer is left alone.
     """
-    predicate = VerbosityFilter(verbosity)
-    twistd_log.wrap(server_options, lambda observer: filtered(observer, predicate))
+    filter_twistd_log(server_options, VerbosityFilter(verbosity), twistd_log)

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from lpxy._process import ProcessService
+from lpxy._process import TWISTD_LOG, ProcessService, TwistdLog
+from lpxy.loglevels import LEVEL_NAMES, LevelFilter, filter_twistd_log, parse_level
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import CredentialsError, load_credentials
 from lpxy.tunnelservice.bandwidth import AWS_TUNNEL_RATE
@@ -19,9 +20,17 @@ from lpxy.tunnelservice.dataplane import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTE
 from lpxy.tunnelservice.sqlstore import DEFAULT_DB, StoreError, open_store
 from lpxy.tunnelservice.throttle import DEFAULT_API_RATE
 
-__all__ = ["DEFAULT_PORT", "Options", "makeService"]
+__all__ = ["DEFAULT_LOG_LEVEL", "DEFAULT_PORT", "Options", "makeService"]
 
 DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
+DEFAULT_LOG_LEVEL = "info"
+
+
+def _log_level(value: str) -> Any:
+    return parse_level(value, "--log-level")
+
+
+_log_level.coerceDoc = "One of " + ", ".join(LEVEL_NAMES) + "."  # type: ignore[attr-defined]
 
 
 def _positive(name: str) -> Any:
@@ -105,13 +114,17 @@ class Options(usage.Options):
          "Bytes a second each tunnel may carry, all streams and both directions "
          f"together (AWS allows about {AWS_TUNNEL_RATE}); no limit unless given.",
          _positive("tunnel-rate")],
+        ["log-level", None, DEFAULT_LOG_LEVEL,
+         "The least severe log events shown (debug adds a line per API call).",
+         _log_level],
         ["db", None, DEFAULT_DB,
          "The SQLite file keeping tunnels across restarts (created if missing); "
          ":memory: to keep nothing."],
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, twistd_log: TwistdLog = TWISTD_LOG) -> None:
         super().__init__()
+        self._twistd_log = twistd_log
         self["port"] = []
         self["api-port"] = []
         self["data-port"] = []
@@ -172,6 +185,12 @@ class Options(usage.Options):
                     serverFromString(reactor, endpoint)
                 except Exception as e:
                     raise usage.UsageError(f"--{name} {endpoint!r}: {e}") from None
+        level = self["log-level"]
+        if isinstance(level, str):  # the default, not coerced
+            level = self["log-level"] = parse_level(level)
+        parent = getattr(self, "parent", None)
+        if parent is not None:
+            filter_twistd_log(parent, LevelFilter(level), self._twistd_log)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -50,12 +50,14 @@ class HandshakeRefused(Exception):
 
     @ivar status: the HTTP status to answer with (401 or 400).
     @ivar reason: the text for the response body.
+    @ivar tunnel_id: the tunnel the access token belongs to, where known.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, tunnel_id: str | None = None) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.tunnel_id = tunnel_id
 
 
 def digest(token: str) -> bytes:
@@ -89,17 +91,18 @@ def admit(
     end = record.end(token_mode)
     if not hmac.compare_digest(end.token_hash, token_hash):
         raise HandshakeRefused(401, UNKNOWN_TOKEN)
+    tunnel_id = record.tunnel_id
     if record.status != OPEN:
-        raise HandshakeRefused(401, CLOSED_TUNNEL)
+        raise HandshakeRefused(401, CLOSED_TUNNEL, tunnel_id)
     if mode != token_mode:
-        raise HandshakeRefused(400, MODE_MISMATCH)
+        raise HandshakeRefused(400, MODE_MISMATCH, tunnel_id)
     if end.client_token_hash is not None:
         if client_token is None or not hmac.compare_digest(
             end.client_token_hash, digest(client_token)
         ):
-            raise HandshakeRefused(401, CLIENT_TOKEN_MISMATCH)
+            raise HandshakeRefused(401, CLIENT_TOKEN_MISMATCH, tunnel_id)
     elif end.spent:
-        raise HandshakeRefused(401, SPENT_TOKEN)
+        raise HandshakeRefused(401, SPENT_TOKEN, tunnel_id)
     else:
         end.spent = True
         if client_token is not None:

@@ -53,6 +53,7 @@ from lpxy.tunnelservice.broker import Attachment
 from lpxy.tunnelservice.flow import BANDWIDTH, PARTNER_BEHIND, OutputWatch
 from lpxy.tunnelservice.handshake import read_upgrade, refusal
 from lpxy.tunnelservice.policy import Pairing, RecordRules, Violation, refusals
+from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.tokens import HandshakeRefused
 from lpxy.wire import (
     CLOSE_INTERNAL_ERROR,
@@ -88,6 +89,8 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     _keepalive: Keepalive | None = None
     _output: OutputWatch | None = None
     _pacer: ReadPacer | None = None
+    _refused: tuple[str | None, str | None] = (None, None)
+    """The tunnel and mode of a refused handshake, where known, for its log line."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -173,9 +176,13 @@ class TunnelServerProtocol(WebSocketServerProtocol):
         try:
             return self._on_connect(request)
         except ConnectionDeny as deny:
+            tunnel_id, mode = self._refused
             self._log.info(
-                "Refused tunnel handshake from {peer}: {status} {reason}",
+                "Refused tunnel handshake from {peer}: {status} {reason}"
+                + ("" if tunnel_id is None else " (tunnel {tunnel_id})")
+                + ("" if mode is None else " ({mode})"),
                 peer=self.peer, status=deny.code, reason=deny.reason,
+                tunnel_id=tunnel_id, mode=mode,
             )
             raise
         except BaseException:
@@ -185,10 +192,18 @@ class TunnelServerProtocol(WebSocketServerProtocol):
     def _on_connect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
         try:
             upgrade = read_upgrade(request.path, request.params, request.protocols, request.headers)
+        except HandshakeRefused as refused:
+            modes = request.params.get("local-proxy-mode", [])
+            if len(modes) == 1 and modes[0] in (SOURCE, DESTINATION):
+                self._refused = (None, modes[0])
+            raise ConnectionDeny(refused.status, refused.reason) from None
+        try:
             attachment = self.factory.broker.connect(
                 upgrade.mode, upgrade.access_token, upgrade.client_token, self
             )
         except HandshakeRefused as refused:
+            # The token stays out of the log; the tunnel and mode it was for do not.
+            self._refused = (refused.tunnel_id, upgrade.mode)
             raise ConnectionDeny(refused.status, refused.reason) from None
         self._attachment = self._info = attachment
         self._rules = RecordRules(attachment.mode, attachment.services)
