@@ -27,8 +27,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from lpxy.proxy.addresses import TunnelEndpoint
+from lpxy.proxy.attempts import connect_failure
 from lpxy.proxy.config import ProxyConfig, UnixTarget
-from lpxy.proxy.service import connect_failure
 from tests.support.apps import AppFactory, connect_client, start_app
 from tests.support.certs import make_test_pki
 from tests.support.installed import localproxy_argv
