@@ -18,6 +18,10 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy._process import ProcessService, TwistdLog
+from lpxy.tunnelservice.admission import (
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    default_max_connections,
+)
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.sqlstore import SQLTunnelStore
 from lpxy.tunnelservice.tap import Options, makeService
@@ -51,6 +55,8 @@ class OptionsTests(SynchronousTestCase):
             "closed-retention": 10800,
             "tunnel-rate": None,
             "log-level": LogLevel.info,
+            "max-connections": None,
+            "max-connections-per-address": 256,
         })
 
     def test_everything(self) -> None:
@@ -58,7 +64,8 @@ class OptionsTests(SynchronousTestCase):
             "--port", "tcp:9000", r"--port=tcp:9001:interface=\:\:1",
             "--max-services", "5", "--max-open-tunnels", "7", "--max-request-size", "2048",
             "--ping-interval", "5", "--idle-timeout", "12", "--db", "/var/lib/t.db",
-            "--tunnel-rate", "819200",
+            "--tunnel-rate", "819200", "--max-connections", "900",
+            "--max-connections-per-address", "9",
         )
         self.assertEqual(dict(options), {
             "port": ["tcp:9000", r"tcp:9001:interface=\:\:1"],
@@ -78,6 +85,8 @@ class OptionsTests(SynchronousTestCase):
             "closed-retention": 10800,
             "tunnel-rate": 819200,
             "log-level": LogLevel.info,
+            "max-connections": 900,
+            "max-connections-per-address": 9,
         })
 
     def test_credentials(self) -> None:
@@ -123,6 +132,22 @@ class OptionsTests(SynchronousTestCase):
         ))
         self.assertEqual(service.broker.limits.closed_retention_seconds, 60)
         self.assertEqual(service.broker.limits.max_closed_tunnels, 7)
+
+    def test_connection_limits(self) -> None:
+        service = only_child(makeService(
+            parse("--max-connections", "100", "--max-connections-per-address", "5",
+                  "--db", ":memory:"),
+            reactor=MemoryReactorClock(),
+        ))
+        self.assertEqual(
+            (service.admission.max_connections, service.admission.max_per_address), (100, 5)
+        )
+        default = only_child(makeService(parse("--db", ":memory:"), reactor=MemoryReactorClock()))
+        self.assertEqual(default.admission.max_connections, default_max_connections())
+        self.assertEqual(default.admission.max_per_address, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)
+        for name in ("--max-connections", "--max-connections-per-address"):
+            e = self.assertRaises(UsageError, parse, name, "0")
+            self.assertIn(f"{name} must be a positive integer", str(e))
 
     def test_split_ports(self) -> None:
         options = parse("--api-port", "tcp:9001:interface=127.0.0.1", "--data-port", "tcp:9002",

@@ -32,6 +32,11 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._ws import Clock, set_no_delay
+from lpxy.tunnelservice.admission import (
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    Admission,
+    default_max_connections,
+)
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE, ManagementAPI, SizeLimitedRequest
 from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.bandwidth import TunnelRates
@@ -42,6 +47,7 @@ from lpxy.tunnelservice.dataplane import (
     TunnelServerFactory,
 )
 from lpxy.tunnelservice.http import BoundedHTTPChannel
+from lpxy.tunnelservice.ratelog import RateLimitedLog
 from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.throttle import Throttle
 from lpxy.tunnelservice.websocket import TunnelServerProtocol
@@ -51,21 +57,53 @@ __all__ = ["Connections", "OpenAPIRefused", "TunnelService"]
 
 _HTTP_IDLE_TIMEOUT = 120
 _BOTH, _API, _TUNNELS = "API and tunnels", "API", "tunnels"
+# Refused connections are logged at most once in this many seconds.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class Connections:
     """
     The open connections of a service, HTTP and WebSocket alike, so that
     stopping it can close them all and know when they are gone.
+
+    With an L{Admission}, it also decides whether a new connection may stay:
+    the count is kept per transport, so it follows a connection from its
+    HTTP channel to the WebSocket that takes it over, and is released when
+    the last of them is discarded with its transport.
+
+    @param admission: the connection limits (none unless given).
+    @param refused: called with the reason of each refusal.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        admission: Admission | None = None,
+        refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._open: set[Any] = set()
         self._idle: list[defer.Deferred[None]] = []
+        self._admission = admission
+        self._refused = refused
 
     def __iter__(self) -> Iterator[Any]:
         """The open connections, as they are now."""
         return iter(list(self._open))
+
+    def admit(self, transport: Any) -> bool:
+        """
+        Whether a connection just accepted on C{transport} may stay; if
+        not, the caller closes it before reading anything.
+        """
+        if self._admission is None:
+            return True
+        peer = transport.getPeer()
+        address = str(getattr(peer, "host", peer))
+        reason = self._admission.admit(transport, address)
+        if reason is None:
+            return True
+        if self._refused is not None:
+            self._refused(reason)
+        return False
 
     def add(self, connection: Any) -> None:
         """Track a connection (a protocol with a transport)."""
@@ -74,6 +112,9 @@ class Connections:
     def discard(self, connection: Any) -> None:
         """A connection is gone (or no longer ours)."""
         self._open.discard(connection)
+        if self._admission is not None and connection.transport is not None:
+            # A channel handing its transport to a WebSocket has none left.
+            self._admission.release(connection.transport)
         if not self._open:
             idle, self._idle = self._idle, []
             for d in idle:
@@ -166,12 +207,26 @@ class _Channel(BoundedHTTPChannel):
 
     site: _Site
 
+    _admitted = False
+
     def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if not self.site.connections.admit(transport):
+            # Over a connection limit: closed before anything is read.
+            transport.abortConnection()
+            return
+        self._admitted = True
         set_no_delay(self.transport)
         super().connectionMade()
         self.site.connections.add(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._admitted:
+            super().dataReceived(data)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._admitted:
+            return
         super().connectionLost(reason)
         self.site.connections.discard(self)
 
@@ -179,9 +234,9 @@ class _Channel(BoundedHTTPChannel):
 class _Site(Site):
     protocol = _Channel  # type: ignore[assignment]
 
-    def __init__(self, resource: Resource, connections: Connections) -> None:
+    def __init__(self, resource: Resource, connections: Connections, reactor: Any) -> None:
         # An idle API connection is closed after this; boto3 reconnects.
-        super().__init__(resource, timeout=_HTTP_IDLE_TIMEOUT)
+        super().__init__(resource, timeout=_HTTP_IDLE_TIMEOUT, reactor=reactor)
         self.connections = connections
 
 
@@ -266,6 +321,10 @@ class TunnelService(MultiService):
         this machine.
     @param tunnel_rate: bytes a second each tunnel may carry, all streams
         and both directions together (no limit unless given).
+    @param max_connections: connections open at once on all ports
+        (L{default_max_connections} unless given).
+    @param max_connections_per_address: connections open at once from one
+        client address.
     """
 
     _log = Logger()
@@ -286,6 +345,8 @@ class TunnelService(MultiService):
         data_endpoints: Sequence[Any] = (),
         api_rate: float | None = None,
         tunnel_rate: float | None = None,
+        max_connections: int | None = None,
+        max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -295,7 +356,14 @@ class TunnelService(MultiService):
             clock if clock is not None else reactor, store=store, limits=limits
         )
         self.store = self.broker.store
-        self.connections = Connections()
+        self.admission = Admission(
+            default_max_connections() if max_connections is None else max_connections,
+            max_connections_per_address,
+        )
+        self._refusals = RateLimitedLog(
+            clock if clock is not None else reactor, REFUSAL_LOG_INTERVAL, self._log_refusals
+        )
+        self.connections = Connections(self.admission, self._refusals.event)
         self.websocket_factory = TunnelServerFactory(
             self.broker, reactor=reactor, connections=self.connections, clock=clock,
             ping_interval=ping_interval, idle_timeout=idle_timeout,
@@ -308,7 +376,7 @@ class TunnelService(MultiService):
             max_size = max_request_size
 
         def site(api: Resource | None, tunnel: Any) -> _Site:
-            made = _Site(_Root(api, tunnel), self.connections)
+            made = _Site(_Root(api, tunnel), self.connections, reactor)
             made.requestFactory = _Request
             made.displayTracebacks = False
             made.noisy = False
@@ -362,6 +430,12 @@ class TunnelService(MultiService):
                 "who reaches its port can open, close and rotate tunnels."
             )
 
+    def _log_refusals(self, count: int, reason: str) -> None:
+        self._log.warn(
+            "Refused {count} connection(s) at once (the latest: {reason})",
+            count=count, reason=reason,
+        )
+
     def _cannot_listen(self, error: Exception) -> None:
         # Fail the start, so that twistd exits 1, with one line.
         self._log.critical("Tunnel service cannot listen: {error}", error=str(error))
@@ -400,6 +474,7 @@ class TunnelService(MultiService):
         them, then for the store to write what is pending.
         """
         yield super().stopService()
+        self._refusals.stop()
         self.broker.stop()
         yield self.connections.close_all()
         yield self.store.close()

@@ -12,6 +12,11 @@ from twisted.python import usage
 
 from lpxy._process import TWISTD_LOG, ProcessService, TwistdLog
 from lpxy.loglevels import LEVEL_NAMES, LevelFilter, filter_twistd_log, parse_level
+from lpxy.tunnelservice.admission import (
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DESCRIPTOR_RESERVE,
+    default_max_connections,
+)
 from lpxy.tunnelservice.api import DEFAULT_MAX_REQUEST_SIZE
 from lpxy.tunnelservice.auth import CredentialsError, load_credentials
 from lpxy.tunnelservice.bandwidth import AWS_TUNNEL_RATE
@@ -97,6 +102,15 @@ class Options(usage.Options):
          "A file in the AWS shared-credentials format ([profile] sections with "
          "aws_access_key_id and aws_secret_access_key); API requests must be "
          "signed with one of its keys."],
+        ["max-connections", None, None,
+         "Connections open at once on all ports; more are closed at once. "
+         f"Default: the descriptor limit less {DESCRIPTOR_RESERVE} "
+         f"(here {default_max_connections()}); keep it below the descriptor "
+         "limit, so that an API call and a handshake always find one.",
+         _positive("max-connections")],
+        ["max-connections-per-address", None, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+         "Connections open at once from one client address; more are closed at once.",
+         _positive("max-connections-per-address")],
         ["max-services", None, Limits().max_services, "Services per tunnel.",
          _positive("max-services")],
         ["max-open-tunnels", None, Limits().max_open_tunnels, "Tunnels open at once.",
@@ -226,6 +240,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ping_interval=options["ping-interval"],
         idle_timeout=options["idle-timeout"],
         tunnel_rate=options["tunnel-rate"],
+        max_connections=options["max-connections"],
+        max_connections_per_address=options["max-connections-per-address"],
         store=store,
         verifier=None if keys is None else SignatureVerifier(keys, reactor),
         insecure_open_api=bool(options["insecure-open-api"]),
