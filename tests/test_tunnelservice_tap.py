@@ -10,6 +10,7 @@ from typing import Any
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -256,6 +257,32 @@ class LogLevelTests(SynchronousTestCase):
         _, lines = self.shown("--log-level", "error")
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("API failed", lines[0])
+
+    def test_failed_accepts_folded(self) -> None:
+        """
+        Twisted's line per accept failed for want of descriptors reaches
+        twistd's observer as one line per interval, with the count.
+        """
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        twistd_log = TwistdLog("tests.test_tunnelservice_tap.SOME_LOG")
+        clock = Clock()
+        options = Options(twistd_log, clock=clock)
+        options.parent = {"logger": None, "logfile": None, "nodaemon": 1, "syslog": 0}
+        options.parseOptions([])
+        observer = twistd_log.observer()
+        for _ in range(5):
+            observer({"log_format": "Could not accept new connection ({acceptError})",
+                      "acceptError": "EMFILE", "log_level": LogLevel.info,
+                      "log_namespace": "twisted.internet.tcp.Port", "log_time": 0})
+        observer(line(LogLevel.info, "Refused tunnel handshake"))
+        clock.advance(10)
+        lines = stdout.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("Could not accept 1 connection(s) in the last 10 s: too many open files",
+                      lines[0])
+        self.assertIn("Refused tunnel handshake", lines[1])
+        self.assertIn("Could not accept 4 connection(s) in the last 10 s", lines[2])
 
     def test_syslog_left_alone(self) -> None:
         server_options, _ = self.shown("--log-level", "debug", syslog=1)

@@ -11,7 +11,8 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from lpxy._process import TWISTD_LOG, ProcessService, TwistdLog
-from lpxy.loglevels import LEVEL_NAMES, LevelFilter, filter_twistd_log, parse_level
+from lpxy.loglevels import LEVEL_NAMES, LevelFilter, filtered, parse_level
+from lpxy.tunnelservice.acceptlog import FoldedAcceptErrors
 from lpxy.tunnelservice.admission import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     DESCRIPTOR_RESERVE,
@@ -136,9 +137,10 @@ class Options(usage.Options):
          ":memory: to keep nothing."],
     ]
 
-    def __init__(self, twistd_log: TwistdLog = TWISTD_LOG) -> None:
+    def __init__(self, twistd_log: TwistdLog = TWISTD_LOG, clock: Any = None) -> None:
         super().__init__()
         self._twistd_log = twistd_log
+        self._clock = clock
         self["port"] = []
         self["api-port"] = []
         self["data-port"] = []
@@ -204,7 +206,14 @@ class Options(usage.Options):
             level = self["log-level"] = parse_level(level)
         parent = getattr(self, "parent", None)
         if parent is not None:
-            filter_twistd_log(parent, LevelFilter(level), self._twistd_log)
+            # twistd's observer shows the --log-level's events, Twisted's
+            # failed accepts folded into a line per interval.
+            predicate = LevelFilter(level)
+            clock = reactor if self._clock is None else self._clock
+            self._twistd_log.wrap(
+                parent,
+                lambda observer: FoldedAcceptErrors(filtered(observer, predicate), clock),
+            )
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
