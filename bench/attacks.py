@@ -374,8 +374,8 @@ async def measure(port: int, pid: int, honest: HonestTunnel, caller: Caller,
     honest.watch.reset()
     calling = defer.ensureDeferred(caller.run(calls, seconds))
     note = await attack
-    throughput, gap = honest.watch.window()
     latencies, outcomes = await calling
+    throughput, gap = honest.watch.window()
     growth = sampler.stop()["service"]
     worst = p99(latencies)
     failed = sum(v for k, v in outcomes.items() if k != "200")
