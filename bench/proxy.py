@@ -92,6 +92,8 @@ class Writer(protocol.Protocol):
     being its producer (C{loseConnection} would wait for that).
     """
 
+    chunk = CHUNK
+
     def __init__(self, total: int) -> None:
         self.left, self.paused = total, False
 
@@ -103,10 +105,14 @@ class Writer(protocol.Protocol):
     def resumeProducing(self) -> None:
         self.paused = False
         while not self.paused and self.left > 0:
-            self.transport.write(CHUNK)
-            self.left -= len(CHUNK)
+            self.transport.write(self.chunk)
+            self.left -= len(self.chunk)
         if self.left <= 0 and self.transport.producer is self:
             self.transport.unregisterProducer()
+            self.all_written()
+
+    def all_written(self) -> None:
+        """Called once, when the last byte is handed to the transport."""
 
     def pauseProducing(self) -> None:
         self.paused = True

@@ -23,12 +23,12 @@ import time
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bench.common import MiB, report
-from bench.proxy import Echo, TLSTunnel, listen
+from bench.proxy import Echo, TLSTunnel, Writer, listen
 
 CHUNK = os.urandom(65536)
 END_GRACE = 10.0
@@ -86,38 +86,22 @@ class StalledAppFactory(protocol.Factory):
             waiting.callback(app)
 
 
-@implementer(IPushProducer, IHalfCloseableProtocol)
-class HalfClosingPusher(protocol.Protocol):
+@implementer(IHalfCloseableProtocol)
+class HalfClosingPusher(Writer):
     """
     Writes C{total} bytes (C{CHUNK} repeated) as fast as the transport
     takes them, then shuts down its writing side and waits for the source
     to close the connection (C{closed}).
     """
 
+    chunk = CHUNK
+
     def __init__(self, total: int) -> None:
-        self.left = total
-        self.paused = False
+        super().__init__(total)
         self.closed: defer.Deferred[None] = defer.Deferred()
 
-    def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
-        self.transport.registerProducer(self, True)
-        self.resumeProducing()
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and self.left > 0:
-            self.transport.write(CHUNK)
-            self.left -= len(CHUNK)
-        if self.left <= 0 and self.transport.producer is self:
-            self.transport.unregisterProducer()
-            self.transport.loseWriteConnection()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self.left = 0
+    def all_written(self) -> None:
+        self.transport.loseWriteConnection()
 
     def writeConnectionLost(self) -> None:
         pass

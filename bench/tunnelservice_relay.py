@@ -35,8 +35,9 @@ from bench.common import (
     wait_for_port,
 )
 from lpxy.frames import Message, RecordDecoder, encode
+from lpxy.wire import NEWEST_SUBPROTOCOL
 
-SUBPROTOCOL = "aws.iot.securetunneling-3.0"
+SUBPROTOCOL = NEWEST_SUBPROTOCOL
 PAYLOAD = 64512
 
 
