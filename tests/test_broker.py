@@ -18,7 +18,12 @@ from lpxy.tunnelservice.broker import (
     ResourceNotFound,
 )
 from lpxy.tunnelservice.store import CLOSED, DESTINATION, OPEN, SOURCE, MemoryTunnelStore
-from lpxy.tunnelservice.tokens import CLIENT_TOKEN_MISMATCH, SPENT_TOKEN, HandshakeRefused
+from lpxy.tunnelservice.tokens import (
+    CLIENT_TOKEN_MISMATCH,
+    SPENT_TOKEN,
+    HandshakeRefused,
+    token_routing_key,
+)
 from tests.support.tunnelservice import RecordingPeer
 
 CT1 = "a" * 32
@@ -348,6 +353,21 @@ class TokenTests(BrokerTestCase):
         assert rotated.source_token is not None
         self.broker.connect(SOURCE, rotated.source_token, CT2, self.peer("s2"))
         self.assertTrue(self.broker.describe(self.opened.tunnel_id).source.connected)
+
+    def test_rotation_keeps_routing_key(self) -> None:
+        """
+        Rotated tokens carry the tunnel's routing key, as the first ones do,
+        so that a load balancer sends them to the node the tunnel is on.
+        """
+        key = token_routing_key(self.opened.source_token)
+        self.assertIsNotNone(key)
+        self.assertEqual(token_routing_key(self.opened.destination_token), key)
+        rotated = self.broker.rotate(self.opened.tunnel_id, ALL)
+        assert rotated.source_token is not None and rotated.destination_token is not None
+        self.assertEqual(token_routing_key(rotated.source_token), key)
+        self.assertEqual(token_routing_key(rotated.destination_token), key)
+        other = self.broker.open_tunnel(["SSH"])
+        self.assertNotEqual(token_routing_key(other.source_token), key)
 
     def test_rotate_all_and_destination(self) -> None:
         rotated = self.broker.rotate(self.opened.tunnel_id, ALL)

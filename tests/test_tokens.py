@@ -19,6 +19,8 @@ from lpxy.tunnelservice.tokens import (
     admit,
     digest,
     new_token,
+    routing_key,
+    token_routing_key,
 )
 
 CLIENT = "c" * 32
@@ -26,12 +28,12 @@ CLIENT = "c" * 32
 
 class AdmitTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.token = new_token()
+        self.token = new_token("t")
         self.record = TunnelRecord(
             tunnel_id="t", arn="arn:t", sequence=1, description=None, thing_name=None,
             services=("SSH",), lifetime_minutes=720, created_at=0.0, last_updated_at=0.0,
             source=EndRecord(token_hash=digest(self.token), last_updated_at=0.0),
-            destination=EndRecord(token_hash=digest(new_token()), last_updated_at=0.0),
+            destination=EndRecord(token_hash=digest(new_token("t")), last_updated_at=0.0),
         )
 
     def refusal(self, found: tuple[TunnelRecord, str] | None, token: str, mode: str,
@@ -63,7 +65,7 @@ class AdmitTests(SynchronousTestCase):
         """Unknown token, a hash that does not match, wrong end, closed tunnel."""
         self.assertEqual(self.refusal(None, self.token, SOURCE), (401, UNKNOWN_TOKEN))
         self.assertEqual(
-            self.refusal((self.record, SOURCE), new_token(), SOURCE), (401, UNKNOWN_TOKEN)
+            self.refusal((self.record, SOURCE), new_token("t"), SOURCE), (401, UNKNOWN_TOKEN)
         )
         self.assertEqual(
             self.refusal((self.record, SOURCE), self.token, DESTINATION), (400, MODE_MISMATCH)
@@ -73,3 +75,35 @@ class AdmitTests(SynchronousTestCase):
             self.refusal((self.record, SOURCE), self.token, SOURCE), (401, CLOSED_TUNNEL)
         )
         self.assertFalse(self.record.source.spent)
+
+
+class RoutingKeyTests(SynchronousTestCase):
+    """Tokens carry their tunnel's routing key, for a load balancer to hash on."""
+
+    def test_shared_by_a_tunnels_tokens(self) -> None:
+        """Every token of one tunnel carries the same key; other tunnels' differ."""
+        first, second = new_token("tunnel-1"), new_token("tunnel-1")
+        self.assertNotEqual(first, second)
+        self.assertEqual(token_routing_key(first), routing_key("tunnel-1"))
+        self.assertEqual(token_routing_key(second), routing_key("tunnel-1"))
+        self.assertNotEqual(routing_key("tunnel-1"), routing_key("tunnel-2"))
+
+    def test_shape(self) -> None:
+        """
+        The key is URL-safe, does not spell the tunnel id out, and comes
+        first, before a dot: what HAProxy's C{field(1,.)} takes.
+        """
+        tunnel_id = "0a1b2c3d-0000-4000-8000-000000000001"
+        key = routing_key(tunnel_id)
+        token = new_token(tunnel_id)
+        self.assertEqual(token.split(".")[0], key)
+        self.assertRegex(key, r"^[A-Za-z0-9_-]{16}$")
+        self.assertNotIn(tunnel_id[:8], key)
+        # The secret after the key is as strong as before keys existed.
+        self.assertGreaterEqual(len(token.split(".", 1)[1]), 64)
+        self.assertRegex(token, r"^[A-Za-z0-9_.-]+$")
+
+    def test_no_key(self) -> None:
+        """A token without a well-formed key has none."""
+        self.assertIsNone(token_routing_key("no-separator-here"))
+        self.assertIsNone(token_routing_key("short.secret"))

@@ -289,7 +289,7 @@ class Broker:
             )
         now = self._clock.seconds()
         tunnel_id = self._new_id()
-        source_token, destination_token = new_token(), new_token()
+        source_token, destination_token = new_token(tunnel_id), new_token(tunnel_id)
         record = TunnelRecord(
             tunnel_id=tunnel_id,
             arn=self._arn_prefix + tunnel_id,
@@ -449,7 +449,7 @@ class Broker:
         tokens: dict[str, str] = {}
         replaced = []
         for m in modes:
-            token = tokens[m] = new_token()
+            token = tokens[m] = new_token(tunnel_id)
             end = record.end(m)
             end.token_hash = digest(token)
             end.client_token_hash = None

@@ -10,10 +10,18 @@ end's tokens admit.
     and only while its tunnel is open.
 Only SHA-256 digests of tokens are kept, and they are compared in constant
 time. No token appears in a log line, a repr or an exception message.
+
+An access token is C{<routing key>.<secret>}. The routing key is the same
+for both of a tunnel's tokens and for every rotated token (it is derived
+from the tunnel id), and it is not secret: a load balancer in front of
+several nodes hashes on it, so that both ends of a tunnel meet on one node
+(HAProxy's C{field(1,.)} of the C{access-token} header or the
+C{awsiot-tunnel-token} cookie). Proxies treat the whole token as opaque.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -24,12 +32,15 @@ __all__ = [
     "CLIENT_TOKEN_MISMATCH",
     "CLOSED_TUNNEL",
     "MODE_MISMATCH",
+    "ROUTING_KEY_LENGTH",
     "SPENT_TOKEN",
     "UNKNOWN_TOKEN",
     "HandshakeRefused",
     "admit",
     "digest",
     "new_token",
+    "routing_key",
+    "token_routing_key",
 ]
 
 SPENT_TOKEN = (
@@ -65,9 +76,32 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
-def new_token() -> str:
-    """A fresh access token."""
-    return secrets.token_urlsafe(48)
+ROUTING_KEY_LENGTH = 16
+"""Characters of a token's routing key (96 bits, URL-safe base64)."""
+_SEPARATOR = "."
+
+
+def routing_key(tunnel_id: str) -> str:
+    """
+    The routing key of tunnel C{tunnel_id}'s access tokens: a digest of the
+    tunnel id, so that it survives rotation and restarts without being
+    stored, and does not spell the tunnel id out.
+    """
+    raw = hashlib.sha256(b"lpxy tunnel route\0" + tunnel_id.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(raw[: ROUTING_KEY_LENGTH * 3 // 4]).decode("ascii")
+
+
+def token_routing_key(token: str) -> str | None:
+    """The routing key an access token carries, or L{None} when it has none."""
+    key, separator, _ = token.partition(_SEPARATOR)
+    if not separator or len(key) != ROUTING_KEY_LENGTH:
+        return None
+    return key
+
+
+def new_token(tunnel_id: str) -> str:
+    """A fresh access token for tunnel C{tunnel_id}: its routing key and a secret."""
+    return routing_key(tunnel_id) + _SEPARATOR + secrets.token_urlsafe(48)
 
 
 def admit(
