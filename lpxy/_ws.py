@@ -82,6 +82,27 @@ def set_no_delay(transport: object) -> bool:
     return done
 
 
+def raise_buffer_size(transport: object, size: int) -> bool:
+    """
+    Raise Twisted's C{bufferSize} (the write buffer's high-water mark, and
+    the size of each read) to C{size} on the socket transport under
+    C{transport}: under TLS it is a layer or two down, where the TLS layer's
+    writes are counted against it. A lower layer already larger is left so.
+
+    @return: whether a transport with a buffer size was found.
+    """
+    for _ in range(_NO_DELAY_DEPTH):
+        if transport is None:
+            break
+        current = getattr(transport, "bufferSize", None)
+        if isinstance(current, int) and hasattr(transport, "doWrite"):
+            if current < size:
+                transport.bufferSize = size  # type: ignore[attr-defined]
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
+
+
 def quiet_autobahn_log() -> Any:
     """
     A logger for the C{log} attribute of an Autobahn protocol or factory

@@ -172,3 +172,20 @@ def _factory(protocol: Protocol) -> Any:
             return protocol
 
     return One()
+
+
+class BacklogTests(TestCase):
+    def test_bound_and_started_ports_ask_for_a_long_backlog(self) -> None:
+        """
+        Every port of the source, bound early or at start, asks for a queue
+        of 511 unaccepted connections, not Twisted's 50: a burst of clients
+        waits instead of being refused.
+        """
+        from twisted.internet.testing import MemoryReactor
+
+        memory = MemoryReactor()
+        listeners = SourceListeners(memory, "127.0.0.1", {"A": 4000}, lambda b, a: None)
+        listeners.bind()
+        self.successResultOf(listeners.start([ServiceBinding("A", "A"), ServiceBinding(None, "B")]))
+        self.assertEqual([(port, backlog) for port, _f, backlog, _i in memory.tcpServers],
+                         [(4000, 511), (0, 511)])

@@ -93,6 +93,30 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.transport.clear()
         return frames
 
+    def test_write_buffer_raised(self) -> None:
+        """
+        The WebSocket's transport holds four of the largest messages before
+        it counts as full (relay.py, invariant 2).
+        """
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        class Socket(FileDescriptor):
+            def getPeer(self) -> IPv4Address:
+                return IPv4Address("TCP", "127.0.0.1", 8080)
+
+            getHost = getPeer
+
+            def writeSomeData(self, data: bytes) -> int:
+                return len(data)
+
+        socket = Socket(MemoryReactor())
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        protocol.makeConnection(socket)
+        self.assertEqual(socket.bufferSize, 4 * 131076)
+        protocol.dropConnection(abort=True)
+        protocol.connectionLost(Failure(ConnectionDone()))
+
     def test_handshake_headers(self) -> None:
         line, headers, _ = parse_request(self.transport.value())
         self.assertEqual(line, "GET /tunnel?local-proxy-mode=source HTTP/1.1")

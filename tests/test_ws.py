@@ -17,6 +17,7 @@ from lpxy._ws import (
     ReadingPauses,
     cancel_autobahn_timers,
     quiet_autobahn_log,
+    raise_buffer_size,
     set_no_delay,
 )
 
@@ -255,6 +256,31 @@ class NoDelayTests(SynchronousTestCase):
         self.assertTrue(set_no_delay(Layer(Layer(Layer(Socket())))))
         self.assertFalse(set_no_delay(Layer(Layer(Layer(Layer(Socket()))))))
         self.assertEqual(calls, [True])
+
+
+class BufferSizeTests(SynchronousTestCase):
+    def test_reaches_socket_transport_under_tls(self) -> None:
+        """
+        The high-water mark is raised on the socket transport (the one that
+        writes), a layer or two under TLS, and never lowered.
+        """
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        class Layer:
+            bufferSize = 1  # not a socket transport: no doWrite
+
+            def __init__(self, below: object) -> None:
+                self.transport = below
+
+        socket = FileDescriptor(MemoryReactor())
+        self.assertEqual(socket.bufferSize, 65536)
+        self.assertTrue(raise_buffer_size(Layer(Layer(socket)), 524304))
+        self.assertEqual(socket.bufferSize, 524304)
+        self.assertTrue(raise_buffer_size(socket, 1000))
+        self.assertEqual(socket.bufferSize, 524304)
+        self.assertFalse(raise_buffer_size(Layer(None), 524304))
+        self.assertFalse(raise_buffer_size(None, 524304))
 
 
 class AutobahnTests(SynchronousTestCase):

@@ -19,12 +19,19 @@ Invariants (design.md, "Data flow and flow control"):
     the WebSocket can carry.
 
  2. Local to tunnel. L{TunnelFlow} is the streaming producer of the
-    WebSocket's transport. When that transport's send buffer is full, every
-    local transport of the tunnel is paused (it stops reading its socket),
-    and all are resumed when it drains. A relay connected while the
-    WebSocket is full starts paused. After a pause each local transport can
-    still deliver at most the one read already under way, so what waits for
-    the WebSocket is bounded by (connections x one read).
+    WebSocket's transport, whose high-water mark is raised to a few
+    messages (C{TunnelFactory.write_buffer}, four of the largest), so the
+    full and drained edges come once per several messages, not once per
+    message (hysteresis: paused above the mark, resumed once empty). While
+    that buffer is
+    full, a relay that reads from its local socket forwards that read and
+    then stops reading (it is I{held}) until the buffer drains; relays that
+    read nothing are never touched, so an edge costs nothing per idle
+    connection and the drained edge resumes only the held relays. What
+    waits for the WebSocket is thus bounded by the high-water mark plus
+    (connections x one read), and a quiet connection (a round trip beside a
+    bulk stream) is never paused behind the bulk one: fairness between
+    streams is that of the one queue every read joins in turn.
 
  3. A destination relay whose application is not connected yet keeps what
     arrives for it, up to C{buffer_limit} bytes; beyond that it is a pauser
@@ -103,7 +110,9 @@ class TunnelFlow:
         self._ws: WebSocketSide | None = None
         self._pausers = ReadingPauses(self._pause_ws, self._resume_ws)
         self._relays: set[LocalRelay] = set()
-        self._ws_full = False
+        # Relays that read while the WebSocket was full, paused until it drains.
+        self._held: set[LocalRelay] = set()
+        self.ws_full = False
 
     @property
     def reading_paused(self) -> bool:
@@ -115,10 +124,15 @@ class TunnelFlow:
         """The local connections alive now."""
         return frozenset(self._relays)
 
+    @property
+    def held(self) -> frozenset[LocalRelay]:
+        """The relays not reading until the WebSocket's buffer drains."""
+        return frozenset(self._held)
+
     def attach(self, ws: WebSocketSide) -> None:
         """A new WebSocket connection carries the tunnel."""
         self._ws = ws
-        self._ws_full = False
+        self._release()
         ws.register_write_producer(self)
         if self._pausers:
             ws.pause_reading()
@@ -126,29 +140,36 @@ class TunnelFlow:
     def detach(self) -> None:
         """The WebSocket connection is gone."""
         self._ws = None
-        self.resumeProducing()
+        self._release()
 
     # IPushProducer, for the WebSocket's transport
 
     def pauseProducing(self) -> None:
-        """The WebSocket's send buffer is full: pause every local reader."""
-        if self._ws_full:
-            return
-        self._ws_full = True
-        for relay in self._relays:
-            relay.pause_local()
+        """
+        The WebSocket's send buffer is full: each relay stops reading after
+        its next read (L{hold}); nothing is done for relays that read nothing.
+        """
+        self.ws_full = True
 
     def resumeProducing(self) -> None:
-        """The WebSocket's send buffer drained: resume the local readers."""
-        if not self._ws_full:
-            return
-        self._ws_full = False
-        for relay in list(self._relays):
-            relay.resume_local()
+        """The WebSocket's send buffer drained: the held relays read again."""
+        self._release()
 
     def stopProducing(self) -> None:
         """The WebSocket's transport is going away."""
-        self._ws_full = False
+        self._release()
+
+    def hold(self, relay: LocalRelay) -> None:
+        """C{relay} read while the WebSocket is full: it reads no more until it drains."""
+        self._held.add(relay)
+        relay.pause_local()
+
+    def _release(self) -> None:
+        self.ws_full = False
+        if self._held:
+            held, self._held = self._held, set()
+            for relay in held:
+                relay.resume_local()
 
     # pausers of the WebSocket's reading
 
@@ -171,14 +192,13 @@ class TunnelFlow:
     # relays
 
     def add_relay(self, relay: LocalRelay) -> None:
-        """A local connection is up; it starts paused if the WebSocket is full."""
+        """A local connection is up (it reads until its first read meets a full WebSocket)."""
         self._relays.add(relay)
-        if self._ws_full:
-            relay.pause_local()
 
     def remove_relay(self, relay: LocalRelay) -> None:
         """A local connection is gone, and with it any pause it held."""
         self._relays.discard(relay)
+        self._held.discard(relay)
         self.remove_pauser(relay)
 
 
@@ -267,12 +287,14 @@ class LocalRelay(Protocol):
         limit = self._max
         if size <= limit:
             self._sink.send_data(self.channel, data)
-            return
-        view = memoryview(data)
-        send = self._sink.send_data
-        channel = self.channel
-        for offset in range(0, size, limit):
-            send(channel, view[offset : offset + limit])
+        else:
+            view = memoryview(data)
+            send = self._sink.send_data
+            channel = self.channel
+            for offset in range(0, size, limit):
+                send(channel, view[offset : offset + limit])
+        if self._flow.ws_full:
+            self._flow.hold(self)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True

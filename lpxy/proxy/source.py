@@ -27,7 +27,15 @@ from twisted.logger import Logger
 
 from lpxy.proxy.channel import ServiceBinding
 
-__all__ = ["ServiceListenerFactory", "SourceListeners", "bind_error"]
+__all__ = ["LISTEN_BACKLOG", "ServiceListenerFactory", "SourceListeners", "bind_error"]
+
+LISTEN_BACKLOG = 511
+"""
+Connections the kernel queues for each port before they are accepted (as
+nginx and Redis ask; Linux caps it at C{net.core.somaxconn}): a burst of
+hundreds of clients waits there instead of being refused, where Twisted's
+default of 50 overflows.
+"""
 
 Accept = Callable[[ServiceBinding, IAddress], "Protocol | None"]
 
@@ -96,8 +104,10 @@ class SourceListeners:
 
     def _endpoint(self, port: int) -> Any:
         if isIPv6Address(self._address.strip("[]")):
-            return TCP6ServerEndpoint(self._reactor, port, interface=self._address.strip("[]"))
-        return TCP4ServerEndpoint(self._reactor, port, interface=self._address)
+            return TCP6ServerEndpoint(
+                self._reactor, port, LISTEN_BACKLOG, interface=self._address.strip("[]")
+            )
+        return TCP4ServerEndpoint(self._reactor, port, LISTEN_BACKLOG, interface=self._address)
 
     def bind(self) -> None:
         """
@@ -111,7 +121,9 @@ class SourceListeners:
         address = self._address.strip("[]")
         for key, port in self._ports.items():
             factory = ServiceListenerFactory(None, self._accept)
-            listening = self._reactor.listenTCP(port, factory, interface=address)
+            listening = self._reactor.listenTCP(
+                port, factory, backlog=LISTEN_BACKLOG, interface=address
+            )
             self._bound[key] = (listening, factory)
 
     @inlineCallbacks

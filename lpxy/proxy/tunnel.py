@@ -36,6 +36,7 @@ from lpxy._ws import (
     Keepalive,
     cancel_autobahn_timers,
     quiet_autobahn_log,
+    raise_buffer_size,
     set_no_delay,
 )
 from lpxy.frames import (
@@ -156,6 +157,9 @@ class TunnelProtocol(WebSocketClientProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         set_no_delay(self.transport)
+        # A few messages fit before the buffer counts as full (relay.py,
+        # invariant 2): one full/drained edge per several messages.
+        raise_buffer_size(self.transport, self.factory.write_buffer)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Autobahn tells onClose only its own words for an unclean end; a
@@ -374,6 +378,7 @@ class TunnelFactory(WebSocketClientFactory):
         max_frame_size: int = WIRE_FRAME_LIMIT,
         open_handshake_timeout: float = 30.0,
         trace: bool = False,
+        write_buffer: int = 4 * WIRE_FRAME_LIMIT,
     ) -> None:
         headers = {"access-token": access_token}
         if client_token:
@@ -391,6 +396,7 @@ class TunnelFactory(WebSocketClientFactory):
         self.ping_period = ping_period_ms / 1000.0
         self.max_frame_size = max_frame_size
         self.trace = trace
+        self.write_buffer = write_buffer
         self._batched_timer = _ClockTimer(clock)
         self.setProtocolOptions(
             maxFramePayloadSize=max_frame_size,
