@@ -338,6 +338,13 @@ class RawHTTPTests(APITestCase):
         self.assertEqual(status, 400)
         self.assertIn(b"Invalid request path", body)
 
+    async def test_health(self) -> None:
+        """GET /health answers 200, for a load balancer's health checks."""
+        status, body = await deferToThread(_get, self.fixture.api_url + "/health")
+        self.assertEqual((status, body), (200, b"ok\n"))
+        status, body = await deferToThread(_get, self.fixture.api_url + "/health/more")
+        self.assertEqual(status, 400)
+
 
 class AWSCLITests(APITestCase):
     """The AWS CLI, unmodified but for C{--endpoint-url}, against the service."""

@@ -76,13 +76,15 @@ class Listener:
         self.retry = retry
         self.finished_with: list[int] = []
         self.lost: list[str] = []
+        self.at_once: list[bool] = []
         self.failed: list[str] = []
 
     def finished(self, status: int) -> None:
         self.finished_with.append(status)
 
-    def connection_lost(self, reason: str) -> bool:
+    def connection_lost(self, reason: str, at_once: bool = False) -> bool:
         self.lost.append(reason)
+        self.at_once.append(at_once)
         return self.retry
 
     def attempt_failed(self, reason: str) -> bool:

@@ -249,14 +249,34 @@ class ServiceTests(ServiceTestBase):
         self.clock.advance(60)
         self.assertEqual(len(self.endpoint.attempts), 1)
 
-    def test_close_1001_reconnects(self) -> None:
+    def test_close_1001_reconnects_at_once(self) -> None:
+        """
+        1001 (the service node is going away): the proxy reconnects without
+        the retry delay, once; if that attempt fails, the next one waits.
+        """
         self.build(config())
         protocol, transport = self.handshake(ids=["SSH"])
         protocol.dataReceived(frame(8, b"\x03\xe9going away"))
         self.lose(protocol, transport)
-        self.clock.advance(2.5)
+        self.clock.advance(0)
         self.assertEqual(len(self.endpoint.attempts), 2)
         self.assertNoResult(self.done)
+        self.endpoint.fail()
+        self.clock.advance(2.4)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.endpoint.attempts), 3)
+
+    def test_lost_waits(self) -> None:
+        """A connection lost without 1001 is retried after the retry delay."""
+        self.build(config())
+        protocol, transport = self.handshake(ids=["SSH"])
+        protocol.dataReceived(frame(8, b"\x03\xf3internal error"))
+        self.lose(protocol, transport)
+        self.clock.advance(2.4)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.endpoint.attempts), 2)
 
     def test_protocol_error_reconnects(self) -> None:
         self.build(config())

@@ -44,7 +44,7 @@ from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.session import Session
 from lpxy.proxy.source import SourceListeners, bind_error
 from lpxy.proxy.tunnel import CloseOutcome, TunnelProtocol, describe_rejection
-from lpxy.wire import CLOSE_NORMAL
+from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL
 
 __all__ = [
     "EXIT_CLOSED",
@@ -80,8 +80,12 @@ class ConnectorListener(Protocol):
     def finished(self, status: int) -> None:
         """The proxy must end, with exit status C{status}."""
 
-    def connection_lost(self, reason: str) -> bool:
-        """A usable connection was lost; return whether a reconnection follows."""
+    def connection_lost(self, reason: str, at_once: bool = False) -> bool:
+        """
+        A usable connection was lost; return whether a reconnection follows
+        (C{at_once}: without the retry delay, the service having said it is
+        going away).
+        """
 
     def attempt_failed(self, reason: str) -> bool:
         """An attempt ended before the tunnel was usable; return whether a retry follows."""
@@ -266,12 +270,15 @@ class ProxyConnector:
             )
         elif was_ready:
             why = self._why(outcome)
-            if not self._listener.connection_lost(why):
+            # 1001: the service node is stopping; a load balancer sends the
+            # reconnection to another node, so waiting would only add delay.
+            at_once = outcome.opened and outcome.code == CLOSE_GOING_AWAY and not outcome.by_us
+            if not self._listener.connection_lost(why, at_once=at_once):
                 return
             self._log.warn(
                 "Lost the tunnel connection ({reason}); reconnecting in {delay}s",
                 reason=why,
-                delay=delay,
+                delay=0 if at_once else delay,
             )
         else:
             why = self._why(outcome)

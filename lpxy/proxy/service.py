@@ -126,12 +126,15 @@ class LocalProxyService(MultiService):
         # ClientService hears of each failure, so that the last one stops
         # it before it schedules (and logs) a retry that will never come.
         self._failures = 0
+        self._delay = delay
+        # The next attempt follows at once (the service said 1001).
+        self._at_once = False
         self.client = ClientService(
             cast(Any, GuardedEndpoint(
                 endpoint, endpoint_name, self._endpoint_failed, config.endpoint.host
             )),
             cast(Any, self.factory),
-            retryPolicy=lambda attempt: delay,
+            retryPolicy=self._retry_delay,
             clock=self._clock,
             prepareConnection=self._prepare,
         )
@@ -224,9 +227,20 @@ class LocalProxyService(MultiService):
             return False
         return True
 
-    def connection_lost(self, reason: str) -> bool:
-        """A usable connection was lost: say whether a reconnection follows."""
+    def _retry_delay(self, attempt: int) -> float:
+        if self._at_once:
+            self._at_once = False
+            return 0.0
+        return self._delay
+
+    def connection_lost(self, reason: str, at_once: bool = False) -> bool:
+        """
+        A usable connection was lost: say whether a reconnection follows,
+        without the retry delay when C{at_once} (only the first: if it fails,
+        the next waits as usual).
+        """
         self._failures = 1
+        self._at_once = at_once
         if self._retries == 0:
             self._log.error(
                 "Lost the tunnel connection ({reason}); not reconnecting: "

@@ -2,12 +2,12 @@
 """
 The tunnel service as a Twisted service: ports serving both planes.
 
-Every port runs one twisted.web site: C{POST /} is the management API and
-C{GET /tunnel} the WebSocket data plane. Each port is a
-L{StreamServerEndpointService} child of the L{TunnelService}. Every
-connection, HTTP or WebSocket, is kept in one L{Connections} registry, so
-that stopping the service can close them all (tunnel peers with 1001) and
-finish only when they are gone.
+Every port runs one twisted.web site: C{POST /} is the management API,
+C{GET /tunnel} the WebSocket data plane and C{GET /health} a load
+balancer's check. Each port is a L{StreamServerEndpointService} child of
+the L{TunnelService}. Every connection, HTTP or WebSocket, is kept in one
+L{Connections} registry, so that stopping the service can close them all
+(tunnel peers with 1001) and finish only when they are gone.
 """
 
 from __future__ import annotations
@@ -156,6 +156,20 @@ class _PlainError(Resource):
         return (self._text + "\n").encode("utf-8")
 
 
+class _Health(Resource):
+    """
+    C{GET /health}: 200 while the node serves, for a load balancer's checks
+    (a stopping node has stopped listening, so its checks fail).
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return b"ok\n"
+
+
 class _TunnelResource(WebSocketResource):
     """Autobahn's resource, letting go of the HTTP channel it takes over."""
 
@@ -193,8 +207,11 @@ class _Root(Resource):
         else:
             text = "Invalid request path: the API is POST / and tunnels are GET /tunnel"
         self._wrong_path = _PlainError(400, text)
+        self._health = _Health()
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        if path == b"health" and not request.postpath:
+            return self._health
         if path == b"" and not request.postpath and self._api is not None:
             return self._api
         if path == b"tunnel" and self._tunnel is not None:
