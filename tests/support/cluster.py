@@ -1,0 +1,284 @@
+"""
+Pieces of a tunnel service cluster on loopback, for the cluster tests, the
+simulation (C{python -m bench.cluster_sim}) and the cluster benchmark:
+HAProxy configured from C{contrib/haproxy/haproxy.cfg.template}, and light
+tunnel peers that reconnect as lpxy's proxies do.
+
+A L{TunnelPair} is a tunnel's two ends as bare protocol 3.0 WebSocket
+peers: the destination echoes every DATA record, the source starts a
+stream and waits for its echo (L{TunnelPair.round_trip}). Both ends keep
+a client token, so that they rejoin their tunnel after a lost connection:
+at once after a close 1001 (a node going away), after a short delay
+otherwise, and never after 1000 (the tunnel was closed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import string
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import deferLater
+
+from lpxy.frames import Message, RecordDecoder, encode
+from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, NEWEST_SUBPROTOCOL
+
+__all__ = [
+    "HAPROXY_TEMPLATE",
+    "Server",
+    "TunnelPair",
+    "haproxy_config",
+    "haproxy_missing",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+HAPROXY_TEMPLATE = ROOT / "contrib" / "haproxy" / "haproxy.cfg.template"
+SERVICE = "SIM"
+
+
+@attrs.frozen
+class Server:
+    """One node as HAProxy sees it."""
+
+    name: str
+    host: str
+    port: int
+    enabled: bool = True
+
+    def line(self) -> str:
+        """Its C{server} line: PROXY protocol to the node, health-checked."""
+        line = (
+            f"    server {self.name} {self.host}:{self.port} "
+            "send-proxy-v2 check check-send-proxy"
+        )
+        return line if self.enabled else line + " disabled"
+
+
+def haproxy_config(
+    bind: str, servers: Sequence[Server], global_lines: Sequence[str] = ()
+) -> str:
+    """
+    The HAProxy configuration for C{servers}: the template in C{contrib/}
+    filled in (see its header for C{bind}).
+    """
+    template = string.Template(HAPROXY_TEMPLATE.read_text())
+    return template.substitute(
+        bind=bind,
+        servers="\n".join(server.line() for server in servers),
+        **{"global": "\n".join(f"    {line}" for line in global_lines)},
+    )
+
+
+def haproxy_missing() -> str | None:
+    """Why HAProxy cannot be run here, or L{None} when it can."""
+    if shutil.which("haproxy") is None:
+        return "HAProxy is not installed (apt-get install haproxy; .ci/run does it)"
+    return None
+
+
+class _Peer(WebSocketClientProtocol):
+    """One end of a L{TunnelPair}."""
+
+    # at debug, Autobahn would log the request, token included
+    log = txaio.make_logger(level="info")  # type: ignore[attr-defined]
+
+    def onOpen(self) -> None:
+        self._decoder = RecordDecoder()
+        self.factory.pair._opened(self.factory.mode, self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        for message in self._decoder.feed(payload):
+            self.factory.pair._received(self.factory.mode, self, message)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.pair._closed(self.factory.mode, self, code if wasClean else None, reason)
+        self.factory.gone.callback(None)
+
+
+class TunnelPair:
+    """
+    A tunnel's source and destination, connected through C{host}:C{port}.
+
+    @ivar closed_reason: the reason of the 1000 close that ended the
+        tunnel, once one has.
+    @ivar reconnections: connections opened after the first of each end.
+
+    @param cookie: send the access token in the C{awsiot-tunnel-token}
+        cookie instead of the C{access-token} header.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tunnel_id: str,
+        source_token: str,
+        destination_token: str,
+        retry_delay: float = 0.5,
+        cookie: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.tunnel_id = tunnel_id
+        self._tokens = {"source": source_token, "destination": destination_token}
+        self._client_tokens = {mode: uuid.uuid4().hex for mode in self._tokens}
+        self._retry_delay = retry_delay
+        self._cookie = cookie
+        self._peers: dict[str, _Peer | None] = {"source": None, "destination": None}
+        self._waiting_open: dict[str, list[defer.Deferred[None]]] = {
+            mode: [] for mode in self._tokens
+        }
+        self._stream = 0
+        self._echo: tuple[int, bytes, defer.Deferred[bool]] | None = None
+        self._stopped = False
+        self.closed_reason: str | None = None
+        self.closed = defer.Deferred[str]()
+        self.reconnections = 0
+        self._connected_once: set[str] = set()
+        self._attempts: set[defer.Deferred[Any]] = set()
+        self._calls: list[Any] = []
+        self._gone: list[defer.Deferred[None]] = []
+
+    def start(self) -> defer.Deferred[None]:
+        """Connect both ends; fire once both are open."""
+        for mode in self._tokens:
+            self._connect(mode)
+        return defer.gatherResults([self._open(mode) for mode in self._tokens]).addCallback(
+            lambda _: None
+        )
+
+    def _open(self, mode: str) -> defer.Deferred[None]:
+        if self._peers[mode] is not None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting_open[mode].append(d)
+        return d
+
+    def _connect(self, mode: str) -> None:
+        if self._stopped or self.closed_reason is not None:
+            return
+        headers = {"client-token": self._client_tokens[mode]}
+        if self._cookie:
+            headers["cookie"] = f"awsiot-tunnel-token={self._tokens[mode]}"
+        else:
+            headers["access-token"] = self._tokens[mode]
+        factory = WebSocketClientFactory(
+            f"ws://{self.host}:{self.port}/tunnel?local-proxy-mode={mode}",
+            protocols=[NEWEST_SUBPROTOCOL],
+            headers=headers,
+        )
+        factory.protocol = _Peer
+        factory.setProtocolOptions(openHandshakeTimeout=5, autoFragmentSize=0)
+        factory.pair = self
+        factory.mode = mode
+        factory.gone = defer.Deferred()
+        self._gone.append(factory.gone)
+        endpoint = TCP4ClientEndpoint(reactor, self.host, self.port, timeout=5)
+        attempt = endpoint.connect(factory)
+        self._attempts.add(attempt)
+
+        def failed(_: Any) -> None:
+            factory.gone.callback(None)
+            self._retry(mode, self._retry_delay)
+
+        attempt.addCallbacks(lambda _: None, failed)
+        attempt.addBoth(lambda _: self._attempts.discard(attempt))
+
+    def _retry(self, mode: str, delay: float) -> None:
+        if not self._stopped and self.closed_reason is None:
+            call = reactor.callLater(delay, self._connect, mode)  # type: ignore[attr-defined]
+            self._calls = [c for c in self._calls if c.active()] + [call]
+
+    def _opened(self, mode: str, peer: _Peer) -> None:
+        if mode in self._connected_once:
+            self.reconnections += 1
+        self._connected_once.add(mode)
+        self._peers[mode] = peer
+        waiting, self._waiting_open[mode] = self._waiting_open[mode], []
+        for d in waiting:
+            d.callback(None)
+
+    def _closed(self, mode: str, peer: _Peer, code: int | None, reason: str | None) -> None:
+        if self._peers[mode] is peer:
+            self._peers[mode] = None
+        if code == CLOSE_NORMAL:
+            if self.closed_reason is None:
+                self.closed_reason = reason or ""
+                self.closed.callback(self.closed_reason)
+            return
+        self._retry(mode, 0 if code == CLOSE_GOING_AWAY else self._retry_delay)
+
+    def _received(self, mode: str, peer: _Peer, message: Any) -> None:
+        if mode == "destination":
+            if message.type == Message.DATA:
+                peer.sendMessage(encode(Message(
+                    type=Message.DATA, streamId=message.streamId, serviceId=message.serviceId,
+                    connectionId=message.connectionId, payload=message.payload,
+                )), isBinary=True)
+            return
+        echo = self._echo
+        if echo is None or message.streamId != echo[0]:
+            return
+        if message.type == Message.DATA:
+            self._echo = None
+            echo[2].callback(message.payload == echo[1])
+        elif message.type == Message.STREAM_RESET:
+            self._echo = None
+            echo[2].callback(False)
+
+    async def round_trip(self, payload: bytes = b"ping", timeout: float = 10.0) -> float:
+        """
+        Start a stream, send C{payload} and wait for its echo, starting over
+        (a new stream) until it comes back whole or C{timeout} passes.
+
+        @return: the seconds it took.
+        @raise TimeoutError: no echo within C{timeout}.
+        """
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        deadline = started + timeout
+        while reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            if self.closed_reason is not None:
+                raise TimeoutError(f"tunnel {self.tunnel_id} closed: {self.closed_reason}")
+            source = self._peers["source"]
+            if source is None or self._peers["destination"] is None:
+                await deferLater(reactor, 0.05, lambda: None)
+                continue
+            self._stream += 1
+            d: defer.Deferred[bool] = defer.Deferred()
+            self._echo = (self._stream, payload, d)
+            source.sendMessage(
+                encode(Message(type=Message.STREAM_START, streamId=self._stream,
+                               serviceId=SERVICE, connectionId=1))
+                + encode(Message(type=Message.DATA, streamId=self._stream,
+                                 serviceId=SERVICE, connectionId=1, payload=payload)),
+                isBinary=True,
+            )
+            d.addTimeout(1.0, reactor)
+            try:
+                if await d:
+                    return reactor.seconds() - started  # type: ignore[attr-defined,no-any-return]
+            except defer.TimeoutError:
+                self._echo = None
+            await deferLater(reactor, 0.05, lambda: None)
+        raise TimeoutError(f"tunnel {self.tunnel_id}: no echo within {timeout} s")
+
+    async def stop(self) -> None:
+        """Close both ends (1000 from our side) and reconnect no more."""
+        self._stopped = True
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        for attempt in list(self._attempts):
+            attempt.cancel()
+        for peer in list(self._peers.values()):
+            if peer is not None and peer.state == peer.STATE_OPEN:
+                peer.sendClose(CLOSE_NORMAL)
+        await defer.gatherResults([g for g in self._gone if not g.called])
