@@ -25,13 +25,14 @@ import signal
 import sys
 from collections.abc import Callable, MutableMapping
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FileLogObserver,
+    LegacyLogObserverWrapper,
     LogEvent,
     Logger,
     formatEventAsClassicLogText,
@@ -201,10 +202,11 @@ class TwistdLog:
     SIGUSR1's default action ends the process. twistd takes a wrapper only
     as the dotted name of an observer factory, its C{--logger}; L{wrap}
     sets that name to this object's L{observer}, which must be reachable
-    as C{name}. With C{--syslog}, twistd's observer is left alone. The
-    observer twistd makes writes its timestamps to the microsecond
-    (L{SUBSECOND_TIME_FORMAT}); one from the user's C{--logger} is used as
-    it is.
+    as C{name}. Every route twistd offers is kept: C{--logfile}, standard
+    output, C{--syslog} (with its C{--prefix}) and a C{--logger} of the
+    user's. The file observer twistd makes writes its timestamps to the
+    microsecond (L{SUBSECOND_TIME_FORMAT}); one from the user's C{--logger}
+    is used as it is.
 
     @ivar name: the dotted name of this object (see L{TWISTD_LOG}).
     """
@@ -224,12 +226,14 @@ class TwistdLog:
         the subcommand's C{postOptions}, before twistd resolves its
         C{--logger}.
         """
-        if server_options.get("syslog") or "logger" not in server_options:
+        if "logger" not in server_options:
             return
         self._options = {
             "logger": server_options.get("logger"),
             "logfile": server_options.get("logfile"),
             "nodaemon": bool(server_options.get("nodaemon")),
+            "syslog": bool(server_options.get("syslog")),
+            "prefix": server_options.get("prefix", "twisted"),
         }
         self._wrapper = wrapper
         server_options["logger"] = f"{self.name}.observer"
@@ -249,11 +253,13 @@ class TwistdLog:
             from twisted.scripts._twistd_unix import UnixAppLogger
 
             made = UnixAppLogger(
-                {"logfile": self._options.get("logfile"),
-                 "nodaemon": self._options.get("nodaemon")}
+                {key: self._options.get(key) for key in ("logfile", "nodaemon", "syslog", "prefix")}
             )._getLogObserver()
             if isinstance(made, FileLogObserver):
                 made.formatEvent = subsecond_classic_text
+            elif self._options.get("syslog"):
+                # --syslog's observer takes legacy events: twistd wraps it so too.
+                made = LegacyLogObserverWrapper(cast(Any, made))
         return made if self._wrapper is None else self._wrapper(made)
 
 

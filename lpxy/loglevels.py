@@ -71,6 +71,6 @@ def filter_twistd_log(
     """
     Make twistd's log observer show only what C{predicate} lets through.
     Call it from the subcommand's C{postOptions}, given twistd's own
-    options. With C{--syslog} twistd's observer is left alone.
+    options, whichever route twistd logs by (C{--syslog} included).
     """
     twistd_log.wrap(server_options, lambda observer: filtered(observer, predicate))

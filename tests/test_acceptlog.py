@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy.tunnelservice.acceptlog import FoldedAcceptErrors
+from lpxy.tunnelservice.acceptlog import AcceptLogService, FoldedAcceptErrors
 
 
 def could_not_accept(name: str = "EMFILE") -> dict[str, Any]:
@@ -112,6 +112,32 @@ class FoldingTests(SynchronousTestCase):
         self.fold.stop()
         self.assertEqual([e["count"] for e in self.seen], [1, 1])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_after_stop(self) -> None:
+        """Once stopped, Twisted's lines pass as they are: nothing is counted or scheduled."""
+        self.fold.stop()
+        event = could_not_accept()
+        self.fold(event)
+        self.assertEqual(self.seen, [event])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class AcceptLogServiceTests(SynchronousTestCase):
+    """L{AcceptLogService}: the folds it makes are stopped with it."""
+
+    def test_stop(self) -> None:
+        clock = Clock()
+        service = AcceptLogService(clock)
+        seen: list[dict[str, Any]] = []
+        fold = service.wrap(seen.append)
+        service.startService()
+        for _ in range(4):
+            fold(could_not_accept())
+        self.assertEqual([e["count"] for e in seen], [1])
+        service.stopService()
+        self.assertEqual([e["count"] for e in seen], [1, 3])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertFalse(service.running)
 
 
 class _Listener:

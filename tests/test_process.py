@@ -21,6 +21,7 @@ from lpxy import _process
 from lpxy._process import TWISTD_LOG, ProcessEnd, ProcessService, TwistdLog
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
 from tests.support.entrypoints import FakeProxyService
+from tests.support.logs import SyslogCapture
 
 CONFIG = ProxyConfig(mode="source", access_token="t", endpoint=TunnelEndpoint("h"))
 
@@ -347,14 +348,25 @@ class TwistdLogTests(SynchronousTestCase):
         self.assertEqual([e["log_level"] for e in RECORDED], [LogLevel.error])
         RECORDED.clear()
 
-    def test_syslogLeftAlone(self) -> None:
+    def test_syslog(self) -> None:
         """
-        With C{--syslog} (or options without C{logger}), twistd's observer is
-        left alone.
+        With C{--syslog}, the observer sends to syslog with twistd's
+        C{--prefix}, through the wrapper.
         """
-        options = {"logger": None, "logfile": None, "nodaemon": 0, "syslog": 1}
+        syslog = SyslogCapture(self)
+        options = {"logger": None, "logfile": None, "nodaemon": 0, "syslog": 1,
+                   "prefix": "lpxy"}
         self.log.wrap(options, self.wrapper)
-        self.assertIsNone(options["logger"])
+        self.assertEqual(options["logger"], "tests.test_process.SOME_LOG.observer")
+        observer = self.log.observer()
+        self.assertEqual(len(self.wrapped), 1)
+        self.assertEqual(syslog.prefixes, ["lpxy"])
+        observer({**event(LogLevel.info), "log_time": 0})
+        observer({**event(LogLevel.error), "log_time": 0})
+        self.assertEqual(syslog.texts(), ["[-] hello world"])
+
+    def test_noLoggerOption(self) -> None:
+        """Options without C{logger} (not twistd's) are left alone."""
         options = {"logfile": None}
         self.log.wrap(options, self.wrapper)
         self.assertEqual(options, {"logfile": None})

@@ -23,9 +23,11 @@ from lpxy.tunnelservice.admission import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     default_max_connections,
 )
+from lpxy.tunnelservice.ratelog import RateLimitedLog
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.sqlstore import SQLTunnelStore
 from lpxy.tunnelservice.tap import Options, makeService
+from tests.support.logs import SyslogCapture
 
 
 def parse(*argv: str) -> Options:
@@ -199,7 +201,7 @@ def describe_debug_line() -> dict[str, Any]:
 
 
 def line(level: LogLevel, text: str) -> dict[str, Any]:
-    return {"log_format": text, "log_level": level, "log_namespace": "x"}
+    return {"log_format": text, "log_level": level, "log_namespace": "x", "log_time": 0}
 
 
 class LogLevelTests(SynchronousTestCase):
@@ -284,9 +286,77 @@ class LogLevelTests(SynchronousTestCase):
         self.assertIn("Refused tunnel handshake", lines[1])
         self.assertIn("Could not accept 4 connection(s) in the last 10 s", lines[2])
 
-    def test_syslog_left_alone(self) -> None:
-        server_options, _ = self.shown("--log-level", "debug", syslog=1)
-        self.assertIsNone(server_options["logger"])
+    def test_every_route(self) -> None:
+        """
+        Standard output, C{--logfile} and C{--syslog} alike show the
+        C{--log-level}'s events, failed accepts folded.
+        """
+        routes: dict[str, Any] = {
+            "stdout": {"logfile": None, "nodaemon": 1, "syslog": 0},
+            "logfile": {"logfile": self.mktemp(), "nodaemon": 0, "syslog": 0},
+            "syslog": {"logfile": None, "nodaemon": 0, "syslog": 1, "prefix": "lpxy"},
+        }
+        for route, server_options in routes.items():
+            stdout = io.StringIO()
+            self.patch(sys, "stdout", stdout)
+            syslog = SyslogCapture(self)
+            twistd_log = TwistdLog("tests.test_tunnelservice_tap.SOME_LOG")
+            clock = Clock()
+            options = Options(twistd_log, clock=clock)
+            options.parent = {"logger": None, **server_options}
+            options.parseOptions(["--log-level", "warn"])
+            observer = twistd_log.observer()
+            for _ in range(5):
+                observer(failed_accept())
+            observer(line(LogLevel.info, "Refused tunnel handshake"))
+            observer(line(LogLevel.warn, "Dropping"))
+            clock.advance(10)
+            if route == "syslog":
+                lines = syslog.texts()
+            elif route == "logfile":
+                with open(server_options["logfile"]) as f:
+                    lines = f.read().splitlines()
+            else:
+                lines = stdout.getvalue().splitlines()
+            self.assertEqual(len(lines), 3, (route, lines))
+            self.assertIn("Could not accept 1 connection(s) in the last 10 s", lines[0], route)
+            self.assertIn("Dropping", lines[1], route)
+            self.assertIn("Could not accept 4 connection(s) in the last 10 s", lines[2], route)
+
+    def test_folding_stops_with_the_service(self) -> None:
+        """
+        Stopping the service writes the last folded count and leaves no
+        timer; failed accepts after that are shown as Twisted logs them.
+        """
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        reactor = MemoryReactorClock()
+        twistd_log = TwistdLog("tests.test_tunnelservice_tap.SOME_LOG")
+        options = Options(twistd_log, clock=reactor)
+        options.parent = {"logger": None, "logfile": None, "nodaemon": 1, "syslog": 0}
+        options.parseOptions(["--db", ":memory:", "--insecure-open-api"])
+        root = makeService(options, reactor=reactor)
+        observer = twistd_log.observer()
+        root.privilegedStartService()
+        root.startService()
+        for _ in range(3):
+            observer(failed_accept())
+        self.assertEqual(len(stdout.getvalue().splitlines()), 1)
+        self.successResultOf(root.stopService())
+        lines = stdout.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("Could not accept 2 connection(s) in the last 10 s", lines[1])
+        self.assertEqual([call for call in reactor.getDelayedCalls()
+                          if isinstance(getattr(call.func, "__self__", None), RateLimitedLog)], [])
+        observer(failed_accept())
+        self.assertIn("Could not accept new connection (EMFILE)", stdout.getvalue().splitlines()[2])
+
+
+def failed_accept() -> dict[str, Any]:
+    """Twisted's event for an accept failed for want of descriptors."""
+    return {"log_format": "Could not accept new connection ({acceptError})",
+            "acceptError": "EMFILE", "log_level": LogLevel.info,
+            "log_namespace": "twisted.internet.tcp.Port", "log_time": 0}
 
 
 def only_child(root: Any) -> TunnelService:

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy._process import TwistdLog
 from lpxy.proxy import verbosity
+from tests.support.logs import SyslogCapture
 
 # The reference's log line, messages.md section 3.
 REFERENCE_LINE = (
@@ -177,13 +178,19 @@ class TwistdLoggingTests(SynchronousTestCase):
         self.assertIn("[x#error] hello world", stdout.getvalue())
         self.assertRegex(stdout.getvalue(), TWISTD_SUBSECOND)
 
-    def test_syslogLeftAlone(self) -> None:
+    def test_syslog(self) -> None:
         """
-        With C{--syslog}, twistd keeps its own observer.
+        With C{--syslog}, syslog gets only what the verbosity lets through.
         """
-        options = {"logger": None, "logfile": None, "nodaemon": 0, "syslog": 1}
-        verbosity.filter_twistd_logging(options, 5, self.log)
-        self.assertIsNone(options["logger"])
+        syslog = SyslogCapture(self)
+        options = {"logger": None, "logfile": None, "nodaemon": 0, "syslog": 1,
+                   "prefix": "twisted"}
+        verbosity.filter_twistd_logging(options, 2, self.log)
+        self.assertEqual(options["logger"], "tests.test_verbosity.SOME_LOG.observer")
+        observer = self.log.observer()
+        observer({**event(LogLevel.warn), "log_time": 0})
+        observer({**event(LogLevel.error), "log_time": 0})
+        self.assertEqual(syslog.texts(), ["[-] hello world"])
 
     def test_userLogger(self) -> None:
         """

@@ -118,7 +118,7 @@ def filter_twistd_logging(
 ) -> None:
     """
     Make twistd's log observer honour C{verbosity}. Call it from the
-    subcommand's C{postOptions}, given twistd's own options. With
-    C{--syslog} twistd's observer is left alone.
+    subcommand's C{postOptions}, given twistd's own options, whichever
+    route twistd logs by (C{--syslog} included).
     """
     filter_twistd_log(server_options, VerbosityFilter(verbosity), twistd_log)

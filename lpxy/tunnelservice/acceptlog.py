@@ -12,6 +12,13 @@ sits in front of the process's log observer, keeps those events from it
 and counts them into a L{RateLimitedLog}, which writes "Could not accept
 N connection(s) in the last 10 s: too many open files" at most once per
 interval. Every other event passes unchanged.
+
+twistd makes its log observer after the service is built, so the folding
+is set up in two parts: L{AcceptLogService.wrap} is the wrapper twistd's
+observer factory calls (whatever the route: C{--logfile}, C{--syslog},
+standard output or a C{--logger}), and the service, a child of the
+process's root service, stops what it made when the process stops: the
+last count is written and no timer is left behind.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from twisted.application.service import Service
 from twisted.logger import ILogObserver, Logger
 
 from lpxy.tunnelservice.ratelog import RateLimitedLog
 
-__all__ = ["ACCEPT_LOG_INTERVAL", "FoldedAcceptErrors"]
+__all__ = ["ACCEPT_LOG_INTERVAL", "AcceptLogService", "FoldedAcceptErrors"]
 
 #: Seconds between two lines about failed accepts, at least.
 ACCEPT_LOG_INTERVAL = 10.0
@@ -53,7 +61,7 @@ class FoldedAcceptErrors:
     lines about accepts failed for want of descriptors (or memory), which
     it counts: the first is reported at once, the rest at most once per
     C{interval} seconds, at warn level, with their count and the latest
-    reason.
+    reason. Once stopped, it passes everything on.
 
     @param observer: the observer shown everything else, and the reports.
     @param clock: an C{IReactorTime} provider timing the reports.
@@ -70,9 +78,10 @@ class FoldedAcceptErrors:
         self._log = Logger(namespace=__name__, observer=cast(ILogObserver, observer))
         self._interval = interval
         self._reports = RateLimitedLog(clock, interval, self._report)
+        self._stopped = False
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        failed = self._failed_accept(event)
+        failed = None if self._stopped else self._failed_accept(event)
         if failed is None:
             self._observer(event)
         elif failed:
@@ -102,5 +111,36 @@ class FoldedAcceptErrors:
         )
 
     def stop(self) -> None:
-        """Report what is counted now, and schedule nothing more."""
+        """
+        Report what is counted now, and schedule nothing more: later events
+        reach the observer as they are.
+        """
+        self._stopped = True
         self._reports.stop()
+
+
+class AcceptLogService(Service):
+    """
+    Folds the failed-accept lines of the observers it L{wrap}s, and stops
+    the folding (the last count written, the timer cancelled) when it
+    stops.
+
+    @param clock: an C{IReactorTime} provider timing the reports.
+    @param interval: seconds between two reports, at least.
+    """
+
+    def __init__(self, clock: Any, interval: float = ACCEPT_LOG_INTERVAL) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._folds: list[FoldedAcceptErrors] = []
+
+    def wrap(self, observer: Callable[[Mapping[str, Any]], None]) -> FoldedAcceptErrors:
+        """C{observer} behind a L{FoldedAcceptErrors} that this service stops."""
+        fold = FoldedAcceptErrors(observer, self._clock, self._interval)
+        self._folds.append(fold)
+        return fold
+
+    def stopService(self) -> None:
+        super().stopService()
+        for fold in self._folds:
+            fold.stop()

@@ -12,7 +12,7 @@ from twisted.python import usage
 
 from lpxy._process import TWISTD_LOG, ProcessService, TwistdLog
 from lpxy.loglevels import LEVEL_NAMES, LevelFilter, filtered, parse_level
-from lpxy.tunnelservice.acceptlog import FoldedAcceptErrors
+from lpxy.tunnelservice.acceptlog import AcceptLogService
 from lpxy.tunnelservice.admission import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     DESCRIPTOR_RESERVE,
@@ -141,6 +141,8 @@ class Options(usage.Options):
         super().__init__()
         self._twistd_log = twistd_log
         self._clock = clock
+        #: folds failed accepts in twistd's log; made once twistd's options are known
+        self.accept_log: AcceptLogService | None = None
         self["port"] = []
         self["api-port"] = []
         self["data-port"] = []
@@ -207,12 +209,13 @@ class Options(usage.Options):
         parent = getattr(self, "parent", None)
         if parent is not None:
             # twistd's observer shows the --log-level's events, Twisted's
-            # failed accepts folded into a line per interval.
+            # failed accepts folded into a line per interval (by a service
+            # that makeService puts under the root, to stop it at the end).
             predicate = LevelFilter(level)
-            clock = reactor if self._clock is None else self._clock
+            accept_log = AcceptLogService(reactor if self._clock is None else self._clock)
+            self.accept_log = accept_log
             self._twistd_log.wrap(
-                parent,
-                lambda observer: FoldedAcceptErrors(filtered(observer, predicate), clock),
+                parent, lambda observer: accept_log.wrap(filtered(observer, predicate)),
             )
 
 
@@ -255,4 +258,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         verifier=None if keys is None else SignatureVerifier(keys, reactor),
         insecure_open_api=bool(options["insecure-open-api"]),
     )
-    return ProcessService(service, reactor, name="The tunnel service")
+    root = ProcessService(service, reactor, name="The tunnel service")
+    accept_log = getattr(options, "accept_log", None)
+    if accept_log is not None:
+        accept_log.setServiceParent(root)
+    return root

@@ -1,16 +1,17 @@
 """
 L{LogRecorder}: every log event published while a test runs, to search and
-to wait for.
+to wait for. L{SyslogCapture}: what twistd's C{--syslog} observer sends.
 """
 
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.python import syslog
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-__all__ = ["LogRecorder"]
+__all__ = ["LogRecorder", "SyslogCapture"]
 
 
 @implementer(ILogObserver)
@@ -57,3 +58,22 @@ class LogRecorder:
             if secret in text or secret in fields:
                 found.append(text)
         return found
+
+
+class SyslogCapture:
+    """
+    Stands in for the system's syslog under twistd's C{--syslog} observer
+    while a test runs: C{prefixes} it was opened with, C{lines} sent, each
+    as (priority, text).
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.prefixes: list[str] = []
+        self.lines: list[tuple[int, str]] = []
+        case.patch(syslog.SyslogObserver, "openlog",
+                   staticmethod(lambda prefix, *rest: self.prefixes.append(prefix)))
+        case.patch(syslog.SyslogObserver, "syslog",
+                   staticmethod(lambda priority, text: self.lines.append((priority, text))))
+
+    def texts(self) -> list[str]:
+        return [text for _, text in self.lines]
