@@ -12,6 +12,7 @@ This is a program, not library code: it reports on standard output.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import IO
+from typing import IO, NoReturn
 
 _DEADLINE = 30.0
 
@@ -123,9 +124,50 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
+DEFAULT_SIZE = 8 * 1024 * 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, a usage error exiting 1 as lpxy's other programs do."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        size = -1
+    if size < 1:
+        raise argparse.ArgumentTypeError(
+            f"BYTES must be a positive whole number of bytes, e.g. 1048576, not {value!r}"
+        )
+    return size
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of C{lpxy-demo}."""
+    p = _Parser(
+        prog="lpxy-demo",
+        description=(
+            "Run a whole AWS IoT Secure Tunneling tunnel on loopback from the installed "
+            "programs: twistd tunnelservice, a destination and a source localproxy and "
+            "an echo server; push BYTES through the tunnel and check every byte comes "
+            "back. Exits 0 when the round trip is intact and both proxies exit 0."
+        ),
+    )
+    p.add_argument(
+        "size", metavar="BYTES", nargs="?", type=_size, default=DEFAULT_SIZE,
+        help=f"how many random bytes to echo through the tunnel (default {DEFAULT_SIZE})",
+    )
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit status."""
-    size = int((argv or sys.argv[1:] or ["8388608"])[0])
+    size: int = parser().parse_args(sys.argv[1:] if argv is None else argv).size
     python = sys.executable
     workdir = tempfile.mkdtemp(prefix="lpxy-demo-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -41,4 +40,4 @@ class Message(_message.Message):
     serviceId: str
     availableServiceIds: _containers.RepeatedScalarFieldContainer[str]
     connectionId: int
-    def __init__(self, type: _Optional[_Union[Message.Type, str]] = ..., streamId: _Optional[int] = ..., ignorable: _Optional[bool] = ..., payload: _Optional[bytes] = ..., serviceId: _Optional[str] = ..., availableServiceIds: _Optional[_Iterable[str]] = ..., connectionId: _Optional[int] = ...) -> None: ...
+    def __init__(self, type: _Optional[_Union[Message.Type, str]] = ..., streamId: _Optional[int] = ..., ignorable: bool = ..., payload: _Optional[bytes] = ..., serviceId: _Optional[str] = ..., availableServiceIds: _Optional[_Iterable[str]] = ..., connectionId: _Optional[int] = ...) -> None: ...
