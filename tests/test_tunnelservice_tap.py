@@ -60,6 +60,7 @@ class OptionsTests(SynchronousTestCase):
             "log-level": LogLevel.info,
             "max-connections": None,
             "max-connections-per-address": 256,
+            "node-name": None,
         })
 
     def test_everything(self) -> None:
@@ -68,7 +69,7 @@ class OptionsTests(SynchronousTestCase):
             "--max-services", "5", "--max-open-tunnels", "7", "--max-request-size", "2048",
             "--ping-interval", "5", "--idle-timeout", "12", "--db", "/var/lib/t.db",
             "--tunnel-rate", "819200", "--max-connections", "900",
-            "--max-connections-per-address", "9",
+            "--max-connections-per-address", "9", "--node-name", "n1",
         )
         self.assertEqual(dict(options), {
             "port": ["tcp:9000", r"tcp:9001:interface=\:\:1"],
@@ -90,6 +91,7 @@ class OptionsTests(SynchronousTestCase):
             "log-level": LogLevel.info,
             "max-connections": 900,
             "max-connections-per-address": 9,
+            "node-name": "n1",
         })
 
     def test_credentials(self) -> None:
@@ -106,6 +108,20 @@ class OptionsTests(SynchronousTestCase):
         path.setContent(b"[a]\naws_access_key_id = AKIDA\n")
         e = self.assertRaises(UsageError, parse, "--credentials", path.path)
         self.assertTrue(str(e).startswith(f"--credentials {path.path}: profile [a] needs"))
+
+    def test_node_name(self) -> None:
+        """--node-name names this node among several; a bad one is refused."""
+        self.assertEqual(parse("--node-name", "node-1.a_b")["node-name"], "node-1.a_b")
+        for bad in ("", "a b", "x" * 65, "n\u00e9"):
+            e = self.assertRaises(UsageError, parse, "--node-name", bad)
+            self.assertIn("--node-name", str(e))
+            self.assertIn("1 to 64 letters", str(e))
+        service = only_child(makeService(
+            parse("--db", ":memory:", "--node-name", "n7"), reactor=MemoryReactorClock()
+        ))
+        self.assertEqual(service.broker.node, "n7")
+        service = only_child(makeService(parse("--db", ":memory:"), reactor=MemoryReactorClock()))
+        self.assertTrue(service.broker.node.endswith(f"-{os.getpid()}"))
 
     def test_bad_numbers(self) -> None:
         for name in ("max-services", "max-open-tunnels", "max-request-size", "tunnel-rate",

@@ -26,6 +26,7 @@ import attrs
 from twisted.logger import Logger
 
 from lpxy._ws import Clock, DelayedCall
+from lpxy.tunnelservice.cluster import default_node_name, evictions, lapsed_ends
 from lpxy.tunnelservice.store import (
     CLOSED,
     DESTINATION,
@@ -140,6 +141,8 @@ class Attachment:
     channel_id: str
     peer: IPeer = attrs.field(repr=False)
     _broker: Broker = attrs.field(repr=False)
+    token_hash: bytes = attrs.field(repr=False, default=b"")
+    """The digest of the access token that admitted it."""
 
     @property
     def partner(self) -> IPeer | None:
@@ -161,6 +164,8 @@ class Broker:
     @param limits: the service's limits.
     @param arn_prefix: tunnel ARNs are this prefix followed by the tunnel id.
     @param new_id: makes tunnel ids.
+    @param node: this node's name, kept in the record of each end whose
+        connection it holds (L{default_node_name} unless given).
     """
 
     _log = Logger()
@@ -172,8 +177,10 @@ class Broker:
         limits: Limits | None = None,
         arn_prefix: str = "arn:aws:iot:us-east-1:123456789012:tunnel/",
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        node: str | None = None,
     ) -> None:
         self._clock = clock
+        self.node = node if node is not None else default_node_name()
         self._store: ITunnelStore = store if store is not None else MemoryTunnelStore()
         self.limits = limits if limits is not None else Limits()
         self._arn_prefix = arn_prefix
@@ -349,6 +356,8 @@ class Broker:
         record = self._store.get(tunnel_id)
         if record is not None and record.status == OPEN:
             self._close(record, "tunnel lifetime expired", "lifetime expired")
+        else:  # another node has closed it already
+            self.changed(tunnel_id)
 
     def _cancel_timer(self, tunnel_id: str) -> None:
         timer = self._expiries.pop(tunnel_id, None)
@@ -529,9 +538,11 @@ class Broker:
             channel_id=str(uuid.uuid4()),
             peer=peer,
             broker=self,
+            token_hash=end.token_hash,
         )
         self._live[(record.tunnel_id, mode)] = attachment
         end.connected = True
+        end.node = self.node
         end.last_updated_at = self._clock.seconds()
         self._store.save(record)
         if old is not None:
@@ -553,9 +564,11 @@ class Broker:
     def _detach(self, attachment: Attachment, notify: bool) -> None:
         del self._live[(attachment.tunnel_id, attachment.mode)]
         record = self._store.get(attachment.tunnel_id)
-        if record is not None:
+        # Unless another node has taken the end over since.
+        if record is not None and record.end(attachment.mode).node in (None, self.node):
             end = record.end(attachment.mode)
             end.connected = False
+            end.node = None
             end.last_updated_at = self._clock.seconds()
             self._store.save(record)
         partner = attachment.partner
@@ -572,6 +585,60 @@ class Broker:
             attachment.peer.close(CLOSE_GOING_AWAY, "service shutting down")
         for tunnel_id in list(self._expiries):
             self._cancel_timer(tunnel_id)
+
+    # Several nodes (lpxy.tunnelservice.cluster)
+
+    def changed(self, tunnel_id: str) -> None:
+        """
+        Another node changed tunnel C{tunnel_id}, and the store holds its new
+        record: close what of this node's connections the change ends (as
+        L{evictions} says), and keep the tunnel's timer in step.
+        """
+        record = self._store.get(tunnel_id)
+        held = {
+            mode: attachment.token_hash for mode in MODES
+            if (attachment := self._live.get((tunnel_id, mode))) is not None
+        }
+        evicted = [(e, self._live[(tunnel_id, e.mode)]) for e in evictions(record, held, self.node)]
+        still_open = record is not None and record.status == OPEN
+        for _, attachment in evicted:
+            # The partner hears of it unless it is evicted too.
+            self._detach(attachment, notify=still_open and len(evicted) == 1)
+        now = self._clock.seconds()
+        if record is None:
+            self._cancel_timer(tunnel_id)
+            self._closed.pop(tunnel_id, None)
+        elif still_open and tunnel_id not in self._expiries:
+            self._expiries[tunnel_id] = self._clock.callLater(
+                max(0.0, record.expires_at - now), self._expire, tunnel_id
+            )
+        elif not still_open and tunnel_id not in self._closed:
+            self._cancel_timer(tunnel_id)
+            self._retain(tunnel_id, max(
+                0.0, record.last_updated_at + self.limits.closed_retention_seconds - now
+            ))
+        for eviction, attachment in evicted:
+            self._log.info(
+                "Tunnel {tunnel_id}: {mode} connection closed ({reason}, by another node)",
+                tunnel_id=tunnel_id, mode=eviction.mode, reason=eviction.reason,
+            )
+            attachment.peer.close(eviction.code, eviction.reason)
+
+    def node_lapsed(self, node: str) -> int:
+        """
+        Node C{node} is gone without a word (its lease lapsed): mark the ends
+        it held disconnected. Return how many there were.
+        """
+        ends = lapsed_ends(self._store.newest_first(), [node])
+        now = self._clock.seconds()
+        for record, mode in ends:
+            end = record.end(mode)
+            end.connected = False
+            end.node = None
+            end.last_updated_at = now
+        for record in {record.tunnel_id: record for record, _ in ends}.values():
+            self._store.save(record)
+        return len(ends)
 
     @property
     def store(self) -> ITunnelStore:

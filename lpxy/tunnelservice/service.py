@@ -342,6 +342,8 @@ class TunnelService(MultiService):
         (L{default_max_connections} unless given).
     @param max_connections_per_address: connections open at once from one
         client address.
+    @param node: this node's name among several sharing a store (see
+        L{lpxy.tunnelservice.cluster}).
     """
 
     _log = Logger()
@@ -364,13 +366,14 @@ class TunnelService(MultiService):
         tunnel_rate: float | None = None,
         max_connections: int | None = None,
         max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+        node: str | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
         self._open_api = verifier is None
         self._insecure_open_api = insecure_open_api
         self.broker = Broker(
-            clock if clock is not None else reactor, store=store, limits=limits
+            clock if clock is not None else reactor, store=store, limits=limits, node=node
         )
         self.store = self.broker.store
         self.admission = Admission(

@@ -54,6 +54,8 @@ class EndRecord:
     @ivar spent: whether a handshake has used the current access token.
     @ivar connected: whether a peer is connected on this end now.
     @ivar last_updated_at: when C{connected} last changed (POSIX seconds).
+    @ivar node: the name of the service node holding the connection, while
+        C{connected} (several nodes share a database).
     """
 
     token_hash: bytes = attrs.field(repr=False)
@@ -61,6 +63,7 @@ class EndRecord:
     client_token_hash: bytes | None = attrs.field(default=None, repr=False)
     spent: bool = False
     connected: bool = False
+    node: str | None = None
 
 
 @attrs.define(eq=False)

@@ -5,6 +5,7 @@ C{twistd tunnelservice}: options and service construction.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
@@ -37,6 +38,15 @@ def _log_level(value: str) -> Any:
 
 
 _log_level.coerceDoc = "One of " + ", ".join(LEVEL_NAMES) + "."  # type: ignore[attr-defined]
+
+
+def _node_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise ValueError(
+            f"--node-name must be 1 to 64 letters, digits, '.', '_' or '-' (e.g. node1), "
+            f"not {value!r}"
+        )
+    return value
 
 
 def _positive(name: str) -> Any:
@@ -132,6 +142,10 @@ class Options(usage.Options):
         ["log-level", None, DEFAULT_LOG_LEVEL,
          "The least severe log events shown (debug adds a line per API call).",
          _log_level],
+        ["node-name", None, None,
+         "This node's name among several sharing one --db (letters, digits, '.', '_', "
+         "'-'; at most 64); the host name and process id unless given.",
+         _node_name],
         ["db", None, DEFAULT_DB,
          "The SQLite file keeping tunnels across restarts (created if missing); "
          ":memory: to keep nothing."],
@@ -257,6 +271,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         store=store,
         verifier=None if keys is None else SignatureVerifier(keys, reactor),
         insecure_open_api=bool(options["insecure-open-api"]),
+        node=options["node-name"],
     )
     root = ProcessService(service, reactor, name="The tunnel service")
     accept_log = getattr(options, "accept_log", None)
