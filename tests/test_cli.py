@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy.proxy import cli
+from lpxy.proxy import cli, tap
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
 from tests.support.entrypoints import FakeProxyService
 
@@ -82,7 +82,7 @@ class ParseTests(SynchronousTestCase):
             def parseOptions(self, argv: list[str]) -> None:
                 raise usage.UsageError("Wrong number of arguments.")
 
-        self.patch(cli, "Options", Failing)
+        self.patch(tap, "Options", Failing)
         stderr = io.StringIO()
         e = self.assertRaises(SystemExit, cli.parse, [], stderr)
         self.assertEqual(e.code, 1)
@@ -144,7 +144,7 @@ class MainTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.verbosity: list[int] = []
-        self.patch(cli, "Options", _FixedOptions)
+        self.patch(tap, "Options", _FixedOptions)
 
     def test_reactAndExit(self) -> None:
         """
@@ -194,3 +194,39 @@ class _FixedOptions(dict):  # type: ignore[type-arg]
             mode="source", access_token=TOKEN, endpoint=TunnelEndpoint("h"),
             verbosity=verbosity,
         )
+
+
+class VersionTests(SynchronousTestCase):
+    """
+    C{localproxy -V} answers without importing Twisted (it is the first
+    thing scripts run, and Twisted's import alone costs more than the whole
+    answer may).
+    """
+
+    def test_version_line(self) -> None:
+        out = io.StringIO()
+        for argv in (["-V"], ["--version"]):
+            e = self.assertRaises(SystemExit, cli.main, argv, _stdout=out)
+            self.assertEqual(e.code, 0)
+        self.assertEqual(out.getvalue(), (tap.VERSION_LINE + "\n") * 2)
+
+    def test_nothing_heavy_imported(self) -> None:
+        import subprocess
+        import sys
+
+        probe = (
+            "import sys\n"
+            "from lpxy.proxy.cli import main\n"
+            "try:\n"
+            "    main(['-V'])\n"
+            "except SystemExit as e:\n"
+            "    heavy = sorted(m for m in ('twisted', 'autobahn', 'google.protobuf', 'asyncio')"
+            " if m in sys.modules)\n"
+            "    print(e.code, heavy)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+            cwd=str(Path(__file__).parent.parent),
+        )
+        self.assertEqual(done.stdout.splitlines()[-1], "0 []", done.stderr)
+        self.assertEqual(done.stdout.splitlines()[0], tap.VERSION_LINE)

@@ -2,25 +2,30 @@
 """
 The C{localproxy} console script: the options of C{twistd localproxy}, the
 same service and exit statuses, logging to standard error.
+
+Nothing heavy is imported before it is needed: C{localproxy -V} (or
+C{--version}) alone answers before Twisted is imported at all.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from twisted.internet.defer import Deferred
-from twisted.internet.task import react
-from twisted.python import usage
+from lpxy.proxy import VERSION_LINE
 
-from lpxy.proxy.config import ProxyConfig
-from lpxy.proxy.option_errors import with_trailer
-from lpxy.proxy.tap import Options, ServiceFactory, default_service_factory
-from lpxy.proxy.verbosity import start_console_logging
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from twisted.internet.defer import Deferred
+
+    from lpxy.proxy.config import ProxyConfig
+    from lpxy.proxy.tap import ServiceFactory
 
 EXIT_USAGE = 1
+
+_VERSION_ONLY = (["-V"], ["--version"])
 
 
 def parse(
@@ -36,7 +41,12 @@ def parse(
     with exit status 1. C{--help}, C{--version} and
     C{--export-default-settings} exit 0 from inside.
     """
-    options = Options(environ=environ, cwd=cwd)
+    from twisted.python import usage
+
+    from lpxy.proxy import tap
+    from lpxy.proxy.option_errors import with_trailer
+
+    options = tap.Options(environ=environ, cwd=cwd)
     try:
         options.parseOptions(list(argv))
     except usage.UsageError as e:
@@ -69,19 +79,38 @@ def run(reactor: Any, config: ProxyConfig, service_factory: ServiceFactory) -> D
 def main(
     argv: Sequence[str] | None = None,
     *,
-    _react: Callable[..., Any] = react,
+    _react: Callable[..., Any] | None = None,
     _service_factory: ServiceFactory | None = None,
     _stderr: IO[str] | None = None,
-    _start_logging: Callable[[int], None] = start_console_logging,
+    _stdout: IO[str] | None = None,
+    _start_logging: Callable[[int], None] | None = None,
 ) -> NoReturn:
     """
     The C{localproxy} console script. Never returns: the process exits
     with the proxy's status.
     """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args in _VERSION_ONLY:
+        # What the options would print, without importing them.
+        stdout = sys.stdout if _stdout is None else _stdout
+        stdout.write(VERSION_LINE + "\n")
+        stdout.flush()
+        sys.exit(0)
     stderr = sys.stderr if _stderr is None else _stderr
-    config = parse(sys.argv[1:] if argv is None else argv, stderr)
+    config = parse(args, stderr)
+    if _start_logging is None:
+        from lpxy.proxy.verbosity import start_console_logging
+
+        _start_logging = start_console_logging
     _start_logging(config.verbosity)
-    factory = _service_factory or default_service_factory()
-    _react(run, (config, factory))
+    if _service_factory is None:
+        from lpxy.proxy.tap import default_service_factory
+
+        _service_factory = default_service_factory()
+    if _react is None:
+        from twisted.internet.task import react
+
+        _react = react
+    _react(run, (config, _service_factory))
     # react() always exits; this is for a test's stand-in.
     sys.exit(0)

@@ -22,8 +22,8 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 from twisted.python.reflect import namedAny
 
-from lpxy import __version__
 from lpxy._process import TWISTD_LOG, ProcessService, TwistdLog
+from lpxy.proxy import VERSION_LINE
 from lpxy.proxy import option_errors as reference
 from lpxy.proxy.config import ProxyConfig, resolve, verbosity_from
 from lpxy.proxy.option_errors import OptionError
@@ -31,8 +31,6 @@ from lpxy.proxy.option_sources import OPTIONS
 from lpxy.proxy.settings import export_default_settings
 from lpxy.proxy.verbosity import filter_twistd_logging
 from lpxy.wire import CLIENT_TOKEN_CHARACTERS, CLIENT_TOKEN_MAX_LENGTH, CLIENT_TOKEN_MIN_LENGTH
-
-VERSION_LINE = f"localproxy (lpxy) {__version__}"
 
 #: Options whose values never show in a repr.
 _SECRET_OPTIONS = frozenset({"access-token", "client-token"})
