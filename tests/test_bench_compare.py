@@ -1,0 +1,62 @@
+"""
+A smoke test of C{bench/compare.py}: C{--quick} (small sizes, one run, no
+reference binary) brings up the tunnel service and an lpxy pair as
+processes and prints every figure of issue 12's table with its goal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ROWS = (
+    "one-way bulk",
+    "1-byte round trip p50",
+    "CPU per round trip, source / destination",
+    "connections echoing at once, aggregate",
+    "connections, proxy CPU per GiB, source / destination",
+    "bulk, proxy CPU per GiB, source",
+    "bulk, proxy CPU per GiB, destination",
+    "tunnel service CPU per GiB, lpxy pair / C++ pair",
+    "idle RSS per proxy",
+    "localproxy -V / start to listening",
+    "tunnel service memory per connected peer",
+    "connects in one burst, all carried",
+    "fairness: round trip beside a bulk stream",
+)
+
+
+class CompareQuickTests(TestCase):
+    timeout = 240
+
+    def test_every_row_with_its_goal(self) -> Deferred[None]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("AWSIOT_TUNNEL_ACCESS_TOKEN", None)
+        d = getProcessOutputAndValue(
+            sys.executable, ["-m", "bench.compare", "--quick"], env=env, path=str(ROOT),
+            reactor=reactor,
+        )
+
+        def check(result: tuple[bytes, bytes, int]) -> None:
+            out, err, status = result
+            text = out.decode()
+            self.assertEqual(status, 0, err.decode()[-2000:])
+            lines = text.split("goals missed:")[0].splitlines()
+            header = next(line for line in lines if line.startswith("figure"))
+            self.assertEqual(header.split(), ["figure", "lpxy", "C++", "ratio", "goal", "met"])
+            for row in ROWS:
+                found = [line for line in lines if row in line]
+                self.assertEqual(len(found), 1, f"{row!r} not printed once in:\n{text}")
+                # Every row ends with its verdict: met, missed or not judged.
+                self.assertIn(found[0].split()[-1], ("yes", "NO", "-"), found[0])
+            self.assertIn("goals missed:", text)
+
+        return d.addCallback(check)
