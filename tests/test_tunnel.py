@@ -207,6 +207,39 @@ class TunnelProtocolTests(SynchronousTestCase):
              (Message.STREAM_RESET, b"", "S", 0)],
         )
 
+    def test_hot_path_formats_no_debug_line(self) -> None:
+        """
+        Reading and writing messages formats none of Autobahn's debug lines
+        (their arguments cost more than the rest of a small message's path);
+        what is written is still counted as Autobahn counts it.
+        """
+        import autobahn.twisted.websocket
+        import autobahn.websocket.protocol
+
+        self.open()
+        self.sent()
+        formatted: list[object] = []
+
+        def hltype(obj: object) -> str:
+            formatted.append(obj)
+            return ""
+
+        self.patch(autobahn.twisted.websocket, "hltype", hltype)
+        self.patch(autobahn.websocket.protocol, "hltype", hltype)
+        counted = self.protocol.trafficStats.outgoingOctetsWireLevel
+        record = encode(Message(type=Message.DATA, streamId=1, serviceId="S", connectionId=1,
+                                payload=b"in"))
+        self.server_sends(record)
+        header = Message(type=Message.DATA, streamId=1, serviceId="S",
+                         connectionId=1).SerializeToString()
+        self.protocol.send_data(header, b"out")
+        self.clock.advance(0)
+        frames = self.sent()
+        self.assertEqual([m.payload for m in RecordDecoder().feed(frames[0][1])], [b"out"])
+        self.assertEqual(formatted, [])
+        self.assertGreater(self.protocol.trafficStats.outgoingOctetsWireLevel, counted)
+        self.assertEqual(self.events.log[-1][0], "records")
+
     def test_data_records_parse_at_every_length_size(self) -> None:
         self.open()
         self.sent()

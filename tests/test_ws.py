@@ -14,6 +14,7 @@ from lpxy._ws import (
     ANYTHING,
     PONGS,
     Keepalive,
+    QuietHotPath,
     ReadingPauses,
     cancel_autobahn_timers,
     quiet_autobahn_log,
@@ -281,6 +282,48 @@ class BufferSizeTests(SynchronousTestCase):
         self.assertEqual(socket.bufferSize, 524304)
         self.assertFalse(raise_buffer_size(Layer(None), 524304))
         self.assertFalse(raise_buffer_size(None, 524304))
+
+
+class QuietHotPathTests(SynchronousTestCase):
+    """The mixin's writes, on both products' protocol classes."""
+
+    def test_both_products_use_it(self) -> None:
+        from autobahn.websocket.protocol import WebSocketProtocol
+
+        from lpxy.proxy.tunnel import TunnelProtocol
+        from lpxy.tunnelservice.websocket import TunnelServerProtocol
+
+        for cls in (TunnelProtocol, TunnelServerProtocol):
+            # Before Autobahn's, so that its dataReceived and sendData are reached.
+            self.assertLess(cls.__mro__.index(QuietHotPath),
+                            cls.__mro__.index(WebSocketProtocol))
+
+    def test_writes_and_counts_or_leaves_it_to_autobahn(self) -> None:
+        from autobahn.twisted.websocket import WebSocketServerProtocol
+        from twisted.internet.testing import StringTransport
+
+        class Server(QuietHotPath, WebSocketServerProtocol):  # type: ignore[misc]
+            pass
+
+        server = Server()
+        server.transport = StringTransport()
+        server.send_queue = __import__("collections").deque()
+        server.logOctets = False
+        server.trafficStats = __import__(
+            "autobahn.websocket.protocol", fromlist=["TrafficStats"]).TrafficStats()
+        server.state = Server.STATE_OPEN
+        server.sendData(b"abc")
+        self.assertEqual(server.transport.value(), b"abc")
+        self.assertEqual(server.trafficStats.outgoingOctetsWireLevel, 3)
+        server.state = Server.STATE_CONNECTING
+        server.sendData(b"de")
+        self.assertEqual(server.trafficStats.preopenOutgoingOctetsWireLevel, 2)
+        queued: list[tuple[bytes, bool]] = []
+        server.send_queue.append((b"first", False))
+        server._trigger = lambda: queued.append(server.send_queue[-1])  # type: ignore[method-assign]
+        server.sendData(b"later")
+        self.assertEqual(queued, [(b"later", False)])
+        self.assertEqual(server.transport.value(), b"abcde")
 
 
 class AutobahnTests(SynchronousTestCase):

@@ -34,6 +34,7 @@ from lpxy._ws import (
     PONGS,
     Clock,
     Keepalive,
+    QuietHotPath,
     cancel_autobahn_timers,
     quiet_autobahn_log,
     raise_buffer_size,
@@ -122,7 +123,7 @@ class _ClockTimer:
         self.call_later = clock.callLater
 
 
-class TunnelProtocol(WebSocketClientProtocol):
+class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[misc]
     """
     One WebSocket connection to the tunneling service.
 

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from lpxy._ws import (
     ANYTHING,
     Keepalive,
+    QuietHotPath,
     ReadingPauses,
     cancel_autobahn_timers,
     quiet_autobahn_log,
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["TunnelServerProtocol"]
 
 
-class TunnelServerProtocol(WebSocketServerProtocol):
+class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: ignore[misc]
     """
     One tunnel end's WebSocket: handshake rules, checks and relaying, and
     the liveness watch that pings a silent peer and drops a dead one.
