@@ -201,7 +201,8 @@ class SQLTunnelStoreTests(StoreTestCase):
         clash = record("b", 2)
         clash.source.token_hash = b"a-s"  # the database keeps token digests unique
         store.add(clash)
-        await store.when_written()
+        # Whoever waits for those changes learns they are not kept.
+        await self.assertFailure(store.when_written(), sqlite3.IntegrityError)
         self.assertEqual(len(self.flushLoggedErrors(sqlite3.IntegrityError)), 1)
         self.assertEqual(store.failed_writes, 1)
         self.assertIsNotNone(store.get("b"))

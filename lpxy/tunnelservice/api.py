@@ -11,6 +11,10 @@ C{{"__type": NAME, "message": TEXT}}.
 Given a L{SignatureVerifier}, the API answers only requests signed (AWS
 Signature Version 4) with a key the operator gave; without one it is open to
 anyone who reaches its port.
+
+A call that changes state is answered once the store has committed the
+change (L{ITunnelStore.when_written}): a 2xx means the change survives the
+service being killed; a change that could not be stored gets a 500.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ _THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _NEXT_TOKEN = re.compile(r"[a-zA-Z0-9_=-]{1,4096}")
 _TAG_EXTRA = set("_.:/=+-@")
 _CLIENT_MODES = {"SOURCE": SOURCE, "DESTINATION": DESTINATION, "ALL": ALL}
+# Operations that change state: answered once the store has kept the change.
+_CHANGING = frozenset({
+    "OpenTunnel", "CloseTunnel", "RotateTunnelAccessToken", "TagResource", "UntagResource",
+})
 
 
 class ApiError(Exception):
@@ -349,8 +357,39 @@ class ManagementAPI(Resource):
             return self._error(request, operation, ApiError(
                 500, "InternalFailure", "The request processing has failed"
             ))
-        self._log.debug("API {operation}: OK", operation=operation)
-        return json.dumps(result).encode()
+        answer = json.dumps(result).encode()
+        if operation not in _CHANGING:
+            self._log.debug("API {operation}: OK", operation=operation)
+            return answer
+        return self._when_kept(request, operation, answer)
+
+    def _when_kept(self, request: server.Request, operation: str, answer: bytes) -> Any:
+        """
+        Answer a call that changed state once the store has committed the
+        change: a 2xx means it survives the service being killed; a write
+        that failed gets a 500.
+        """
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def send(body: bytes) -> None:
+            if gone:
+                return
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body)
+            request.finish()
+
+        def kept(_: object) -> None:
+            self._log.debug("API {operation}: OK", operation=operation)
+            send(answer)
+
+        def lost(_: object) -> None:
+            send(self._error(request, operation, ApiError(
+                500, "InternalFailure", "The change could not be stored; try again"
+            )))
+
+        self._broker.store.when_written().addCallbacks(kept, lost)
+        return server.NOT_DONE_YET
 
     def _authenticate(self, request: server.Request, content: bytes) -> str | None:
         """The access key that signed C{request}; L{None} when the API is open."""

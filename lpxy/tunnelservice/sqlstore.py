@@ -12,7 +12,10 @@ L{twisted.enterprise.adbapi.ConnectionPool}; changes that arrive while a
 transaction runs are written together by the next one, and a tunnel changed
 twice in between is written once, as it is now. Because every write is a
 whole tunnel's state, a failed transaction (logged) is repaired by the next
-change of the same tunnel.
+change of the same tunnel. L{SQLTunnelStore.when_written} fires once the
+transaction holding every change so far has committed (and fails if it
+failed): the API answers a call that changed state only then, so a service
+killed right after a 2xx has lost nothing.
 
 The SQL is the backend-neutral one of L{lpxy.tunnelservice.schema}; only
 L{open_store} knows SQLite. Another backend needs its L{Dialect}, a DB-API
@@ -224,7 +227,10 @@ class SQLTunnelStore(MemoryTunnelStore):
         self._sequence_changed = False
         self._writing = False
         self._closing = False
-        self._idle: list[defer.Deferred[None]] = []
+        # Who waits for the changes no transaction has taken yet, and for
+        # the transaction running now.
+        self._waiting_next: list[defer.Deferred[None]] = []
+        self._waiting_running: list[defer.Deferred[None]] = []
         self.failed_writes = 0
         """How many transactions failed (each is logged)."""
 
@@ -261,10 +267,6 @@ class SQLTunnelStore(MemoryTunnelStore):
 
     def _flush(self) -> None:
         if self._writing or not (self._pending or self._sequence_changed):
-            if not self._writing:
-                idle, self._idle = self._idle, []
-                for d in idle:
-                    d.callback(None)
             return
         # Snapshot on the reactor thread: records keep changing meanwhile.
         changes = [
@@ -275,9 +277,10 @@ class SQLTunnelStore(MemoryTunnelStore):
         self._pending = {}
         self._sequence_changed = False
         self._writing = True
+        waiting, self._waiting_next = self._waiting_next, []
+        self._waiting_running = waiting
         d = self._pool.runInteraction(_write, self._dialect, changes, last_sequence)
-        d.addErrback(self._write_failed, [tunnel_id for tunnel_id, _ in changes])
-        d.addBoth(self._written)
+        d.addBoth(self._written, [tunnel_id for tunnel_id, _ in changes], waiting)
 
     def _write_failed(self, failure: Failure, tunnel_ids: list[str]) -> None:
         self.failed_writes += 1
@@ -288,15 +291,34 @@ class SQLTunnelStore(MemoryTunnelStore):
             tunnel_ids=tunnel_ids,
         )
 
-    def _written(self, _: object) -> None:
+    def _written(
+        self, result: object, tunnel_ids: list[str], waiting: list[defer.Deferred[None]]
+    ) -> None:
         self._writing = False
+        self._waiting_running = []
+        if isinstance(result, Failure):
+            self._write_failed(result, tunnel_ids)
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
         self._flush()
 
     def when_written(self) -> defer.Deferred[None]:
-        """Fire once every change made so far has been written (or has failed)."""
+        """
+        Fire once the transaction holding every change made so far has
+        committed; fail (the failure is logged already) if it did not.
+        """
         d: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(d)
-        self._flush()
+        if self._pending or self._sequence_changed:
+            self._waiting_next.append(d)
+            # A new sequence number alone has not started a transaction.
+            self._flush()
+        elif self._writing:
+            self._waiting_running.append(d)
+        else:
+            d.callback(None)
         return d
 
     @defer.inlineCallbacks
@@ -304,7 +326,8 @@ class SQLTunnelStore(MemoryTunnelStore):
         """Write what is pending, then close the database connection."""
         if self._closing:
             return
-        yield self.when_written()
+        # A failed write was logged; closing goes on.
+        yield self.when_written().addErrback(lambda _: None)
         self._closing = True
         self._pool.close()
         self._release()

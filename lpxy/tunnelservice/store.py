@@ -139,6 +139,14 @@ class ITunnelStore(Protocol):
         """How many stored records have the status L{OPEN}."""
         ...
 
+    def when_written(self) -> defer.Deferred[None]:
+        """
+        Fire once every change handed to the store so far is kept (written
+        and committed, for a persistent store); fail if writing one of them
+        failed. The API answers a call that changed something only then.
+        """
+        ...
+
     def close(self) -> defer.Deferred[None]:
         """
         Fire once every change handed to the store is kept as well as the
@@ -212,6 +220,9 @@ class MemoryTunnelStore:
 
     def open_count(self) -> int:
         return len(self._open)
+
+    def when_written(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
 
     def close(self) -> defer.Deferred[None]:
         return defer.succeed(None)
