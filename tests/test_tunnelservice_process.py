@@ -5,10 +5,10 @@ options, signals, and restarts over a persistent database.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
-from types import SimpleNamespace
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -17,13 +17,14 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from tests.support.apps import connect_client, start_app
-from tests.support.installed import installed_copy, twistd_argv
+from tests.support.installed import installed_copy, localproxy_argv, twistd_argv
 from tests.support.processes import ChildProcess, spawn
-from tests.support.proxies import listener_ports, make_config, start_proxy, tcp
 from tests.support.sockets import unused_port
 from tests.support.tunnelservice import api_client
 
 _LISTENING = re.compile(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)")
+# What a proxy logs each time its tunnel connection opens (plain ws://).
+CONNECTED = "Successfully established websocket connection with proxy server: ws://127.0.0.1"
 
 
 class TwistdTunnelServiceTests(TestCase):
@@ -138,8 +139,12 @@ class TwistdTunnelServiceTests(TestCase):
 class RestartTests(TestCase):
     """
     C{twistd -n tunnelservice --db FILE} stopped (SIGTERM, SIGKILL) and
-    started again mid-session: the tunnel is still open, both proxies
-    reconnect with their client tokens, and a new connection goes through.
+    started again mid-session, between two real C{localproxy} processes from
+    the installed copy (the source the console script keeping its made-up
+    client token in C{--state-dir}, the destination C{twistd localproxy}
+    given one in C{AWSIOT_TUNNEL_CLIENT_TOKEN}): the tunnel is still open,
+    both proxies reconnect with their client tokens, and a new connection
+    goes through.
     """
 
     timeout = 120
@@ -148,6 +153,13 @@ class RestartTests(TestCase):
         installed_copy()
         self.db = os.path.abspath(self.mktemp())
         self.port = unused_port()
+        self.endpoint = f"ws://127.0.0.1:{self.port}"
+        # Reconnect 0.1 s after the service goes instead of the reference's 2.5 s.
+        settings = FilePath(self.mktemp())
+        settings.setContent(json.dumps(
+            {"tunneling": {"proxy": {"websocket": {"retry_delay_ms": "100"}}}}
+        ).encode())
+        self.settings = settings.path
 
     async def start_service(self) -> ChildProcess:
         process = spawn(self, twistd_argv(
@@ -164,6 +176,18 @@ class RestartTests(TestCase):
 
         return deferToThread(run)
 
+    def destination(self, token: str, client_token: str, app_port: int) -> ChildProcess:
+        return spawn(self, twistd_argv(
+            "-n", "--pidfile=", "localproxy", "-e", self.endpoint,
+            "-d", f"ECHO=127.0.0.1:{app_port}", "--settings-json", self.settings,
+        ), {"AWSIOT_TUNNEL_ACCESS_TOKEN": token, "AWSIOT_TUNNEL_CLIENT_TOKEN": client_token})
+
+    def source(self, token: str, port: int, state: str) -> ChildProcess:
+        return spawn(self, localproxy_argv(
+            "-e", self.endpoint, "-s", f"ECHO={port}", "-b", "127.0.0.1",
+            "--settings-json", self.settings, "--state-dir", state,
+        ), {"AWSIOT_TUNNEL_ACCESS_TOKEN": token})
+
     async def round_trip(self, source_port: int, message: bytes) -> None:
         client = await connect_client(self, source_port)
         assert client.transport is not None
@@ -171,14 +195,6 @@ class RestartTests(TestCase):
         self.assertEqual(await client.received(len(message)), message)
         client.transport.loseConnection()
         await client.closed
-
-    async def both_reconnected(
-        self, process: ChildProcess, tunnel_id: str, source: Any
-    ) -> None:
-        """The restarted service has both ends again and the source is ready."""
-        for mode in ("source", "destination"):
-            await process.wait_for(f"Peer connected: {mode} of tunnel {tunnel_id}")
-        await source.client.whenConnected()
 
     async def restart(self, signal: str) -> None:
         app_port, _ = await start_app(self)
@@ -188,20 +204,20 @@ class RestartTests(TestCase):
             timeoutConfig={"maxLifetimeTimeoutMinutes": 30}, tags=[{"key": "k", "value": "v"}],
         )
         tunnel_id = opened["tunnelId"]
-        where = SimpleNamespace(port=self.port)
-        await start_proxy(self, make_config(
-            where, opened["destinationAccessToken"], "destination",  # type: ignore[arg-type]
-            destination_apps={"ECHO": tcp(app_port)},
-            client_token="destination-client-token-" + "d" * 16,
-        ))
-        source = await start_proxy(self, make_config(
-            where, opened["sourceAccessToken"], "source",  # type: ignore[arg-type]
-            source_ports={"ECHO": 0}, client_token="source-client-token-" + "s" * 16,
-        ))
-        source_port = listener_ports(source)["ECHO"]
+        client_token = "destination-client-token-" + "d" * 16
+        destination = self.destination(opened["destinationAccessToken"], client_token, app_port)
+        await destination.wait_for(CONNECTED)
+        source_port = unused_port()
+        state = os.path.abspath(self.mktemp())
+        source = self.source(opened["sourceAccessToken"], source_port, state)
+        await source.wait_for(f"Listening for new connection on port {source_port}")
+        for mode in ("source", "destination"):
+            await service.wait_for(f"Peer connected: {mode} of tunnel {tunnel_id}")
         await self.round_trip(source_port, b"before")
 
-        # A stream is open when the service goes.
+        # A connection opened before the restart carries data until the
+        # service goes; then the proxies reset it (its stream went with the
+        # WebSocket) and it is closed, not left hanging.
         open_stream = await connect_client(self, source_port)
         assert open_stream.transport is not None
         open_stream.transport.write(b"open")
@@ -209,11 +225,14 @@ class RestartTests(TestCase):
         service.signal(signal)
         status = await service.ended
         self.assertEqual(status, 0 if signal == "TERM" else -9, service.output)
-        await open_stream.closed  # reset with the lost WebSocket
+        await open_stream.closed
 
         again = await self.start_service()
         self.assertIn("1 tunnels", again.output)
-        await self.both_reconnected(again, tunnel_id, source)
+        for mode in ("source", "destination"):
+            await again.wait_for(f"Peer connected: {mode} of tunnel {tunnel_id}")
+        for proxy in (source, destination):
+            await proxy.wait_for(CONNECTED, times=2)
         await self.round_trip(source_port, b"after " + signal.encode())
         described = (await self.call("describe_tunnel", tunnelId=tunnel_id))["tunnel"]
         self.assertEqual(described["status"], "OPEN")
@@ -221,13 +240,14 @@ class RestartTests(TestCase):
         self.assertEqual(described["destinationConnectionState"]["status"], "CONNECTED")
         self.assertEqual(described["tags"], [{"key": "k", "value": "v"}])
         self.assertEqual(described["timeoutConfig"]["maxLifetimeTimeoutMinutes"], 30)
-        for output in (service.output, again.output):
-            self.assertNotIn("Traceback", output)
-            self.assertNotIn(opened["sourceAccessToken"], output)
-            self.assertNotIn(opened["destinationAccessToken"], output)
 
-        # Closed through the API, it still describes as CLOSED after a restart.
+        # Closed through the API: both proxies are told and end with 0; the
+        # tunnel still describes as CLOSED after one more restart.
         await self.call("close_tunnel", tunnelId=tunnel_id)
+        for proxy in (source, destination):
+            self.assertEqual(await proxy.ended, 0, proxy.output)
+            self.assertIn("The tunneling service closed the tunnel", proxy.output)
+            self.assertNotIn("refused the connection", proxy.output)
         again.signal("TERM")
         self.assertEqual(await again.ended, 0, again.output)
         third = await self.start_service()
@@ -235,6 +255,17 @@ class RestartTests(TestCase):
         self.assertEqual(described["status"], "CLOSED")
         third.signal("TERM")
         self.assertEqual(await third.ended, 0, third.output)
+
+        kept = FilePath(state).children()
+        self.assertEqual(len(kept), 1)
+        secrets = (
+            opened["sourceAccessToken"], opened["destinationAccessToken"],
+            client_token, kept[0].getContent().decode().strip(),
+        )
+        for child in (service, again, third, source, destination):
+            self.assertNotIn("Traceback", child.output)
+            for secret in secrets:
+                self.assertNotIn(secret, child.output)
 
     async def test_sigterm(self) -> None:
         await self.restart("TERM")
