@@ -485,9 +485,10 @@ class HelpTests(SynchronousTestCase):
 
     def test_noOtherOptions(self) -> None:
         """
-        lpxy's only option the reference lacks is C{--state-dir}, listed
-        after the reference's.
+        lpxy's only options the reference lacks are C{--state-dir} and
+        C{--stdio}, listed after the reference's.
         """
+        own = ["--state-dir=", "--stdio="]
         entries = list(self.entries())
-        self.assertEqual(set(entries), {*REFERENCE_HELP, "--state-dir="})
-        self.assertEqual(entries[-1], "--state-dir=")
+        self.assertEqual(set(entries), {*REFERENCE_HELP, *own})
+        self.assertEqual(entries[-len(own):], own)

@@ -9,6 +9,7 @@ C{--version}) alone answers before Twisted is imported at all.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn
@@ -66,6 +67,8 @@ def run(reactor: Any, config: ProxyConfig, service_factory: ServiceFactory) -> D
     """
     service = service_factory(config, reactor)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    if config.stdio_service is not None and hasattr(signal, "SIGHUP"):
+        _stop_on_hangup(reactor)
     service.startService()
     done: Deferred[int] = service.whenDone()
 
@@ -74,6 +77,25 @@ def run(reactor: Any, config: ProxyConfig, service_factory: ServiceFactory) -> D
             raise SystemExit(status)
 
     return done.addCallback(exit)
+
+
+def _stop_on_hangup(reactor: Any) -> None:
+    """
+    ssh ends its ProxyCommand with SIGHUP: stop as on SIGTERM (the stream
+    closed, the tunnel connection closed cleanly, status 0).
+    """
+
+    from twisted.internet.error import ReactorNotRunning
+    from twisted.logger import Logger
+
+    def stop() -> None:
+        Logger(namespace=__name__).info("Received SIGHUP, shutting down.")
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    signal.signal(signal.SIGHUP, lambda number, frame: reactor.callFromThread(stop))
 
 
 def main(

@@ -69,7 +69,10 @@ from lpxy.wire import (
     CLIENT_TOKEN_CHARACTERS,
     CLIENT_TOKEN_MAX_LENGTH,
     CLIENT_TOKEN_MIN_LENGTH,
+    SERVICE_ID_CHARACTERS,
+    SERVICE_ID_MAX_LENGTH,
     is_valid_client_token,
+    is_valid_service_id,
 )
 
 __all__ = [
@@ -111,7 +114,9 @@ class ProxyConfig:
     of the process when C{state_dir} is L{None} or unusable. C{web_proxy} is already L{None} when
     C{no_proxy} matches the endpoint; C{no_proxy} is kept for the log.
     C{verbosity} is C{-v} as given (0..65535, as the reference's 16 bits);
-    6 and more mean per-record trace logging.
+    6 and more mean per-record trace logging. C{stdio_service} is
+    C{--stdio}'s service id: a source that carries one connection over its
+    standard input and output instead of listening.
     """
 
     mode: Mode
@@ -131,6 +136,7 @@ class ProxyConfig:
     web_proxy: WebProxy | None = None
     no_proxy: tuple[str, ...] = ()
     state_dir: str | None = None
+    stdio_service: str | None = None
 
     @property
     def listen_address(self) -> str:
@@ -230,9 +236,13 @@ def resolve(
     endpoint = _endpoint(endpoint_given, settings)
     mode = _mode(found)
     mapping = found.choose("source-listen-port", "destination-app", reference.MAPPING_CHOICE)
-    mode = _mode_with_mapping(mode, mapping, found.get("mode"))
+    stdio = _stdio(found, mapping, mode)
+    mode = "source" if stdio else _mode_with_mapping(mode, mapping, found.get("mode"))
     bind_given = found.get("local-bind-address")
-    maps = _mappings(mode, mapping, found.get("config-dir"), bind_given, cwd)
+    maps = (
+        _Mappings({}, {}, False, None) if stdio
+        else _mappings(mode, mapping, found.get("config-dir"), bind_given, cwd)
+    )
     bind = _local_bind_address(bind_given)
     client_type = _client_type(found.get("destination-client-type"), mode)
     capath = _capath(found.get("capath"), cwd)
@@ -261,6 +271,7 @@ def resolve(
         web_proxy=web_proxy,
         no_proxy=no_proxy,
         state_dir=state_dir,
+        stdio_service=stdio,
     )
 
 
@@ -451,6 +462,49 @@ def _mappings(
         from_config_dir=from_directory,
         config_dir=str(directory) if directory is not None and from_directory else None,
     )
+
+
+def _stdio(
+    found: Layers, mapping: tuple[str, Given] | None, mode: Mode | None
+) -> str | None:
+    """
+    C{--stdio}'s service id: a source of one connection, so not with a map,
+    a destination mode, a listening address or C{--config-dir}.
+    """
+    given = found.get("stdio")
+    if given is None:
+        return None
+    if not is_valid_service_id(given.value):
+        raise OptionError(
+            None,
+            f"{given.label}: expected the tunnel's service id to carry, 1 to"
+            f" {SERVICE_ID_MAX_LENGTH} of [{SERVICE_ID_CHARACTERS}], got {given.value!r}",
+        )
+    if mapping is not None:
+        name, other = mapping
+        why = (
+            "a destination connects to applications" if name == "destination-app"
+            else "one connection comes over standard input and output, no port listens"
+        )
+        raise OptionError(
+            None, f"{given.label} and {other.label} are exclusive ({why}): give only one"
+        )
+    for name in ("local-bind-address", "config-dir"):
+        other_given = found.get(name)
+        if other_given is not None:
+            raise OptionError(
+                None,
+                f"{other_given.label} is not used with {given.label}, which"
+                " listens nowhere and names its one service: leave it out",
+            )
+    mode_given = found.get("mode")
+    if mode == "destination" and mode_given is not None:
+        raise OptionError(
+            None,
+            f"{given.label} is a source, but {mode_given.label} is {mode_given.value}:"
+            " leave out the mode",
+        )
+    return given.value
 
 
 def _client_type(given: Given | None, mode: Mode) -> ClientType | None:

@@ -16,7 +16,13 @@ proxy must end, with which exit status:
    services do not match the map, a port cannot be listened on);
  - 2 (L{EXIT_REJECTED}): the handshake was refused with a 4xx status;
  - 3 (L{EXIT_GAVE_UP}): the connection retries are spent, or a protocol
-   error with C{reconnect_on_data_error} false.
+   error with C{reconnect_on_data_error} false, or (C{--stdio}) the tunnel
+   connection ended while the stream over standard input and output was
+   open.
+
+With C{--stdio} (L{lpxy.proxy.stdio}) the source listens nowhere: once the
+tunnel is ready it starts one stream of that service on standard input and
+output, and the proxy ends (status 0) when that stream does.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from lpxy.proxy.destination import AppConnector
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.session import Session
 from lpxy.proxy.source import SourceListeners, bind_error
+from lpxy.proxy.stdio import OpenStdio, StdioRelay, StdioSource, standard_io
 from lpxy.proxy.tunnel import CloseOutcome, TunnelProtocol, describe_rejection
 from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL
 
@@ -104,6 +111,8 @@ class ProxyConnector:
         (destination).
     @param clock: the time source of relays and application retries.
     @param listener: told of lost connections, failed attempts and the end.
+    @param open_stdio: with C{--stdio}, gives the connection's relay its
+        transport (the process's standard input and output by default).
     @ivar ending: the proxy is stopping or has an exit status: a lost
         connection is no longer judged, and no local client is accepted.
     """
@@ -111,7 +120,12 @@ class ProxyConnector:
     _log = Logger()
 
     def __init__(
-        self, config: ProxyConfig, reactor: Any, clock: Any, listener: ConnectorListener
+        self,
+        config: ProxyConfig,
+        reactor: Any,
+        clock: Any,
+        listener: ConnectorListener,
+        open_stdio: OpenStdio | None = None,
     ) -> None:
         self._config = config
         self._reactor = reactor
@@ -122,6 +136,8 @@ class ProxyConnector:
         keys = list(
             config.source_ports if config.mode == "source" else config.destination_apps
         )
+        if config.stdio_service is not None:
+            keys = [config.stdio_service]
         self.session = Session(
             config.mode,
             keys,
@@ -132,6 +148,7 @@ class ProxyConnector:
             max_services=settings.websocket.max_services,
             from_config_dir=config.mappings_from_config_dir or not keys,
             trace=config.verbosity >= 6,
+            stdio=config.stdio_service,
         )
         self.flow = TunnelFlow()
         self._relays: dict[Channel, LocalRelay] = {}
@@ -141,7 +158,12 @@ class ProxyConnector:
         self.protocol: TunnelProtocol | None = None
         self.listeners: SourceListeners | None = None
         self.apps: AppConnector | None = None
-        if config.mode == "source":
+        self.stdio: StdioSource | None = None
+        if config.stdio_service is not None:
+            self.stdio = StdioSource(
+                config.stdio_service, open_stdio or standard_io(reactor), clock
+            )
+        elif config.mode == "source":
             self.listeners = SourceListeners(
                 reactor, config.listen_address, config.source_ports, self.accept
             )
@@ -208,6 +230,14 @@ class ProxyConnector:
     def ws_close(self, protocol: TunnelProtocol, outcome: CloseOutcome) -> None:
         was_ready = protocol.ready.called
         fault = self._faults.pop(protocol, None)
+        if self.stdio is not None and self.stdio.active and not self.ending:
+            # A reconnection cannot resume the stream.
+            self._log.error(
+                "The tunnel connection ended ({reason}) while the stream over"
+                " standard input and output was open: the stream is cut; exiting",
+                reason=f"protocol error: {fault}" if fault else self._why(outcome),
+            )
+            self._end(EXIT_GAVE_UP)
         if self.protocol is protocol:
             self.protocol = None
             self.flow.detach()
@@ -342,6 +372,11 @@ class ProxyConnector:
             relay.close()
 
     def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
+        if self.stdio is not None:
+            self._mark_ready()
+            if not self.stdio.started:
+                self._start_stdio(self.stdio, bindings)
+            return
         listeners = self.listeners
         if listeners is None or listeners.started:
             self._mark_ready()
@@ -359,6 +394,36 @@ class ProxyConnector:
         if self.protocol is not None:
             self.protocol.abort()
         self._end(EXIT_CONFIG)
+
+    def _start_stdio(self, stdio: StdioSource, bindings: Sequence[ServiceBinding]) -> None:
+        binding = stdio.binding(bindings)
+        channel = None if binding is None else self.session.open_channel(binding)
+        if channel is None:
+            self._log.error(
+                "--stdio {service_id}: the tunnel cannot start a stream of that service",
+                service_id=stdio.service_id,
+            )
+            if self.protocol is not None:
+                self.protocol.abort()
+            self._end(EXIT_CONFIG)
+            return
+        relay = self._relay(channel, StdioRelay)
+        assert isinstance(relay, StdioRelay)
+        relay.ended.addCallback(self._stdio_ended)
+        stdio.start(relay)
+
+    def _stdio_ended(self, result: None) -> None:
+        if not self.ending:
+            self._log.info("The stream over standard input and output ended")
+            self._end(EXIT_CLOSED)
+
+    def local_done(self) -> Deferred[None]:
+        """
+        Fires once the local side can be left: with C{--stdio}, when standard
+        output is flushed and closed (or gave up taking data); at once
+        otherwise.
+        """
+        return succeed(None) if self.stdio is None else self.stdio.closed()
 
     # -- RelaySink -------------------------------------------------------
 
@@ -398,9 +463,9 @@ class ProxyConnector:
             relay.peer_description = f"{host}:{port}"
         return relay
 
-    def _relay(self, channel: Channel) -> LocalRelay:
+    def _relay(self, channel: Channel, kind: type[LocalRelay] = LocalRelay) -> LocalRelay:
         settings = self._settings
-        relay = LocalRelay(
+        relay = kind(
             channel,
             self,
             self.flow,

@@ -39,6 +39,7 @@ OPTIONS: Mapping[str, str | None] = {
     "destination-client-type": "y",
     "config-dir": None,
     "state-dir": None,
+    "stdio": None,
 }
 FLAGS = frozenset({"no-ssl-host-verify"})
 _ENVIRONMENT = {

@@ -69,6 +69,8 @@ class LocalProxyService(MultiService):
     @param endpoint: the tunnel endpoint (by default
         L{lpxy.proxy.endpoints.tunnel_client_endpoint}); for tests.
     @param clock: the time source (the reactor by default); for tests.
+    @param open_stdio: with C{--stdio}, gives the connection its transport
+        (the process's standard input and output by default); for tests.
     """
 
     _log = Logger()
@@ -80,6 +82,7 @@ class LocalProxyService(MultiService):
         *,
         endpoint: Any = None,
         clock: Any = None,
+        open_stdio: Any = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -95,7 +98,7 @@ class LocalProxyService(MultiService):
             endpoint = tunnel_client_endpoint(reactor, config)
         self.client_token = self._client_token(config)
         settings = config.settings.websocket
-        self.connector = ProxyConnector(config, reactor, self._clock, self)
+        self.connector = ProxyConnector(config, reactor, self._clock, self, open_stdio)
         self.factory = TunnelFactory(
             config.endpoint.url(config.mode),
             self.connector,
@@ -266,10 +269,12 @@ class LocalProxyService(MultiService):
 
     def _report(self, stopped: Deferred[None], status: int) -> None:
         self.connector.shutdown()
+        stopped.addBoth(lambda _: self.connector.local_done())
         stopped.addBoth(lambda _: self._done.callback(status))
 
     def stopService(self) -> Deferred[None]:
         # The WebSocket goes first: its loss reaches us before ClientService,
         # which, stopped from there, schedules no retry.
         gone = self.connector.shutdown()
+        gone.addCallback(lambda _: self.connector.local_done())
         return gone.addCallback(lambda _: MultiService.stopService(self))

@@ -32,6 +32,8 @@ class ServiceMap:
         sent.
     @ivar from_config_dir: the map came from C{--config-dir} files.
     @ivar max_services: the most services served (the first ones).
+    @ivar stdio: C{--stdio}'s service id: the one service served, wherever
+        the tunnel lists it.
     """
 
     _log = Logger()
@@ -41,14 +43,25 @@ class ServiceMap:
     format: int
     from_config_dir: bool
     max_services: int
+    stdio: str | None = None
 
     def served_ids(self, received: Iterable[str]) -> list[str]:
         """
         The services of a SERVICE_IDS the proxy serves: each valid id once,
         in order, at most C{max_services}; one warning for the invalid ids
-        and one for those over the limit.
+        and one for those over the limit. With C{stdio}, that one id.
+
+        @raise ServiceMismatch: C{stdio} is not among the ids.
         """
         ids = list(dict.fromkeys(received))
+        if self.stdio is not None:
+            if self.stdio not in ids:
+                shown = ", ".join(map(shown_id, ids[:10])) or "none"
+                raise ServiceMismatch(
+                    f"--stdio {self.stdio}: the tunnel has no service {self.stdio!r}"
+                    f" (its services: {shown}); give one of them"
+                )
+            return [self.stdio]
         bad = [sid for sid in ids if not is_valid_service_id(sid)]
         if bad:
             self._log.warn(

@@ -95,6 +95,8 @@ class Session:
         served (the first ones); a named map raises it to its own size.
     @param from_config_dir: the map came from C{--config-dir} files.
     @param trace: log every record (verbosity 6 and up).
+    @param stdio: C{--stdio}'s service id: the one service served, which
+        the tunnel must announce among its own.
     """
 
     _log = Logger()
@@ -111,6 +113,7 @@ class Session:
         max_services: int = DEFAULT_MAX_SERVICES,
         from_config_dir: bool = False,
         trace: bool = False,
+        stdio: str | None = None,
     ) -> None:
         self.mode = mode
         self._keys = list(keys)
@@ -128,6 +131,7 @@ class Session:
             fmt,
             from_config_dir,
             max(1, max_services, len(self._keys) if named else 0),
+            stdio,
         )
         self._trace = trace
         self._bindings: list[ServiceBinding] | None = None

@@ -154,6 +154,11 @@ class Options(usage.Options):
          " restarted proxy rejoins its tunnel. Default: $STATE_DIRECTORY"
          " (systemd), else $XDG_STATE_HOME/lpxy, else /var/lib/lpxy for root"
          " and ~/.local/state/lpxy for others."],
+        ["stdio", None, None,
+         "lpxy: a source that carries one connection of the tunnel's service"
+         " SERVICE_ID over standard input and output, then exits, e.g. ssh -o"
+         " ProxyCommand='localproxy -r us-east-1 --stdio SSH1' user@device."
+         " Logs go to standard error. The localproxy console script only."],
     ]
 
     def __init__(
@@ -186,7 +191,7 @@ class Options(usage.Options):
     def getUsage(self, width: int | None = None) -> str:
         # Twisted sorts the options by name; lpxy's own come after the
         # reference's.
-        return _own_options_last(super().getUsage(width), ("--state-dir=",))
+        return _own_options_last(super().getUsage(width), ("--state-dir=", "--stdio="))
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)
@@ -236,6 +241,12 @@ class Options(usage.Options):
         _checkBundle(config)
         self["proxy-config"] = config
         parent = getattr(self, "parent", None)
+        if parent is not None and config.stdio_service is not None:
+            raise OptionError(
+                None,
+                "--stdio is for the localproxy console script: under twistd standard"
+                " output is the log; run localproxy --stdio SERVICE_ID instead",
+            )
         if parent is not None:
             filter_twistd_logging(parent, config.verbosity, self._twistd_log)
 
