@@ -281,6 +281,24 @@ class PipelinedInputTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(self.answers(transport), [b"/1:0;", b"/2:0;"])
 
+    def test_no_deadline_while_answering(self) -> None:
+        """
+        A slow answer, its buffer full and drained meanwhile, with the next
+        request held: no 408 is written into it; the next one is answered.
+        """
+        channel, transport, clock = self.connect(delay=HEADER_DEADLINE * 3)
+        channel.dataReceived(numbered(0) + numbered(1))
+        transport.write(b"-" * (SEND_BUFFER + 1))  # something else fills the buffer
+        transport.drain()
+        clock.advance(0)
+        clock.advance(HEADER_DEADLINE * 2)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(HEADER_DEADLINE)
+        clock.advance(0)
+        clock.advance(HEADER_DEADLINE * 3)
+        self.assertEqual(self.answers(transport), [b"/0:0;", b"/1:0;"])
+        self.assertNotIn(b"408", transport.value())
+
     def test_pipelined_in_order(self) -> None:
         """
         Requests of many sizes pipelined in reads of many lengths, answered

@@ -192,7 +192,8 @@ class BoundedHTTPChannel(HTTPChannel):
 
     def _take_turn(self) -> None:
         self._turn = None
-        if self._held or self._buffer:
+        if (self._held or self._buffer) and not self._handlingRequest:
+            # the next request's first bytes are here: its deadline runs
             self._arm_deadline()
         self._parse()
         self._limit_reading()
