@@ -338,9 +338,10 @@ class OpenStoreTests(SynchronousTestCase):
         self.assertIsInstance(store, SQLTunnelStore)
         self.successResultOf(store.close())
 
-    def test_url_refused(self) -> None:
-        e = self.assertRaises(StoreError, open_store, "postgresql://db/tunnels")
-        self.assertIn("only SQLite files", str(e))
+    def test_other_url_refused(self) -> None:
+        e = self.assertRaises(StoreError, open_store, "mysql://user:pw@db/tunnels")
+        self.assertIn("give a SQLite file (a path), a postgresql:// URL or :memory:", str(e))
+        self.assertNotIn("pw", str(e))
 
 
 
@@ -372,6 +373,11 @@ class BrokerRestartTests(StoreTestCase):
 
     def peer(self, name: str) -> RecordingPeer:
         return RecordingPeer(name, self.events)
+
+    def stored_ids(self) -> list[str]:
+        """The tunnel ids in the database, oldest first."""
+        found = query(self.path, "SELECT tunnel_id FROM tunnels ORDER BY sequence")
+        return [row[0] for row in found]
 
     def refusal(self, mode: str, token: str, client_token: str | None) -> str:
         e = self.assertRaises(
@@ -474,8 +480,7 @@ class BrokerRestartTests(StoreTestCase):
             [expiring.tunnel_id, opened[4].tunnel_id],
         )
         self.assertEqual(
-            [row[0] for row in query(self.path, "SELECT tunnel_id FROM tunnels ORDER BY sequence")],
-            [opened[4].tunnel_id, expiring.tunnel_id],
+            self.stored_ids(), [opened[4].tunnel_id, expiring.tunnel_id]
         )
 
     async def test_rotation_and_listing_carry_on(self) -> None:

@@ -1,9 +1,14 @@
 """
-Tests for L{lpxy.tunnelservice.store}.
+Tests for L{lpxy.tunnelservice.store}: the store interface, run against
+every store C{--db} can name (memory, SQLite, PostgreSQL).
 """
 
-from twisted.trial.unittest import SynchronousTestCase
+from __future__ import annotations
 
+from twisted.trial.unittest import TestCase
+
+from lpxy.tunnelservice.pgstore import open_postgres_store
+from lpxy.tunnelservice.sqlstore import SQLTunnelStore, open_sqlite_store
 from lpxy.tunnelservice.store import (
     CLOSED,
     DESTINATION,
@@ -31,11 +36,20 @@ def record(tunnel_id: str, sequence: int) -> TunnelRecord:
     )
 
 
-class MemoryTunnelStoreTests(SynchronousTestCase):
-    """L{MemoryTunnelStore}: records, the token index, order, sequence and open count."""
+class StoreContract:
+    """
+    What every L{ITunnelStore} does: records, the token index, order,
+    sequence and open count, as seen through the interface.
+    """
+
+    store: ITunnelStore
+
+    def open(self) -> ITunnelStore:
+        raise NotImplementedError
 
     def setUp(self) -> None:
-        self.store: ITunnelStore = MemoryTunnelStore()
+        self.store = self.open()
+        self.addCleanup(self.store.close)  # type: ignore[attr-defined]
 
     def test_add_get_remove(self) -> None:
         r = record("a", 1)
@@ -106,3 +120,87 @@ class MemoryTunnelStoreTests(SynchronousTestCase):
         closed.status = CLOSED
         self.store.add(closed)
         self.assertEqual(self.store.open_count(), 1)
+
+    def test_on_changed_not_for_own_changes(self) -> None:
+        """
+        The hook tells of other writers' changes only: this store's own
+        never call it, and the function it returns stops the calls.
+        """
+        calls: list[object] = []
+        stop = self.store.on_changed(lambda tunnel_id, r: calls.append(tunnel_id))
+        r = record("a", self.store.next_sequence())
+        self.store.add(r)
+        r.status = CLOSED
+        self.store.save(r)
+        self.store.remove("a")
+        self.assertEqual(calls, [])
+        stop()
+        stop()
+
+    async def test_refresh_token_keeps_own_view(self) -> None:
+        r = record("a", self.store.next_sequence())
+        self.store.add(r)
+        await self.store.refresh_token(b"a-s")
+        self.assertEqual(self.store.find_token(b"a-s"), (r, SOURCE))
+        await self.store.refresh_token(b"unknown")
+        self.assertIsNone(self.store.find_token(b"unknown"))
+
+
+class PersistentStoreContract(StoreContract):
+    """What a store that writes through keeps for the next run."""
+
+    store: SQLTunnelStore
+
+    async def reopen(self) -> SQLTunnelStore:
+        await self.store.close()
+        self.store = self.open()  # type: ignore[assignment]
+        self.addCleanup(self.store.close)  # type: ignore[attr-defined]
+        return self.store
+
+    async def test_kept_for_the_next_run(self) -> None:
+        numbers = [self.store.next_sequence() for _ in range(3)]
+        for name, number in zip("abc", numbers, strict=True):
+            self.store.add(record(name, number))
+        b = self.store.get("b")
+        assert b is not None
+        b.status = CLOSED
+        b.destination.token_hash = b"rotated"
+        b.tags = {"k": "v"}
+        self.store.save(b)
+        self.store.remove("c")
+        again = await self.reopen()
+        self.assertEqual([r.tunnel_id for r in again.newest_first()], ["b", "a"])
+        kept = again.get("b")
+        assert kept is not None
+        self.assertEqual((kept.status, kept.tags), (CLOSED, {"k": "v"}))
+        self.assertEqual(again.find_token(b"rotated"), (kept, DESTINATION))
+        self.assertIsNone(again.find_token(b"b-d"))
+        self.assertGreater(again.next_sequence(), numbers[-1])
+        self.assertEqual(again.open_count(), 1)
+
+
+class MemoryTunnelStoreTests(StoreContract, TestCase):
+    """L{MemoryTunnelStore}."""
+
+    def open(self) -> ITunnelStore:
+        return MemoryTunnelStore()
+
+
+class SQLiteTunnelStoreTests(PersistentStoreContract, TestCase):
+    """L{SQLTunnelStore} on SQLite."""
+
+    def open(self) -> ITunnelStore:
+        if not hasattr(self, "path"):
+            self.path = self.mktemp()
+        return open_sqlite_store(self.path)
+
+
+class PostgresTunnelStoreTests(PersistentStoreContract, TestCase):
+    """L{lpxy.tunnelservice.pgstore.PostgresTunnelStore} (skipped without PostgreSQL)."""
+
+    def open(self) -> ITunnelStore:
+        if not hasattr(self, "url"):
+            from tests.support.postgres import database
+
+            self.url = database()
+        return open_postgres_store(self.url)

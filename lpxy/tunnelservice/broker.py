@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from lpxy._ws import Clock, DelayedCall
@@ -516,6 +517,14 @@ class Broker:
         return dict(self._by_arn(arn).tags)
 
     # Connections (the data plane)
+
+    def refresh(self, access_token: str) -> Deferred[None]:
+        """
+        Bring the store's view of this token's tunnel up to date (another
+        node may have opened, closed or rotated it): call before L{connect}
+        and wait. Fires at once where no other node shares the store.
+        """
+        return self._store.refresh_token(digest(access_token))
 
     def connect(
         self, mode: str, access_token: str, client_token: str | None, peer: IPeer

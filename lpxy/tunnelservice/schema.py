@@ -9,9 +9,11 @@ one transaction, so a database is either upgraded completely or left as it
 was. Migrations are only ever appended: a released step never changes, and
 a database newer than this code is refused rather than guessed at.
 
-The SQL is written once for every backend: a L{Dialect} fills in the few
-type names that differ (C{{blob}}, C{{float}}) and the parameter marker
-(statements are written with C{?}).
+The SQL is written once for every backend (SQLite and PostgreSQL): a
+L{Dialect} fills in the few type names that differ (C{{blob}}, C{{float}})
+and the parameter marker (statements are written with C{?}); the rare
+statement only one backend needs is an L{Only}. Both backends go through the
+same versions.
 
 Tables (version 2):
   - C{tunnels}: one row per tunnel, with its status, lifetime and deadline
@@ -19,7 +21,10 @@ Tables (version 2):
   - C{tunnel_ends}: the source and destination of each tunnel: access-token
     digest, client-token digest, spent, connected.
   - C{tunnel_services}, C{tunnel_tags}: in their order (C{position}).
-  - C{counters}: C{last_sequence}, the highest creation number handed out.
+  - C{counters}: C{last_sequence}, the highest creation number handed out
+    (SQLite).
+  - C{tunnel_sequence} (version 3, PostgreSQL only): the creation numbers of
+    every node sharing the database, a sequence started past C{last_sequence}.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from typing import Any
 
 import attrs
 
-__all__ = ["MIGRATIONS", "SQLITE", "Dialect", "Migration", "SchemaError", "migrate"]
+__all__ = [
+    "MIGRATIONS",
+    "POSTGRESQL",
+    "SQLITE",
+    "Dialect",
+    "Migration",
+    "Only",
+    "SchemaError",
+    "migrate",
+]
 
 
 class SchemaError(Exception):
@@ -53,6 +67,15 @@ class Dialect:
 
 
 SQLITE = Dialect(name="sqlite", blob="BLOB", float="REAL")
+POSTGRESQL = Dialect(name="postgresql", blob="BYTEA", float="DOUBLE PRECISION", marker="%s")
+
+
+@attrs.frozen
+class Only:
+    """A migration statement for one backend (a L{Dialect} name) only."""
+
+    dialect: str
+    statement: str
 
 
 @attrs.frozen
@@ -61,7 +84,7 @@ class Migration:
 
     version: int
     description: str
-    statements: tuple[str, ...]
+    statements: tuple[str | Only, ...]
 
 
 MIGRATIONS: Sequence[Migration] = (
@@ -111,6 +134,13 @@ MIGRATIONS: Sequence[Migration] = (
         "UPDATE tunnels SET expires_at = created_at + lifetime_minutes * 60",
         "CREATE INDEX tunnels_by_expiry ON tunnels (expires_at)",
     )),
+    Migration(3, "creation numbers from a sequence every node shares (PostgreSQL)", (
+        Only("postgresql", "CREATE SEQUENCE tunnel_sequence"),
+        # Past every number handed out so far: the counter and the rows.
+        Only("postgresql", """SELECT setval('tunnel_sequence', GREATEST(
+            (SELECT max(value) FROM counters WHERE name = 'last_sequence'),
+            (SELECT max(sequence) FROM tunnels), 0) + 1, false)"""),
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version
@@ -145,6 +175,10 @@ def migrate(cursor: Any, dialect: Dialect, target: int = LATEST) -> tuple[int, i
     for migration in MIGRATIONS:
         if found < migration.version <= target:
             for statement in migration.statements:
+                if isinstance(statement, Only):
+                    if statement.dialect != dialect.name:
+                        continue
+                    statement = statement.statement
                 cursor.execute(dialect.sql(statement))
             cursor.execute(
                 dialect.sql("UPDATE schema_version SET version = ?"), (migration.version,)

@@ -92,6 +92,10 @@ def _row(record: TunnelRecord) -> _Row:
 
 
 _CHILD_TABLES = ("tunnel_ends", "tunnel_services", "tunnel_tags")
+_TUNNEL_COLUMNS = (
+    "tunnel_id", "arn", "sequence", "description", "thing_name", "lifetime_minutes",
+    "created_at", "last_updated_at", "status", "expires_at",
+)
 
 
 def _write(
@@ -100,20 +104,30 @@ def _write(
     changes: Sequence[tuple[str, _Row | None]],
     last_sequence: int | None,
 ) -> None:
-    """Write a batch of whole-tunnel states (L{None}: deleted) in one transaction."""
+    """
+    Write a batch of whole-tunnel states (L{None}: deleted) in one transaction.
+
+    A tunnel's row is upserted before its ends, services and tags are
+    replaced: on a database several writers share, the upsert locks the row,
+    so that two nodes writing one tunnel at once take turns instead of
+    clashing on its keys (the later write wins, whole).
+    """
     sql = dialect.sql
+    upsert = sql(
+        f"INSERT INTO tunnels ({', '.join(_TUNNEL_COLUMNS)}) "
+        f"VALUES ({', '.join('?' for _ in _TUNNEL_COLUMNS)}) "
+        "ON CONFLICT (tunnel_id) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in _TUNNEL_COLUMNS[1:])
+    )
     for tunnel_id, row in changes:
+        if row is not None:
+            cursor.execute(upsert, row[0])
         for table in _CHILD_TABLES:
             cursor.execute(sql(f"DELETE FROM {table} WHERE tunnel_id = ?"), (tunnel_id,))
-        cursor.execute(sql("DELETE FROM tunnels WHERE tunnel_id = ?"), (tunnel_id,))
         if row is None:
+            cursor.execute(sql("DELETE FROM tunnels WHERE tunnel_id = ?"), (tunnel_id,))
             continue
-        tunnel, ends, services, tags = row
-        cursor.execute(sql(
-            "INSERT INTO tunnels (tunnel_id, arn, sequence, description, thing_name, "
-            "lifetime_minutes, created_at, last_updated_at, status, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ), tunnel)
+        _, ends, services, tags = row
         cursor.executemany(sql(
             "INSERT INTO tunnel_ends (tunnel_id, mode, token_hash, client_token_hash, "
             "spent, connected, last_updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -138,11 +152,31 @@ def load(cursor: Any, dialect: Dialect) -> tuple[list[TunnelRecord], int]:
     Read every tunnel (oldest first) and the last creation sequence number
     from a database at the latest schema version.
     """
-    sql = dialect.sql
+    records = load_tunnels(cursor, dialect)
+    cursor.execute(dialect.sql("SELECT value FROM counters WHERE name = ?"), (_LAST_SEQUENCE,))
+    found = cursor.fetchall()
+    last = int(found[0][0]) if found else 0
+    return records, max([last, *(record.sequence for record in records)])
+
+
+def load_tunnels(
+    cursor: Any, dialect: Dialect, tunnel_ids: Sequence[str] | None = None
+) -> list[TunnelRecord]:
+    """
+    Read the tunnels named (every tunnel if L{None}), oldest first; a
+    tunnel the database does not have is left out.
+    """
+    if tunnel_ids is not None and not tunnel_ids:
+        return []
+    where = ""
+    args: tuple[str, ...] = ()
+    if tunnel_ids is not None:
+        where = dialect.sql(f" WHERE tunnel_id IN ({', '.join('?' for _ in tunnel_ids)})")
+        args = tuple(tunnel_ids)
     ends: dict[str, dict[str, EndRecord]] = {}
     cursor.execute(
         "SELECT tunnel_id, mode, token_hash, client_token_hash, spent, connected, "
-        "last_updated_at FROM tunnel_ends"
+        "last_updated_at FROM tunnel_ends" + where, args
     )
     for tid, mode, token_hash, client_hash, spent, connected, updated in cursor.fetchall():
         ends.setdefault(tid, {})[mode] = EndRecord(
@@ -153,19 +187,23 @@ def load(cursor: Any, dialect: Dialect) -> tuple[list[TunnelRecord], int]:
             last_updated_at=float(updated),
         )
     services: dict[str, list[str]] = {}
-    cursor.execute("SELECT tunnel_id, name FROM tunnel_services ORDER BY tunnel_id, position")
+    cursor.execute(
+        "SELECT tunnel_id, name FROM tunnel_services" + where
+        + " ORDER BY tunnel_id, position", args
+    )
     for tid, name in cursor.fetchall():
         services.setdefault(tid, []).append(name)
     tags: dict[str, dict[str, str]] = {}
     cursor.execute(
-        "SELECT tunnel_id, tag_key, tag_value FROM tunnel_tags ORDER BY tunnel_id, position"
+        "SELECT tunnel_id, tag_key, tag_value FROM tunnel_tags" + where
+        + " ORDER BY tunnel_id, position", args
     )
     for tid, key, value in cursor.fetchall():
         tags.setdefault(tid, {})[key] = value
     records = []
     cursor.execute(
-        "SELECT tunnel_id, arn, sequence, description, thing_name, lifetime_minutes, "
-        "created_at, last_updated_at, status, expires_at FROM tunnels ORDER BY sequence"
+        f"SELECT {', '.join(_TUNNEL_COLUMNS)} FROM tunnels" + where + " ORDER BY sequence",
+        args,
     )
     for (tid, arn, sequence, description, thing_name, lifetime, created, updated,
          status, expires_at) in cursor.fetchall():
@@ -188,10 +226,7 @@ def load(cursor: Any, dialect: Dialect) -> tuple[list[TunnelRecord], int]:
             status=status,
             expires_at=float(expires_at),
         ))
-    cursor.execute(sql("SELECT value FROM counters WHERE name = ?"), (_LAST_SEQUENCE,))
-    found = cursor.fetchall()
-    last = int(found[0][0]) if found else 0
-    return records, max([last, *(record.sequence for record in records)])
+    return records
 
 
 class SQLTunnelStore(MemoryTunnelStore):
@@ -224,6 +259,8 @@ class SQLTunnelStore(MemoryTunnelStore):
         self._pool = pool
         self._dialect = dialect
         self._pending: dict[str, TunnelRecord | None] = {}
+        self._in_flight: frozenset[str] = frozenset()
+        """The tunnels the running transaction writes."""
         self._sequence_changed = False
         self._writing = False
         self._closing = False
@@ -274,13 +311,24 @@ class SQLTunnelStore(MemoryTunnelStore):
             for tunnel_id, record in self._pending.items()
         ]
         last_sequence = self._sequence if self._sequence_changed else None
+        self._in_flight = frozenset(self._pending)
         self._pending = {}
         self._sequence_changed = False
         self._writing = True
         waiting, self._waiting_next = self._waiting_next, []
         self._waiting_running = waiting
-        d = self._pool.runInteraction(_write, self._dialect, changes, last_sequence)
+        d = self._transaction(changes, last_sequence)
         d.addBoth(self._written, [tunnel_id for tunnel_id, _ in changes], waiting)
+
+    def _transaction(
+        self, changes: list[tuple[str, _Row | None]], last_sequence: int | None
+    ) -> defer.Deferred[None]:
+        """Run the transaction writing C{changes} (and the counter, if given)."""
+        return self._pool.runInteraction(_write, self._dialect, changes, last_sequence)
+
+    def _changing(self, tunnel_id: str) -> bool:
+        """Whether a change of this tunnel waits to be written or is being written."""
+        return tunnel_id in self._pending or tunnel_id in self._in_flight
 
     def _write_failed(self, failure: Failure, tunnel_ids: list[str]) -> None:
         self.failed_writes += 1
@@ -296,6 +344,7 @@ class SQLTunnelStore(MemoryTunnelStore):
     ) -> None:
         self._writing = False
         self._waiting_running = []
+        self._in_flight = frozenset()
         if isinstance(result, Failure):
             self._write_failed(result, tunnel_ids)
         for d in waiting:
@@ -434,14 +483,20 @@ def _read(path: str) -> tuple[list[TunnelRecord], int]:
 def open_store(location: str, reactor: Any = None) -> ITunnelStore:
     """
     The store C{--db} names: C{:memory:} for none that outlives the
-    process, otherwise the path of a SQLite database.
+    process, a C{postgresql://} (or C{postgres://}) URL for a PostgreSQL
+    database several nodes can share, otherwise the path of a SQLite database.
 
-    @raise StoreError: as L{open_sqlite_store}.
+    @raise StoreError: as L{open_sqlite_store} or L{open_postgres_store}.
     """
     if location == MEMORY:
         return MemoryTunnelStore()
+    from lpxy.tunnelservice.pgstore import is_postgres_url, open_postgres_store, redact
+
+    if is_postgres_url(location):
+        return open_postgres_store(location, reactor)
     if "://" in location:
         raise StoreError(
-            f"{location!r}: only SQLite files (a path) and :memory: are supported"
+            f"{redact(location)!r}: give a SQLite file (a path), a postgresql:// URL "
+            "or :memory:"
         )
     return open_sqlite_store(location, reactor)

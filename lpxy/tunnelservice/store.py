@@ -15,12 +15,16 @@ one stopped. What the broker keeps itself (live connections, timers) ends
 with the process anyway.
 
 L{MemoryTunnelStore} keeps nothing past the process; L{lpxy.tunnelservice.sqlstore}
-keeps the same view in memory and writes it through to a database.
+keeps the same view in memory and writes it through to a database;
+L{lpxy.tunnelservice.pgstore} shares one database between several nodes, so
+another node may change the view: L{ITunnelStore.on_changed} tells of such
+changes, and L{ITunnelStore.refresh_token} brings a token's tunnel up to
+date before a handshake is judged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import attrs
@@ -31,6 +35,7 @@ __all__ = [
     "DESTINATION",
     "OPEN",
     "SOURCE",
+    "ChangeCallback",
     "EndRecord",
     "ITunnelStore",
     "MemoryTunnelStore",
@@ -96,6 +101,13 @@ class TunnelRecord:
         return self.source if mode == SOURCE else self.destination
 
 
+ChangeCallback = Callable[[str, "TunnelRecord | None"], None]
+"""
+Told of a change another node made: the tunnel id, and the record as the
+view now holds it (L{None} once the tunnel is gone).
+"""
+
+
 class ITunnelStore(Protocol):
     """
     Keeps tunnel records and the index from token hash to tunnel end.
@@ -147,6 +159,23 @@ class ITunnelStore(Protocol):
         """
         ...
 
+    def refresh_token(self, token_hash: bytes) -> defer.Deferred[None]:
+        """
+        Bring the view of the tunnel whose current token has this hash (or
+        that the view thinks has it) up to date with what other nodes wrote,
+        before a handshake with that token is judged. Fires at once where
+        nobody else writes.
+        """
+        ...
+
+    def on_changed(self, callback: ChangeCallback) -> Callable[[], None]:
+        """
+        Call C{callback} whenever a change made elsewhere (another node) has
+        reached the view, after the view holds it; never for this store's
+        own changes. Returns what stops the calls.
+        """
+        ...
+
     def close(self) -> defer.Deferred[None]:
         """
         Fire once every change handed to the store is kept as well as the
@@ -165,6 +194,7 @@ class MemoryTunnelStore:
         self._indexed: dict[str, tuple[bytes, ...]] = {}
         self._open: set[str] = set()
         self._sequence = 0
+        self._watchers: list[ChangeCallback] = []
 
     def _unindex(self, tunnel_id: str) -> None:
         for token_hash in self._indexed.pop(tunnel_id, ()):
@@ -223,6 +253,24 @@ class MemoryTunnelStore:
 
     def when_written(self) -> defer.Deferred[None]:
         return defer.succeed(None)
+
+    def refresh_token(self, token_hash: bytes) -> defer.Deferred[None]:
+        # Only this process writes: the view is the truth.
+        return defer.succeed(None)
+
+    def on_changed(self, callback: ChangeCallback) -> Callable[[], None]:
+        self._watchers.append(callback)
+
+        def stop() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return stop
+
+    def _tell(self, tunnel_id: str, record: TunnelRecord | None) -> None:
+        """Tell the watchers of a change from elsewhere (see L{on_changed})."""
+        for callback in list(self._watchers):
+            callback(tunnel_id, record)
 
     def close(self) -> defer.Deferred[None]:
         return defer.succeed(None)

@@ -147,7 +147,8 @@ class Options(usage.Options):
          "'-'; at most 64); the host name and process id unless given.",
          _node_name],
         ["db", None, DEFAULT_DB,
-         "The SQLite file keeping tunnels across restarts (created if missing); "
+         "The SQLite file keeping tunnels across restarts (created if missing), "
+         "or a postgresql:// URL for a database several nodes share; "
          ":memory: to keep nothing."],
     ]
 
