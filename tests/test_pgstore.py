@@ -263,6 +263,9 @@ class SchemaTests(TestCase):
         r = record("a", store.next_sequence())
         r.source.client_token_hash = b"\x00client\xff"
         r.source.spent = True
+        # Other nodes' peers stay connected while this one restarts.
+        r.destination.connected = True
+        r.destination.node = "node-2"
         store.add(r)
         await store.close()
         again = open_postgres_store(self.url)

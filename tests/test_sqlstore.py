@@ -64,7 +64,8 @@ def record(tunnel_id: str, sequence: int, created_at: float = 1000.0) -> TunnelR
 def fields(r: TunnelRecord) -> dict[str, Any]:
     """Everything a record holds, comparable."""
     ends = {
-        mode: (e.token_hash, e.client_token_hash, e.spent, e.connected, e.last_updated_at)
+        mode: (e.token_hash, e.client_token_hash, e.spent, e.connected, e.last_updated_at,
+               e.node)
         for mode in (SOURCE, DESTINATION)
         for e in (r.end(mode),)
     }
@@ -111,12 +112,13 @@ class SQLTunnelStoreTests(StoreTestCase):
         a.source.client_token_hash = b"client"
         a.source.spent = True
         a.source.connected = True
+        a.source.node = "node-1"
         b.status = CLOSED
         store.add(a)
         store.add(b)
         expected = [fields(b), fields(a)]
         # Nobody is connected after a restart.
-        expected[1]["ends"][SOURCE] = (b"a-s", b"client", True, False, 1000.0)
+        expected[1]["ends"][SOURCE] = (b"a-s", b"client", True, False, 1000.0, None)
         again = await self.reopen(store)
         self.assertEqual([fields(r) for r in again.newest_first()], expected)
         self.assertEqual(again.open_count(), 1)

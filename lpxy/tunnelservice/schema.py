@@ -15,11 +15,12 @@ and the parameter marker (statements are written with C{?}); the rare
 statement only one backend needs is an L{Only}. Both backends go through the
 same versions.
 
-Tables (version 2):
+Tables (version 4):
   - C{tunnels}: one row per tunnel, with its status, lifetime and deadline
     (C{expires_at}), creation C{sequence} and timestamps.
   - C{tunnel_ends}: the source and destination of each tunnel: access-token
-    digest, client-token digest, spent, connected.
+    digest, client-token digest, spent, connected, and (version 4) the name
+    of the node holding its connection.
   - C{tunnel_services}, C{tunnel_tags}: in their order (C{position}).
   - C{counters}: C{last_sequence}, the highest creation number handed out
     (SQLite).
@@ -140,6 +141,9 @@ MIGRATIONS: Sequence[Migration] = (
         Only("postgresql", """SELECT setval('tunnel_sequence', GREATEST(
             (SELECT max(value) FROM counters WHERE name = 'last_sequence'),
             (SELECT max(sequence) FROM tunnels), 0) + 1, false)"""),
+    )),
+    Migration(4, "the node holding each end's connection (several nodes share a database)", (
+        "ALTER TABLE tunnel_ends ADD COLUMN node TEXT",
     )),
 )
 

@@ -82,7 +82,7 @@ def _row(record: TunnelRecord) -> _Row:
          record.status, record.expires_at),
         tuple(
             (tid, mode, end.token_hash, end.client_token_hash, end.spent,
-             end.connected, end.last_updated_at)
+             end.connected, end.last_updated_at, end.node)
             for mode in _MODES
             for end in (record.end(mode),)
         ),
@@ -130,7 +130,7 @@ def _write(
         _, ends, services, tags = row
         cursor.executemany(sql(
             "INSERT INTO tunnel_ends (tunnel_id, mode, token_hash, client_token_hash, "
-            "spent, connected, last_updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            "spent, connected, last_updated_at, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         ), ends)
         cursor.executemany(sql(
             "INSERT INTO tunnel_services (tunnel_id, position, name) VALUES (?, ?, ?)"
@@ -176,15 +176,17 @@ def load_tunnels(
     ends: dict[str, dict[str, EndRecord]] = {}
     cursor.execute(
         "SELECT tunnel_id, mode, token_hash, client_token_hash, spent, connected, "
-        "last_updated_at FROM tunnel_ends" + where, args
+        "last_updated_at, node FROM tunnel_ends" + where, args
     )
-    for tid, mode, token_hash, client_hash, spent, connected, updated in cursor.fetchall():
+    for (tid, mode, token_hash, client_hash, spent, connected, updated,
+         node) in cursor.fetchall():
         ends.setdefault(tid, {})[mode] = EndRecord(
             token_hash=bytes(token_hash),
             client_token_hash=None if client_hash is None else bytes(client_hash),
             spent=bool(spent),
             connected=bool(connected),
             last_updated_at=float(updated),
+            node=node,
         )
     services: dict[str, list[str]] = {}
     cursor.execute(
@@ -454,7 +456,9 @@ def _read(path: str) -> tuple[list[TunnelRecord], int]:
         try:
             found, now = migrate(cursor, SQLITE)
             # Nobody is connected to a service that has just started.
-            cursor.execute("UPDATE tunnel_ends SET connected = ? WHERE connected", (False,))
+            cursor.execute(
+                "UPDATE tunnel_ends SET connected = ?, node = NULL WHERE connected", (False,)
+            )
             records, last_sequence = load(cursor, SQLITE)
         except BaseException:
             connection.rollback()
@@ -477,6 +481,7 @@ def _read(path: str) -> tuple[list[TunnelRecord], int]:
     for record in records:
         for mode in _MODES:
             record.end(mode).connected = False
+            record.end(mode).node = None
     return records, last_sequence
 
 
