@@ -39,6 +39,7 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python.failure import Failure
+from twisted.python.logfile import BaseLogFile
 from twisted.python.reflect import namedAny
 
 __all__ = [
@@ -190,6 +191,35 @@ class ProcessService(MultiService):
         self._ended(1)
 
 
+def reopen_on_sighup(
+    log_file: BaseLogFile,
+    *,
+    call: Callable[[Callable[[], object]], object] | None = None,
+    install: Callable[[int, SignalHandler], object] = signal.signal,
+    current: Callable[[int], object] = signal.getsignal,
+) -> None:
+    """
+    Make SIGHUP reopen C{--logfile} under its name, the convention of
+    logrotate and newsyslog (they move the file, then signal the process),
+    unless the process has a SIGHUP handler of its own. SIGUSR1 still
+    rotates it as twistd does. The reopening happens in the reactor's
+    thread (C{call}, by default its C{callFromThread}), not in the middle
+    of a write.
+    """
+    if not hasattr(signal, "SIGHUP") or current(signal.SIGHUP) not in (signal.SIG_DFL, None):
+        return
+    if call is None:
+        from twisted.internet import reactor
+
+        call = reactor.callFromThread
+    schedule = call
+
+    def reopen(signum: int, frame: FrameType | None) -> None:
+        schedule(log_file.reopen)
+
+    install(signal.SIGHUP, reopen)
+
+
 class TwistdLog:
     """
     The log observer twistd makes from its own options (C{--logfile},
@@ -257,6 +287,9 @@ class TwistdLog:
             )._getLogObserver()
             if isinstance(made, FileLogObserver):
                 made.formatEvent = subsecond_classic_text
+                log_file = getattr(made, "_outFile", None)
+                if isinstance(log_file, BaseLogFile):
+                    reopen_on_sighup(log_file)
             elif self._options.get("syslog"):
                 # --syslog's observer takes legacy events: twistd wraps it so too.
                 made = LegacyLogObserverWrapper(cast(Any, made))

@@ -7,7 +7,9 @@ options) and C{lpxy-demo}'s command line.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.threads import deferToThread
@@ -123,3 +125,52 @@ class DemoScriptTests(TestCase):
             self.assertEqual(result.returncode, 1, (bad, result.stderr))
             self.assertIn("BYTES must be a positive whole number of bytes", result.stderr)
             self.assertNotIn("Traceback", result.stderr)
+
+
+class ShellCompletionTests(TestCase):
+    """
+    Twisted's zsh completion (its C{_twisted} function, or a copy naming
+    lpxy's scripts) runs the command line with C{--_shell-completion
+    zsh:N} and evaluates what comes back when it starts with C{#compdef}.
+    """
+
+    def setUp(self) -> None:
+        installed_copy()
+
+    def complete(self, argv: list[str], name: str, *options: str) -> None:
+        result = _run(argv)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith(f"#compdef {name}\n"), result.stdout[:200])
+        for option in options:
+            self.assertIn(f"--{option}=[", result.stdout)
+        zsh = shutil.which("zsh")
+        if zsh is not None:
+            script = Path(self.mktemp())
+            script.write_text(result.stdout)
+            check = subprocess.run([zsh, "-n", str(script)], capture_output=True, text=True)
+            self.assertEqual(check.returncode, 0, check.stderr)
+
+    def test_twistdPlugins(self) -> None:
+        """C{twistd localproxy} and C{twistd tunnelservice} complete the plugin's options."""
+        self.complete(
+            twistd_argv("localproxy", "--_shell-completion", "zsh:3"),
+            "-c", "source-listen-port", "destination-app", "config",
+        )
+        self.complete(
+            twistd_argv("tunnelservice", "--_shell-completion", "zsh:3"),
+            "-c", "port", "db", "credentials",
+        )
+
+    def test_consoleScripts(self) -> None:
+        """C{localproxy} and C{lpxy-tunnelservice} complete their own options, under their names."""
+        self.complete(
+            [console_script("localproxy"), "-r", "us-east-1", "--_shell-completion", "zsh:4"],
+            "localproxy", "source-listen-port", "destination-app", "state-dir",
+        )
+        self.complete(
+            [console_script("lpxy-tunnelservice"), "--_shell-completion", "zsh:2"],
+            "lpxy-tunnelservice", "port", "db", "credentials",
+        )
+        # not twistd's own options: they are not the script's
+        result = _run([console_script("lpxy-tunnelservice"), "--_shell-completion", "zsh:2"])
+        self.assertNotIn("--chroot", result.stdout)

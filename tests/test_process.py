@@ -6,6 +6,7 @@ status) and its log observer.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import sys
 from typing import Any
@@ -14,11 +15,12 @@ from twisted.application.service import Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.logfile import LogFile
 from twisted.python.reflect import namedAny
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy import _process
-from lpxy._process import TWISTD_LOG, ProcessEnd, ProcessService, TwistdLog
+from lpxy._process import TWISTD_LOG, ProcessEnd, ProcessService, TwistdLog, reopen_on_sighup
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint
 from tests.support.entrypoints import FakeProxyService
 from tests.support.logs import SyslogCapture
@@ -283,10 +285,11 @@ class TwistdLogTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        # Making twistd's log file observer installs a SIGUSR1 handler when
-        # there is none; this process must get its own back.
-        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        # Making twistd's log file observer installs SIGUSR1 and SIGHUP
+        # handlers when there are none; this process must get its own back.
+        for signum in (signal.SIGUSR1, signal.SIGHUP):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+            signal.signal(signum, signal.SIG_DFL)
         self.log = TwistdLog("tests.test_process.SOME_LOG")
         self.wrapped: list[Any] = []
 
@@ -383,3 +386,67 @@ RECORDED: list[dict[str, Any]] = []
 
 def recordingObserver() -> Any:
     return RECORDED.append
+
+
+class ReopenOnSighupTests(SynchronousTestCase):
+    """
+    L{reopen_on_sighup}: what logrotate's C{postrotate} signal does to a
+    C{--logfile}.
+    """
+
+    def setUp(self) -> None:
+        self.handlers: dict[int, Any] = {}
+        self.scheduled: list[Any] = []
+        self.path = self.mktemp()
+        self.log_file = LogFile.fromFullPath(self.path)
+        self.addCleanup(self.log_file.close)
+
+    def install(self, current: Any = signal.SIG_DFL) -> None:
+        reopen_on_sighup(
+            self.log_file,
+            call=self.scheduled.append,
+            install=self.handlers.__setitem__,
+            current=lambda signum: self.handlers.get(signum, current),
+        )
+
+    def test_reopensUnderItsName(self) -> None:
+        """
+        After the file was moved away, SIGHUP schedules a reopening (in the
+        reactor's thread); once it ran, lines go to a new file under the
+        name, and the moved file keeps what was written before.
+        """
+        self.install()
+        self.log_file.write("before\n")
+        os.rename(self.path, self.path + "-20261130")
+        self.handlers[signal.SIGHUP](signal.SIGHUP, None)
+        self.log_file.write("still the moved file\n")
+        self.assertEqual(len(self.scheduled), 1)
+        self.scheduled[0]()
+        self.log_file.write("after\n")
+        with open(self.path + "-20261130") as moved, open(self.path) as new:
+            self.assertEqual(moved.read(), "before\nstill the moved file\n")
+            self.assertEqual(new.read(), "after\n")
+
+    def test_handlerOfTheProcessKept(self) -> None:
+        """A SIGHUP handler the process has already is left in place."""
+        own = object()
+        self.install(current=own)
+        self.assertEqual(self.handlers, {})
+
+    def test_twistdLogFile(self) -> None:
+        """
+        The observer L{TwistdLog} makes for C{--logfile} installs it; for
+        standard output it does not (nothing to reopen).
+        """
+        for signum in (signal.SIGUSR1, signal.SIGHUP):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+            signal.signal(signum, signal.SIG_DFL)
+        log = TwistdLog("tests.test_process.SOME_LOG")
+        options = {"logger": None, "logfile": None, "nodaemon": 1, "syslog": 0}
+        log.wrap(options, lambda observer: observer)
+        log.observer()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_DFL)
+        options = {"logger": None, "logfile": self.mktemp(), "nodaemon": 1, "syslog": 0}
+        log.wrap(options, lambda observer: observer)
+        log.observer()
+        self.assertTrue(callable(signal.getsignal(signal.SIGHUP)))

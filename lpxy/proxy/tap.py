@@ -195,7 +195,9 @@ class Options(usage.Options):
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)
-        _check_form(argv, self.shortOpt, self.longOpt)
+        if not (len(argv) > 1 and argv[-2] == "--_shell-completion"):
+            # (usage.Options answers a shell's completion request itself)
+            _check_form(argv, self.shortOpt, self.longOpt)
         super().parseOptions(argv)
 
     def opt_export_default_settings(self, path: str) -> None:

@@ -64,9 +64,14 @@ def main(
     the options and exits 0.
     """
     stderr = sys.stderr if _stderr is None else _stderr
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 and argv[-2] == "--_shell-completion":
+        # A shell asking for completions (Twisted's zsh completion): the
+        # plugin's options answer it, and exit 0.
+        ConsoleOptions().parseOptions(list(argv))
     config = _ServerOptions()
     try:
-        config.parseOptions(twistd_arguments(sys.argv[1:] if argv is None else argv))
+        config.parseOptions(twistd_arguments(argv))
     except usage.UsageError as e:
         stderr.write(f"{NAME}: {e}\nTry '{NAME} --help' for a list of options.\n")
         stderr.flush()
