@@ -20,6 +20,7 @@ __all__ = [
     "ANYTHING",
     "PONGS",
     "Clock",
+    "ClockTimer",
     "DelayedCall",
     "Keepalive",
     "ReadingPauses",
@@ -153,6 +154,17 @@ class QuietHotPath:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:
             self.logTxOctets(data, False)  # type: ignore[attr-defined]
+
+
+class ClockTimer:
+    """
+    Autobahn's batched-timer interface (a factory's C{_batched_timer}) on
+    an injected clock, so that its handshake timeouts run on the clock a
+    test controls instead of the global reactor.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.call_later = clock.callLater
 
 
 _LEFT_BEHIND = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")

@@ -182,7 +182,13 @@ class ServiceTestCase(TestCase):
             headers=headers,
         )
         factory.protocol = protocol
-        factory.setProtocolOptions(autoFragmentSize=fragment, openHandshakeTimeout=0)
+        # No timers of the test's own: a close it starts ends when the
+        # service answers, whatever the machine's load, and none is left
+        # running after the test.
+        factory.setProtocolOptions(
+            autoFragmentSize=fragment, openHandshakeTimeout=0,
+            closeHandshakeTimeout=0, serverConnectionDropTimeout=0,
+        )
         factory.opened = defer.Deferred()
         factory.closed = defer.Deferred()
         factory.pong = defer.Deferred()
@@ -649,6 +655,12 @@ class ViolationTests(ServiceTestCase):
 class TokenTests(ServiceTestCase):
     """Client-token reconnects, replacement of a live end, and rotation over real sockets."""
 
+    async def setUp(self) -> None:
+        # The service's closing-handshake timeout on a clock that never
+        # moves: the peers it closes answer, however long that takes.
+        self.clock = Clock()
+        await super().setUp()
+
     async def test_client_token_reconnect(self) -> None:
         opened = self.fixture.open_tunnel()
         first = await self.connect(SOURCE, opened.source_token, client_token=CT1)
@@ -861,6 +873,10 @@ class FlowControlTests(ServiceTestCase):
 class TokenNeverLoggedTests(ServiceTestCase):
     """No access or client token in any log event, even at debug."""
 
+    async def setUp(self) -> None:
+        self.clock = Clock()
+        await super().setUp()
+
     async def test_debug_logging(self) -> None:
         """
         Even with Autobahn's loggers at debug, no log event of the service
@@ -882,9 +898,9 @@ class TokenNeverLoggedTests(ServiceTestCase):
             f"access-token: {opened.source_token}", f"client-token: {CT2}"))
         self.assertEqual(status, 401)
         source.sendClose(1000)
-        await source.closed
+        self.assertEqual(await source.closed, (1000, None))
+        await logs.when("Peer disconnected")
         self.assertTrue(logs.texts("Peer connected"))
-        self.assertTrue(logs.texts("Peer disconnected"))
         for secret in (opened.source_token, opened.destination_token, CT1, CT2):
             self.assertEqual(logs.mentioning(secret), [])
 

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from lpxy._ws import (
     PONGS,
     Clock,
+    ClockTimer,
     Keepalive,
     QuietHotPath,
     cancel_autobahn_timers,
@@ -114,13 +115,6 @@ class TunnelEvents(Protocol):
 
     def ws_close(self, protocol: TunnelProtocol, outcome: CloseOutcome) -> None:
         """The connection ended (whether or not it had opened)."""
-
-
-class _ClockTimer:
-    """Autobahn's batched-timer interface on an injected clock."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.call_later = clock.callLater
 
 
 class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[misc]
@@ -398,7 +392,7 @@ class TunnelFactory(WebSocketClientFactory):
         self.max_frame_size = max_frame_size
         self.trace = trace
         self.write_buffer = write_buffer
-        self._batched_timer = _ClockTimer(clock)
+        self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
             maxFramePayloadSize=max_frame_size,
             maxMessagePayloadSize=max_frame_size,
