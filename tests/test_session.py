@@ -12,14 +12,14 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy.frames import Message, encode
+from lpxy.frames import Message, data_header, encode
 from lpxy.proxy.channel import (
     ProtocolViolation,
     ServiceBinding,
     ServiceMismatch,
     SessionError,
 )
-from lpxy.proxy.session import Session
+from lpxy.proxy.session import Session, older_destination
 from lpxy.wire import MAX_CONNECTION_ID, MAX_STREAM_ID, is_valid_service_id
 from tests.support.recorders import Recorder
 
@@ -204,6 +204,117 @@ class SourceOlderDestinationTests(SynchronousTestCase):
         session, actions = make(subprotocol=V2)
         session.open_channel(session.bindings[0])
         self.assertEqual(actions.kinds(), [("STREAM_START", 1, "SSH", 0)])
+
+
+class OlderDestinationFunctionTests(SynchronousTestCase):
+    """L{older_destination}: what a destination's DATA tells of its version."""
+
+    def test_v3(self) -> None:
+        self.assertIsNone(older_destination(msg("DATA", 1, "SSH", 1), "SSH", 3))
+
+    def test_v2(self) -> None:
+        self.assertEqual(older_destination(msg("DATA", 1, "SSH", 0), "SSH", 3), 2)
+
+    def test_v1(self) -> None:
+        self.assertEqual(older_destination(msg("DATA", 1, "", 0), "SSH", 3), 1)
+        self.assertEqual(older_destination(msg("DATA", 1, "", 0), "SSH", 2), 1)
+
+    def test_nothing_to_tell(self) -> None:
+        """Without a service id or a connection id sent, no answer is older."""
+        self.assertIsNone(older_destination(msg("DATA", 1, "", 0), "", 2))
+        self.assertIsNone(older_destination(msg("DATA", 1, "SSH", 0), "SSH", 2))
+
+
+class DetectOlderDestinationTests(SynchronousTestCase):
+    """A V3 source learns a V1 or V2 destination from its first DATA."""
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+
+    def switched(self) -> list[str]:
+        texts = [formatEvent(e) for e in self.events]
+        return [t for t in texts if "The destination answers as" in t]
+
+    def test_v2(self) -> None:
+        """
+        Connection id 0 in the answer: the answer reaches the connection, the
+        source speaks V2 from then on (one connection per stream, replaced by
+        the next client), across a reconnection, and says so once.
+        """
+        session, actions = make()
+        binding = session.bindings[0]
+        first = session.open_channel(binding)
+        assert first is not None
+        session.received(msg("DATA", 1, "SSH", 0, b"banner"))
+        self.assertEqual(actions.delivered, [(first, b"banner")])
+        self.assertEqual((first.connection_id, first.wire_service_id), (0, "SSH"))
+        self.assertEqual(first.header, data_header("SSH", 1, 0))
+        second = session.open_channel(binding)
+        self.assertEqual(actions.closed, [first])
+        self.assertEqual(actions.kinds()[-1], ("STREAM_START", 2, "SSH", 0))
+        session.received(msg("DATA", 2, "SSH", 0, b"again"))
+        self.assertEqual(actions.delivered[-1], (second, b"again"))
+        session.disconnected()
+        session.connected()
+        session.received(msg("SERVICE_IDS", ids=["SSH"]))
+        session.open_channel(binding)
+        self.assertEqual(actions.kinds()[-1], ("STREAM_START", 1, "SSH", 0))
+        self.assertEqual(len(self.switched()), 1)
+        self.assertIn("as a V2 peer (no connection ids)", self.switched()[0])
+
+    def test_v1(self) -> None:
+        """No service id in the answer: V1 from then on, no service ids sent."""
+        session, actions = make()
+        first = session.open_channel(session.bindings[0])
+        assert first is not None
+        session.received(msg("DATA", 1, "", 0, b"banner"))
+        self.assertEqual(actions.delivered, [(first, b"banner")])
+        self.assertEqual(first.header, data_header("", 1, 0))
+        assert first is not None
+        session.local_closed(first)
+        self.assertEqual(actions.kinds()[-1], ("STREAM_RESET", 1, "", 0))
+        session.open_channel(session.bindings[0])
+        self.assertEqual(actions.kinds()[-1], ("STREAM_START", 2, "", 0))
+        self.assertIn("as a V1 peer (no service id)", self.switched()[0])
+
+    def test_other_connections_closed(self) -> None:
+        """
+        Connections started before the answer came cannot be told apart by
+        the old peer: all but the stream's first are closed, sending nothing.
+        """
+        session, actions = make()
+        binding = session.bindings[0]
+        first = session.open_channel(binding)
+        second = session.open_channel(binding)
+        sent = len(actions.sent)
+        session.received(msg("DATA", 1, "SSH", 0, b"x"))
+        self.assertEqual(actions.closed, [second])
+        self.assertEqual(actions.delivered, [(first, b"x")])
+        self.assertEqual(len(actions.sent), sent)
+
+    def test_v3_destination(self) -> None:
+        """A V3 answer changes nothing, and later ones are not examined."""
+        session, actions = make()
+        binding = session.bindings[0]
+        first = session.open_channel(binding)
+        session.received(msg("DATA", 1, "SSH", 1, b"x"))
+        session.received(msg("DATA", 1, "SSH", 0, b"not a V2 answer now"))
+        session.open_channel(binding)
+        self.assertEqual(actions.kinds()[-1], ("CONNECTION_START", 1, "SSH", 2))
+        self.assertEqual(actions.delivered, [(first, b"x")])
+        self.assertEqual(self.switched(), [])
+
+    def test_forced(self) -> None:
+        """-y keeps its version whatever the answers say."""
+        session, actions = make(client_type="V2")
+        first = session.open_channel(session.bindings[0])
+        session.received(msg("DATA", 1, "", 0, b"x"))
+        self.assertEqual(actions.delivered, [(first, b"x")])
+        session.local_closed(first)  # type: ignore[arg-type]
+        self.assertEqual(actions.kinds()[-1], ("STREAM_RESET", 1, "SSH", 0))
+        self.assertEqual(self.switched(), [])
 
 
 class DestinationTests(SynchronousTestCase):

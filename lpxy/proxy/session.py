@@ -20,6 +20,14 @@ stream). A source speaks the format of its subprotocol unless
 C{-y V1|V2} lowers it; a destination starts from its subprotocol and, per
 service, follows the first start it gets in a WebSocket session
 (connectionId 0 means a V1/V2 source).
+
+Without C{-y}, a source learns an older destination from its first DATA
+(L{older_destination}): an old peer knows only its version's fields, so a
+V1 destination answers without the service id and a V2 one with connection
+id 0, where a V3 one repeats both. The source then speaks that format for
+the rest of the tunnel (reconnections included), logged once: the active
+stream's first connection carries on under the older ids, and connections
+the old peer could not tell apart from it are closed.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from lpxy.wire import (
     subprotocol_version,
 )
 
-__all__ = ["Session"]
+__all__ = ["Session", "older_destination"]
 
 _T = Message.Type
 DATA = Message.DATA
@@ -62,6 +70,20 @@ SESSION_RESET = Message.SESSION_RESET
 SERVICE_IDS = Message.SERVICE_IDS
 CONNECTION_START = Message.CONNECTION_START
 CONNECTION_RESET = Message.CONNECTION_RESET
+def older_destination(message: Message, wire_id: str, fmt: int) -> int | None:
+    """
+    The older version a destination's DATA for an active stream shows, if
+    any: 1 when it lacks the service id the source sent (C{wire_id}), 2
+    when it lacks the connection id a source speaking C{fmt} 3 sent.
+    L{None} when it repeats what was sent.
+    """
+    if wire_id and not message.serviceId:
+        return 1
+    if fmt >= 3 and message.connectionId == 0:
+        return 2
+    return None
+
+
 @define(eq=False)
 class _Service:
     binding: ServiceBinding
@@ -123,6 +145,9 @@ class Session:
         if mode == "source" and client_type in ("V1", "V2"):
             fmt = min(fmt, int(client_type[1]))
         self.format = fmt
+        # The destination's version is learned from its replies, unless -y
+        # gave it or there is nothing older to learn.
+        self._learning = mode == "source" and client_type is None and fmt > 1
         self._max_connections = max(1, max_connections)
         named = bool(keys) and self._keys != [""] and not from_config_dir
         self._map = ServiceMap(
@@ -275,6 +300,8 @@ class Session:
 
     def _data(self, message: Message) -> None:
         service = self._active(message)
+        if self._learning and service is not None:
+            self._learn_destination(service, message)
         if service is None:
             if self._trace:
                 self._log.debug(
@@ -302,6 +329,48 @@ class Session:
                 connection_id=channel.connection_id,
             )
         self._actions.deliver(channel, message.payload)
+
+    def _learn_destination(self, service: _Service, message: Message) -> None:
+        """A source's first DATA from the destination tells its version."""
+        self._learning = False
+        older = older_destination(message, service.wire_id, service.format)
+        if older is None:
+            return
+        self._log.info(
+            "The destination answers as a V{version} peer ({why}): speaking V{version}"
+            " for the rest of the tunnel (-y V{version} says so from the start)",
+            version=older,
+            why="no service id" if older == 1 else "no connection ids",
+        )
+        self.format = older
+        for each in self._services.values():
+            each.format = min(each.format, older)
+            if older == 1:
+                each.wire_id = ""
+            self._keep_first_connection(each)
+
+    def _keep_first_connection(self, service: _Service) -> None:
+        """
+        Re-key the active stream for a V1/V2 peer: its first connection
+        carries on under connection id 0, the others end (the old peer
+        merged them into that one).
+        """
+        if not service.channels:
+            return
+        (_, channel), *others = sorted(service.channels.items())
+        service.channels = {0: channel}
+        channel.connection_id = 0
+        channel.wire_service_id = service.wire_id
+        channel.header = data_header(service.wire_id, service.stream_id, 0)
+        for connection_id, other in others:
+            self._log.warn(
+                "Closing connection {connection_id} of service {service_id!r}: the older"
+                " destination carries one connection per stream",
+                connection_id=connection_id,
+                service_id=service.binding.service_id,
+            )
+            other.open = False
+            self._actions.close_local(other)
 
     def _stream_start(self, message: Message) -> None:
         if self.mode != "destination":

@@ -159,13 +159,15 @@ class Client(Protocol):
             self.transport.loseConnection()
 
     def _check(self) -> None:
+        # Taken first: a waiter called back may ask for more at once.
+        want, self._want = self._want, []
         still = []
-        for size, d in self._want:
+        for size, d in want:
             if len(self.data) >= size:
                 d.callback(bytes(self.data[:size]))
             else:
                 still.append((size, d))
-        self._want = still
+        self._want = still + self._want
 
     def received(self, size: int) -> Deferred[bytes]:
         """Fires with the first C{size} bytes once they arrived."""
