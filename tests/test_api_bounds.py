@@ -97,6 +97,20 @@ class APIBoundsTests(SynchronousTestCase):
             {"tags": [{"key": f"k{i}", "value": "v"} for i in range(51)]}).encode())
         self.assertEqual((status, answer["__type"]), (400, "TooManyTagsException"))
 
+    def test_tag_characters(self) -> None:
+        """Tags hold letters (of any script), numbers, spaces and _.:/=+-@; nothing else."""
+        site = self.site()
+        for key, value, status in [
+            ("Name_1.a:b/c=d+e-f@g", "plain ASCII 0", 200),
+            ("Größe", "日本 \uff12", 200),  # a full-width digit
+            ("k", "tab\there", 400),
+            ("k", "semi;colon", 400),
+            ("emoji\U0001f600", "v", 400),
+        ]:
+            got, answer, _ = post(site, "OpenTunnel", json.dumps(
+                {"tags": [{"key": key, "value": value}]}).encode())
+            self.assertEqual(got, status, (key, value, answer))
+
     def test_throttling(self) -> None:
         """Each caller gets its burst, then ThrottlingException until its bucket refills."""
         site = self.site(throttle=Throttle(self.clock, rate=2, burst=3))
