@@ -266,6 +266,19 @@ class PipelinedInputTests(SynchronousTestCase):
             channel.dataReceived(request[at:at + 1000])
         self.assertEqual(self.answers(transport), [b"/1:%d;" % (4 * MAX_UNPARSED)])
 
+    def test_partial_line_read_on(self) -> None:
+        """
+        A header line as long as L{MAX_UNPARSED}, not yet ended: the parser
+        needs more, so reading goes on (here to a 431 once it is too long).
+        """
+        channel, transport, _ = self.connect()
+        channel.dataReceived(b"POST /1 HTTP/1.1\r\n")
+        channel.dataReceived(b"X: " + b"a" * (MAX_UNPARSED - 3))
+        self.assertEqual(channel.unparsed, MAX_UNPARSED)
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(b"a" * 10)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:40])
+
     def test_unsent_answers_stop_parsing(self) -> None:
         """With the send buffer full, nothing more is parsed until it drains."""
         channel, transport, clock = self.connect()

@@ -184,7 +184,9 @@ class BoundedHTTPChannel(HTTPChannel):
 
     def _limit_reading(self) -> None:
         if self._reads():
-            self._reading.hold("input", self.unparsed >= self.max_unparsed)
+            # Only input that waits counts: a parser short of bytes must get them.
+            waiting = self._handlingRequest or self._waitingForTransport or self._turn is not None
+            self._reading.hold("input", waiting and self.unparsed >= self.max_unparsed)
 
     def _next_turn(self) -> None:
         if self._turn is None and self.transport is not None:
