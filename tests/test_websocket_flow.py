@@ -192,6 +192,43 @@ class OutputBoundTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class ClosingHandshakeTimerTests(SynchronousTestCase):
+    """
+    Autobahn's closing-handshake timeout runs on the service's clock, not
+    on the global reactor (where txaio would put it): a test's clock
+    decides when it fires, and none is left behind in the reactor.
+    """
+
+    def test_on_the_service_clock(self) -> None:
+        clock = MemoryReactorClock()
+        self.closed_on(
+            clock, TunnelServerFactory(Broker(clock), Connections(), reactor=clock, clock=clock)
+        )
+
+    def test_on_the_service_reactor(self) -> None:
+        """Without a clock of its own, the service's reactor is its clock."""
+        clock = MemoryReactorClock()
+        self.closed_on(clock, TunnelServerFactory(Broker(clock), Connections(), reactor=clock))
+
+    def closed_on(self, clock: MemoryReactorClock, factory: TunnelServerFactory) -> None:
+        broker = factory.broker
+        tunnel = broker.open_tunnel(services=["SSH"], lifetime_minutes=60)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = BufferingTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(upgrade(SOURCE, tunnel.source_token))
+        self.addCleanup(protocol.connectionLost)
+        in_reactor = set(reactor.getDelayedCalls())
+        broker.close_tunnel(tunnel.tunnel_id)
+        self.assertEqual(protocol.state, protocol.STATE_CLOSING)
+        self.assertEqual(set(reactor.getDelayedCalls()), in_reactor)
+        clock.advance(protocol.closeHandshakeTimeout - 0.01)
+        self.assertFalse(transport.disconnecting)
+        # The peer never answered the close: dropped on the clock's time.
+        clock.advance(0.01)
+        self.assertTrue(transport.disconnecting)
+
+
 class PingFlood(Protocol):
     """
     Upgrades, then never reads again and sends C{total} bytes of pings as

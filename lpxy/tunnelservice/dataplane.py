@@ -33,9 +33,9 @@ class TunnelServerFactory(WebSocketServerFactory):
 
     @param broker: decides which handshakes succeed and pairs the peers.
     @param connections: where the open connections are kept.
-    @param reactor: for Autobahn's timers (tests pass their own).
+    @param reactor: the reactor (tests pass their own).
     @param clock: the time source of the liveness checks and of Autobahn's
-        closing-handshake timeout (the reactor unless given).
+        handshake timeouts (the reactor unless given).
     @param ping_interval: seconds of silence after which a peer is pinged.
     @param idle_timeout: seconds of silence after which a peer is dropped.
     @param output_mark: bytes written to a peer after its transport's buffer
@@ -63,9 +63,8 @@ class TunnelServerFactory(WebSocketServerFactory):
         super().__init__(server="lpxy-tunnelservice", reactor=reactor)
         self.broker = broker
         self.clock: Clock = clock if clock is not None else self.reactor
-        if clock is not None:
-            # txaio would put them on the global reactor whatever we pass.
-            self._batched_timer = ClockTimer(clock)
+        # txaio would put them on the global reactor, whatever we pass.
+        self._batched_timer = ClockTimer(self.clock)
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.output_mark = output_mark
