@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -27,10 +29,16 @@ from lpxy.tunnelservice.pgstore import (
 from lpxy.tunnelservice.schema import LATEST, POSTGRESQL, migrate
 from lpxy.tunnelservice.sqlstore import StoreError, open_store
 from lpxy.tunnelservice.store import CLOSED, DESTINATION, OPEN, SOURCE, TunnelRecord
-from lpxy.tunnelservice.tokens import CLOSED_TUNNEL, UNKNOWN_TOKEN, HandshakeRefused
+from lpxy.tunnelservice.tokens import (
+    CLOSED_TUNNEL,
+    SPENT_TOKEN,
+    UNKNOWN_TOKEN,
+    HandshakeRefused,
+)
+from lpxy.wire import NEWEST_SUBPROTOCOL
 from tests import test_sqlstore
 from tests.support import postgres
-from tests.support.tunnelservice import RecordingPeer
+from tests.support.tunnelservice import RecordingPeer, start_tunnelservice
 from tests.test_sqlstore import fields, record
 
 
@@ -211,6 +219,80 @@ class TwoNodeTests(TestCase):
         numbers = [self.a.store.next_sequence() for _ in range(RESERVE * 2)]
         numbers += [self.b.store.next_sequence() for _ in range(RESERVE * 2)]
         self.assertEqual(len(set(numbers)), len(numbers))
+
+
+class _Answer(Protocol):
+    """Sends a WebSocket upgrade request; fires C{answer} with the status and the body."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.answer: defer.Deferred[tuple[int, str]] = defer.Deferred()
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.received.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in self.received:
+            self.answer.callback((101, ""))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:
+        if not self.answer.called:
+            head, _, body = self.received.partition(b"\r\n\r\n")
+            self.answer.callback((int(head.split(b" ", 2)[1]), body.decode().strip()))
+
+
+async def handshake(port: int, mode: str, token: str) -> tuple[int, str]:
+    """What a tunnel service on C{port} answers a handshake with: status, body."""
+    from twisted.internet import reactor
+
+    request = (
+        f"GET /tunnel?local-proxy-mode={mode} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: {NEWEST_SUBPROTOCOL}\r\naccess-token: {token}\r\n\r\n"
+    ).encode()
+    client = _Answer(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    return await client.answer
+
+
+class HandshakeAcrossNodesTests(TestCase):
+    """
+    Two tunnel services on one database: a tunnel opened (or closed) through
+    one is admitted (or refused) by the other's data plane at once, the
+    handshake waiting for the database rather than for the notification.
+    """
+
+    timeout = 30
+
+    async def start(self) -> None:
+        url = postgres.database()
+        self.a = await start_tunnelservice(self, store=open_postgres_store(url))
+        self.b = await start_tunnelservice(self, store=open_postgres_store(url))
+
+    async def test_opened_on_a_admitted_by_b(self) -> None:
+        await self.start()
+        opened = self.a.open_tunnel(["SSH"])
+        await self.a.broker.store.when_written()  # as the API does before answering
+        self.assertEqual(await handshake(self.b.port, SOURCE, opened.source_token), (101, ""))
+        # The spent token, as B wrote it, is refused by A.
+        await self.b.broker.store.when_written()
+        self.assertEqual(
+            await handshake(self.a.port, SOURCE, opened.source_token), (401, SPENT_TOKEN)
+        )
+
+    async def test_closed_on_a_refused_by_b(self) -> None:
+        await self.start()
+        opened = self.a.open_tunnel(["SSH"])
+        self.a.close_tunnel(opened.tunnel_id)
+        await self.a.broker.store.when_written()
+        self.assertEqual(
+            await handshake(self.b.port, DESTINATION, opened.destination_token),
+            (401, CLOSED_TUNNEL),
+        )
 
 
 class PostgresBrokerRestartTests(test_sqlstore.BrokerRestartTests):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,7 +53,7 @@ from lpxy.frames import (
 from lpxy.tunnelservice.bandwidth import ReadPacer
 from lpxy.tunnelservice.broker import Attachment
 from lpxy.tunnelservice.flow import BANDWIDTH, PARTNER_BEHIND, OutputWatch
-from lpxy.tunnelservice.handshake import read_upgrade, refusal
+from lpxy.tunnelservice.handshake import Upgrade, read_upgrade, refusal
 from lpxy.tunnelservice.policy import Pairing, RecordRules, Violation, refusals
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.tokens import HandshakeRefused
@@ -67,6 +68,9 @@ if TYPE_CHECKING:
     from lpxy.tunnelservice.dataplane import TunnelServerFactory
 
 __all__ = ["TunnelServerProtocol"]
+
+STORE_LOOKUP = "store lookup"
+"""Why a peer's reading is paused while the store reads its token's tunnel."""
 
 
 class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: ignore[misc]
@@ -92,6 +96,7 @@ class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: igno
     _pacer: ReadPacer | None = None
     _refused: tuple[str | None, str | None] = (None, None)
     """The tunnel and mode of a refused handshake, where known, for its log line."""
+    _lost = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -126,6 +131,7 @@ class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: igno
             self._pacer.read(len(data))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         if self._pacer is not None:
             self._pacer.stop()
         self._stop_keepalive()
@@ -172,11 +178,36 @@ class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: igno
 
     # Handshake
 
-    def onConnect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
+    def onConnect(  # type: ignore[override]  # Autobahn waits for a Deferred too
+        self, request: ConnectionRequest
+    ) -> tuple[str, dict[str, str]] | Deferred[tuple[str, dict[str, str]]]:
         # Autobahn turns any other exception into a bare 500 and loses it.
         try:
-            return self._on_connect(request)
-        except ConnectionDeny as deny:
+            upgrade = self._read_upgrade(request)
+            refreshed = self.factory.broker.refresh(upgrade.access_token)
+            if refreshed.called:  # the store knows at once (no other node writes)
+                return self._admit(upgrade)
+        except BaseException:
+            self._handshake_failed(Failure())
+            raise
+        # Another node may have opened, rotated or closed the token's tunnel:
+        # the store reads it first, and nothing is read from the peer meanwhile.
+        self.pause_reading(STORE_LOOKUP)
+
+        def admit(_: object) -> tuple[str, dict[str, str]]:
+            self.resume_reading(STORE_LOOKUP)
+            if self._lost:
+                raise ConnectionDeny(400, "Connection closed during the handshake")
+            return self._admit(upgrade)
+
+        return refreshed.addCallback(admit).addErrback(self._handshake_failed)
+
+    def _handshake_failed(self, failure: Failure) -> Failure:
+        """Log why a handshake failed (a refusal, or an error) and pass it on."""
+        if self._lost:
+            return failure
+        deny = failure.value
+        if isinstance(deny, ConnectionDeny):
             tunnel_id, mode = self._refused
             self._log.info(
                 "Refused tunnel handshake from {peer}: {status} {reason}"
@@ -185,19 +216,22 @@ class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: igno
                 peer=self.peer, status=deny.code, reason=deny.reason,
                 tunnel_id=tunnel_id, mode=mode,
             )
-            raise
-        except BaseException:
-            self._log.failure("Error in tunnel handshake from {peer}", peer=self.peer)
-            raise
+        else:
+            self._log.failure("Error in tunnel handshake from {peer}", failure, peer=self.peer)
+        return failure
 
-    def _on_connect(self, request: ConnectionRequest) -> tuple[str, dict[str, str]]:
+    def _read_upgrade(self, request: ConnectionRequest) -> Upgrade:
         try:
-            upgrade = read_upgrade(request.path, request.params, request.protocols, request.headers)
+            return read_upgrade(
+                request.path, request.params, request.protocols, request.headers
+            )
         except HandshakeRefused as refused:
             modes = request.params.get("local-proxy-mode", [])
             if len(modes) == 1 and modes[0] in (SOURCE, DESTINATION):
                 self._refused = (None, modes[0])
             raise ConnectionDeny(refused.status, refused.reason) from None
+
+    def _admit(self, upgrade: Upgrade) -> tuple[str, dict[str, str]]:
         try:
             attachment = self.factory.broker.connect(
                 upgrade.mode, upgrade.access_token, upgrade.client_token, self

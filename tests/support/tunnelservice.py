@@ -31,6 +31,7 @@ from lpxy.tunnelservice.auth import SignatureVerifier
 from lpxy.tunnelservice.broker import Broker, IPeer, Limits, OpenedTunnel
 from lpxy.tunnelservice.dataplane import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL
 from lpxy.tunnelservice.service import TunnelService
+from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.websocket import TunnelServerProtocol
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ async def _start(
     verifier: SignatureVerifier | None,
     limits: dict[str, float],
     interface: str = "127.0.0.1",
+    store: ITunnelStore | None = None,
 ) -> ServiceFixture:
     if reactor is None:
         from twisted.internet import reactor
@@ -151,6 +153,7 @@ async def _start(
         verifier=verifier,
         limits=Limits(**limits),  # type: ignore[arg-type]
         tunnel_rate=tunnel_rate,
+        store=store,
     )
     service.startService()
     case.addCleanup(service.stopService)
@@ -174,6 +177,7 @@ def start_tunnelservice(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     verifier: SignatureVerifier | None = None,
     interface: str = "127.0.0.1",
+    store: ITunnelStore | None = None,
     **limits: float,
 ) -> defer.Deferred[ServiceFixture]:
     """
@@ -187,12 +191,13 @@ def start_tunnelservice(
     @param tls: the test PKI whose server certificate a TLS port presents.
     @param verifier: makes the API check signatures (open without).
     @param interface: the address to listen on (C{"::1"} for IPv6).
+    @param store: where the broker keeps tunnels (in memory unless given).
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
         C{closed_retention_seconds}, C{tunnel_rate}.
     """
     return defer.Deferred.fromCoroutine(
         _start(case, reactor, clock, tls, ping_interval, idle_timeout, verifier, limits,
-               interface)
+               interface, store)
     )
 
 
