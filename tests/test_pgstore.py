@@ -8,6 +8,7 @@ not installed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -38,7 +40,9 @@ from lpxy.tunnelservice.tokens import (
 from lpxy.wire import NEWEST_SUBPROTOCOL
 from tests import test_sqlstore
 from tests.support import postgres
-from tests.support.tunnelservice import RecordingPeer, start_tunnelservice
+from tests.support.installed import installed_copy, twistd_argv
+from tests.support.processes import ChildProcess, spawn
+from tests.support.tunnelservice import RecordingPeer, api_client, start_tunnelservice
 from tests.test_sqlstore import fields, record
 
 
@@ -401,3 +405,83 @@ class URLTests(TestCase):
         self.assertIn("Tunnel state in", text)
         self.assertNotIn(postgres.PASSWORD, text)
         await store.close()
+
+
+class ListenerTests(TestCase):
+    """The listening connection lost: reconnected, and everything reloaded."""
+
+    timeout = 30
+
+    async def test_reconnects_and_reloads(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        url = postgres.database()
+        a, b = Node(self, url, "a"), Node(self, url, "b")
+        postgres.server().sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{dbname(url)}' AND query = 'LISTEN lpxy_tunnels'"
+        )
+        # Opened while (or just before) B's listener is gone: B's resync finds it.
+        opened = a.broker.open_tunnel(thing_name="while-away")
+        await a.store.when_written()
+        record = await b.until(opened.tunnel_id)
+        assert record is not None
+        self.assertEqual(record.thing_name, "while-away")
+        texts = [e["log_format"] for e in events]
+        self.assertTrue(any("Lost the connection listening" in t for t in texts), texts)
+        self.assertTrue(any("Listening again" in t for t in texts), texts)
+        # And it listens again: a later change arrives as a notification.
+        a.broker.close_tunnel(opened.tunnel_id)
+        await b.until(opened.tunnel_id, lambda r: r is not None and r.status == CLOSED)
+
+
+class TwistdTests(TestCase):
+    """C{twistd -n tunnelservice --db postgresql://...} from the installed copy."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        installed_copy()
+
+    def spawn(self, db: str) -> ChildProcess:
+        return spawn(self, twistd_argv(
+            "-n", "--pidfile=", "tunnelservice", "--port", "tcp:0:interface=127.0.0.1",
+            "--db", db,
+        ))
+
+    async def test_unreachable(self) -> None:
+        """One line naming --db, without the password; exit status 1."""
+        process = self.spawn("postgresql://lpxy:Secret99@127.0.0.1:1/db?connect_timeout=2")
+        self.assertEqual(await process.ended, 1)
+        self.assertIn("tunnelservice: --db: cannot use postgresql://lpxy:***@127.0.0.1:1/db",
+                      process.output)
+        self.assertNotIn("Secret99", process.output)
+        self.assertNotIn("Traceback", process.output)
+
+    async def test_serves_from_postgres(self) -> None:
+        """Two nodes on one database: a tunnel opened through one is described by the other."""
+        url = postgres.server().tcp_url(dbname(postgres.database()))
+        first, second = self.spawn(url), self.spawn(url)
+        ports = []
+        for process in (first, second):
+            await process.wait_for("Tunnel service ready")
+            self.assertNotIn(postgres.PASSWORD, process.output)
+            self.assertIn(f"postgresql://{postgres.PASSWORD_USER}:***@", process.output)
+            found = re.search(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)",
+                              process.output)
+            assert found is not None
+            ports.append(int(found.group(1)))
+
+        def open_on_one_describe_on_other() -> Any:
+            opened = api_client(f"http://127.0.0.1:{ports[0]}").open_tunnel(
+                destinationConfig={"services": ["SSH"]}
+            )
+            return api_client(f"http://127.0.0.1:{ports[1]}").describe_tunnel(
+                tunnelId=opened["tunnelId"]
+            )
+
+        described = await deferToThread(open_on_one_describe_on_other)
+        self.assertEqual(described["tunnel"]["status"], "OPEN")
+        self.assertEqual(described["tunnel"]["destinationConfig"]["services"], ["SSH"])
+        for process in (first, second):
+            process.signal("TERM")
+            self.assertEqual(await process.ended, 0)
