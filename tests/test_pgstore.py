@@ -485,3 +485,33 @@ class TwistdTests(TestCase):
         for process in (first, second):
             process.signal("TERM")
             self.assertEqual(await process.ended, 0)
+
+
+class WriteRetryTests(TestCase):
+    """A failed write is tried again later, with the tunnel's state by then."""
+
+    async def test_failed_write_retried(self) -> None:
+        url = postgres.database()
+        store = open_postgres_store(url)
+        self.addCleanup(store.close)
+        clock = store._clock = Clock()
+        store.add(record("a", store.next_sequence()))
+        clash = record("b", store.next_sequence())
+        clash.source.token_hash = b"a-s"  # token digests are unique in the database
+        store.add(clash)
+        import psycopg
+
+        with self.assertRaises(psycopg.errors.UniqueViolation):
+            await store.when_written()
+        self.assertEqual(len(self.flushLoggedErrors(psycopg.errors.UniqueViolation)), 1)
+        self.assertEqual(store.failed_writes, 1)
+        self.assertEqual(rows(url, "SELECT tunnel_id FROM tunnels"), [("a",)])
+        # Repaired in memory, without a save: the retry writes it.
+        clash.source.token_hash = b"b-s"
+        self.assertEqual(clock.getDelayedCalls()[0].getTime(), 1.0)
+        clock.advance(1)
+        await store.when_written()
+        self.assertEqual(
+            rows(url, "SELECT tunnel_id FROM tunnels ORDER BY sequence"), [("a",), ("b",)]
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -17,7 +17,10 @@ node's view must follow the others' writes:
     reloads the tunnels other stores wrote into its view; a tunnel with a
     change of this node's still waiting to be written keeps this node's state
     (that write follows, whole: between two nodes changing one tunnel at the
-    same moment the later write wins). When the listening connection is lost,
+    same moment the later write wins). A write that fails (the database
+    restarting, say) is logged and tried again, 1 s later, then up to 30 s
+    apart, with the tunnels' state as it is by then. When the listening
+    connection is lost,
     the store reconnects (after 1 s, then up to 30 s apart) and reloads
     everything, since notifications were missed meanwhile.
   - Before a handshake is judged, L{PostgresTunnelStore.refresh_token} reads
@@ -296,6 +299,7 @@ class PostgresTunnelStore(SQLTunnelStore):
     @param numbers: creation numbers already taken from the sequence.
     @param take_numbers: takes more, blocking, when the reserve ran out.
     @param shown: the database URL without its password, for log lines.
+    @param clock: schedules the retry of a failed write.
     """
 
     def __init__(
@@ -305,8 +309,15 @@ class PostgresTunnelStore(SQLTunnelStore):
         numbers: Iterable[int] = (),
         take_numbers: Callable[[int], list[int]] = lambda count: [],
         shown: str = "PostgreSQL",
+        clock: Any = None,
     ) -> None:
         super().__init__(pool, POSTGRESQL, records)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self._retry: Any = None
+        self._retries = 0
+        self._failed_ids: set[str] = set()
         self.origin = os.urandom(8).hex()
         """This store's name in the notifications it sends."""
         self._numbers: collections.deque[int] = collections.deque(numbers)
@@ -372,7 +383,33 @@ class PostgresTunnelStore(SQLTunnelStore):
     def _transaction(
         self, changes: list[tuple[str, _Row | None]], last_sequence: int | None
     ) -> defer.Deferred[None]:
-        return self._pool.runInteraction(_pg_write, changes, self.origin)
+        d = self._pool.runInteraction(_pg_write, changes, self.origin)
+        d.addCallback(self._write_succeeded)
+        return d
+
+    def _write_succeeded(self, result: None) -> None:
+        self._retries = 0
+
+    def _write_failed(self, failure: Failure, tunnel_ids: list[str]) -> None:
+        # The database may be restarting or failing over: write these
+        # tunnels' state (as it is by then) again, less often each time.
+        super()._write_failed(failure, tunnel_ids)
+        if self._closing:
+            return
+        delay = _RECONNECT_DELAYS[min(self._retries, len(_RECONNECT_DELAYS) - 1)]
+        self._retries += 1
+        self._failed_ids.update(tunnel_ids)
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(delay, self._write_again)
+
+    def _write_again(self) -> None:
+        failed, self._failed_ids = self._failed_ids, set()
+        if self._closing:
+            return
+        for tunnel_id in failed:
+            if tunnel_id not in self._pending:
+                self._pending[tunnel_id] = self._tunnels.get(tunnel_id)
+        self._flush()
 
     # Other nodes' changes
 
@@ -501,6 +538,9 @@ class PostgresTunnelStore(SQLTunnelStore):
         """Stop listening, write what is pending, then close the connections."""
         if self._closing:
             return
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+            self._write_again()
         if self._listener is not None:
             listener, self._listener = self._listener, None
             yield listener.stop()
@@ -564,7 +604,7 @@ def open_postgres_store(url: str, reactor: Any = None) -> PostgresTunnelStore:
         "psycopg", conninfo, cp_min=1, cp_max=1, cp_noisy=False,
         cp_reconnect=True, cp_reactor=reactor,
     )
-    store = PostgresTunnelStore(pool, records, numbers, take_numbers, shown)
+    store = PostgresTunnelStore(pool, records, numbers, take_numbers, shown, reactor)
     store.listen(_Listener(
         reactor, connect, listening, store._notified,
         lambda why: store._listener_lost(_scrubbed(why, url)), store._relistening,
