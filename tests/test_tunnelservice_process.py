@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from tests.support.apps import connect_client, start_app
 from tests.support.installed import installed_copy, localproxy_argv, twistd_argv
 from tests.support.processes import ChildProcess, spawn
-from tests.support.sockets import unused_port
+from tests.support.sockets import lasting_port
 from tests.support.tunnelservice import api_client
 
 _LISTENING = re.compile(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)")
@@ -152,7 +152,8 @@ class RestartTests(TestCase):
     def setUp(self) -> None:
         installed_copy()
         self.db = os.path.abspath(self.mktemp())
-        self.port = unused_port()
+        # The restarted service listens on this port again.
+        self.port = lasting_port()
         self.endpoint = f"ws://127.0.0.1:{self.port}"
         # Reconnect 0.1 s after the service goes instead of the reference's 2.5 s.
         settings = FilePath(self.mktemp())
@@ -207,7 +208,7 @@ class RestartTests(TestCase):
         client_token = "destination-client-token-" + "d" * 16
         destination = self.destination(opened["destinationAccessToken"], client_token, app_port)
         await destination.wait_for(CONNECTED)
-        source_port = unused_port()
+        source_port = lasting_port()
         state = os.path.abspath(self.mktemp())
         source = self.source(opened["sourceAccessToken"], source_port, state)
         await source.wait_for(f"Listening for new connection on port {source_port}")

@@ -6,10 +6,12 @@ written, and a loopback port free a moment ago.
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 from typing import Any
 
-__all__ = ["buffered", "no_delay", "tcp_socket", "unused_port"]
+__all__ = ["buffered", "lasting_port", "no_delay", "tcp_socket", "unused_port"]
 
 
 def tcp_socket(transport: Any) -> socket.socket:
@@ -58,3 +60,26 @@ def unused_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def lasting_port() -> int:
+    """
+    A free loopback port below the kernel's ephemeral range, for a listener
+    that must come back on the same port after a restart: no outgoing
+    connection can be given it while the listener is down, as one could an
+    L{unused_port}.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(max(1024, low - 8192), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
