@@ -2,29 +2,35 @@
 C{twistd tunnelservice} under attack, beside an honest tunnel.
 
 Starts a real C{twistd -n tunnelservice --db :memory:} process of the
-installed lpxy (L{bench.common}) and an honest tunnel through it: two bare
-protocol 3.0 WebSocket peers (L{bench.tunnelservice_relay}) carrying DATA at
-a steady pace. Then runs each attack for a bounded time and count, one after
-the other, from 127.0.0.1 while the honest side comes from 127.0.0.2 (API
-calls) and 127.0.0.3 (the tunnel), so per-address limits and throttling fall
-on the attacker. The attacks:
+installed lpxy (L{bench.common}) and an honest tunnel through it, as a user
+runs one: a destination and a source C{localproxy} process (plain
+C{ws://}), an echo server and a sink behind the destination, and a client in
+this process writing 16 KiB to the source's sink port every 10 ms. Then runs
+each attack for a bounded time and count, one after the other. The attacks
+come from 127.0.0.4 (the tag flood from 127.0.1.x too), the honest API calls
+from 127.0.0.2 and 127.0.0.5, the proxies from 127.0.0.1, so per-address
+limits and throttling fall on the attacker. The attacks:
 
   1. one connection pipelining many C{ListTunnels} requests, never reading;
   2. a peer sending WebSocket pings, never reading the pongs;
   3. a peer sending C{STREAM_START}s with no partner, never reading the resets;
   4. many sockets sending a request header one byte every few seconds;
   5. oversized requests: too many tags, deeply nested JSON, an oversized
-     access-token header, an oversized URL.
+     access-token header, an oversized URL;
+  6. a tag flood: many tunnels opened with 50 tags each (the most a tunnel
+     may have, every key and value as long as allowed), one more tag on one
+     of them (which must be refused with C{TooManyTagsException}), then
+     C{DescribeTunnel} of a tagged tunnel and C{ListTunnels} timed.
 
 Per attack it prints the service's peak RSS growth, the honest tunnel's
-throughput and its longest gap between received chunks, and the p99 of
-honest C{OpenTunnel} calls made through C{twisted.web}'s Agent during the
-attack (p50 beside it), each beside its goal. Latencies are timed in this
-process's reactor, which also drives the attacker: on a busy machine they
-include the benchmark's own delays.
+throughput and its longest gap between chunks reaching the sink, and the
+p99 of honest C{OpenTunnel} calls made through C{twisted.web}'s Agent during
+the attack (p50 beside it), each beside its goal. Latencies are timed in
+this process's reactor, which also drives the attacker: on a busy machine
+they include the benchmark's own delays.
 
     python -m bench.attacks [--seconds S] [--requests N] [--pings N]
-        [--starts N] [--slow N] [--oversized N] [--calls N]
+        [--starts N] [--slow N] [--oversized N] [--tagged N] [--calls N]
 """
 
 from __future__ import annotations
@@ -43,30 +49,39 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from bench.common import (
+    Child,
     MiB,
     PeakSampler,
     api,
     free_port,
     install,
+    localproxy,
     report,
     spawn,
     stop,
     twistd,
     wait_for_port,
 )
+from bench.proxy import Echo, listen, tunnel_ready
 from bench.tunnelservice_relay import SUBPROTOCOL, Peer
 from lpxy.frames import Message, RecordDecoder, encode
 
-ATTACKER = "127.0.0.1"
+ATTACKER = "127.0.0.4"
 HONEST_API = "127.0.0.2"
-HONEST_TUNNEL = "127.0.0.3"
+HONEST_READS = "127.0.0.5"  # the DescribeTunnel and ListTunnels timed in the tag flood
+# The tag flood's addresses: the API allows each caller (address) 20 calls a second.
+FLOOD_ADDRESSES = [f"127.0.1.{i}" for i in range(1, 101)]
+FLOOD_RATE = 18.0
+MAX_TAGS = 50
 PAYLOAD = 16384
-TICK = 0.01  # the honest source sends one record a tick: about 1.6 MB/s
+TICK = 0.01  # the honest client writes one chunk a tick: about 1.6 MB/s
 
 GOAL_GROWTH = 64 * MiB
 GOAL_P99 = 0.250
@@ -102,10 +117,9 @@ async def ws_connect(port: int, mode: str, token: str, source: str) -> Peer:
 
 
 class GapWatch:
-    """Wraps the honest destination's decoder: counts DATA bytes and the longest silence."""
+    """Bytes reaching the honest sink, and the longest silence between two chunks."""
 
-    def __init__(self, decoder: RecordDecoder) -> None:
-        self.decoder = decoder
+    def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
@@ -113,15 +127,11 @@ class GapWatch:
         self.bytes = 0
         self.longest = 0.0
 
-    def feed(self, payload: bytes) -> list[Message]:
+    def received(self, count: int) -> None:
         now = time.perf_counter()
-        messages = self.decoder.feed(payload)
-        for message in messages:
-            if message.type == Message.DATA:
-                self.bytes += len(message.payload)
-                self.longest = max(self.longest, now - self.last)
-                self.last = now
-        return messages
+        self.bytes += count
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
 
     def window(self) -> tuple[float, float]:
         """Throughput (MB/s) since the reset and the longest gap, counting the one still open."""
@@ -130,22 +140,29 @@ class GapWatch:
         return self.bytes / (now - self.started) / 1e6, longest
 
 
-class HonestTunnel:
-    """A tunnel whose source sends one DATA record each tick while the transport takes it."""
+class WatchedSink(protocol.Protocol):
+    """The application behind the destination proxy: reads everything, tells the watch."""
 
-    def __init__(self, source: Peer, destination: Peer) -> None:
-        self.source, self.destination = source, destination
-        self.watch = GapWatch(destination.factory.decoder)
-        destination.factory.decoder = self.watch
-        self.record = encode(Message(type=Message.DATA, streamId=1, serviceId="BENCH",
-                                     connectionId=1, payload=b"x" * PAYLOAD))
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.watch.received(len(data))
+
+
+@implementer(IPushProducer)
+class PacedClient(protocol.Protocol):
+    """The honest client at the source's port: a chunk a tick while the transport takes it."""
+
+    def __init__(self) -> None:
         self.paused = False
-        source.transport.registerProducer(self, True)
+        self.chunk = b"x" * PAYLOAD
         self.loop = LoopingCall(self.tick)
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
 
     def tick(self) -> None:
         if not self.paused:
-            self.source.sendMessage(self.record, isBinary=True)
+            self.transport.write(self.chunk)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -157,26 +174,59 @@ class HonestTunnel:
         self.paused = True
 
 
-async def open_honest_tunnel(port: int) -> HonestTunnel:
-    tunnel = await api(f"http://127.0.0.1:{port}", "OpenTunnel",
-                       {"destinationConfig": {"services": ["BENCH"]}})
-    destination = await ws_connect(port, "destination", tunnel["destinationAccessToken"],
-                                   HONEST_TUNNEL)
-    source = await ws_connect(port, "source", tunnel["sourceAccessToken"], HONEST_TUNNEL)
-    source.sendMessage(encode(Message(type=Message.STREAM_START, streamId=1,
-                                      serviceId="BENCH", connectionId=1)), isBinary=True)
-    honest = HonestTunnel(source, destination)
-    honest.loop.start(TICK)
-    return honest
+class HonestTunnel:
+    """
+    A real tunnel: destination and source C{localproxy} processes joined by
+    the service, an echo server and a watched sink behind the destination,
+    a paced client writing into the source.
+    """
+
+    def __init__(self) -> None:
+        self.watch = GapWatch()
+        self.processes: list[Child] = []
+        self.client: PacedClient | None = None
+
+    async def start(self, service_port: int) -> None:
+        sinks = protocol.Factory.forProtocol(WatchedSink)
+        sinks.watch = self.watch
+        apps = {"ECHO": await listen(protocol.Factory.forProtocol(Echo)),
+                "BENCH": await listen(sinks)}
+        tunnel = await api(f"http://127.0.0.1:{service_port}", "OpenTunnel",
+                           {"destinationConfig": {"services": list(apps)}})
+        endpoint = ["-e", f"ws://127.0.0.1:{service_port}"]
+        self.processes.append(spawn(
+            "destination",
+            localproxy(*endpoint, "-d", ",".join(f"{k}={v}" for k, v in apps.items())),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["destinationAccessToken"]}))
+        ports = {name: free_port() for name in apps}
+        source = spawn(
+            "source",
+            localproxy(*endpoint, "-b", "127.0.0.1",
+                       "-s", ",".join(f"{k}={v}" for k, v in ports.items())),
+            {"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["sourceAccessToken"]})
+        self.processes.append(source)
+        for port in ports.values():
+            await wait_for_port(port, source)
+        await tunnel_ready(ports["ECHO"])
+        client = self.client = PacedClient()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", ports["BENCH"]).connect(
+            protocol.Factory.forProtocol(lambda: client))
+        client.loop.start(TICK)
+
+    async def stop(self) -> None:
+        if self.client is not None and self.client.loop.running:
+            self.client.loop.stop()
+        for child in reversed(self.processes):
+            await stop(child)
 
 
 class Caller:
-    """Honest C{OpenTunnel} calls from their own address, each timed, each tunnel then closed."""
+    """API calls from their own address, each timed."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, address: str = HONEST_API) -> None:
         self.url = f"http://127.0.0.1:{port}/".encode()
         self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False),
-                           connectTimeout=5, bindAddress=(HONEST_API, 0))
+                           connectTimeout=5, bindAddress=(address, 0))
 
     async def call(self, operation: str, body: dict[str, Any]) -> tuple[int, bytes]:
         headers = Headers({"Content-Type": ["application/x-amz-json-1.1"],
@@ -185,24 +235,28 @@ class Caller:
             b"POST", self.url, headers, FileBodyProducer(BytesIO(json.dumps(body).encode())))
         return response.code, await readBody(response)
 
+    async def timed(self, operation: str, body: dict[str, Any]) -> tuple[float, str, bytes]:
+        """One call: its latency (inf unless answered 200), its outcome and its answer."""
+        started = time.perf_counter()
+        try:
+            code, answer = await defer.ensureDeferred(
+                self.call(operation, body)).addTimeout(5, reactor)
+        except Exception as e:
+            return math.inf, type(e).__name__, b""
+        return (time.perf_counter() - started if code == 200 else math.inf), str(code), answer
+
     async def run(self, calls: int, seconds: float) -> tuple[list[float], Counter[str]]:
-        """C{calls} calls spread over C{seconds}: latencies (inf for a failure) and outcomes."""
+        """C{calls} OpenTunnels spread over C{seconds}: latencies (inf for a failure), outcomes."""
         latencies: list[float] = []
         outcomes: Counter[str] = Counter()
         for _ in range(calls):
             started = time.perf_counter()
-            try:
-                code, answer = await defer.ensureDeferred(
-                    self.call("OpenTunnel", {"destinationConfig": {"services": ["BENCH"]}})
-                ).addTimeout(5, reactor)
-            except Exception as e:
-                latencies.append(math.inf)
-                outcomes[type(e).__name__] += 1
-            else:
-                latencies.append(time.perf_counter() - started if code == 200 else math.inf)
-                outcomes[str(code)] += 1
-                if code == 200:
-                    await self.call("CloseTunnel", {"tunnelId": json.loads(answer)["tunnelId"]})
+            latency, outcome, answer = await self.timed(
+                "OpenTunnel", {"destinationConfig": {"services": ["BENCH"]}})
+            latencies.append(latency)
+            outcomes[outcome] += 1
+            if outcome == "200":
+                await self.call("CloseTunnel", {"tunnelId": json.loads(answer)["tunnelId"]})
             await sleep(max(0.0, seconds / calls - (time.perf_counter() - started)))
         return latencies, outcomes
 
@@ -367,6 +421,76 @@ async def oversized(port: int, count: int, seconds: float) -> str:
         for name, c in outcomes.items())
 
 
+def flood_tags(count: int = MAX_TAGS) -> list[dict[str, str]]:
+    """C{count} tags, every key and value as long as the API allows (128 and 256)."""
+    return [{"key": f"k{i:03d}".ljust(128, "k"), "value": "v" * 256} for i in range(count)]
+
+
+def latency_text(latencies: list[float]) -> str:
+    worst = p99(latencies)
+    failed = sum(1 for v in latencies if not math.isfinite(v))
+    return (f"p50 {statistics.median(latencies) * 1000:.0f} ms, p99 "
+            + (f"{worst * 1000:.0f} ms" if math.isfinite(worst) else "failed")
+            + f" (<{GOAL_P99 * 1000:.0f}) {'ok' if worst < GOAL_P99 else 'MISSED'}"
+            + (f", {failed}/{len(latencies)} failed" if failed else ""))
+
+
+async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
+    """
+    Up to C{count} tunnels opened with 50 tags each in the first half of
+    C{seconds}, from many addresses (each within the API's rate); one more
+    tag on one of them; then C{calls} C{DescribeTunnel}s of it and as many
+    C{ListTunnels} (a page of 100) timed in the second half.
+    """
+    started = time.perf_counter()
+    opening_ends = started + seconds / 2
+    body = {"destinationConfig": {"services": ["BENCH"]}, "tags": flood_tags()}
+    opened: list[dict[str, Any]] = []
+    outcomes: Counter[str] = Counter()
+
+    async def opener(address: str, share: int) -> None:
+        caller = Caller(port, address)
+        for _ in range(share):
+            if time.perf_counter() > opening_ends:
+                return
+            began = time.perf_counter()
+            _, outcome, answer = await caller.timed("OpenTunnel", body)
+            outcomes[outcome] += 1
+            if outcome == "200":
+                opened.append(json.loads(answer))
+            await sleep(max(0.0, 1 / FLOOD_RATE - (time.perf_counter() - began)))
+
+    share = -(-count // len(FLOOD_ADDRESSES))
+    await defer.gatherResults([defer.ensureDeferred(opener(address, share))
+                               for address in FLOOD_ADDRESSES])
+    if not opened:
+        return f"no tunnel opened ({dict(outcomes)})"
+    target = opened[0]
+    code, answer = await Caller(port, ATTACKER).call(
+        "TagResource", {"resourceArn": target["tunnelArn"],
+                        "tags": [{"key": "one-too-many", "value": "x"}]})
+    refusal = f"{code} {json.loads(answer).get('__type', answer[:80])}" if answer else str(code)
+    reads = Caller(port, HONEST_READS)
+    described: list[float] = []
+    listed: list[float] = []
+    pace = max(1 / FLOOD_RATE, (started + seconds - time.perf_counter()) / (2 * calls))
+    for _ in range(calls):
+        for operation, request, latencies in (
+            ("DescribeTunnel", {"tunnelId": target["tunnelId"]}, described),
+            ("ListTunnels", {"maxResults": 100}, listed),
+        ):
+            began = time.perf_counter()
+            latency, _, _ = await reads.timed(operation, request)
+            latencies.append(latency)
+            await sleep(max(0.0, pace - (time.perf_counter() - began)))
+    refused = sum(v for k, v in outcomes.items() if k != "200")
+    return (f"{len(opened)} tunnels opened with {MAX_TAGS} tags each"
+            + (f" ({refused} refused: {dict(outcomes)})" if refused else "")
+            + f"; a {MAX_TAGS + 1}st tag: {refusal}"
+            + f" ({'ok' if 'TooManyTagsException' in refusal else 'MISSED'});"
+            + f" DescribeTunnel {latency_text(described)}; ListTunnels {latency_text(listed)}")
+
+
 async def measure(port: int, pid: int, honest: HonestTunnel, caller: Caller,
                   name: str, attack: Any, calls: int, seconds: float) -> tuple[str, ...]:
     sampler = PeakSampler({"service": pid}, interval=0.05)
@@ -405,6 +529,7 @@ async def main(reactor_: object, *argv: str) -> None:
     parser.add_argument("--starts", type=int, default=200000, help="unanswered STREAM_STARTs")
     parser.add_argument("--slow", type=int, default=200, help="slow-header sockets")
     parser.add_argument("--oversized", type=int, default=200, help="oversized requests")
+    parser.add_argument("--tagged", type=int, default=2000, help="tunnels with 50 tags")
     parser.add_argument("--calls", type=int, default=40, help="honest OpenTunnels per attack")
     args = parser.parse_args(argv)
 
@@ -412,9 +537,10 @@ async def main(reactor_: object, *argv: str) -> None:
     port = free_port()
     service = spawn("tunnelservice", twistd("tunnelservice", "--db", ":memory:",
                                             "--port", f"tcp:{port}:interface=127.0.0.1"))
+    honest = HonestTunnel()
     try:
         await wait_for_port(port, service)
-        honest = await open_honest_tunnel(port)
+        await honest.start(port)
         caller = Caller(port)
         s = args.seconds
         attacks = [
@@ -424,6 +550,7 @@ async def main(reactor_: object, *argv: str) -> None:
             ("unread resets", lambda: unread_peer(port, args.starts, s, "STREAM_START")),
             ("slow headers", lambda: slow_headers(port, args.slow, s)),
             ("oversized requests", lambda: oversized(port, args.oversized, s)),
+            ("tag flood", lambda: tag_flood(port, args.tagged, args.calls, s)),
         ]
         rows = [("attack", "RSS growth MB (<64)", "honest MB/s",
                  "longest gap ms (<1000)", "OpenTunnel p50 ms",
@@ -432,9 +559,9 @@ async def main(reactor_: object, *argv: str) -> None:
             rows.append(await measure(port, service.pid, honest, caller, name,
                                       defer.ensureDeferred(attack()), args.calls, s))
             await sleep(1)
-        honest.loop.stop()
         report(rows)
     finally:
+        await honest.stop()
         await stop(service)
 
 
