@@ -28,6 +28,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
+from lpxy._ws import cancel_autobahn_timers
 from lpxy.frames import Message, RecordDecoder, encode
 from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, NEWEST_SUBPROTOCOL
 
@@ -99,6 +100,8 @@ class _Peer(WebSocketClientProtocol):
             self.factory.pair._received(self.factory.mode, self, message)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # A close of ours the node dropped unanswered leaves a timer behind.
+        cancel_autobahn_timers(self)
         self.factory.pair._closed(self.factory.mode, self, code if wasClean else None, reason)
         self.factory.gone.callback(None)
 
