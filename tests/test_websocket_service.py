@@ -152,6 +152,12 @@ class ServiceTestCase(TestCase):
     tls: TestPKI | None = None
 
     async def setUp(self) -> None:
+        if self.clock is None:
+            # The service's time (expiry, keepalive, Autobahn's closing
+            # handshake timeout) stands still unless a test moves it: a
+            # close the service starts ends when the peer answers, however
+            # loaded the machine, and is never cut short into a 1006.
+            self.clock = Clock()
         self.fixture: ServiceFixture = await start_tunnelservice(
             self, clock=self.clock, tls=self.tls
         )
@@ -655,12 +661,6 @@ class ViolationTests(ServiceTestCase):
 class TokenTests(ServiceTestCase):
     """Client-token reconnects, replacement of a live end, and rotation over real sockets."""
 
-    async def setUp(self) -> None:
-        # The service's closing-handshake timeout on a clock that never
-        # moves: the peers it closes answer, however long that takes.
-        self.clock = Clock()
-        await super().setUp()
-
     async def test_client_token_reconnect(self) -> None:
         opened = self.fixture.open_tunnel()
         first = await self.connect(SOURCE, opened.source_token, client_token=CT1)
@@ -872,10 +872,6 @@ class FlowControlTests(ServiceTestCase):
 
 class TokenNeverLoggedTests(ServiceTestCase):
     """No access or client token in any log event, even at debug."""
-
-    async def setUp(self) -> None:
-        self.clock = Clock()
-        await super().setUp()
 
     async def test_debug_logging(self) -> None:
         """
