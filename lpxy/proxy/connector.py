@@ -115,6 +115,8 @@ class ProxyConnector:
         transport (the process's standard input and output by default).
     @ivar ending: the proxy is stopping or has an exit status: a lost
         connection is no longer judged, and no local client is accepted.
+    @ivar connections: how many tunnel connections have opened.
+    @ivar connected_since: when the current one opened (L{None} without one).
     """
 
     _log = Logger()
@@ -175,6 +177,8 @@ class ProxyConnector:
                 clock=clock,
             )
         self.ending = False
+        self.connections = 0
+        self.connected_since: float | None = None
 
     def _end(self, status: int) -> None:
         self.ending = True
@@ -184,6 +188,8 @@ class ProxyConnector:
 
     def ws_open(self, protocol: TunnelProtocol) -> None:
         self.protocol = protocol
+        self.connections += 1
+        self.connected_since = self._clock.seconds()
         self.flow.attach(protocol)
         self._log.info(
             "Web socket session ID: {channel_id}", channel_id=_session_id(protocol.channel_id)
@@ -240,6 +246,7 @@ class ProxyConnector:
             self._end(EXIT_GAVE_UP)
         if self.protocol is protocol:
             self.protocol = None
+            self.connected_since = None
             self.flow.detach()
             self.session.disconnected()
         gone, self._gone = self._gone, []

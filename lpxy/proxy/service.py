@@ -42,6 +42,7 @@ from lpxy.proxy.connector import (
 from lpxy.proxy.settings import unused_settings
 from lpxy.proxy.source import bind_error
 from lpxy.proxy.statedir import kept_client_token
+from lpxy.proxy.stats import StatsSignal, format_summary, snapshot
 from lpxy.proxy.tunnel import TunnelFactory, TunnelProtocol
 
 __all__ = [
@@ -142,6 +143,7 @@ class LocalProxyService(MultiService):
             prepareConnection=self._prepare,
         )
         self.client.setServiceParent(self)
+        StatsSignal(self.log_summary, reactor).setServiceParent(self)
         self._done: Deferred[int] = Deferred()
         self._status: int | None = None
         self._announced = False
@@ -194,6 +196,17 @@ class LocalProxyService(MultiService):
         except CannotListenError as e:
             self._log.error("{text}", text=bind_error(e))
             self._bind_failed = True
+
+    def log_summary(self) -> None:
+        """Log one summary of the tunnel (what SIGUSR2 asks for)."""
+        stats = snapshot(self.connector, self._clock.seconds())
+        self._log.info(
+            "{summary}",
+            summary=format_summary(stats),
+            connected_since=stats.connected_since,
+            reconnects=stats.reconnects,
+            open_streams=len(stats.streams),
+        )
 
     def whenDone(self) -> Deferred[int]:
         """Fires with the exit status when the proxy ends on its own."""
