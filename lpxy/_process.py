@@ -227,7 +227,8 @@ class TwistdLog:
     the application's.
 
     twistd makes the observer itself, so C{--logfile} stays a file that
-    SIGUSR1 rotates, as under any twistd application: replacing the
+    SIGUSR1 rotates, as under any twistd application (and that SIGHUP
+    reopens, L{reopen_on_sighup}): replacing the
     observer outright (through C{--logger}) would lose that handler, and
     SIGUSR1's default action ends the process. twistd takes a wrapper only
     as the dotted name of an observer factory, its C{--logger}; L{wrap}
