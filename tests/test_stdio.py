@@ -448,6 +448,9 @@ class StdioTunnelTests(TestCase):
         await served.closed
         self.assertTrue(pipes.released)
         self.assertEqual(len(logs.texts("End of standard input: ending the stream")), 1)
+        self.assertEqual(
+            len(logs.texts("Carrying service 'SSH' over standard input and output")), 1
+        )
         opened = "Stream open: service 'SSH' stream 1 connection 1, local peer standard"
         self.assertEqual(len(logs.texts(opened)), 1)
 

@@ -417,6 +417,10 @@ class ProxyConnector:
         relay = self._relay(channel, StdioRelay)
         assert isinstance(relay, StdioRelay)
         relay.ended.addCallback(self._stdio_ended)
+        self._log.info(
+            "Carrying service {service_id!r} over standard input and output",
+            service_id=stdio.service_id,
+        )
         stdio.start(relay)
 
     def _stdio_ended(self, result: None) -> None:
