@@ -9,6 +9,7 @@ not installed.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -393,6 +394,28 @@ class URLTests(TestCase):
         e = self.assertRaises(StoreError, open_store, url)
         self.assertIn("password authentication failed", str(e))
         self.assertNotIn("Wrong-Secret", str(e))
+
+    async def test_postgres_scheme(self) -> None:
+        """C{postgres://} names a PostgreSQL database as C{postgresql://} does."""
+        url = postgres.database().replace("postgresql://", "postgres://", 1)
+        store = open_store(url)
+        self.assertIsInstance(store, PostgresTunnelStore)
+        await store.close()
+
+    def test_psycopg_missing(self) -> None:
+        """Without psycopg: what to install, naming the extra."""
+        saved = sys.modules.get("psycopg")
+        sys.modules["psycopg"] = None  # type: ignore[assignment]
+
+        def restore() -> None:
+            if saved is None:
+                del sys.modules["psycopg"]
+            else:
+                sys.modules["psycopg"] = saved
+
+        self.addCleanup(restore)
+        e = self.assertRaises(StoreError, open_store, "postgresql://h/db")
+        self.assertIn("pip install 'lpxy[postgresql]'", str(e))
 
     async def test_password_never_logged(self) -> None:
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
