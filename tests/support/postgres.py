@@ -5,9 +5,11 @@ L{database} gives each caller a fresh, empty database on it and its URL;
 the first call starts the server (C{initdb} and C{pg_ctl} from
 C{/usr/lib/postgresql/*/bin} or the C{PATH}) in a temporary directory, with
 its socket there and on a free loopback port, and the server is stopped and
-its directory removed when the process exits. As root, the server runs as
-C{nobody} (PostgreSQL refuses to run as root). Where PostgreSQL or psycopg
-is not installed, L{database} raises L{SkipTest} saying what to install.
+its directory removed when the process exits, however it exits: a watcher
+process waits for the end of a pipe from this one, then stops the server.
+As root, the server runs as C{nobody} (PostgreSQL refuses to run as
+root). Where PostgreSQL or psycopg is not installed, L{database} raises
+L{SkipTest} saying what to install.
 
 Over the socket, the superuser C{postgres} needs no password; over TCP,
 every user needs one: L{PASSWORD_USER} has the password L{PASSWORD}.
@@ -22,6 +24,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from urllib.parse import quote
 
@@ -56,6 +59,7 @@ class Server:
     port: int
     bindir: str
     run_as: list[str]
+    watcher: subprocess.Popen[bytes] = attrs.field(repr=False)
 
     def url(self, dbname: str = "postgres") -> str:
         """A URL for C{dbname} as the superuser, over the socket (no password)."""
@@ -76,12 +80,32 @@ class Server:
             connection.execute(statement)
 
     def stop(self) -> None:
-        subprocess.run(
-            [*self.run_as, os.path.join(self.bindir, "pg_ctl"), "stop", "-D",
-             os.path.join(self.directory, "data"), "-m", "immediate", "-w"],
-            capture_output=True, check=False,
-        )
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Stop the server and remove its directory (the watcher does it)."""
+        assert self.watcher.stdin is not None
+        self.watcher.stdin.close()
+        self.watcher.wait()
+
+
+# Run as its own process: wait until the test process closes the pipe
+# (or ends), then stop the server and remove its directory.
+_WATCHER = """
+import shutil, subprocess, sys
+sys.stdin.buffer.read()
+pg_ctl, data, directory, *run_as = sys.argv[1:]
+subprocess.run([*run_as, pg_ctl, "stop", "-D", data, "-m", "immediate", "-w"],
+               capture_output=True, check=False)
+shutil.rmtree(directory, ignore_errors=True)
+"""
+
+
+def _watch(bindir: str, data: str, directory: str, run_as: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, os.path.join(bindir, "pg_ctl"), data, directory,
+         *run_as],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # A ^C to the test run's process group leaves it to clean up.
+        start_new_session=True,
+    )
 
 
 _started: Server | None = None
@@ -107,7 +131,10 @@ def _start() -> Server:
             "the PATH): apt-get install postgresql"
         )
     run_as: list[str] = []
-    directory = tempfile.mkdtemp(prefix="lpxy-pg-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    # Short: the socket's path must fit in 107 bytes.
+    directory = tempfile.mkdtemp(
+        prefix=f"lpxy-pg-{os.getpid()}-", dir="/tmp" if os.path.isdir("/tmp") else None
+    )
     if os.geteuid() == 0:
         runuser = shutil.which("runuser")
         if runuser is None:
@@ -143,7 +170,9 @@ def _start() -> Server:
             except RuntimeError:
                 if attempt == 4:  # the port taken meanwhile, five times: give up
                     raise
-        server = Server(directory, directory, port, bindir, run_as)
+        server = Server(
+            directory, directory, port, bindir, run_as, _watch(bindir, data, directory, run_as)
+        )
         server.sql(f"CREATE ROLE {PASSWORD_USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
         return server
     except BaseException:
