@@ -37,3 +37,16 @@ class InstalledPluginTests(TestCase):
             )
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertIn(expected, result.stdout)
+
+
+class DependencyTests(TestCase):
+    def test_nativeWebSocketMasking(self) -> None:
+        """
+        Autobahn masks every frame a proxy sends in native code (its own
+        NVX, or wsaccel where an older Autobahn is installed), not in its
+        pure-Python fallback.
+        """
+        from autobahn.websocket.xormasker import create_xor_masker
+
+        masker = create_xor_masker(b"abcd", 1 << 20)
+        self.assertNotEqual(type(masker).__module__, "autobahn.websocket.xormasker")
