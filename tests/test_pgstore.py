@@ -300,6 +300,43 @@ class HandshakeAcrossNodesTests(TestCase):
         )
 
 
+class ApiAcrossNodesTests(TestCase):
+    """
+    The management API of two services on one database: a call naming a
+    tunnel reads it from the database first, so it finds a tunnel another
+    node opened a moment ago even before the notification (here: never, B's
+    listener stopped).
+    """
+
+    timeout = 60
+
+    async def test_calls_naming_a_tunnel_opened_elsewhere(self) -> None:
+        url = postgres.database()
+        a = await start_tunnelservice(self, store=open_postgres_store(url))
+        b_store = open_postgres_store(url)
+        b = await start_tunnelservice(self, store=b_store)
+        assert b_store._listener is not None
+        await b_store._listener.stop()
+        b_store._listener = None
+
+        def calls() -> dict[str, Any]:
+            on_a, on_b = api_client(a.api_url), api_client(b.api_url)
+            opened = on_a.open_tunnel(destinationConfig={"services": ["SSH"]})
+            tunnel_id = opened["tunnelId"]
+            described = on_b.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+            on_b.tag_resource(resourceArn=opened["tunnelArn"], tags=[{"key": "k", "value": "v"}])
+            tags = on_a.list_tags_for_resource(resourceArn=opened["tunnelArn"])["tags"]
+            on_b.close_tunnel(tunnelId=tunnel_id)
+            closed = on_a.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+            return {"described": described, "tags": tags, "closed": closed}
+
+        result = await deferToThread(calls)
+        self.assertEqual(result["described"]["status"], "OPEN")
+        self.assertEqual(result["described"]["destinationConfig"]["services"], ["SSH"])
+        self.assertEqual(result["tags"], [{"key": "k", "value": "v"}])
+        self.assertEqual(result["closed"]["status"], "CLOSED")
+
+
 class PostgresBrokerRestartTests(test_sqlstore.BrokerRestartTests):
     """L{BrokerRestartTests}, over PostgreSQL instead of SQLite."""
 

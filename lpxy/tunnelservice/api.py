@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -308,7 +309,7 @@ class ManagementAPI(Resource):
             "ListTagsForResource": self._list_tags,
         }
 
-    def render_POST(self, request: server.Request) -> bytes:
+    def render_POST(self, request: server.Request) -> Any:
         request.setHeader(b"content-type", CONTENT_TYPE)
         request.setHeader(b"x-amzn-requestid", str(uuid.uuid4()).encode())
         operation = "?"
@@ -340,6 +341,43 @@ class ManagementAPI(Resource):
                 raise ApiError(400, "SerializationException", "Body is not JSON") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "SerializationException", "Body is not a JSON object")
+            refreshed = self._refresh(body)
+        except ApiError as e:
+            return self._error(request, operation, e)
+        except AuthenticationFailed as e:
+            return self._error(request, operation, ApiError(e.status, e.kind, e.message))
+        if refreshed.called:  # the store knows at once (no other node writes)
+            return self._run(request, operation, handler, body)
+        # Another node may have just changed the tunnel named: the store
+        # reads it first.
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def run(_: object) -> None:
+            if gone:
+                return
+            answer = self._run(request, operation, handler, body)
+            if answer is not server.NOT_DONE_YET:
+                request.setHeader(b"content-length", str(len(answer)).encode())
+                request.write(answer)
+                request.finish()
+
+        refreshed.addCallback(run)
+        return server.NOT_DONE_YET
+
+    def _refresh(self, body: dict[str, Any]) -> defer.Deferred[None]:
+        """Bring the store's view of the tunnel a call names up to date."""
+        if "tunnelId" in body and isinstance(body["tunnelId"], str):
+            return self._broker.refresh_tunnel(body["tunnelId"])
+        if "resourceArn" in body and isinstance(body["resourceArn"], str):
+            return self._broker.refresh_tunnel(arn=body["resourceArn"])
+        return defer.succeed(None)
+
+    def _run(
+        self, request: server.Request, operation: str, handler: Any, body: dict[str, Any]
+    ) -> Any:
+        """Run an operation and answer it (at once, or once its change is kept)."""
+        try:
             result = handler(body)
         except ApiError as e:
             return self._error(request, operation, e)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from lpxy._ws import Clock, DelayedCall
@@ -525,6 +525,20 @@ class Broker:
         and wait. Fires at once where no other node shares the store.
         """
         return self._store.refresh_token(digest(access_token))
+
+    def refresh_tunnel(
+        self, tunnel_id: str | None = None, arn: str | None = None
+    ) -> Deferred[None]:
+        """
+        Bring the store's view of one tunnel (named by id, or by ARN) up to
+        date: call before an API call naming it, and wait. Fires at once
+        where no other node shares the store.
+        """
+        if tunnel_id is None:
+            if arn is None or not arn.startswith(self._arn_prefix):
+                return succeed(None)
+            tunnel_id = arn[len(self._arn_prefix):]
+        return self._store.refresh_tunnel(tunnel_id)
 
     def connect(
         self, mode: str, access_token: str, client_token: str | None, peer: IPeer

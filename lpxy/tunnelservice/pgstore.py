@@ -28,6 +28,9 @@ node's view must follow the others' writes:
     L{lpxy.tunnelservice.broker.Broker.refresh}): a handshake on node B right
     after OpenTunnel or a rotation on node A succeeds, and a token closed or
     rotated on A is refused on B, whether or not the notification came yet.
+    Likewise an API call naming a tunnel (by id or ARN) waits for
+    L{PostgresTunnelStore.refresh_tunnel}; ListTunnels answers from the view,
+    as current as the notifications (milliseconds).
   - Creation numbers come from the C{tunnel_sequence} sequence, taken ahead
     in batches (L{RESERVE}) because the broker asks for one synchronously;
     across nodes the newest-first order is therefore that of the numbers
@@ -528,6 +531,26 @@ class PostgresTunnelStore(SQLTunnelStore):
             self._log.failure(
                 "Could not read a handshake's tunnel from {db}; judging it on what "
                 "this node knows", failure, db=self._shown,
+            )
+
+        d.addErrback(failed)
+        return d
+
+    def refresh_tunnel(self, tunnel_id: str) -> defer.Deferred[None]:
+        """
+        Read one tunnel from the database into the view, before an API call
+        naming it is answered. If the database cannot be read, the view
+        answers (logged).
+        """
+        if self._closing:
+            return defer.succeed(None)
+        d = self._pool.runInteraction(_read_tunnels, [tunnel_id])
+        d.addCallback(lambda records: self._apply([tunnel_id], records))
+
+        def failed(failure: Failure) -> None:
+            self._log.failure(
+                "Could not read tunnel {tunnel_id} from {db}; answering with what this "
+                "node knows", failure, tunnel_id=tunnel_id, db=self._shown,
             )
 
         d.addErrback(failed)

@@ -168,6 +168,14 @@ class ITunnelStore(Protocol):
         """
         ...
 
+    def refresh_tunnel(self, tunnel_id: str) -> defer.Deferred[None]:
+        """
+        Bring the view of one tunnel up to date with what other nodes wrote,
+        before an API call naming it is answered. Fires at once where nobody
+        else writes.
+        """
+        ...
+
     def on_changed(self, callback: ChangeCallback) -> Callable[[], None]:
         """
         Call C{callback} whenever a change made elsewhere (another node) has
@@ -256,6 +264,9 @@ class MemoryTunnelStore:
 
     def refresh_token(self, token_hash: bytes) -> defer.Deferred[None]:
         # Only this process writes: the view is the truth.
+        return defer.succeed(None)
+
+    def refresh_tunnel(self, tunnel_id: str) -> defer.Deferred[None]:
         return defer.succeed(None)
 
     def on_changed(self, callback: ChangeCallback) -> Callable[[], None]:
