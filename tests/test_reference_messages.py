@@ -21,7 +21,7 @@ from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.proxy import cli
-from lpxy.proxy.tap import Options
+from lpxy.proxy.tap import LPXY_OWN_OPTIONS, Options
 
 TOKEN = "reference-messages-test-token"
 CLIENT = "c" * 40
@@ -485,10 +485,10 @@ class HelpTests(SynchronousTestCase):
 
     def test_noOtherOptions(self) -> None:
         """
-        lpxy's only options the reference lacks are C{--state-dir} and
-        C{--stdio}, listed after the reference's.
+        lpxy's only options the reference lacks are L{LPXY_OWN_OPTIONS}
+        (C{--log-format}, C{--metrics}, C{--state-dir}, C{--stdio}), listed
+        after the reference's.
         """
-        own = ["--state-dir=", "--stdio="]
         entries = list(self.entries())
-        self.assertEqual(set(entries), {*REFERENCE_HELP, *own})
-        self.assertEqual(entries[-len(own):], own)
+        self.assertEqual(set(entries), {*REFERENCE_HELP, *LPXY_OWN_OPTIONS})
+        self.assertEqual(entries[-len(LPXY_OWN_OPTIONS):], list(LPXY_OWN_OPTIONS))

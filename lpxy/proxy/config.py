@@ -90,6 +90,8 @@ __all__ = [
 _log = Logger()
 
 ClientType = Literal["V1", "V2"]
+LogFormat = Literal["reference", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("reference", "json")
 
 # The destination's host for a bare port when -b is not given, as the
 # reference.
@@ -116,7 +118,9 @@ class ProxyConfig:
     C{verbosity} is C{-v} as given (0..65535, as the reference's 16 bits);
     6 and more mean per-record trace logging. C{stdio_service} is
     C{--stdio}'s service id: a source that carries one connection over its
-    standard input and output instead of listening.
+    standard input and output instead of listening. C{metrics} is the server
+    endpoint serving Prometheus metrics, if any; C{log_format} how the
+    console script writes its log.
     """
 
     mode: Mode
@@ -137,6 +141,8 @@ class ProxyConfig:
     no_proxy: tuple[str, ...] = ()
     state_dir: str | None = None
     stdio_service: str | None = None
+    metrics: str | None = None
+    log_format: LogFormat = "reference"
 
     @property
     def listen_address(self) -> str:
@@ -251,6 +257,8 @@ def resolve(
         found.get("state-dir"), client_token, environ,
         os.geteuid() if euid is None else euid, cwd,
     )
+    metrics = _metrics(found.get("metrics"))
+    log_format = _log_format(found.get("log-format"))
     if options.get("access-token") is not None:
         _warn_token_on_command_line()
     return ProxyConfig(
@@ -272,6 +280,8 @@ def resolve(
         no_proxy=no_proxy,
         state_dir=state_dir,
         stdio_service=stdio,
+        metrics=metrics,
+        log_format=log_format,
     )
 
 
@@ -575,6 +585,28 @@ def _state_dir(
         )
         return None
     return str(default)
+
+
+def _metrics(given: Given | None) -> str | None:
+    if given is None:
+        return None
+    from lpxy.metrics import check_endpoint
+
+    try:
+        return check_endpoint(given.value, given.label)
+    except ValueError as e:
+        raise OptionError(None, str(e)) from None
+
+
+def _log_format(given: Given | None) -> LogFormat:
+    if given is None:
+        return "reference"
+    for name in LOG_FORMATS:
+        if given.value.strip().lower() == name:
+            return name
+    raise OptionError(
+        None, f"{given.label}: expected {' or '.join(LOG_FORMATS)}, got {given.value!r}"
+    )
 
 
 def _warn_token_on_command_line() -> None:

@@ -27,7 +27,7 @@ output, and the proxy ends (status 0) when that stream does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -46,6 +46,7 @@ from lpxy.proxy.channel import (
 )
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.destination import AppConnector
+from lpxy.proxy.metrics import TunnelCounts
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.session import Session
 from lpxy.proxy.source import SourceListeners, bind_error
@@ -117,6 +118,7 @@ class ProxyConnector:
         connection is no longer judged, and no local client is accepted.
     @ivar connections: how many tunnel connections have opened.
     @ivar connected_since: when the current one opened (L{None} without one).
+    @ivar counts: the tunnel's history in numbers, for metrics.
     """
 
     _log = Logger()
@@ -153,6 +155,7 @@ class ProxyConnector:
             stdio=config.stdio_service,
         )
         self.flow = TunnelFlow()
+        self.counts = TunnelCounts()
         self._relays: dict[Channel, LocalRelay] = {}
         self._gone: list[Deferred[None]] = []
         # The protocol error that made us drop each connection, until it is gone.
@@ -247,6 +250,7 @@ class ProxyConnector:
         if self.protocol is protocol:
             self.protocol = None
             self.connected_since = None
+            self.counts.disconnected()
             self.flow.detach()
             self.session.disconnected()
         gone, self._gone = self._gone, []
@@ -273,6 +277,8 @@ class ProxyConnector:
         rejected = 'Proxy server rejected web socket upgrade request: ({status_line}) "{body}"'
         status_line = protocol.status_line
         body = " ".join(protocol.rejection_body.split())[:200]
+        if outcome.http_status is not None:
+            self.counts.refused(outcome.http_status)
         if outcome.http_status is not None and not 400 <= outcome.http_status < 500:
             self._log.error(rejected, status_line=status_line, body=body)
         elif outcome.tls_failure is not None:
@@ -345,6 +351,7 @@ class ProxyConnector:
     def _mark_ready(self) -> None:
         protocol = self.protocol
         if protocol is not None and not protocol.ready.called:
+            self.counts.connected(self._clock.seconds())
             protocol.ready.callback(None)
 
     # -- SessionActions --------------------------------------------------
@@ -377,6 +384,7 @@ class ProxyConnector:
         relay = self._relays.pop(channel, None)
         if relay is not None:
             relay.close()
+            self._ended(relay, "tunnel")
 
     def services_ready(self, bindings: Sequence[ServiceBinding]) -> None:
         if self.stdio is not None:
@@ -444,8 +452,21 @@ class ProxyConnector:
             protocol.send_data(channel.header, payload)
 
     def local_closed(self, channel: Channel) -> None:
-        self._relays.pop(channel, None)
+        relay = self._relays.pop(channel, None)
+        if relay is not None:
+            self._ended(relay, "local")
         self.session.local_closed(channel)
+
+    def _ended(self, relay: LocalRelay, by: str) -> None:
+        # A relay that left _relays carries nothing more: its bytes are final.
+        self.counts.stream_ended(
+            relay.channel.wire_service_id, by, relay.bytes_out, relay.bytes_in
+        )
+
+    @property
+    def relays(self) -> Iterable[LocalRelay]:
+        """The relay of every channel open now."""
+        return self._relays.values()
 
     # -- source ----------------------------------------------------------
 
@@ -485,6 +506,7 @@ class ProxyConnector:
             buffer_limit=settings.tcp.write_buffer_size,
         )
         self._relays[channel] = relay
+        self.counts.stream_opened(channel.wire_service_id)
         return relay
 
     # -- stopping --------------------------------------------------------

@@ -40,6 +40,8 @@ OPTIONS: Mapping[str, str | None] = {
     "config-dir": None,
     "state-dir": None,
     "stdio": None,
+    "metrics": None,
+    "log-format": None,
 }
 FLAGS = frozenset({"no-ssl-host-verify"})
 _ENVIRONMENT = {

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from lpxy import __version__
 from lpxy.frames import WIRE_FRAME_LIMIT
+from lpxy.metrics import MetricsListenError, MetricsPort, metrics_site
 from lpxy.proxy.attempts import GuardedEndpoint, ProxyTunnelProtocol
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.connector import (
@@ -39,6 +40,7 @@ from lpxy.proxy.connector import (
     ProxyConnector,
     TunnelConnectionFailed,
 )
+from lpxy.proxy.metrics import ProxyCollector
 from lpxy.proxy.settings import unused_settings
 from lpxy.proxy.source import bind_error
 from lpxy.proxy.statedir import kept_client_token
@@ -144,6 +146,10 @@ class LocalProxyService(MultiService):
         )
         self.client.setServiceParent(self)
         StatsSignal(self.log_summary, reactor).setServiceParent(self)
+        self.metrics: MetricsPort | None = None
+        if config.metrics is not None:
+            self.metrics = MetricsPort(config.metrics, metrics_site([self.collector()]), reactor)
+            self.metrics.setServiceParent(self)
         self._done: Deferred[int] = Deferred()
         self._status: int | None = None
         self._announced = False
@@ -159,6 +165,15 @@ class LocalProxyService(MultiService):
             return str(uuid.uuid4())
         return kept_client_token(
             Path(config.state_dir), config.access_token, lambda: str(uuid.uuid4())
+        )
+
+    def collector(self) -> ProxyCollector:
+        """A Prometheus collector of this proxy's metrics."""
+        connector = self.connector
+        return ProxyCollector(
+            connector.counts,
+            lambda: connector.relays,
+            lambda: None if connector.protocol is None else connector.protocol.last_rtt,
         )
 
     def _announce(self) -> None:
@@ -188,6 +203,13 @@ class LocalProxyService(MultiService):
         # connection: a busy or privileged port then ends the proxy at once,
         # its access token unspent.
         self._bind_tried = True
+        if self.metrics is not None:
+            try:
+                self.metrics.listen()
+            except MetricsListenError as e:
+                self._log.error("{error}", error=str(e))
+                self._bind_failed = True
+                return
         listeners = self.connector.listeners
         if listeners is None or self._config.mappings_from_config_dir:
             return

@@ -32,6 +32,9 @@ from lpxy.proxy.settings import export_default_settings
 from lpxy.proxy.verbosity import filter_twistd_logging
 from lpxy.wire import CLIENT_TOKEN_CHARACTERS, CLIENT_TOKEN_MAX_LENGTH, CLIENT_TOKEN_MIN_LENGTH
 
+#: lpxy's options that the reference lacks, as the help spells and orders them.
+LPXY_OWN_OPTIONS = ("--log-format=", "--metrics=", "--state-dir=", "--stdio=")
+
 #: Options whose values never show in a repr.
 _SECRET_OPTIONS = frozenset({"access-token", "client-token"})
 
@@ -159,6 +162,14 @@ class Options(usage.Options):
          " SERVICE_ID over standard input and output, then exits, e.g. ssh -o"
          " ProxyCommand='localproxy -r us-east-1 --stdio SSH1' user@device."
          " Logs go to standard error. The localproxy console script only."],
+        ["metrics", None, None,
+         "lpxy: serve Prometheus metrics at /metrics on this Twisted server"
+         " endpoint, e.g. tcp:9100:interface=127.0.0.1."],
+        ["log-format", None, None,
+         "lpxy: the localproxy console script's log lines: reference (the"
+         " default, as the reference writes them) or json (one object a line:"
+         " time, level, namespace, message, fields). Under twistd, give"
+         " twistd --logger=lpxy.jsonlog.observer instead."],
     ]
 
     def __init__(
@@ -191,7 +202,7 @@ class Options(usage.Options):
     def getUsage(self, width: int | None = None) -> str:
         # Twisted sorts the options by name; lpxy's own come after the
         # reference's.
-        return _own_options_last(super().getUsage(width), ("--state-dir=", "--stdio="))
+        return _own_options_last(super().getUsage(width), LPXY_OWN_OPTIONS)
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)

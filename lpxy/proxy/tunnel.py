@@ -126,12 +126,14 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         handshake done and, in V2/V3, the services settled); the proxy's
         C{ClientService} waits on it (C{prepareConnection}). Cancelling it
         drops the connection.
+    @ivar last_rtt: the round trip of the last ping answered, in seconds.
     """
 
     _log = Logger()  # Autobahn owns .log
     log = quiet_autobahn_log()
     factory: TunnelFactory
     channel_id: str | None = None
+    last_rtt: float | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -205,6 +207,7 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         if rtt is None:
             self._log.debug("Ignoring a pong that answers no ping of ours")
             return
+        self.last_rtt = rtt
         if self.factory.trace:
             self._log.debug("Pong after {rtt:.3f}s", rtt=rtt)
 

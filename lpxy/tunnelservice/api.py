@@ -23,6 +23,7 @@ import json
 import re
 import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -283,6 +284,8 @@ class ManagementAPI(Resource):
         API open.
     @param throttle: limits each caller's request rate (by access key, or
         by client address when the API is open); L{None} for no limit.
+    @ivar calls: requests answered, by operation (C{unknown} for a missing
+        or unknown one) and result (C{OK} or the error's type).
     """
 
     isLeaf = True
@@ -308,6 +311,7 @@ class ManagementAPI(Resource):
             "UntagResource": self._untag_resource,
             "ListTagsForResource": self._list_tags,
         }
+        self.calls: Counter[tuple[str, str]] = Counter()
 
     def render_POST(self, request: server.Request) -> Any:
         request.setHeader(b"content-type", CONTENT_TYPE)
@@ -402,6 +406,7 @@ class ManagementAPI(Resource):
         answer = json.dumps(result).encode()
         if operation not in _CHANGING:
             self._log.debug("API {operation}: OK", operation=operation)
+            self.calls[(operation, "OK")] += 1
             return answer
         return self._when_kept(request, operation, answer)
 
@@ -423,6 +428,7 @@ class ManagementAPI(Resource):
 
         def kept(_: object) -> None:
             self._log.debug("API {operation}: OK", operation=operation)
+            self.calls[(operation, "OK")] += 1
             send(answer)
 
         def lost(_: object) -> None:
@@ -447,6 +453,9 @@ class ManagementAPI(Resource):
         )
 
     def _error(self, request: server.Request, operation: str, error: ApiError) -> bytes:
+        # A name from the request is counted only if it is an operation.
+        known = operation if operation in self._operations else "unknown"
+        self.calls[(known, error.kind)] += 1
         self._log.info(
             "API {operation}: {status} {kind}: {message}",
             operation=operation, status=error.status, kind=error.kind, message=error.message,

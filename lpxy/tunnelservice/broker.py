@@ -668,6 +668,17 @@ class Broker:
         """Where this broker keeps its tunnels."""
         return self._store
 
+    def tunnels_by_status(self) -> dict[str, int]:
+        """The tunnels kept, by status (C{OPEN}, C{CLOSED})."""
+        return {OPEN: self._store.open_count(), CLOSED: len(self._closed)}
+
+    def peers_by_mode(self) -> dict[str, int]:
+        """The tunnel ends with a peer connected now, by mode."""
+        counts = dict.fromkeys(MODES, 0)
+        for _, mode in self._live:
+            counts[mode] += 1
+        return counts
+
     def _peer(self, tunnel_id: str, mode: str) -> IPeer | None:
         attachment = self._live.get((tunnel_id, mode))
         return attachment.peer if attachment is not None else None

@@ -7,6 +7,7 @@ settings) and Autobahn's options for the tunnel service's side of the wire.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory
@@ -70,6 +71,8 @@ class TunnelServerFactory(WebSocketServerFactory):
         self.output_mark = output_mark
         self.tunnel_rates = tunnel_rates
         self.connections = connections
+        #: Refused handshakes, by HTTP status.
+        self.refusals: Counter[int] = Counter()
         self.setProtocolOptions(
             maxFramePayloadSize=WIRE_FRAME_LIMIT,
             maxMessagePayloadSize=WIRE_FRAME_LIMIT,

@@ -32,6 +32,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._ws import Clock, set_no_delay
+from lpxy.metrics import MetricsPort, metrics_site
 from lpxy.tunnelservice.admission import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     Admission,
@@ -47,6 +48,7 @@ from lpxy.tunnelservice.dataplane import (
     TunnelServerFactory,
 )
 from lpxy.tunnelservice.http import BoundedHTTPChannel
+from lpxy.tunnelservice.metrics import ServiceCollector
 from lpxy.tunnelservice.ratelog import RateLimitedLog
 from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.throttle import Throttle
@@ -344,6 +346,8 @@ class TunnelService(MultiService):
         client address.
     @param node: this node's name among several sharing a store (see
         L{lpxy.tunnelservice.cluster}).
+    @param metrics: a server endpoint serving Prometheus metrics at
+        C{/metrics} (none unless given).
     """
 
     _log = Logger()
@@ -367,6 +371,7 @@ class TunnelService(MultiService):
         max_connections: int | None = None,
         max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         node: str | None = None,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -421,6 +426,11 @@ class TunnelService(MultiService):
                     endpoint, functools.partial(self._listened, role=role), self._failed_later
                 )
                 _Port(reported, factory).setServiceParent(self)
+        self.metrics: MetricsPort | None = None
+        if metrics is not None:
+            collector = ServiceCollector(self.broker, self.websocket_factory, api)
+            self.metrics = MetricsPort(metrics, metrics_site([collector]), reactor)
+            self.metrics.setServiceParent(self)
         self._started_listening = False
 
     def privilegedStartService(self) -> None:

@@ -150,6 +150,9 @@ class Options(usage.Options):
          "The SQLite file keeping tunnels across restarts (created if missing), "
          "or a postgresql:// URL for a database several nodes share; "
          ":memory: to keep nothing."],
+        ["metrics", None, None,
+         "Serve Prometheus metrics at /metrics on this server endpoint, e.g. "
+         "tcp:9100:interface=127.0.0.1."],
     ]
 
     def __init__(self, twistd_log: TwistdLog = TWISTD_LOG, clock: Any = None) -> None:
@@ -218,6 +221,13 @@ class Options(usage.Options):
                     serverFromString(reactor, endpoint)
                 except Exception as e:
                     raise usage.UsageError(f"--{name} {endpoint!r}: {e}") from None
+        if self["metrics"] is not None:
+            from lpxy.metrics import check_endpoint
+
+            try:
+                check_endpoint(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         level = self["log-level"]
         if isinstance(level, str):  # the default, not coerced
             level = self["log-level"] = parse_level(level)
@@ -273,6 +283,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         verifier=None if keys is None else SignatureVerifier(keys, reactor),
         insecure_open_api=bool(options["insecure-open-api"]),
         node=options["node-name"],
+        metrics=options["metrics"],
     )
     root = ProcessService(service, reactor, name="The tunnel service")
     accept_log = getattr(options, "accept_log", None)

@@ -208,6 +208,7 @@ class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: igno
             return failure
         deny = failure.value
         if isinstance(deny, ConnectionDeny):
+            self.factory.refusals[deny.code] += 1
             tunnel_id, mode = self._refused
             self._log.info(
                 "Refused tunnel handshake from {peer}: {status} {reason}"

@@ -133,6 +133,7 @@ async def _start(
     limits: dict[str, float],
     interface: str = "127.0.0.1",
     store: ITunnelStore | None = None,
+    metrics: str | None = None,
 ) -> ServiceFixture:
     if reactor is None:
         from twisted.internet import reactor
@@ -154,6 +155,7 @@ async def _start(
         limits=Limits(**limits),  # type: ignore[arg-type]
         tunnel_rate=tunnel_rate,
         store=store,
+        metrics=metrics,
     )
     service.startService()
     case.addCleanup(service.stopService)
@@ -178,6 +180,7 @@ def start_tunnelservice(
     verifier: SignatureVerifier | None = None,
     interface: str = "127.0.0.1",
     store: ITunnelStore | None = None,
+    metrics: str | None = None,
     **limits: float,
 ) -> defer.Deferred[ServiceFixture]:
     """
@@ -192,12 +195,13 @@ def start_tunnelservice(
     @param verifier: makes the API check signatures (open without).
     @param interface: the address to listen on (C{"::1"} for IPv6).
     @param store: where the broker keeps tunnels (in memory unless given).
+    @param metrics: the server endpoint of its C{/metrics} (none unless given).
     @param limits: C{max_services}, C{max_open_tunnels}, C{max_request_size},
         C{closed_retention_seconds}, C{tunnel_rate}.
     """
     return defer.Deferred.fromCoroutine(
         _start(case, reactor, clock, tls, ping_interval, idle_timeout, verifier, limits,
-               interface, store)
+               interface, store, metrics)
     )
 
 
