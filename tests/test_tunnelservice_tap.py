@@ -61,6 +61,7 @@ class OptionsTests(SynchronousTestCase):
             "max-connections": None,
             "max-connections-per-address": 256,
             "node-name": None,
+            "metrics": None,
         })
 
     def test_everything(self) -> None:
@@ -70,6 +71,7 @@ class OptionsTests(SynchronousTestCase):
             "--ping-interval", "5", "--idle-timeout", "12", "--db", "/var/lib/t.db",
             "--tunnel-rate", "819200", "--max-connections", "900",
             "--max-connections-per-address", "9", "--node-name", "n1",
+            "--metrics", "tcp:9100:interface=127.0.0.1",
         )
         self.assertEqual(dict(options), {
             "port": ["tcp:9000", r"tcp:9001:interface=\:\:1"],
@@ -92,6 +94,7 @@ class OptionsTests(SynchronousTestCase):
             "max-connections": 900,
             "max-connections-per-address": 9,
             "node-name": "n1",
+            "metrics": "tcp:9100:interface=127.0.0.1",
         })
 
     def test_credentials(self) -> None:
