@@ -143,8 +143,11 @@ class MainTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.verbosity: list[int] = []
+        self.logging: list[tuple[int, str]] = []
         self.patch(tap, "Options", _FixedOptions)
+
+    def start_logging(self, verbosity: int, log_format: str = "reference") -> None:
+        self.logging.append((verbosity, log_format))
 
     def test_reactAndExit(self) -> None:
         """
@@ -161,10 +164,10 @@ class MainTests(SynchronousTestCase):
             SystemExit, cli.main, ["-v", "5"],
             _react=lambda main, argv: react(main, argv, _reactor=reactor),
             _service_factory=DoneAtOnce,
-            _start_logging=self.verbosity.append,
+            _start_logging=self.start_logging,
         )
         self.assertEqual(e.code, 2)
-        self.assertEqual(self.verbosity, [5])
+        self.assertEqual(self.logging, [(5, "reference")])
 
     def test_closedOnShutdown(self) -> None:
         """
@@ -176,10 +179,10 @@ class MainTests(SynchronousTestCase):
             SystemExit, cli.main, [],
             _react=lambda main, argv: react(main, argv, _reactor=reactor),
             _service_factory=FakeProxyService,
-            _start_logging=self.verbosity.append,
+            _start_logging=self.start_logging,
         )
         self.assertEqual(e.code, 0)
-        self.assertEqual(self.verbosity, [4])
+        self.assertEqual(self.logging, [(4, "reference")])
 
 
 class _FixedOptions(dict):  # type: ignore[type-arg]

@@ -62,6 +62,7 @@ class OptionsTests(SynchronousTestCase):
             "max-connections-per-address": 256,
             "node-name": None,
             "metrics": None,
+            "log-format": "text",
         })
 
     def test_everything(self) -> None:
@@ -95,6 +96,7 @@ class OptionsTests(SynchronousTestCase):
             "max-connections-per-address": 9,
             "node-name": "n1",
             "metrics": "tcp:9100:interface=127.0.0.1",
+            "log-format": "text",
         })
 
     def test_credentials(self) -> None:

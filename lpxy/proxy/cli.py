@@ -105,7 +105,7 @@ def main(
     _service_factory: ServiceFactory | None = None,
     _stderr: IO[str] | None = None,
     _stdout: IO[str] | None = None,
-    _start_logging: Callable[[int], None] | None = None,
+    _start_logging: Callable[..., None] | None = None,
 ) -> NoReturn:
     """
     The C{localproxy} console script. Never returns: the process exits
@@ -124,7 +124,7 @@ def main(
         from lpxy.proxy.verbosity import start_console_logging
 
         _start_logging = start_console_logging
-    _start_logging(config.verbosity)
+    _start_logging(config.verbosity, log_format=config.log_format)
     if _service_factory is None:
         from lpxy.proxy.tap import default_service_factory
 

@@ -166,10 +166,10 @@ class Options(usage.Options):
          "lpxy: serve Prometheus metrics at /metrics on this Twisted server"
          " endpoint, e.g. tcp:9100:interface=127.0.0.1."],
         ["log-format", None, None,
-         "lpxy: the localproxy console script's log lines: reference (the"
-         " default, as the reference writes them) or json (one object a line:"
-         " time, level, namespace, message, fields). Under twistd, give"
-         " twistd --logger=lpxy.jsonlog.observer instead."],
+         "lpxy: reference (the default: the console script writes the"
+         " reference's lines, twistd its own) or json (one object a line:"
+         " time, level, namespace, message, fields; under twistd on standard"
+         " output, as twistd --logger=lpxy.jsonlog.observer)."],
     ]
 
     def __init__(
@@ -261,6 +261,13 @@ class Options(usage.Options):
                 " output is the log; run localproxy --stdio SERVICE_ID instead",
             )
         if parent is not None:
+            if config.log_format == "json":
+                from lpxy.jsonlog import log_json_under_twistd
+
+                try:
+                    log_json_under_twistd(parent, "--log-format")
+                except ValueError as e:
+                    raise OptionError(None, str(e)) from None
             filter_twistd_logging(parent, config.verbosity, self._twistd_log)
 
 

@@ -34,6 +34,7 @@ from twisted.logger import (
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._process import TWISTD_LOG, TwistdLog
+from lpxy.jsonlog import json_observer
 from lpxy.loglevels import filter_twistd_log, filtered
 from lpxy.proxy.logformat import reference_observer
 
@@ -100,12 +101,15 @@ def start_console_logging(
     verbosity: int,
     stream: IO[str] | None = None,
     beginner: LogBeginner = globalLogBeginner,
+    log_format: str = "reference",
 ) -> None:
     """
-    Log to C{stream} (standard error) in the reference's line format, at
-    C{verbosity}: what the console script does.
+    Log to C{stream} (standard error) at C{verbosity}, in the reference's
+    line format or, with C{log_format} C{json}, as JSON lines
+    (L{lpxy.jsonlog}): what the console script does.
     """
-    observer = reference_observer(sys.stderr if stream is None else stream)
+    out = sys.stderr if stream is None else stream
+    observer = json_observer(out) if log_format == "json" else reference_observer(out)
     beginner.beginLoggingTo(
         [filtered(observer, VerbosityFilter(verbosity))], redirectStandardIO=False
     )

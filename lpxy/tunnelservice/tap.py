@@ -49,6 +49,17 @@ def _node_name(value: str) -> str:
     return value
 
 
+def _log_format(value: str) -> str:
+    wanted = value.strip().lower()
+    if wanted not in LOG_FORMATS:
+        raise ValueError(f"--log-format must be text or json, not {value!r}")
+    return wanted
+
+
+_log_format.coerceDoc = "text or json."  # type: ignore[attr-defined]
+LOG_FORMATS = ("text", "json")
+
+
 def _positive(name: str) -> Any:
     def coerce(value: str) -> int:
         try:
@@ -153,6 +164,10 @@ class Options(usage.Options):
         ["metrics", None, None,
          "Serve Prometheus metrics at /metrics on this server endpoint, e.g. "
          "tcp:9100:interface=127.0.0.1."],
+        ["log-format", None, "text",
+         "text (twistd's log lines) or json (one object a line on standard "
+         "output: time, level, namespace, message, fields; as twistd "
+         "--logger=lpxy.jsonlog.observer).", _log_format],
     ]
 
     def __init__(self, twistd_log: TwistdLog = TWISTD_LOG, clock: Any = None) -> None:
@@ -232,6 +247,13 @@ class Options(usage.Options):
         if isinstance(level, str):  # the default, not coerced
             level = self["log-level"] = parse_level(level)
         parent = getattr(self, "parent", None)
+        if parent is not None and self["log-format"] == "json":
+            from lpxy.jsonlog import log_json_under_twistd
+
+            try:
+                log_json_under_twistd(parent, "--log-format")
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if parent is not None:
             # twistd's observer shows the --log-level's events, Twisted's
             # failed accepts folded into a line per interval (by a service
