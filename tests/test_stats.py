@@ -10,10 +10,12 @@ import calendar
 import signal
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpxy.proxy.channel import Channel, ServiceBinding
+from lpxy.proxy.metrics import TunnelCounts
 from lpxy.proxy.relay import LocalRelay, TunnelFlow
 from lpxy.proxy.stats import (
     MAX_SHOWN_STREAMS,
@@ -26,7 +28,7 @@ from lpxy.proxy.stats import (
 from tests.support.apps import connect_client, start_app
 from tests.support.installed import localproxy_argv
 from tests.support.processes import spawn
-from tests.support.proxies import make_config, start_proxy, tcp
+from tests.support.proxies import listener_ports, make_config, start_proxy, tcp
 from tests.support.sockets import unused_port
 from tests.support.tunnelservice import start_tunnelservice
 
@@ -81,10 +83,9 @@ class FakeConnector:
     """What L{snapshot} reads of a connector."""
 
     def __init__(self, flow: TunnelFlow) -> None:
-        self.flow = flow
+        self.relays = flow.relays
         self.session = type("S", (), {"mode": "source"})()
-        self.connected_since: float | None = 100.0
-        self.connections = 3
+        self.counts = TunnelCounts(connected_since=100.0, connections=3)
 
 
 class SnapshotTests(SynchronousTestCase):
@@ -205,3 +206,64 @@ class ProcessTests(TestCase):
         self.assertIn("4 bytes sent, 4 bytes received", line)
         child.signal("TERM")
         self.assertEqual(await child.ended, 0, child.output)
+
+
+def collected(proxy: Any) -> dict[tuple[str, tuple[str, ...]], float]:
+    """The proxy's Prometheus samples, by name and label values."""
+    return {
+        (sample.name, tuple(sample.labels.values())): sample.value
+        for family in proxy.collector().collect()
+        for sample in family.samples
+    }
+
+
+class AgreementTests(TestCase):
+    """The summary reads what the Prometheus metrics read."""
+
+    timeout = 30
+
+    async def test_after_reconnect(self) -> None:
+        """
+        After a lost connection and a new stream, the summary's connected
+        since, reconnects, open streams and their bytes are the metrics'.
+        """
+        app_port, app = await start_app(self)
+        fixture = await start_tunnelservice(self)
+        opened = fixture.open_tunnel(["SSH"])
+        await start_proxy(self, make_config(
+            fixture, opened.destination_token, "destination",
+            destination_apps={"SSH": tcp(app_port)},
+        ))
+        source = await start_proxy(self, make_config(
+            fixture, opened.source_token, "source", source_ports={"SSH": 0},
+        ))
+        port = listener_ports(source)["SSH"]
+        # A first stream dies with the tunnel connection, cut.
+        first = await connect_client(self, port)
+        assert first.transport is not None
+        first.transport.write(b"first")
+        self.assertEqual(await first.received(5), b"first")
+        protocol = source.connector.protocol
+        assert protocol is not None
+        protocol.transport.abortConnection()
+        await first.closed
+        await source.client.whenConnected()
+        await app.all_closed()
+        client = await connect_client(self, port)
+        assert client.transport is not None
+        client.transport.write(b"ping")
+        self.assertEqual(await client.received(4), b"ping")
+
+        stats = snapshot(source.connector, reactor.seconds())  # type: ignore[attr-defined]
+        metrics = collected(source)
+        self.assertEqual(stats.reconnects, 1)
+        self.assertEqual(stats.reconnects, metrics[("lpxy_proxy_reconnects_total", ())])
+        self.assertEqual(
+            stats.connected_since, metrics[("lpxy_proxy_tunnel_connected_since_seconds", ())]
+        )
+        [stream_stats] = stats.streams
+        self.assertEqual(metrics[("lpxy_proxy_streams_open", ("SSH",))], 1)
+        self.assertEqual((stream_stats.bytes_sent, stream_stats.bytes_received), (4, 4))
+        # The metrics' totals add the ended stream's bytes to the open one's.
+        self.assertEqual(metrics[("lpxy_proxy_bytes_total", ("SSH", "sent"))], 5 + 4)
+        self.assertEqual(metrics[("lpxy_proxy_bytes_total", ("SSH", "received"))], 5 + 4)

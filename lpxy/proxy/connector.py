@@ -116,9 +116,8 @@ class ProxyConnector:
         transport (the process's standard input and output by default).
     @ivar ending: the proxy is stopping or has an exit status: a lost
         connection is no longer judged, and no local client is accepted.
-    @ivar connections: how many tunnel connections have opened.
-    @ivar connected_since: when the current one opened (L{None} without one).
-    @ivar counts: the tunnel's history in numbers, for metrics.
+    @ivar counts: the tunnel's history in numbers, for the metrics and the
+        SIGUSR2 summary.
     """
 
     _log = Logger()
@@ -180,8 +179,6 @@ class ProxyConnector:
                 clock=clock,
             )
         self.ending = False
-        self.connections = 0
-        self.connected_since: float | None = None
 
     def _end(self, status: int) -> None:
         self.ending = True
@@ -191,8 +188,6 @@ class ProxyConnector:
 
     def ws_open(self, protocol: TunnelProtocol) -> None:
         self.protocol = protocol
-        self.connections += 1
-        self.connected_since = self._clock.seconds()
         self.flow.attach(protocol)
         self._log.info(
             "Web socket session ID: {channel_id}", channel_id=_session_id(protocol.channel_id)
@@ -249,7 +244,6 @@ class ProxyConnector:
             self._end(EXIT_GAVE_UP)
         if self.protocol is protocol:
             self.protocol = None
-            self.connected_since = None
             self.counts.disconnected()
             self.flow.detach()
             self.session.disconnected()

@@ -43,7 +43,7 @@ class StreamStats:
 @frozen
 class TunnelStats:
     """
-    The tunnel at one moment: since when the current connection is up
+    The tunnel at one moment: since when the current connection is usable
     (L{None} while disconnected), how often it reconnected, and the open
     streams.
     """
@@ -103,7 +103,8 @@ def format_summary(stats: TunnelStats) -> str:
 def snapshot(connector: Any, now: float) -> TunnelStats:
     """
     The tunnel as L{lpxy.proxy.connector.ProxyConnector} C{connector} has
-    it at time C{now}.
+    it at time C{now}: its L{TunnelCounts<lpxy.proxy.metrics.TunnelCounts>}
+    and open relays, what the Prometheus metrics read too.
     """
     streams = [
         StreamStats(
@@ -115,12 +116,13 @@ def snapshot(connector: Any, now: float) -> TunnelStats:
             bytes_received=relay.bytes_in,
             age=now - relay.started,
         )
-        for relay in connector.flow.relays
+        for relay in connector.relays
     ]
+    counts = connector.counts
     return TunnelStats(
         mode=connector.session.mode,
-        connected_since=connector.connected_since,
-        reconnects=max(0, connector.connections - 1),
+        connected_since=counts.connected_since,
+        reconnects=counts.reconnects,
         streams=streams,
         now=now,
     )
