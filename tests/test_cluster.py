@@ -10,8 +10,13 @@ notification makes it.
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpxy.tunnelservice.broker import ALL, Broker
 from lpxy.tunnelservice.cluster import (
@@ -26,8 +31,10 @@ from lpxy.tunnelservice.cluster import (
     default_node_name,
     evictions,
 )
+from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.store import DESTINATION, SOURCE, MemoryTunnelStore
-from tests.support.tunnelservice import RecordingPeer
+from lpxy.wire import NEWEST_SUBPROTOCOL
+from tests.support.tunnelservice import ListeningEndpoint, RecordingPeer
 
 CT = "c" * 32
 
@@ -191,8 +198,8 @@ class LeaseTests(TwoNodes):
 
     def test_lapsed_node(self) -> None:
         registry = MemoryNodeRegistry()
-        lease_a = NodeLease("a", registry, self.a, self.clock)
-        lease_b = NodeLease("b", registry, self.b, self.clock)
+        lease_a = NodeLease("a", registry, self.store, self.clock)
+        lease_b = NodeLease("b", registry, self.store, self.clock)
         lease_a.startService()
         lease_b.startService()
         self.both_on(self.b)
@@ -221,7 +228,7 @@ class LeaseTests(TwoNodes):
                 raise RuntimeError("database down")
 
         registry = Failing()
-        lease = NodeLease("a", registry, self.a, self.clock)
+        lease = NodeLease("a", registry, self.store, self.clock)
         lease.startService()
         self.clock.advance(2)
         self.assertEqual(registry.calls, 2)
@@ -232,3 +239,92 @@ class LeaseTests(TwoNodes):
         import os
 
         self.assertTrue(default_node_name().endswith(f"-{os.getpid()}"))
+
+
+class _LaggingStore(MemoryTunnelStore):
+    """
+    A node's view that lacks what another node wrote until a handshake's
+    refresh brings it in (C{elsewhere} is the other node's view), which
+    the test lets happen by firing L{refreshing}.
+    """
+
+    def __init__(self, elsewhere: MemoryTunnelStore) -> None:
+        super().__init__()
+        self.elsewhere = elsewhere
+        self.refreshing: list[defer.Deferred[None]] = []
+
+    def refresh_token(self, token_hash: bytes) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def reload(_: None) -> None:
+            found = self.elsewhere.find_token(token_hash)
+            if found is not None and self.get(found[0].tunnel_id) is None:
+                self.add(found[0])
+
+        d.addCallback(reload)
+        self.refreshing.append(d)
+        return d
+
+
+class HandshakeRefreshTests(TestCase):
+    """A handshake is judged on the view as the store's refresh leaves it."""
+
+    async def setUp(self) -> None:
+        self.other = MemoryTunnelStore()
+        elsewhere = Broker(reactor, self.other, node="a")
+        self.addCleanup(elsewhere.stop)
+        self.opened = elsewhere.open_tunnel(["SSH"])
+        self.store = _LaggingStore(self.other)
+        endpoint = ListeningEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+        self.service = TunnelService(reactor, [endpoint], store=self.store, node="b")
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.port = (await endpoint.listening).getHost().port
+
+    def handshake(self) -> tuple[Any, defer.Deferred[Any]]:
+        factory = WebSocketClientFactory(
+            f"ws://127.0.0.1:{self.port}/tunnel?local-proxy-mode=source",
+            protocols=[NEWEST_SUBPROTOCOL], headers={"access-token": self.opened.source_token},
+        )
+        opened: defer.Deferred[Any] = defer.Deferred()
+
+        class Client(WebSocketClientProtocol):
+            def onOpen(self) -> None:
+                opened.callback(self)
+
+            def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+                if not opened.called:
+                    opened.errback(RuntimeError(reason))
+
+        factory.protocol = Client
+        connecting = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(factory)
+        return connecting, opened
+
+    async def refresh_requested(self) -> defer.Deferred[None]:
+        while not self.store.refreshing:
+            await deferLater(reactor, 0.01, lambda: None)
+        return self.store.refreshing.pop()
+
+    async def test_admitted_after_refresh(self) -> None:
+        """A tunnel another node opened is found once the view is refreshed."""
+        _, opened = self.handshake()
+        refresh = await self.refresh_requested()
+        self.assertFalse(opened.called)
+        refresh.callback(None)
+        client = await opened
+        self.assertEqual(list(self.service.broker._live), [(self.opened.tunnel_id, SOURCE)])
+        self.assertEqual(self.store.get(self.opened.tunnel_id).source.node, "b")  # type: ignore[union-attr]
+        client.sendClose(1000)
+        await deferLater(reactor, 0.1, lambda: None)
+
+    async def test_gone_during_refresh(self) -> None:
+        """A peer gone while the view was refreshed is never attached."""
+        connecting, opened = self.handshake()
+        opened.addErrback(lambda _: None)
+        refresh = await self.refresh_requested()
+        client = await connecting
+        client.transport.abortConnection()
+        await deferLater(reactor, 0.05, lambda: None)
+        refresh.callback(None)
+        self.assertEqual(self.service.broker._live, {})
+        self.assertFalse(self.store.get(self.opened.tunnel_id).source.spent)  # type: ignore[union-attr]

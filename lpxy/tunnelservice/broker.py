@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from lpxy._ws import Clock, DelayedCall
-from lpxy.tunnelservice.cluster import default_node_name, evictions, lapsed_ends
+from lpxy.tunnelservice.cluster import default_node_name, evictions
 from lpxy.tunnelservice.store import (
     CLOSED,
     DESTINATION,
@@ -192,6 +192,7 @@ class Broker:
         # Closed tunnels still kept, the longest closed first.
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._resume()
+        self._unwatch = self._store.on_changed(lambda tunnel_id, _: self.changed(tunnel_id))
 
     def _resume(self) -> None:
         """
@@ -608,6 +609,7 @@ class Broker:
             attachment.peer.close(CLOSE_GOING_AWAY, "service shutting down")
         for tunnel_id in list(self._expiries):
             self._cancel_timer(tunnel_id)
+        self._unwatch()
 
     # Several nodes (lpxy.tunnelservice.cluster)
 
@@ -646,22 +648,6 @@ class Broker:
                 tunnel_id=tunnel_id, mode=eviction.mode, reason=eviction.reason,
             )
             attachment.peer.close(eviction.code, eviction.reason)
-
-    def node_lapsed(self, node: str) -> int:
-        """
-        Node C{node} is gone without a word (its lease lapsed): mark the ends
-        it held disconnected. Return how many there were.
-        """
-        ends = lapsed_ends(self._store.newest_first(), [node])
-        now = self._clock.seconds()
-        for record, mode in ends:
-            end = record.end(mode)
-            end.connected = False
-            end.node = None
-            end.last_updated_at = now
-        for record in {record.tunnel_id: record for record, _ in ends}.values():
-            self._store.save(record)
-        return len(ends)
 
     @property
     def store(self) -> ITunnelStore:

@@ -20,7 +20,7 @@ L{evictions} which of its own connections of that tunnel must go:
 A node that dies cannot say that its connections are gone. Each node holds
 a lease in the database (L{NodeLease}), renewed every few seconds; a node
 that finds another's lease expired marks that node's ends disconnected
-(L{lapsed_ends}), so DescribeTunnel tells the truth again. The proxies of a
+(L{mark_lapsed}), so DescribeTunnel tells the truth again. The proxies of a
 dead node's tunnels reconnect meanwhile, through HAProxy, to the remaining
 nodes, which take the ends over whatever the lease says.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol, cast
 
 import attrs
@@ -39,7 +39,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from lpxy._ws import Clock
-from lpxy.tunnelservice.store import DESTINATION, OPEN, SOURCE, EndRecord, TunnelRecord
+from lpxy.tunnelservice.store import (
+    DESTINATION,
+    OPEN,
+    SOURCE,
+    EndRecord,
+    ITunnelStore,
+    TunnelRecord,
+)
 from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL
 
 __all__ = [
@@ -49,9 +56,10 @@ __all__ = [
     "INodeRegistry",
     "MemoryNodeRegistry",
     "NodeLease",
+    "SQLNodeRegistry",
     "default_node_name",
     "evictions",
-    "lapsed_ends",
+    "mark_lapsed",
 ]
 
 DEFAULT_HEARTBEAT = 2.0
@@ -108,17 +116,25 @@ def evictions(
     return found
 
 
-def lapsed_ends(
-    records: Iterable[TunnelRecord], nodes: Iterable[str]
-) -> list[tuple[TunnelRecord, str]]:
-    """The tunnel ends that C{nodes} (whose leases lapsed) still hold."""
-    dead = set(nodes)
-    return [
-        (record, mode)
-        for record in records
-        for mode in (SOURCE, DESTINATION)
-        if record.end(mode).node in dead
-    ]
+def mark_lapsed(store: ITunnelStore, node: str, now: float) -> int:
+    """
+    Node C{node} is gone without a word (its lease lapsed): mark the ends it
+    held disconnected in C{store}. Return how many there were.
+    """
+    changed = {}
+    count = 0
+    for record in store.newest_first():
+        for mode in (SOURCE, DESTINATION):
+            end = record.end(mode)
+            if end.node == node:
+                end.connected = False
+                end.node = None
+                end.last_updated_at = now
+                changed[record.tunnel_id] = record
+                count += 1
+    for record in changed.values():
+        store.save(record)
+    return count
 
 
 class INodeRegistry(Protocol):
@@ -155,8 +171,46 @@ class MemoryNodeRegistry:
         return defer.succeed(None)
 
 
-class _Broker(Protocol):
-    def node_lapsed(self, node: str) -> int: ...
+class SQLNodeRegistry:
+    """
+    An L{INodeRegistry} in the C{node_leases} table of the database a SQL
+    store (L{lpxy.tunnelservice.sqlstore.SQLTunnelStore}) writes. Leases are
+    in each node's own clock: the nodes' clocks must agree (NTP) to well
+    within a lease.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._sql = store.dialect.sql
+
+    def renew(self, node: str, until: float) -> defer.Deferred[None]:
+        return self._run(
+            "INSERT INTO node_leases (node, lease_until) VALUES (?, ?) "
+            "ON CONFLICT (node) DO UPDATE SET lease_until = excluded.lease_until",
+            (node, until),
+        )
+
+    def _run(self, statement: str, args: tuple[Any, ...]) -> defer.Deferred[None]:
+        sql = self._sql(statement)
+
+        def run(cursor: Any) -> None:
+            cursor.execute(sql, args)
+
+        d: defer.Deferred[None] = self._store.interaction(run)
+        return d
+
+    def lapsed(self, now: float) -> defer.Deferred[list[str]]:
+        statement = self._sql("SELECT node FROM node_leases WHERE lease_until < ? ORDER BY node")
+
+        def read(cursor: Any) -> list[str]:
+            cursor.execute(statement, (now,))
+            return [row[0] for row in cursor.fetchall()]
+
+        d: defer.Deferred[list[str]] = self._store.interaction(read)
+        return d
+
+    def forget(self, node: str) -> defer.Deferred[None]:
+        return self._run("DELETE FROM node_leases WHERE node = ?", (node,))
 
 
 class NodeLease(Service):
@@ -164,8 +218,8 @@ class NodeLease(Service):
     Keeps this node's lease and clears up after nodes whose lease lapsed.
 
     Every C{heartbeat} seconds it renews this node's lease for C{lease}
-    seconds, then asks the registry for lapsed leases; for each, the broker
-    marks that node's ends disconnected, and the lease is dropped. Stopping
+    seconds, then asks the registry for lapsed leases; for each, that node's
+    ends are marked disconnected in the store, and the lease is dropped. Stopping
     drops this node's own lease (its connections were closed with 1001).
     A failure of the database is logged and tried again at the next beat.
     """
@@ -176,14 +230,14 @@ class NodeLease(Service):
         self,
         node: str,
         registry: INodeRegistry,
-        broker: _Broker,
+        store: ITunnelStore,
         clock: Clock,
         heartbeat: float = DEFAULT_HEARTBEAT,
         lease: float = DEFAULT_LEASE,
     ) -> None:
         self.node = node
         self._registry = registry
-        self._broker = broker
+        self._store = store
         self._clock = clock
         self._lease = lease
         self._loop = LoopingCall(self._beat)
@@ -214,7 +268,7 @@ class NodeLease(Service):
         for node in await self._registry.lapsed(now):
             if node == self.node:
                 continue
-            count = self._broker.node_lapsed(node)
+            count = mark_lapsed(self._store, node, self._clock.seconds())
             self._log.warn(
                 "Node {lapsed}'s lease lapsed: marked its {count} tunnel end(s) disconnected",
                 lapsed=node, count=count,

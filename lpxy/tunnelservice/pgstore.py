@@ -175,6 +175,9 @@ def _conninfo(url: str) -> str:
 def _pg_write(
     cursor: Any, changes: Sequence[tuple[str, _Row | None]], origin: str
 ) -> None:
+    # In one order on every node: two nodes' transactions locking the same
+    # tunnels in different orders would deadlock.
+    changes = sorted(changes, key=lambda change: change[0])
     _write(cursor, POSTGRESQL, changes, None)
     cursor.executemany(
         "SELECT pg_notify(%s, %s)", [(CHANNEL, f"{origin} {tid}") for tid, _ in changes]

@@ -15,7 +15,7 @@ and the parameter marker (statements are written with C{?}); the rare
 statement only one backend needs is an L{Only}. Both backends go through the
 same versions.
 
-Tables (version 4):
+Tables (version 5):
   - C{tunnels}: one row per tunnel, with its status, lifetime and deadline
     (C{expires_at}), creation C{sequence} and timestamps.
   - C{tunnel_ends}: the source and destination of each tunnel: access-token
@@ -26,6 +26,8 @@ Tables (version 4):
     (SQLite).
   - C{tunnel_sequence} (version 3, PostgreSQL only): the creation numbers of
     every node sharing the database, a sequence started past C{last_sequence}.
+  - C{node_leases} (version 5): until when each node's lease runs
+    (L{lpxy.tunnelservice.cluster}).
 """
 
 from __future__ import annotations
@@ -144,6 +146,12 @@ MIGRATIONS: Sequence[Migration] = (
     )),
     Migration(4, "the node holding each end's connection (several nodes share a database)", (
         "ALTER TABLE tunnel_ends ADD COLUMN node TEXT",
+    )),
+    Migration(5, "the nodes' leases (several nodes share a database)", (
+        """CREATE TABLE node_leases (
+            node TEXT PRIMARY KEY,
+            lease_until {float} NOT NULL
+        )""",
     )),
 )
 

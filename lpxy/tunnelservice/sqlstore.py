@@ -356,6 +356,19 @@ class SQLTunnelStore(MemoryTunnelStore):
                 d.callback(None)
         self._flush()
 
+    @property
+    def dialect(self) -> Dialect:
+        """The SQL dialect of the store's database."""
+        return self._dialect
+
+    def interaction(self, work: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """
+        Run C{work(cursor, *args)} in a transaction on the store's connection,
+        off the reactor thread, after the writes queued before it (the node
+        leases of L{lpxy.tunnelservice.cluster} share the connection).
+        """
+        return self._pool.runInteraction(work, *args)
+
     def when_written(self) -> defer.Deferred[None]:
         """
         Fire once the transaction holding every change made so far has

@@ -275,6 +275,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     from lpxy.tunnelservice.auth import SignatureVerifier
+    from lpxy.tunnelservice.cluster import NodeLease, SQLNodeRegistry, default_node_name
+    from lpxy.tunnelservice.pgstore import is_postgres_url
     from lpxy.tunnelservice.service import TunnelService
 
     try:
@@ -283,6 +285,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # twistd prints this one line and exits 1.
         raise SystemExit(f"tunnelservice: --db: {e}") from None
     keys = options.get("keys")
+    node = options["node-name"] or default_node_name()
     service = TunnelService(
         reactor,
         options["port"],
@@ -304,9 +307,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         store=store,
         verifier=None if keys is None else SignatureVerifier(keys, reactor),
         insecure_open_api=bool(options["insecure-open-api"]),
-        node=options["node-name"],
+        node=node,
         metrics=options["metrics"],
     )
+    if is_postgres_url(options["db"]):
+        # Several nodes share the database: this one keeps a lease there.
+        NodeLease(node, SQLNodeRegistry(store), store, reactor).setServiceParent(service)
     root = ProcessService(service, reactor, name="The tunnel service")
     accept_log = getattr(options, "accept_log", None)
     if accept_log is not None:
