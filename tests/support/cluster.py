@@ -1,8 +1,15 @@
 """
-Pieces of a tunnel service cluster on loopback, for the cluster tests, the
-simulation (C{python -m bench.cluster_sim}) and the cluster benchmark:
-HAProxy configured from C{contrib/haproxy/haproxy.cfg.template}, and light
-tunnel peers that reconnect as lpxy's proxies do.
+A tunnel service cluster on loopback, for the cluster tests, the simulation
+(L{tests.support.simulation}, C{python -m bench.cluster_sim}) and the
+cluster benchmark: a L{Cluster} is HAProxy configured from
+C{contrib/haproxy/haproxy.cfg.template} in front of C{twistd tunnelservice}
+processes of the installed lpxy (L{tests.support.installed}) sharing one
+PostgreSQL database; L{TunnelPair}s are light tunnel peers that reconnect as
+lpxy's proxies do.
+
+Each node listens twice: behind HAProxy with the PROXY protocol (the
+README's deployment) and on a plain loopback API port, so that a caller can
+send an API request to one chosen node.
 
 A L{TunnelPair} is a tunnel's two ends as bare protocol 3.0 WebSocket
 peers: the destination echoes every DATA record, the source starts a
@@ -14,8 +21,12 @@ otherwise, and never after 1000 (the tunnel was closed).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
 import string
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +37,11 @@ import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 from lpxy._ws import cancel_autobahn_timers
 from lpxy.frames import Message, RecordDecoder, encode
@@ -34,6 +49,9 @@ from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, NEWEST_SUBPROTOCOL
 
 __all__ = [
     "HAPROXY_TEMPLATE",
+    "SERVICE",
+    "Cluster",
+    "Node",
     "Server",
     "TunnelPair",
     "haproxy_config",
@@ -251,7 +269,9 @@ class TunnelPair:
             if self.closed_reason is not None:
                 raise TimeoutError(f"tunnel {self.tunnel_id} closed: {self.closed_reason}")
             source = self._peers["source"]
-            if source is None or self._peers["destination"] is None:
+            if source is None or self._peers["destination"] is None or (
+                source.state != source.STATE_OPEN
+            ):
                 await deferLater(reactor, 0.05, lambda: None)
                 continue
             self._stream += 1
@@ -273,6 +293,13 @@ class TunnelPair:
             await deferLater(reactor, 0.05, lambda: None)
         raise TimeoutError(f"tunnel {self.tunnel_id}: no echo within {timeout} s")
 
+    def freeze(self) -> None:
+        """
+        Reconnect no more, leaving the connections as they are: the peers
+        of a proxy that is gone when its node dies.
+        """
+        self._stopped = True
+
     async def stop(self) -> None:
         """Close both ends (1000 from our side) and reconnect no more."""
         self._stopped = True
@@ -285,3 +312,222 @@ class TunnelPair:
             if peer is not None and peer.state == peer.STATE_OPEN:
                 peer.sendClose(CLOSE_NORMAL)
         await defer.gatherResults([g for g in self._gone if not g.called])
+
+
+class _Child(ProcessProtocol):
+    """A process of the cluster, its output in a file; C{ended} fires with its status."""
+
+    def __init__(self, name: str, log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    @property
+    def pid(self) -> int:
+        return int(self.transport.pid)  # type: ignore[union-attr]
+
+    def processEnded(self, reason: Failure) -> None:
+        value: Any = reason.value
+        self.ended.callback(value.exitCode if value.exitCode is not None else -value.signal)
+
+    def signal(self, name: str) -> None:
+        """Send signal C{name} (C{"TERM"}, C{"USR2"}...)."""
+        number = getattr(signal, f"SIG{name}")
+        try:
+            self.transport.signalProcess(number)  # type: ignore[union-attr]
+        except ProcessExitedAlready:
+            pass
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _spawn(name: str, argv: list[str], directory: Path, env: dict[str, str] | None) -> _Child:
+    log = directory / f"{name}.log"
+    child = _Child(name, log)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        reactor.spawnProcess(  # type: ignore[attr-defined]
+            child, argv[0], argv, env=env, path=str(directory),
+            childFDs={0: "w", 1: fd, 2: fd},
+        )
+    finally:
+        os.close(fd)
+    return child
+
+
+async def _wait_port(port: int, child: _Child, timeout: float = 30) -> None:
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
+    while reactor.seconds() < deadline:  # type: ignore[attr-defined]
+        if child.ended.called:
+            raise RuntimeError(f"{child.name} ended with {child.ended.result}:\n{child.output()}")
+        try:
+            probe = await endpoint.connect(Factory.forProtocol(Protocol))
+        except Exception:
+            await deferLater(reactor, 0.05, lambda: None)
+            continue
+        assert probe.transport is not None
+        probe.transport.loseConnection()
+        return
+    raise RuntimeError(f"{child.name} never listened on {port}:\n{child.output()}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@attrs.define
+class Node:
+    """One C{twistd tunnelservice} of the cluster."""
+
+    name: str
+    port: int
+    """Behind HAProxy (PROXY protocol)."""
+    api_port: int
+    """Plain HTTP on loopback, to call this node's API directly."""
+    process: _Child | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and not self.process.ended.called
+
+
+class Cluster:
+    """
+    HAProxy and up to C{slots} tunnel service nodes sharing the database
+    at C{db_url}, on loopback, with their logs in C{directory}.
+
+    Each slot has a C{server} line from the start (disabled until its node
+    runs); L{add_node} starts a node and reloads HAProxy's configuration,
+    as an operator adding a node does.
+    """
+
+    def __init__(self, db_url: str, directory: Path, slots: int = 4,
+                 node_args: Sequence[str] = ()) -> None:
+        self.db_url = db_url
+        self.directory = directory.resolve()
+        self.nodes = [Node(f"node{i + 1}", _free_port(), _free_port()) for i in range(slots)]
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._node_args = list(node_args)
+        self._config = self.directory / "haproxy.cfg"
+        # (a Unix socket's path is short: not under a test's directory)
+        self._stats = Path(tempfile.mkdtemp(prefix="lpxy-ha-")) / "stats.sock"
+        self._haproxy: _Child | None = None
+
+    def _write_config(self) -> None:
+        servers = [Server(n.name, "127.0.0.1", n.port, enabled=n.running) for n in self.nodes]
+        self._config.write_text(haproxy_config(
+            f"127.0.0.1:{self.port}", servers,
+            [f"stats socket {self._stats} mode 600 level admin"],
+        ))
+
+    async def start(self, nodes: int = 3) -> None:
+        """Start C{nodes} nodes, then HAProxy in front of them."""
+        from tests.support.installed import installed_copy
+
+        await deferToThread(installed_copy)
+        await defer.gatherResults([
+            defer.ensureDeferred(self._start_node(node)) for node in self.nodes[:nodes]
+        ])
+        self._write_config()
+        self._haproxy = _spawn(
+            "haproxy", ["haproxy", "-W", "-db", "-f", str(self._config)], self.directory, None
+        )
+        await _wait_port(self.port, self._haproxy)
+
+    async def _start_node(self, node: Node) -> None:
+        from tests.support.installed import installed_env, twistd_argv
+
+        argv = twistd_argv(
+            "-n", "--pidfile=", "tunnelservice",
+            "--port", f"haproxy:tcp:{node.port}:interface=127.0.0.1",
+            "--api-port", f"tcp:{node.api_port}:interface=127.0.0.1",
+            "--db", self.db_url, "--node-name", node.name,
+            # every peer comes from 127.0.0.1 here
+            "--max-connections-per-address", "100000",
+            *self._node_args,
+        )
+        node.process = _spawn(node.name, argv, self.directory, installed_env())
+        await _wait_port(node.port, node.process)
+        await _wait_port(node.api_port, node.process)
+
+    async def add_node(self) -> Node:
+        """Start the next slot's node and reload HAProxy to send it tunnels."""
+        node = next(n for n in self.nodes if n.process is None)
+        await self._start_node(node)
+        self._write_config()
+        assert self._haproxy is not None
+        self._haproxy.signal("USR2")
+        await self.wait_state(node.name, "UP")
+        return node
+
+    def kill(self, node: Node, signal: str = "KILL") -> defer.Deferred[int]:
+        """Signal a node's process; fire with its exit status."""
+        assert node.process is not None
+        node.process.signal(signal)
+        return node.process.ended
+
+    @property
+    def haproxy_pid(self) -> int:
+        """HAProxy's master process (its worker is a child)."""
+        assert self._haproxy is not None
+        return self._haproxy.pid
+
+    async def states(self) -> dict[str, str]:
+        """Each server's state in the tunnels backend, as HAProxy has it (UP, DOWN, MAINT)."""
+        answer = await _ask_socket(self._stats, "show stat\n")
+        states = {}
+        for line in answer.splitlines():
+            fields = line.split(",")
+            if len(fields) > 17 and fields[0] == "tunnels" and fields[1].startswith("node"):
+                states[fields[1]] = fields[17].split(" ")[0]
+        return states
+
+    async def wait_state(self, name: str, state: str, timeout: float = 15) -> None:
+        deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+        while reactor.seconds() < deadline:  # type: ignore[attr-defined]
+            try:
+                if (await self.states()).get(name) == state:
+                    return
+            except OSError:
+                pass  # the reloading master's socket
+            await deferLater(reactor, 0.1, lambda: None)
+        raise RuntimeError(f"HAProxy never saw {name} {state}: {await self.states()}")
+
+    async def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after 10 s) and HAProxy."""
+        children = [n.process for n in self.nodes if n.running] + (
+            [self._haproxy] if self._haproxy is not None else []
+        )
+        for child in children:
+            if child is not None and not child.ended.called:
+                child.signal("TERM")
+        for child in children:
+            if child is None or child.ended.called:
+                continue
+            timer = reactor.callLater(10, child.signal, "KILL")  # type: ignore[attr-defined]
+            await child.ended
+            if timer.active():
+                timer.cancel()
+
+
+async def _ask_socket(path: Path, command: str) -> str:
+    def ask() -> str:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            s.sendall(command.encode())
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
+    return await deferToThread(ask)
