@@ -30,6 +30,7 @@ from lpxy.tunnelservice.cluster import (
     NodeLease,
     default_node_name,
     evictions,
+    mark_lapsed,
 )
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.store import DESTINATION, SOURCE, MemoryTunnelStore
@@ -197,7 +198,7 @@ class LeaseTests(TwoNodes):
     """L{NodeLease}: a node that stops renewing has its ends marked disconnected."""
 
     def test_lapsed_node(self) -> None:
-        registry = MemoryNodeRegistry()
+        registry = MemoryNodeRegistry(self.clock)
         lease_a = NodeLease("a", registry, self.store, self.clock)
         lease_b = NodeLease("b", registry, self.store, self.clock)
         lease_a.startService()
@@ -217,17 +218,32 @@ class LeaseTests(TwoNodes):
         lease_a.stopService()
         self.assertEqual(registry.leases, {})
 
+    def test_alive_after_all(self) -> None:
+        """
+        A node taken for dead (its lease lapsed while its database queue
+        was slow) marks the ends it still holds connected again when it
+        hears of the change.
+        """
+        self.both_on(self.b)
+        self.assertEqual(mark_lapsed(self.store, "b", self.clock.seconds()), 2)
+        self.assertFalse(self.record().source.connected)
+        self.b.changed(self.tunnel_id)
+        record = self.record()
+        self.assertEqual((record.source.connected, record.source.node), (True, "b"))
+        self.assertEqual((record.destination.connected, record.destination.node), (True, "b"))
+        self.assertEqual(self.events, [])
+
     def test_database_failure_logged(self) -> None:
         """A failing registry is logged, and tried again at the next beat."""
 
         class Failing(MemoryNodeRegistry):
             calls = 0
 
-            def renew(self, node: str, until: float):  # type: ignore[no-untyped-def]
+            def renew(self, node: str, seconds: float):  # type: ignore[no-untyped-def]
                 self.calls += 1
                 raise RuntimeError("database down")
 
-        registry = Failing()
+        registry = Failing(self.clock)
         lease = NodeLease("a", registry, self.store, self.clock)
         lease.startService()
         self.clock.advance(2)

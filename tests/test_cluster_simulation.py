@@ -8,9 +8,11 @@ psycopg or HAProxy is missing.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support.cluster import haproxy_missing
@@ -18,7 +20,8 @@ from tests.support.simulation import simulate
 
 
 class SimulationTests(TestCase):
-    timeout = 120
+    # About 40 s on two idle cores; much more when other suites share them.
+    timeout = 400
 
     async def test_simulation(self) -> None:
         missing = haproxy_missing()
@@ -29,7 +32,13 @@ class SimulationTests(TestCase):
         url = await deferToThread(database)
         directory = Path(self.mktemp())
         directory.mkdir(parents=True)
-        result = await simulate(url, directory, tunnels=300, added_tunnels=60)
+        log = Logger()
+        started = time.monotonic()
+        result = await simulate(
+            url, directory, tunnels=300, added_tunnels=60, cleanup=self.addCleanup,
+            say=lambda line: log.info("{elapsed:.1f} s: {line}", line=line,
+                                      elapsed=time.monotonic() - started),
+        )
         self.assertLessEqual(result.recovery, 10.0)
         self.assertEqual(sum(result.spread.values()), 600)
         self.assertGreater(result.added_share[0], 0)

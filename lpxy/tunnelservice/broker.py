@@ -629,6 +629,8 @@ class Broker:
         for _, attachment in evicted:
             # The partner hears of it unless it is evicted too.
             self._detach(attachment, notify=still_open and len(evicted) == 1)
+        if record is not None and still_open:
+            self._reassert(record)
         now = self._clock.seconds()
         if record is None:
             self._cancel_timer(tunnel_id)
@@ -648,6 +650,21 @@ class Broker:
                 tunnel_id=tunnel_id, mode=eviction.mode, reason=eviction.reason,
             )
             attachment.peer.close(eviction.code, eviction.reason)
+
+    def _reassert(self, record: TunnelRecord) -> None:
+        """
+        Mark the ends this node holds connected again where another node
+        wrote otherwise (it took this node for dead when its lease lapsed).
+        """
+        stale = [
+            record.end(mode) for mode in MODES
+            if (record.tunnel_id, mode) in self._live and not record.end(mode).connected
+        ]
+        for end in stale:
+            end.connected = True
+            end.node = self.node
+        if stale:
+            self._store.save(record)
 
     @property
     def store(self) -> ITunnelStore:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol, cast
 
@@ -140,12 +141,15 @@ def mark_lapsed(store: ITunnelStore, node: str, now: float) -> int:
 class INodeRegistry(Protocol):
     """Where nodes keep their leases: a table of the shared database."""
 
-    def renew(self, node: str, until: float) -> defer.Deferred[None]:
-        """Record that C{node} lives until C{until} (POSIX seconds)."""
+    def renew(self, node: str, seconds: float) -> defer.Deferred[None]:
+        """
+        Record that C{node} lives for C{seconds} from when this is recorded
+        (not from when it was asked: the database may be slow).
+        """
         ...
 
-    def lapsed(self, now: float) -> defer.Deferred[list[str]]:
-        """The nodes whose lease ended before C{now}."""
+    def lapsed(self) -> defer.Deferred[list[str]]:
+        """The nodes whose lease has ended."""
         ...
 
     def forget(self, node: str) -> defer.Deferred[None]:
@@ -156,14 +160,16 @@ class INodeRegistry(Protocol):
 class MemoryNodeRegistry:
     """An L{INodeRegistry} in a dictionary, for nodes in one process (tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.leases: dict[str, float] = {}
+        self._clock = clock
 
-    def renew(self, node: str, until: float) -> defer.Deferred[None]:
-        self.leases[node] = until
+    def renew(self, node: str, seconds: float) -> defer.Deferred[None]:
+        self.leases[node] = self._clock.seconds() + seconds
         return defer.succeed(None)
 
-    def lapsed(self, now: float) -> defer.Deferred[list[str]]:
+    def lapsed(self) -> defer.Deferred[list[str]]:
+        now = self._clock.seconds()
         return defer.succeed(sorted(n for n, until in self.leases.items() if until < now))
 
     def forget(self, node: str) -> defer.Deferred[None]:
@@ -183,12 +189,18 @@ class SQLNodeRegistry:
         self._store = store
         self._sql = store.dialect.sql
 
-    def renew(self, node: str, until: float) -> defer.Deferred[None]:
-        return self._run(
+    def renew(self, node: str, seconds: float) -> defer.Deferred[None]:
+        sql = self._sql(
             "INSERT INTO node_leases (node, lease_until) VALUES (?, ?) "
-            "ON CONFLICT (node) DO UPDATE SET lease_until = excluded.lease_until",
-            (node, until),
+            "ON CONFLICT (node) DO UPDATE SET lease_until = excluded.lease_until"
         )
+
+        def run(cursor: Any) -> None:
+            # From now, in the database's thread: not from when it was queued.
+            cursor.execute(sql, (node, time.time() + seconds))
+
+        d: defer.Deferred[None] = self._store.interaction(run)
+        return d
 
     def _run(self, statement: str, args: tuple[Any, ...]) -> defer.Deferred[None]:
         sql = self._sql(statement)
@@ -199,11 +211,11 @@ class SQLNodeRegistry:
         d: defer.Deferred[None] = self._store.interaction(run)
         return d
 
-    def lapsed(self, now: float) -> defer.Deferred[list[str]]:
+    def lapsed(self) -> defer.Deferred[list[str]]:
         statement = self._sql("SELECT node FROM node_leases WHERE lease_until < ? ORDER BY node")
 
         def read(cursor: Any) -> list[str]:
-            cursor.execute(statement, (now,))
+            cursor.execute(statement, (time.time(),))
             return [row[0] for row in cursor.fetchall()]
 
         d: defer.Deferred[list[str]] = self._store.interaction(read)
@@ -263,9 +275,8 @@ class NodeLease(Service):
         self._beating = None
 
     async def _renew_and_clear(self) -> None:
-        now = self._clock.seconds()
-        await self._registry.renew(self.node, now + self._lease)
-        for node in await self._registry.lapsed(now):
+        await self._registry.renew(self.node, self._lease)
+        for node in await self._registry.lapsed():
             if node == self.node:
                 continue
             count = mark_lapsed(self._store, node, self._clock.seconds())

@@ -161,17 +161,28 @@ async def simulate(
     added_tunnels: int = 60,
     recovery_limit: float = 10.0,
     say: Callable[[str], None] = lambda line: None,
+    cleanup: Callable[[Callable[[], Any]], None] | None = None,
 ) -> SimulationResult:
     """
     Run the scenario (see the module's docstring) on a fresh database at
     C{db_url}, the processes' logs in C{directory}.
 
+    @param cleanup: registers what stops the peers and the processes (a
+        test's C{addCleanup}, which waits for it even when the test is
+        cancelled); they are stopped at the end otherwise.
     @raise SimulationFailed: a promise was broken.
     """
     result = SimulationResult(tunnels=tunnels)
     # one caller opens hundreds of tunnels at once: above the default API rate
     cluster = Cluster(db_url, directory, node_args=["--api-rate", "1000"])
     pairs: list[TunnelPair] = []
+
+    async def stop() -> None:
+        await defer.gatherResults([defer.ensureDeferred(pair.stop()) for pair in pairs])
+        await cluster.stop()
+
+    if cleanup is not None:
+        cleanup(lambda: defer.ensureDeferred(stop()))
     try:
         await cluster.start(nodes=3)
         say(f"3 nodes and HAProxy up; logs in {directory}")
@@ -269,8 +280,8 @@ async def simulate(
         say(result.lines()[6])
         return result
     finally:
-        await defer.gatherResults([defer.ensureDeferred(pair.stop()) for pair in pairs])
-        await cluster.stop()
+        if cleanup is None:
+            await stop()
 
 
 async def _cross_node(
