@@ -94,11 +94,11 @@ class EvictionsTests(TwoNodes):
                          [Eviction(SOURCE, 1000, TOKEN_ROTATED)])
 
     def test_replaced_and_moved(self) -> None:
-        """The end taken by another node: 1000; only its partner: 1001."""
+        """The end or its partner taken by another node: 1001, to follow."""
         self.a.connect(SOURCE, self.opened.source_token, CT, self.peer("s"))
         held = self.held()
         self.assertEqual(evictions(self.record(), held, "b"), [
-            Eviction(SOURCE, 1000, REPLACED), Eviction(DESTINATION, 1001, MOVED),
+            Eviction(SOURCE, 1001, REPLACED), Eviction(DESTINATION, 1001, MOVED),
         ])
         self.assertEqual(evictions(self.record(), held, "a"), [])
 
@@ -163,13 +163,13 @@ class ChangedTests(TwoNodes):
         """
         An end arriving on another node (the load balancer moved the
         tunnel): the node holding its partner closes it with 1001, so it
-        follows; the one holding the end itself closes that with 1000.
+        follows, and so does the one holding the end itself.
         """
         self.both_on(self.b)
         self.a.connect(DESTINATION, self.opened.destination_token, CT, self.peer("d2"))
         self.b.changed(self.tunnel_id)
         self.assertEqual(sorted(self.events), [
-            ("d", "close", 1000, REPLACED), ("s", "close", 1001, MOVED),
+            ("d", "close", 1001, REPLACED), ("s", "close", 1001, MOVED),
         ])
         record = self.record()
         # b let go of its ends without undoing a's

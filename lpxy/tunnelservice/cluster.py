@@ -12,10 +12,12 @@ L{evictions} which of its own connections of that tunnel must go:
   - the tunnel is closed (CloseTunnel or expiry) or gone: 1000, as on one node;
   - the end's token was rotated: 1000, as on one node;
   - the end is now held by another node (a newer connection replaced it
-    there): 1000, as a replaced connection on one node;
-  - the other end is now held by another node (the load balancer moved the
-    tunnel, after a node joined): 1001, so that the proxy reconnects at once
-    and follows its partner.
+    there), or the other end is (the load balancer moved the tunnel, after a
+    node joined or died): 1001, so that the proxy reconnects at once and
+    finds its partner where the load balancer now sends both. Not 1000, as
+    for a replaced connection on one node: a node's view of another's ends
+    can be stale for a moment (nodes write whole tunnels), and 1000 would
+    end the proxy for good.
 
 A node that dies cannot say that its connections are gone. Each node holds
 a lease in the database (L{NodeLease}), renewed every few seconds; a node
@@ -111,7 +113,7 @@ def evictions(
         if end.token_hash != token_hash:
             found.append(Eviction(mode, CLOSE_NORMAL, TOKEN_ROTATED))
         elif _held_elsewhere(end, node):
-            found.append(Eviction(mode, CLOSE_NORMAL, REPLACED))
+            found.append(Eviction(mode, CLOSE_GOING_AWAY, REPLACED))
         elif _held_elsewhere(partner, node):
             found.append(Eviction(mode, CLOSE_GOING_AWAY, MOVED))
     return found

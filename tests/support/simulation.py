@@ -194,13 +194,15 @@ async def simulate(
         result.opened = _now() - started
         await defer.gatherResults([pair.start() for pair in pairs])
         result.first_echo = await _echo_all(pairs, 30, "first echo")
-        held = await _settled(db_url, lambda held: len(held) == tunnels)
+        held = await _settled(db_url, lambda held: len(held) == tunnels and all(
+            len(ends) == 2 for ends in held.values()))
         spread = collections.Counter(node for ends in held.values() for node in ends.values())
         result.spread = dict(spread)
         split = [t for t, ends in held.items() if len(set(ends.values())) != 1]
-        if split or len(held) != tunnels:
+        both = [t for t, ends in held.items() if len(ends) == 2]
+        if split or len(both) != tunnels:
             raise SimulationFailed(
-                f"{len(held)} of {tunnels} tunnels with both ends connected; "
+                f"{len(both)} of {tunnels} tunnels with both ends connected; "
                 f"{len(split)} with their ends on two nodes"
             )
         if len(spread) != 3:
@@ -222,8 +224,11 @@ async def simulate(
         say(result.lines()[2])
 
         # 3. CloseTunnel and rotation through a node that does not hold the tunnel
-        held = await deferToThread(_holders, db_url)
         running = [n for n in cluster.nodes if n.running]
+        names = {n.name for n in running}
+        held = await _settled(db_url, lambda held: all(
+            set(held.get(p.tunnel_id, {}).values()) <= names
+            and len(held.get(p.tunnel_id, {})) == 2 for p in live[:2]))
         result.cross_node_close = await _cross_node(
             live[0], held, running,
             lambda node, tunnel_id: api_client(node.api_url).close_tunnel(tunnelId=tunnel_id),
@@ -259,7 +264,8 @@ async def simulate(
         pairs += new
         await defer.gatherResults([pair.start() for pair in new])
         await _echo_all(new + live, 30, "after a node was added")
-        held = await deferToThread(_holders, db_url)
+        held = await _settled(db_url, lambda held: all(
+            len(held.get(p.tunnel_id, {})) == 2 for p in new))
         on_added = sum(1 for p in new if set(held[p.tunnel_id].values()) == {added.name})
         result.added_share = (on_added, added_tunnels)
         if on_added == 0:
