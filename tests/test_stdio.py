@@ -36,7 +36,7 @@ from lpxy.proxy.service import LocalProxyService
 from lpxy.proxy.service_ids import ServiceMap
 from lpxy.proxy.stdio import StdioRelay, StdioSource
 from lpxy.proxy.tap import Options
-from tests.support.apps import start_app
+from tests.support.apps import AppFactory, AppProtocol, start_app
 from tests.support.logs import LogRecorder
 from tests.support.proxies import make_config, start_proxy, tcp
 from tests.support.tunnelservice import ServiceFixture, start_tunnelservice
@@ -456,13 +456,20 @@ class StdioTunnelTests(TestCase):
 
     async def test_peerEnds(self) -> None:
         """
-        The application closes: standard output gets all it sent, then its
-        end, and the proxy ends with status 0.
+        The application answers and closes: standard output gets all it
+        sent, then its end, and the proxy ends with status 0.
         """
         source, pipes, app, _, _ = await self.start(echo=False)
         connected = app.next_connection()
-        pipes.write(b"hello")
+        request = b"hello"
+        heard = read_by_app(app, len(request))
+        pipes.write(request)
         served = await connected
+        # The application reads the request before answering, as a server
+        # does: a socket closed with unread input is reset by the kernel,
+        # which drops whatever of the answer it has not sent yet (how much
+        # depends on how far the destination proxy has read).
+        await heard
         payload = os.urandom(3_000_000)
         assert served.transport is not None
         served.transport.write(payload)
@@ -527,6 +534,20 @@ class StdioTunnelTests(TestCase):
             len(logs.texts("--stdio HTTP: the tunnel has no service 'HTTP'")), 1
         )
         self.assertFalse(pipes.released)
+
+
+def read_by_app(app: AppFactory, size: int) -> Deferred[None]:
+    """Fires once the application's connection has read C{size} bytes."""
+    heard: Deferred[None] = Deferred()
+    on_data = app.on_data
+
+    def counted(protocol: AppProtocol, data: bytes) -> None:
+        on_data(protocol, data)
+        if protocol.received >= size and not heard.called:
+            heard.callback(None)
+
+    app.on_data = counted  # type: ignore[method-assign]
+    return heard
 
 
 def _fields(config: ProxyConfig) -> dict[str, Any]:
