@@ -31,6 +31,14 @@ they include the benchmark's own delays.
 
     python -m bench.attacks [--seconds S] [--requests N] [--pings N]
         [--starts N] [--slow N] [--oversized N] [--tagged N] [--calls N]
+        [--only ATTACK]... [--open-api]
+
+The service runs with C{--credentials} holding two keys, as the README's
+security section has an operator run it: every attack signs with the
+attacker's key (the tag flood from 100 addresses, so the per-credential
+throttle bounds it however many addresses it uses), the honest calls with
+the other. C{--open-api} runs it with C{--insecure-open-api} instead, where
+nothing bounds many callers.
 """
 
 from __future__ import annotations
@@ -38,15 +46,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
@@ -59,7 +73,6 @@ from bench.common import (
     Child,
     MiB,
     PeakSampler,
-    api,
     free_port,
     install,
     localproxy,
@@ -72,11 +85,13 @@ from bench.common import (
 from bench.proxy import Echo, listen, tunnel_ready
 from bench.tunnelservice_relay import SUBPROTOCOL, Peer
 from lpxy.frames import Message, RecordDecoder, encode
+from lpxy.tunnelservice.auth import SIGNING_NAME
 
 ATTACKER = "127.0.0.4"
 HONEST_API = "127.0.0.2"
 HONEST_READS = "127.0.0.5"  # the DescribeTunnel and ListTunnels timed in the tag flood
-# The tag flood's addresses: the API allows each caller (address) 20 calls a second.
+# The tag flood's addresses, each within the API's 20 calls a second per caller; with
+# --credentials all sign with the attacker's one key, so the per-credential throttle bounds them.
 FLOOD_ADDRESSES = [f"127.0.1.{i}" for i in range(1, 101)]
 FLOOD_RATE = 18.0
 MAX_TAGS = 50
@@ -86,6 +101,30 @@ TICK = 0.01  # the honest client writes one chunk a tick: about 1.6 MB/s
 GOAL_GROWTH = 64 * MiB
 GOAL_P99 = 0.250
 GOAL_GAP = 1.0
+
+
+class Key:
+    """An access key of the service's --credentials file; signs API requests with botocore."""
+
+    def __init__(self, profile: str, access_key: str, secret: str) -> None:
+        self.profile = profile
+        self.credentials = Credentials(access_key, secret)
+
+    def section(self) -> str:
+        return (f"[{self.profile}]\naws_access_key_id = {self.credentials.access_key}\n"
+                f"aws_secret_access_key = {self.credentials.secret_key}\n")
+
+    def sign(self, url: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
+        """C{headers} with the SigV4 ones (X-Amz-Date, Authorization) added."""
+        request = AWSRequest(method="POST", url=url, data=body, headers=headers)
+        SigV4Auth(self.credentials, SIGNING_NAME, "us-east-1").add_auth(request)
+        return dict(request.headers.items())
+
+
+ATTACKER_KEY = Key("attacker", "AKIAATTACKER00000001", "attacker-secret-" + "a" * 24)
+HONEST_KEY = Key("honest", "AKIAHONEST0000000001", "honest-secret-" + "h" * 26)
+# Set by main: None on an open API (--insecure-open-api), no request signed.
+KEYS: dict[str, Key | None] = {"attacker": ATTACKER_KEY, "honest": HONEST_KEY}
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:
@@ -191,8 +230,8 @@ class HonestTunnel:
         sinks.watch = self.watch
         apps = {"ECHO": await listen(protocol.Factory.forProtocol(Echo)),
                 "BENCH": await listen(sinks)}
-        tunnel = await api(f"http://127.0.0.1:{service_port}", "OpenTunnel",
-                           {"destinationConfig": {"services": list(apps)}})
+        tunnel = await Caller(service_port, "127.0.0.1", KEYS["honest"]).json(
+            "OpenTunnel", {"destinationConfig": {"services": list(apps)}})
         endpoint = ["-e", f"ws://127.0.0.1:{service_port}"]
         self.processes.append(spawn(
             "destination",
@@ -223,17 +262,30 @@ class HonestTunnel:
 class Caller:
     """API calls from their own address, each timed."""
 
-    def __init__(self, port: int, address: str = HONEST_API) -> None:
-        self.url = f"http://127.0.0.1:{port}/".encode()
+    def __init__(self, port: int, address: str = HONEST_API, key: Key | None = None) -> None:
+        self.url = f"http://127.0.0.1:{port}/"
+        self.key = key
         self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False),
                            connectTimeout=5, bindAddress=(address, 0))
 
     async def call(self, operation: str, body: dict[str, Any]) -> tuple[int, bytes]:
-        headers = Headers({"Content-Type": ["application/x-amz-json-1.1"],
-                           "X-Amz-Target": [f"IoTSecuredTunneling.{operation}"]})
+        data = json.dumps(body).encode()
+        fields = {"Content-Type": "application/x-amz-json-1.1",
+                  "X-Amz-Target": f"IoTSecuredTunneling.{operation}"}
+        if self.key is not None:
+            fields = self.key.sign(self.url, fields, data)
         response = await self.agent.request(
-            b"POST", self.url, headers, FileBodyProducer(BytesIO(json.dumps(body).encode())))
+            b"POST", self.url.encode(), Headers({k: [v] for k, v in fields.items()}),
+            FileBodyProducer(BytesIO(data)))
         return response.code, await readBody(response)
+
+    async def json(self, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One call that must succeed: its decoded answer."""
+        code, answer = await self.call(operation, body)
+        if code != 200:
+            raise SystemExit(f"{operation} answered {code}: {answer!r}")
+        result: dict[str, Any] = json.loads(answer)
+        return result
 
     async def timed(self, operation: str, body: dict[str, Any]) -> tuple[float, str, bytes]:
         """One call: its latency (inf unless answered 200), its outcome and its answer."""
@@ -302,10 +354,15 @@ async def raw_connect(port: int, read: bool = True) -> Raw:
     return raw
 
 
-def api_request(operation: str, body: bytes, path: str = "/") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Content-Type: application/x-amz-json-1.1\r\n"
-            f"X-Amz-Target: IoTSecuredTunneling.{operation}\r\n"
+def api_request(port: int, operation: str, body: bytes, path: str = "/") -> bytes:
+    """A raw API request, signed with the attacker's key unless the API is open."""
+    fields = {"Content-Type": "application/x-amz-json-1.1",
+              "X-Amz-Target": f"IoTSecuredTunneling.{operation}"}
+    key = KEYS["attacker"]
+    if key is not None:
+        fields = key.sign(f"http://127.0.0.1:{port}{path}", fields, body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{head}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -318,7 +375,7 @@ async def idle(seconds: float) -> str:
 
 async def pipelined_list(port: int, count: int, seconds: float) -> str:
     raw = await raw_connect(port, read=False)
-    request = api_request("ListTunnels", b"{}")
+    request = api_request(port, "ListTunnels", b"{}")
     deadline = time.perf_counter() + seconds
     sent = 0
     while sent < count and time.perf_counter() < deadline:
@@ -332,8 +389,8 @@ async def pipelined_list(port: int, count: int, seconds: float) -> str:
 
 
 async def unread_peer(port: int, count: int, seconds: float, what: str) -> str:
-    tunnel = await api(f"http://127.0.0.1:{port}", "OpenTunnel",
-                       {"destinationConfig": {"services": ["BENCH"]}})
+    attacker = Caller(port, ATTACKER, KEYS["attacker"])
+    tunnel = await attacker.json("OpenTunnel", {"destinationConfig": {"services": ["BENCH"]}})
     peer = await ws_connect(port, "source", tunnel["sourceAccessToken"], ATTACKER)
     peer.transport.pauseProducing()
     start = encode(Message(type=Message.STREAM_START, streamId=1, serviceId="BENCH",
@@ -351,7 +408,7 @@ async def unread_peer(port: int, count: int, seconds: float, what: str) -> str:
         await sleep(0.01)
     await sleep(max(0.0, deadline - time.perf_counter()))
     peer.transport.abortConnection()
-    await api(f"http://127.0.0.1:{port}", "CloseTunnel", {"tunnelId": tunnel["tunnelId"]})
+    await attacker.json("CloseTunnel", {"tunnelId": tunnel["tunnelId"]})
     return f"{sent} {what}s sent"
 
 
@@ -381,7 +438,7 @@ async def slow_headers(port: int, count: int, seconds: float) -> str:
             + (f" ({answers})" if answers else ""))
 
 
-def oversized_requests() -> dict[str, bytes]:
+def oversized_requests(port: int) -> dict[str, bytes]:
     tags = json.dumps({"tags": [{"key": f"k{i}", "value": "v"} for i in range(150000)],
                        "destinationConfig": {"services": ["BENCH"]}}).encode()
     nested = b"[" * 30000 + b"]" * 30000
@@ -391,15 +448,15 @@ def oversized_requests() -> dict[str, bytes]:
              b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\n"
              b"access-token: " + b"t" * 17000 + b"\r\n\r\n")
     return {
-        "150k tags": api_request("OpenTunnel", tags),
-        "nested JSON": api_request("OpenTunnel", nested),
+        "150k tags": api_request(port, "OpenTunnel", tags),
+        "nested JSON": api_request(port, "OpenTunnel", nested),
         "17 KB token": token,
-        "100 KB URL": api_request("ListTunnels", b"{}", "/" + "u" * 100000),
+        "100 KB URL": api_request(port, "ListTunnels", b"{}", "/" + "u" * 100000),
     }
 
 
 async def oversized(port: int, count: int, seconds: float) -> str:
-    requests = oversized_requests()
+    requests = oversized_requests(port)
     outcomes: dict[str, Counter[str]] = {name: Counter() for name in requests}
     deadline = time.perf_counter() + seconds
     sent = 0
@@ -438,9 +495,11 @@ def latency_text(latencies: list[float]) -> str:
 async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
     """
     Up to C{count} tunnels opened with 50 tags each in the first half of
-    C{seconds}, from many addresses (each within the API's rate); one more
-    tag on one of them; then C{calls} C{DescribeTunnel}s of it and as many
-    C{ListTunnels} (a page of 100) timed in the second half.
+    C{seconds}, from many addresses (each within the API's rate) signing
+    with the attacker's one key, each address trying until the half is over
+    or C{count} are open; one more tag on one of them; then C{calls}
+    C{DescribeTunnel}s of it and as many C{ListTunnels} (a page of 100) timed
+    in the second half, signed with the honest key.
     """
     started = time.perf_counter()
     opening_ends = started + seconds / 2
@@ -448,29 +507,34 @@ async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
     opened: list[dict[str, Any]] = []
     outcomes: Counter[str] = Counter()
 
-    async def opener(address: str, share: int) -> None:
-        caller = Caller(port, address)
-        for _ in range(share):
+    async def opener(address: str) -> None:
+        caller = Caller(port, address, KEYS["attacker"])
+        while len(opened) < count:
             if time.perf_counter() > opening_ends:
                 return
             began = time.perf_counter()
             _, outcome, answer = await caller.timed("OpenTunnel", body)
-            outcomes[outcome] += 1
             if outcome == "200":
                 opened.append(json.loads(answer))
+            else:
+                outcome += " " + json.loads(answer or b"{}").get("__type", "")
+            outcomes[outcome.strip()] += 1
             await sleep(max(0.0, 1 / FLOOD_RATE - (time.perf_counter() - began)))
 
-    share = -(-count // len(FLOOD_ADDRESSES))
-    await defer.gatherResults([defer.ensureDeferred(opener(address, share))
+    await defer.gatherResults([defer.ensureDeferred(opener(address))
                                for address in FLOOD_ADDRESSES])
     if not opened:
         return f"no tunnel opened ({dict(outcomes)})"
     target = opened[0]
-    code, answer = await Caller(port, ATTACKER).call(
-        "TagResource", {"resourceArn": target["tunnelArn"],
-                        "tags": [{"key": "one-too-many", "value": "x"}]})
+    for _ in range(50):  # the attacker's key may be throttled still
+        code, answer = await Caller(port, ATTACKER, KEYS["attacker"]).call(
+            "TagResource", {"resourceArn": target["tunnelArn"],
+                            "tags": [{"key": "one-too-many", "value": "x"}]})
+        if b"ThrottlingException" not in answer:
+            break
+        await sleep(0.1)
     refusal = f"{code} {json.loads(answer).get('__type', answer[:80])}" if answer else str(code)
-    reads = Caller(port, HONEST_READS)
+    reads = Caller(port, HONEST_READS, KEYS["honest"])
     described: list[float] = []
     listed: list[float] = []
     pace = max(1 / FLOOD_RATE, (started + seconds - time.perf_counter()) / (2 * calls))
@@ -484,8 +548,11 @@ async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
             latencies.append(latency)
             await sleep(max(0.0, pace - (time.perf_counter() - began)))
     refused = sum(v for k, v in outcomes.items() if k != "200")
-    return (f"{len(opened)} tunnels opened with {MAX_TAGS} tags each"
-            + (f" ({refused} refused: {dict(outcomes)})" if refused else "")
+    attempts = sum(outcomes.values())
+    return (f"{len(opened)} tunnels opened with {MAX_TAGS} tags each from {attempts} attempts"
+            f" in {seconds / 2:.0f} s"
+            + (f" ({refused} refused: "
+               f"{ {k: v for k, v in outcomes.items() if k != '200'} })" if refused else "")
             + f"; a {MAX_TAGS + 1}st tag: {refusal}"
             + f" ({'ok' if 'TooManyTagsException' in refusal else 'MISSED'});"
             + f" DescribeTunnel {latency_text(described)}; ListTunnels {latency_text(listed)}")
@@ -521,6 +588,9 @@ async def measure(port: int, pid: int, honest: HonestTunnel, caller: Caller,
     )
 
 
+ATTACKS = ("baseline", "pipelined", "pongs", "resets", "slow", "oversized", "tag-flood")
+
+
 async def main(reactor_: object, *argv: str) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.attacks")
     parser.add_argument("--seconds", type=float, default=12, help="each attack's length")
@@ -531,27 +601,44 @@ async def main(reactor_: object, *argv: str) -> None:
     parser.add_argument("--oversized", type=int, default=200, help="oversized requests")
     parser.add_argument("--tagged", type=int, default=2000, help="tunnels with 50 tags")
     parser.add_argument("--calls", type=int, default=40, help="honest OpenTunnels per attack")
+    parser.add_argument("--only", action="append", choices=list(ATTACKS), metavar="ATTACK",
+                        help="run only this attack (repeatable): " + ", ".join(ATTACKS))
+    parser.add_argument("--open-api", action="store_true",
+                        help="run the service without --credentials (--insecure-open-api)")
     args = parser.parse_args(argv)
 
     await install()
     port = free_port()
-    service = spawn("tunnelservice", twistd("tunnelservice", "--db", ":memory:",
-                                            "--port", f"tcp:{port}:interface=127.0.0.1"))
+    options = ["--db", ":memory:", "--port", f"tcp:{port}:interface=127.0.0.1"]
+    if args.open_api:
+        KEYS.update(attacker=None, honest=None)
+        options.append("--insecure-open-api")
+        label = " (open API: no per-credential bound, saturates by design)"
+    else:
+        credentials = Path(tempfile.mkdtemp(prefix="lpxy-attacks-")) / "credentials"
+        credentials.write_text(ATTACKER_KEY.section() + HONEST_KEY.section())
+        options += ["--credentials", str(credentials)]
+        label = " (per-credential: one attacker key)"
+    service = spawn("tunnelservice", twistd("tunnelservice", *options))
     honest = HonestTunnel()
     try:
         await wait_for_port(port, service)
         await honest.start(port)
-        caller = Caller(port)
+        caller = Caller(port, HONEST_API, KEYS["honest"])
         s = args.seconds
-        attacks = [
-            ("none (baseline)", lambda: idle(s)),
-            ("pipelined ListTunnels", lambda: pipelined_list(port, args.requests, s)),
-            ("unread pongs", lambda: unread_peer(port, args.pings, s, "ping")),
-            ("unread resets", lambda: unread_peer(port, args.starts, s, "STREAM_START")),
-            ("slow headers", lambda: slow_headers(port, args.slow, s)),
-            ("oversized requests", lambda: oversized(port, args.oversized, s)),
-            ("tag flood", lambda: tag_flood(port, args.tagged, args.calls, s)),
-        ]
+        runs = {
+            "baseline": ("none (baseline)", lambda: idle(s)),
+            "pipelined": ("pipelined ListTunnels",
+                          lambda: pipelined_list(port, args.requests, s)),
+            "pongs": ("unread pongs", lambda: unread_peer(port, args.pings, s, "ping")),
+            "resets": ("unread resets",
+                       lambda: unread_peer(port, args.starts, s, "STREAM_START")),
+            "slow": ("slow headers", lambda: slow_headers(port, args.slow, s)),
+            "oversized": ("oversized requests", lambda: oversized(port, args.oversized, s)),
+            "tag-flood": ("tag flood" + label,
+                          lambda: tag_flood(port, args.tagged, args.calls, s)),
+        }
+        attacks = [runs[slug] for slug in ATTACKS if not args.only or slug in args.only]
         rows = [("attack", "RSS growth MB (<64)", "honest MB/s",
                  "longest gap ms (<1000)", "OpenTunnel p50 ms",
                  "OpenTunnel p99 ms (<250)")]
@@ -563,6 +650,8 @@ async def main(reactor_: object, *argv: str) -> None:
     finally:
         await honest.stop()
         await stop(service)
+        if not args.open_api:
+            shutil.rmtree(credentials.parent)
 
 
 if __name__ == "__main__":
