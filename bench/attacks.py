@@ -613,7 +613,7 @@ async def main(reactor_: object, *argv: str) -> None:
     if args.open_api:
         KEYS.update(attacker=None, honest=None)
         options.append("--insecure-open-api")
-        label = " (open API: no per-credential bound, saturates by design)"
+        label = ", open API (--insecure-open-api): no per-credential bound, saturates by design"
     else:
         credentials = Path(tempfile.mkdtemp(prefix="lpxy-attacks-")) / "credentials"
         credentials.write_text(ATTACKER_KEY.section() + HONEST_KEY.section())
