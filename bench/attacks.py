@@ -26,8 +26,9 @@ Per attack it prints the service's peak RSS growth, the honest tunnel's
 throughput and its longest gap between chunks reaching the sink, and the
 p99 of honest C{OpenTunnel} calls made through C{twisted.web}'s Agent during
 the attack (p50 beside it), each beside its goal. Latencies are timed in
-this process's reactor, which also drives the attacker: on a busy machine
-they include the benchmark's own delays.
+this process's reactor, which also drives the attacker (but for the tag
+flood's, a process of its own): on a busy machine they include the
+benchmark's own delays.
 
     python -m bench.attacks [--seconds S] [--requests N] [--pings N]
         [--starts N] [--slow N] [--oversized N] [--tagged N] [--calls N]
@@ -46,6 +47,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -492,17 +495,28 @@ def latency_text(latencies: list[float]) -> str:
             + (f", {failed}/{len(latencies)} failed" if failed else ""))
 
 
-async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time process C{pid} has used so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def flood_open(port: int, count: int, seconds: float) -> dict[str, Any]:
     """
-    Up to C{count} tunnels opened with 50 tags each in the first half of
-    C{seconds}, from many addresses (each within the API's rate) signing
-    with the attacker's one key, each address trying until the half is over
-    or C{count} are open; one more tag on one of them; then C{calls}
-    C{DescribeTunnel}s of it and as many C{ListTunnels} (a page of 100) timed
-    in the second half, signed with the honest key.
+    The tag flood's attacker, run in its own process (C{--flood-attacker}):
+    up to C{count} tunnels opened with 50 tags each for C{seconds}, from many
+    addresses (each within the API's rate) signing with the attacker's one
+    key, each address trying until the time is over or C{count} are open;
+    then one more tag on one of them. Returns what happened and this
+    process's CPU time, for the benchmark to report.
     """
-    started = time.perf_counter()
-    opening_ends = started + seconds / 2
+    opening_ends = time.perf_counter() + seconds
     body = {"destinationConfig": {"services": ["BENCH"]}, "tags": flood_tags()}
     opened: list[dict[str, Any]] = []
     outcomes: Counter[str] = Counter()
@@ -523,8 +537,10 @@ async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
 
     await defer.gatherResults([defer.ensureDeferred(opener(address))
                                for address in FLOOD_ADDRESSES])
+    cpu = own_cpu_seconds()
+    result: dict[str, Any] = {"opened": len(opened), "outcomes": dict(outcomes), "cpu": cpu}
     if not opened:
-        return f"no tunnel opened ({dict(outcomes)})"
+        return result
     target = opened[0]
     for _ in range(50):  # the attacker's key may be throttled still
         code, answer = await Caller(port, ATTACKER, KEYS["attacker"]).call(
@@ -533,14 +549,67 @@ async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
         if b"ThrottlingException" not in answer:
             break
         await sleep(0.1)
-    refusal = f"{code} {json.loads(answer).get('__type', answer[:80])}" if answer else str(code)
+    result["refusal"] = (f"{code} {json.loads(answer).get('__type', answer[:80])}"
+                         if answer else str(code))
+    result["target"] = target["tunnelId"]
+    return result
+
+
+async def flood_attacker(port: int, count: int, seconds: float, open_api: bool) -> dict[str, Any]:
+    """
+    Runs L{flood_open} in a child process (this module with
+    C{--flood-attacker}), so its signing and sending cost this process
+    nothing: the honest calls are timed in a process that does nothing else.
+    """
+    handle, name = tempfile.mkstemp(prefix="lpxy-flood-", suffix=".json")
+    os.close(handle)
+    result_file = Path(name)
+    argv = [sys.executable, "-m", "bench.attacks", "--flood-attacker", str(port),
+            "--tagged", str(count), "--seconds", str(seconds), "--flood-result", name]
+    if open_api:
+        argv.append("--open-api")
+    child = Child("flood-attacker", Path(tempfile.gettempdir()) / "lpxy-flood-attacker.log")
+    root = Path(__file__).resolve().parent.parent
+    reactor.spawnProcess(  # type: ignore[attr-defined]
+        child, argv[0], argv, env=dict(os.environ, PYTHONPATH=str(root)), path=str(root),
+        childFDs={0: "w", 1: 1, 2: 2})
+    status = await child.ended
+    try:
+        if status != 0:
+            raise child.failed(f"exited with {status}")
+        result: dict[str, Any] = json.loads(result_file.read_text())
+    finally:
+        result_file.unlink()
+    return result
+
+
+async def tag_flood(port: int, pid: int, count: int, calls: int, seconds: float,
+                    open_api: bool) -> str:
+    """
+    The tag flood (L{flood_open}, in its own process) in the first half of
+    C{seconds}, the service's and this process's CPU over it; then C{calls}
+    C{DescribeTunnel}s of a tagged tunnel and as many C{ListTunnels} (a
+    page of 100) timed in the second half, signed with the honest key.
+    """
+    started = time.perf_counter()
+    service_cpu, own_cpu = cpu_seconds(pid), own_cpu_seconds()
+    flood = await flood_attacker(port, count, seconds / 2, open_api)
+    wall = time.perf_counter() - started
+    service_share = (cpu_seconds(pid) - service_cpu) / wall
+    own_share = (own_cpu_seconds() - own_cpu) / wall
+    cpu = (f"CPU over the flood's {wall:.1f} s: service {service_share:.0%},"
+           f" attacker process {flood['cpu'] / wall:.0%}, benchmark process {own_share:.0%}")
+    outcomes: dict[str, int] = flood["outcomes"]
+    if not flood["opened"]:
+        return f"no tunnel opened ({outcomes}); {cpu}"
+    refusal = flood["refusal"]
     reads = Caller(port, HONEST_READS, KEYS["honest"])
     described: list[float] = []
     listed: list[float] = []
     pace = max(1 / FLOOD_RATE, (started + seconds - time.perf_counter()) / (2 * calls))
     for _ in range(calls):
         for operation, request, latencies in (
-            ("DescribeTunnel", {"tunnelId": target["tunnelId"]}, described),
+            ("DescribeTunnel", {"tunnelId": flood["target"]}, described),
             ("ListTunnels", {"maxResults": 100}, listed),
         ):
             began = time.perf_counter()
@@ -549,13 +618,14 @@ async def tag_flood(port: int, count: int, calls: int, seconds: float) -> str:
             await sleep(max(0.0, pace - (time.perf_counter() - began)))
     refused = sum(v for k, v in outcomes.items() if k != "200")
     attempts = sum(outcomes.values())
-    return (f"{len(opened)} tunnels opened with {MAX_TAGS} tags each from {attempts} attempts"
+    return (f"{flood['opened']} tunnels opened with {MAX_TAGS} tags each from {attempts} attempts"
             f" in {seconds / 2:.0f} s"
             + (f" ({refused} refused: "
                f"{ {k: v for k, v in outcomes.items() if k != '200'} })" if refused else "")
             + f"; a {MAX_TAGS + 1}st tag: {refusal}"
             + f" ({'ok' if 'TooManyTagsException' in refusal else 'MISSED'});"
-            + f" DescribeTunnel {latency_text(described)}; ListTunnels {latency_text(listed)}")
+            + f" DescribeTunnel {latency_text(described)}; ListTunnels {latency_text(listed)}"
+            + f"; {cpu}")
 
 
 async def measure(port: int, pid: int, honest: HonestTunnel, caller: Caller,
@@ -605,13 +675,20 @@ async def main(reactor_: object, *argv: str) -> None:
                         help="run only this attack (repeatable): " + ", ".join(ATTACKS))
     parser.add_argument("--open-api", action="store_true",
                         help="run the service without --credentials (--insecure-open-api)")
+    parser.add_argument("--flood-attacker", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--flood-result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.open_api:
+        KEYS.update(attacker=None, honest=None)
+    if args.flood_attacker:  # the tag flood's own process (flood_attacker)
+        result = await flood_open(args.flood_attacker, args.tagged, args.seconds)
+        Path(args.flood_result).write_text(json.dumps(result))
+        return
 
     await install()
     port = free_port()
     options = ["--db", ":memory:", "--port", f"tcp:{port}:interface=127.0.0.1"]
     if args.open_api:
-        KEYS.update(attacker=None, honest=None)
         options.append("--insecure-open-api")
         label = ", open API (--insecure-open-api): no per-credential bound, saturates by design"
     else:
@@ -636,7 +713,8 @@ async def main(reactor_: object, *argv: str) -> None:
             "slow": ("slow headers", lambda: slow_headers(port, args.slow, s)),
             "oversized": ("oversized requests", lambda: oversized(port, args.oversized, s)),
             "tag-flood": ("tag flood" + label,
-                          lambda: tag_flood(port, args.tagged, args.calls, s)),
+                          lambda: tag_flood(port, service.pid, args.tagged, args.calls, s,
+                                            args.open_api)),
         }
         attacks = [runs[slug] for slug in ATTACKS if not args.only or slug in args.only]
         rows = [("attack", "RSS growth MB (<64)", "honest MB/s",
