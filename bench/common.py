@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import tempfile
 from io import BytesIO
@@ -26,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import Certificate
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
@@ -43,15 +41,12 @@ from tests.support.installed import (
     outside_dir,
     twistd_argv,
 )
+from tests.support.sockets import listening, unused_port
 
 MiB = 1024 * 1024
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = unused_port
+"""A TCP port free on 127.0.0.1 right now (the tests' own helper)."""
 
 
 def rss_bytes(pid: int) -> int:
@@ -156,20 +151,10 @@ def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Chil
 
 async def wait_for_port(port: int, child: Child, timeout: float = 30) -> None:
     """Wait until something accepts connections on 127.0.0.1:C{port}."""
-    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
-    while reactor.seconds() < deadline:  # type: ignore[attr-defined]
+    if not await listening(port, lambda: child.ended.called, timeout):
         if child.ended.called:
             raise child.failed(f"exited with {child.ended.result}")
-        try:
-            probe = await endpoint.connect(Factory.forProtocol(Protocol))
-        except Exception:
-            await deferLater(reactor, 0.05, lambda: None)
-            continue
-        assert probe.transport is not None
-        probe.transport.loseConnection()
-        return
-    raise child.failed(f"never listened on {port}")
+        raise child.failed(f"never listened on {port}")
 
 
 async def stop(child: Child, timeout: float = 10) -> None:

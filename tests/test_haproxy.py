@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -28,7 +26,7 @@ from lpxy.tunnelservice.store import MemoryTunnelStore
 from tests.support.certs import make_test_pki
 from tests.support.cluster import Server, TunnelPair, haproxy_config, haproxy_missing
 from tests.support.processes import spawn
-from tests.support.sockets import unused_port
+from tests.support.sockets import listening, unused_port
 from tests.support.tunnelservice import ListeningEndpoint, api_client
 
 
@@ -76,19 +74,10 @@ class ConfigTests(TestCase):
 
 
 async def _wait_listening(port: int, child: Any) -> None:
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
-    for _ in range(200):
+    if not await listening(port, lambda: child.status is not None, timeout=10):
         if child.status is not None:
             raise AssertionError(f"haproxy ended with {child.status}:\n{child.output}")
-        try:
-            probe = await endpoint.connect(Factory.forProtocol(Protocol))
-        except Exception:
-            await deferLater(reactor, 0.05, lambda: None)
-            continue
-        assert probe.transport is not None
-        probe.transport.loseConnection()
-        return
-    raise AssertionError(f"haproxy never listened on {port}:\n{child.output}")
+        raise AssertionError(f"haproxy never listened on {port}:\n{child.output}")
 
 
 class RoutingTests(TestCase):

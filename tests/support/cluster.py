@@ -38,7 +38,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from lpxy._ws import cancel_autobahn_timers
 from lpxy.frames import Message, RecordDecoder, encode
 from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, NEWEST_SUBPROTOCOL
+from tests.support.sockets import listening, unused_port
 
 __all__ = [
     "HAPROXY_TEMPLATE",
@@ -358,26 +359,10 @@ def _spawn(name: str, argv: list[str], directory: Path, env: dict[str, str] | No
 
 
 async def _wait_port(port: int, child: _Child, timeout: float = 30) -> None:
-    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
-    while reactor.seconds() < deadline:  # type: ignore[attr-defined]
+    if not await listening(port, lambda: child.ended.called, timeout):
         if child.ended.called:
             raise RuntimeError(f"{child.name} ended with {child.ended.result}:\n{child.output()}")
-        try:
-            probe = await endpoint.connect(Factory.forProtocol(Protocol))
-        except Exception:
-            await deferLater(reactor, 0.05, lambda: None)
-            continue
-        assert probe.transport is not None
-        probe.transport.loseConnection()
-        return
-    raise RuntimeError(f"{child.name} never listened on {port}:\n{child.output()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        raise RuntimeError(f"{child.name} never listened on {port}:\n{child.output()}")
 
 
 @attrs.define
@@ -414,8 +399,8 @@ class Cluster:
                  node_args: Sequence[str] = ()) -> None:
         self.db_url = db_url
         self.directory = directory.resolve()
-        self.nodes = [Node(f"node{i + 1}", _free_port(), _free_port()) for i in range(slots)]
-        self.port = _free_port()
+        self.nodes = [Node(f"node{i + 1}", unused_port(), unused_port()) for i in range(slots)]
+        self.port = unused_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._node_args = list(node_args)
         self._config = self.directory / "haproxy.cfg"

@@ -1,17 +1,24 @@
 """
 What the kernel and Twisted hold for a socket: the socket under a (TLS,
 web-proxy) transport, its C{TCP_NODELAY}, the bytes a transport has not yet
-written, and a loopback port free a moment ago.
+written, a loopback port free a moment ago, and waiting until a child
+process listens on one.
 """
 
 from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["buffered", "lasting_port", "no_delay", "tcp_socket", "unused_port"]
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+
+__all__ = ["buffered", "lasting_port", "listening", "no_delay", "tcp_socket", "unused_port"]
 
 
 def tcp_socket(transport: Any) -> socket.socket:
@@ -83,3 +90,25 @@ def lasting_port() -> int:
                 continue
             return port
     raise AssertionError("no free port below the ephemeral range")
+
+
+async def listening(port: int, ended: Callable[[], bool], timeout: float = 30) -> bool:
+    """
+    Wait until something accepts connections on 127.0.0.1:C{port}, probing
+    every 50 ms, for a child process started to listen there.
+
+    @param ended: whether that process has ended (then waiting is over).
+    @return: whether the port accepted before C{ended} or C{timeout}.
+    """
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
+    while reactor.seconds() < deadline and not ended():  # type: ignore[attr-defined]
+        try:
+            probe = await endpoint.connect(Factory.forProtocol(Protocol))
+        except Exception:
+            await deferLater(reactor, 0.05, lambda: None)
+            continue
+        assert probe.transport is not None
+        probe.transport.loseConnection()
+        return True
+    return False
