@@ -22,6 +22,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lpxy.frames import WIRE_FRAME_LIMIT, Message, RecordDecoder, encode
+from lpxy.tunnelservice.dataplane import CLOSE_HANDSHAKE_TIMEOUT
 from lpxy.tunnelservice.flow import PARTNER_BEHIND
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.websocket import TunnelServerProtocol
@@ -713,6 +714,66 @@ class LifecycleTests(ServiceTestCase):
         await self.fixture.service.stopService()
         self.assertEqual((await source.closed)[0], 1001)
         self.assertEqual((await destination.closed)[0], 1001)
+
+
+class SlowCloserPeer(Peer):
+    """
+    A peer that holds back its answer to the service's close until the test
+    lets it go (C{answer}); C{close_received} fires when the close arrives.
+    """
+
+    def onOpen(self) -> None:
+        self.close_received: defer.Deferred[None] = defer.Deferred()
+        self._held: tuple[int, bytes] | None = None
+        super().onOpen()  # fires the test's wait for the connection
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
+        if self._held is None and self.state == self.STATE_OPEN:
+            self._held = (code, reasonRaw)
+            self.close_received.callback(None)
+            return None
+        return super().onCloseFrame(code, reasonRaw)
+
+    def answer(self) -> None:
+        assert self._held is not None
+        super().onCloseFrame(*self._held)
+
+
+class CloseHandshakeTimeoutTests(ServiceTestCase):
+    """
+    A peer has L{CLOSE_HANDSHAKE_TIMEOUT} seconds of the service's clock to
+    answer a close: a slow answer still closes cleanly with the close's
+    code, a peer that never answers is dropped at that bound.
+    """
+
+    async def closing(self) -> tuple[SlowCloserPeer, TunnelServerProtocol]:
+        opened = self.fixture.open_tunnel()
+        peer = await self.connect(SOURCE, opened.source_token, protocol=SlowCloserPeer)
+        server = self.server_side(opened.tunnel_id, SOURCE)
+        self.fixture.close_tunnel(opened.tunnel_id)
+        await peer.close_received
+        return peer, server
+
+    async def test_late_answer_closes_cleanly(self) -> None:
+        self.assertGreater(CLOSE_HANDSHAKE_TIMEOUT, 2)
+        peer, server = await self.closing()
+        assert self.clock is not None
+        self.clock.advance(2)  # more than Autobahn's default of 1 s
+        self.assertEqual(server.state, server.STATE_CLOSING)
+        peer.answer()
+        self.assertEqual(await peer.closed, (1000, "tunnel closed"))
+        self.assertTrue(peer.wasClean)
+        self.assertTrue(server.wasClean)
+
+    async def test_silent_peer_dropped_at_bound(self) -> None:
+        peer, server = await self.closing()
+        assert self.clock is not None
+        self.clock.advance(CLOSE_HANDSHAKE_TIMEOUT - 0.01)
+        self.assertEqual(server.state, server.STATE_CLOSING)
+        self.clock.advance(0.01)
+        self.assertEqual((await peer.closed)[0], 1006)
+        self.assertFalse(server.wasClean)
+        self.assertTrue(server.wasCloseHandshakeTimeout)
 
 
 class ExpiryTests(ServiceTestCase):

@@ -22,10 +22,28 @@ from lpxy.tunnelservice.websocket import TunnelServerProtocol
 if TYPE_CHECKING:
     from lpxy.tunnelservice.service import Connections
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_PING_INTERVAL", "TunnelServerFactory"]
+__all__ = [
+    "CLOSE_HANDSHAKE_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_PING_INTERVAL",
+    "TunnelServerFactory",
+]
 
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_IDLE_TIMEOUT = 90.0
+
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+"""
+Seconds a peer has to answer a close the service sends (CloseTunnel,
+rotation, expiry, shutdown) before its connection is dropped.
+
+The timer starts when the close is queued, behind up to the output mark of
+relayed data still on its way to that peer, so a slow link or a busy event
+loop can delay the answer past Autobahn's default of 1 s; the peer would
+then see 1006 instead of the close's code (a proxy exits 2, not 0). Five
+seconds leaves room for that while keeping a service's shutdown, which
+waits for every connection to go, bounded by it.
+"""
 
 
 class TunnelServerFactory(WebSocketServerFactory):
@@ -85,6 +103,7 @@ class TunnelServerFactory(WebSocketServerFactory):
             # twisted.web has read the whole request before the WebSocket
             # takes over, so the opening handshake cannot stall.
             openHandshakeTimeout=0,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             tcpNoDelay=True,
             perMessageCompressionAccept=lambda offers: None,
         )
