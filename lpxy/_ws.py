@@ -27,6 +27,7 @@ __all__ = [
     "cancel_autobahn_timers",
     "quiet_autobahn_log",
     "set_no_delay",
+    "unsent_bytes",
 ]
 
 
@@ -82,6 +83,29 @@ def set_no_delay(transport: object) -> bool:
                 done = True
         transport = getattr(transport, "transport", None)
     return done
+
+
+def unsent_bytes(transport: object) -> int | None:
+    """
+    The bytes written to C{transport} that its socket has not taken yet:
+    those in the send buffer of Twisted's socket transport under it (under
+    TLS or a web-proxy tunnel, a layer or two down).
+
+    Twisted has no public API for this; C{FileDescriptor}'s buffer
+    attributes are read.
+
+    @return: the count, or C{None} when no such buffer is found.
+    """
+    for _ in range(_NO_DELAY_DEPTH):
+        if transport is None:
+            break
+        buffer = getattr(transport, "dataBuffer", None)
+        if isinstance(buffer, (bytes, memoryview)):
+            offset = getattr(transport, "offset", 0)
+            pending = getattr(transport, "_tempDataLen", 0)
+            return len(buffer) - int(offset) + int(pending)
+        transport = getattr(transport, "transport", None)
+    return None
 
 
 def raise_buffer_size(transport: object, size: int) -> bool:

@@ -22,6 +22,7 @@ from lpxy.proxy.tunnel import (
 )
 from tests.support.wsframes import (
     BINARY,
+    CLOSE,
     PING,
     PONG,
     WebSocketTransport,
@@ -351,6 +352,121 @@ class TunnelProtocolTests(SynchronousTestCase):
         outcome = self.events.log[-1][1]
         assert isinstance(outcome, CloseOutcome)
         self.assertEqual((outcome.code, outcome.by_us), (1000, False))
+
+
+class SlowSocket(WebSocketTransport):
+    """
+    A transport with a send buffer, as Twisted's socket transports have:
+    written bytes wait in C{dataBuffer} until L{take} moves them to what
+    the peer got (C{value()}).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
+
+    def write(self, data: bytes) -> None:
+        self.dataBuffer += data
+
+    def take(self, size: int) -> None:
+        super().write(self.dataBuffer[:size])
+        self.dataBuffer = self.dataBuffer[size:]
+
+
+class DrainBeforeCloseTests(SynchronousTestCase):
+    """
+    A close of ours waits for the send buffer to drain before its Close
+    frame (so Autobahn's close handshake timer cannot cut the tail off),
+    and gives up on a peer that takes nothing.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events = Events()
+        self.factory = TunnelFactory(
+            "ws://tunnel.example:8080/tunnel?local-proxy-mode=source",
+            self.events,
+            access_token=TOKEN,
+            client_token=CLIENT,
+            subprotocol=SUB,
+            user_agent="lpxy/0.1.0",
+            clock=self.clock,
+            ping_period_ms=0,
+            drain_stall=10.0,
+        )
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.transport = SlowSocket()
+        self.protocol.makeConnection(self.transport)
+        self.transport.take(len(self.transport.dataBuffer))
+        request = self.transport.value()
+        self.transport.clear()
+        self.protocol.dataReceived(accept_response(request, SUB))
+        self.payload = b"x" * 500_000
+        header = Message(type=Message.DATA, streamId=1, serviceId="S",
+                         connectionId=1).SerializeToString()
+        for start in range(0, len(self.payload), 60_000):
+            self.protocol.send_data(header, self.payload[start : start + 60_000])
+        self.protocol.close(1000, "local proxy stopping")
+        self.queued = len(self.transport.dataBuffer)
+
+    def tearDown(self) -> None:
+        if self.protocol.state != self.protocol.STATE_CLOSED:
+            self.protocol.dropConnection(abort=True)
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(60)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def received(self) -> bytes:
+        decoder = RecordDecoder()
+        got = b""
+        for opcode, payload in read_frames(self.transport.value()):
+            if opcode == BINARY:
+                got += b"".join(m.payload for m in decoder.feed(payload))
+        return got
+
+    def test_close_waits_for_drain(self) -> None:
+        """
+        With half a megabyte still in the send buffer, a slow peer taking a
+        little every few seconds gets all of it, then the Close; nothing is
+        dropped meanwhile, though it lasts far beyond Autobahn's 2 s.
+        """
+        self.assertGreater(self.queued, 500_000)
+        while self.transport.dataBuffer:
+            self.clock.advance(5)
+            self.assertFalse(self.transport.disconnecting)
+            # Nothing was added: no Close frame behind the data yet.
+            taken = len(self.transport.value())
+            self.assertEqual(taken + len(self.transport.dataBuffer), self.queued)
+            self.transport.take(20_000)
+        self.assertEqual(self.received(), self.payload)
+        self.clock.advance(0.1)
+        self.transport.take(len(self.transport.dataBuffer))
+        frames = read_frames(self.transport.value())
+        self.assertEqual(frames[-1][0], CLOSE)
+        self.assertEqual(frames[-1][1][:2], b"\x03\xe8")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertGreater(self.clock.seconds(), 100)
+
+    def test_nothing_sent_after_close(self) -> None:
+        """Records queued after the close are not sent."""
+        self.protocol.send_message(Message(type=Message.STREAM_RESET, streamId=1, serviceId="S"))
+        self.protocol.flush()
+        self.assertEqual(len(self.transport.dataBuffer), self.queued)
+
+    def test_stalled_peer_dropped(self) -> None:
+        """A peer taking nothing for the stall bound is dropped, Close unsent."""
+        self.clock.advance(5)
+        self.transport.take(1000)
+        self.clock.pump([0.1] * 95)  # progress seen at 5.1 s; 9.5 s of stall
+        self.assertFalse(self.transport.disconnecting)
+        with capturedLogs() as events:
+            self.clock.pump([0.1] * 10)
+        self.assertTrue(self.transport.disconnected)
+        # Only what was queued before: no Close frame was written.
+        self.assertEqual(len(self.transport.dataBuffer), self.queued - 1000)
+        self.assertIn("took none", " ".join(formatEvent(e) for e in events))
 
 
 class TokenNeverLoggedTests(SynchronousTestCase):

@@ -20,6 +20,7 @@ from lpxy._ws import (
     quiet_autobahn_log,
     raise_buffer_size,
     set_no_delay,
+    unsent_bytes,
 )
 
 
@@ -282,6 +283,40 @@ class BufferSizeTests(SynchronousTestCase):
         self.assertEqual(socket.bufferSize, 524304)
         self.assertFalse(raise_buffer_size(Layer(None), 524304))
         self.assertFalse(raise_buffer_size(None, 524304))
+
+
+class UnsentBytesTests(SynchronousTestCase):
+    def test_counts_socket_buffer_under_layers(self) -> None:
+        """
+        What the socket transport under TLS-like layers holds unwritten,
+        across both its buffers and after a partial write; C{None} where no
+        socket transport is found.
+        """
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        class Socket(FileDescriptor):
+            connected = True
+
+            def writeSomeData(self, data: bytes) -> int:
+                return 3
+
+        class Layer:
+            def __init__(self, below: object) -> None:
+                self.transport = below
+
+        socket = Socket(MemoryReactor())
+        stack = Layer(Layer(socket))
+        self.assertEqual(unsent_bytes(stack), 0)
+        socket.write(b"0123456789")
+        socket.write(b"abcde")
+        self.assertEqual(unsent_bytes(stack), 15)
+        socket.doWrite()
+        self.assertEqual(unsent_bytes(stack), 12)
+        socket.write(b"fgh")
+        self.assertEqual(unsent_bytes(stack), 15)
+        self.assertIsNone(unsent_bytes(Layer(None)))
+        self.assertIsNone(unsent_bytes(None))
 
 
 class QuietHotPathTests(SynchronousTestCase):

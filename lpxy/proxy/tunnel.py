@@ -16,6 +16,14 @@ digits; a pong whose payload is not one of ours is ignored; when no pong
 came back for two periods the connection is dead and is dropped (time
 spent with reading paused by flow control does not count: no pong can be
 read then). Pings from the service are answered by Autobahn.
+
+A close of our own (L{TunnelProtocol.close}: stopping, the end of
+C{--stdio}) sends its Close frame only once the socket has taken what was
+written before: Autobahn's close handshake timer starts when the Close is
+queued and, on expiry, drops the connection with whatever is still unsent,
+which on a slow uplink would cut off the streams' last bytes. While bytes
+leave, the wait goes on; after L{DRAIN_STALL} seconds with none taken, the
+peer counts as gone and the connection is dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from lpxy._ws import (
     quiet_autobahn_log,
     raise_buffer_size,
     set_no_delay,
+    unsent_bytes,
 )
 from lpxy.frames import (
     WIRE_FRAME_LIMIT,
@@ -60,6 +69,13 @@ __all__ = [
     "TunnelProtocol",
     "describe_rejection",
 ]
+
+
+DRAIN_STALL = 10.0
+"""Seconds without a byte taken by the socket before a close of ours gives up."""
+
+DRAIN_CHECK = 0.1
+"""Seconds between looks at the send buffer while a close of ours waits."""
 
 
 @frozen
@@ -147,6 +163,12 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         self._flush_call: Any = None
         self._keepalive: Keepalive | None = None
         self._lost: Failure | None = None
+        # A close of ours waiting for the send buffer to drain: its code
+        # and reason, the next look, and the bytes left at the last look.
+        self._closing: tuple[int, str] | None = None
+        self._drain_call: Any = None
+        self._drain_left = 0
+        self._drain_progress = 0.0
         self.ready: Deferred[None] = Deferred(lambda _: self.abort())
 
     # -- Autobahn callbacks ----------------------------------------------
@@ -219,6 +241,9 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
         self._queue = []
         status = None
         if not self._opened:
@@ -294,7 +319,7 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
             self._enqueue(len(before) + size + len(after), (before, payload, after))
 
     def _enqueue(self, size: int, pieces: tuple[bytes | memoryview, ...]) -> None:
-        if self.state != self.STATE_OPEN:
+        if self.state != self.STATE_OPEN or self._closing is not None:
             return
         self._queue.append(pieces)
         self._queued += size
@@ -317,13 +342,43 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
     # -- control ---------------------------------------------------------
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "local proxy closing") -> None:
-        """Close the WebSocket from our side."""
+        """
+        Close the WebSocket from our side, once what was written before has
+        left (module docstring). Records queued after this are not sent.
+        """
         self._by_us = True
         self.flush()
         if self.state == self.STATE_OPEN:
-            self.sendClose(code, reason)
+            if self._closing is None:
+                self._closing = (code, reason)
+                self._drain_left = unsent_bytes(self.transport) or 0
+                self._drain_progress = self.factory.clock.seconds()
+                self._close_when_drained()
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
+
+    def _close_when_drained(self) -> None:
+        self._drain_call = None
+        if self.state != self.STATE_OPEN or self._closing is None:
+            return  # the peer closed first, or the connection is gone
+        left = unsent_bytes(self.transport) or 0
+        if not left:
+            self.sendClose(*self._closing)
+            return
+        now = self.factory.clock.seconds()
+        if left < self._drain_left:
+            self._drain_progress = now
+        self._drain_left = left
+        if now - self._drain_progress >= self.factory.drain_stall:
+            self._log.warn(
+                "The tunneling service took none of the last {left} bytes to send "
+                "in {seconds:.0f}s: dropping the connection",
+                left=left,
+                seconds=self.factory.drain_stall,
+            )
+            self.dropConnection(abort=True)
+            return
+        self._drain_call = self.factory.clock.callLater(DRAIN_CHECK, self._close_when_drained)
 
     def abort(self) -> None:
         """Drop the connection at once (after a protocol error, or cancelled)."""
@@ -377,6 +432,7 @@ class TunnelFactory(WebSocketClientFactory):
         open_handshake_timeout: float = 30.0,
         trace: bool = False,
         write_buffer: int = 4 * WIRE_FRAME_LIMIT,
+        drain_stall: float = DRAIN_STALL,
     ) -> None:
         headers = {"access-token": access_token}
         if client_token:
@@ -395,6 +451,7 @@ class TunnelFactory(WebSocketClientFactory):
         self.max_frame_size = max_frame_size
         self.trace = trace
         self.write_buffer = write_buffer
+        self.drain_stall = drain_stall
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
             maxFramePayloadSize=max_frame_size,
