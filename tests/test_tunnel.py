@@ -5,6 +5,8 @@ C{StringTransport} and a C{Clock}.
 
 from __future__ import annotations
 
+from typing import Any
+
 import txaio
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -56,20 +58,25 @@ class Events:
         self.log.append(("close", outcome))
 
 
+def source_factory(events: Events, clock: Clock, **options: Any) -> TunnelFactory:
+    """A source's L{TunnelFactory} with the tests' token, client token and subprotocol."""
+    return TunnelFactory(
+        "ws://tunnel.example:8080/tunnel?local-proxy-mode=source",
+        events,
+        access_token=TOKEN,
+        client_token=CLIENT,
+        subprotocol=SUB,
+        user_agent="lpxy/0.1.0",
+        clock=clock,
+        **options,
+    )
+
+
 class TunnelProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.events = Events()
-        self.factory = TunnelFactory(
-            "ws://tunnel.example:8080/tunnel?local-proxy-mode=source",
-            self.events,
-            access_token=TOKEN,
-            client_token=CLIENT,
-            subprotocol=SUB,
-            user_agent="lpxy/0.1.0",
-            clock=self.clock,
-            ping_period_ms=20000,
-        )
+        self.factory = source_factory(self.events, self.clock, ping_period_ms=20000)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
         self.transport = WebSocketTransport()
         self.protocol.makeConnection(self.transport)
@@ -385,17 +392,7 @@ class DrainBeforeCloseTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.events = Events()
-        self.factory = TunnelFactory(
-            "ws://tunnel.example:8080/tunnel?local-proxy-mode=source",
-            self.events,
-            access_token=TOKEN,
-            client_token=CLIENT,
-            subprotocol=SUB,
-            user_agent="lpxy/0.1.0",
-            clock=self.clock,
-            ping_period_ms=0,
-            drain_stall=10.0,
-        )
+        self.factory = source_factory(self.events, self.clock, ping_period_ms=0, drain_stall=10.0)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
         self.transport = SlowSocket()
         self.protocol.makeConnection(self.transport)
