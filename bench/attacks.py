@@ -60,7 +60,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketClientFactory
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -86,8 +85,8 @@ from bench.common import (
     wait_for_port,
 )
 from bench.proxy import Echo, listen, tunnel_ready
-from bench.tunnelservice_relay import SUBPROTOCOL, Peer
-from lpxy.frames import Message, RecordDecoder, encode
+from bench.tunnelservice_relay import SUBPROTOCOL, connect
+from lpxy.frames import Message, encode
 from lpxy.tunnelservice.auth import SIGNING_NAME
 
 ATTACKER = "127.0.0.4"
@@ -132,30 +131,6 @@ KEYS: dict[str, Key | None] = {"attacker": ATTACKER_KEY, "honest": HONEST_KEY}
 
 def sleep(seconds: float) -> defer.Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
-
-
-def ws_factory(port: int, mode: str, token: str) -> WebSocketClientFactory:
-    factory = WebSocketClientFactory(
-        f"ws://127.0.0.1:{port}/tunnel?local-proxy-mode={mode}",
-        protocols=[SUBPROTOCOL], headers={"access-token": token},
-    )
-    factory.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0,
-                               autoFragmentSize=0)
-    factory.protocol = Peer
-    factory.decoder = RecordDecoder()
-    factory.opened = defer.Deferred()
-    factory.received = 0
-    factory.expected = math.inf
-    factory.done = defer.Deferred()
-    return factory
-
-
-async def ws_connect(port: int, mode: str, token: str, source: str) -> Peer:
-    factory = ws_factory(port, mode, token)
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port,
-                             bindAddress=(source, 0)).connect(factory)
-    peer: Peer = await factory.opened
-    return peer
 
 
 class GapWatch:
@@ -394,7 +369,8 @@ async def pipelined_list(port: int, count: int, seconds: float) -> str:
 async def unread_peer(port: int, count: int, seconds: float, what: str) -> str:
     attacker = Caller(port, ATTACKER, KEYS["attacker"])
     tunnel = await attacker.json("OpenTunnel", {"destinationConfig": {"services": ["BENCH"]}})
-    peer = await ws_connect(port, "source", tunnel["sourceAccessToken"], ATTACKER)
+    peer = await connect(port, "source", tunnel["sourceAccessToken"], bind=ATTACKER,
+                         expected=math.inf)
     peer.transport.pauseProducing()
     start = encode(Message(type=Message.STREAM_START, streamId=1, serviceId="BENCH",
                            connectionId=1))

@@ -80,7 +80,10 @@ class Pusher:
         self.left = 0
 
 
-async def connect(port: int, mode: str, token: str, **attrs: object) -> Peer:
+async def connect(
+    port: int, mode: str, token: str, bind: str | None = None, **attrs: object
+) -> Peer:
+    """A L{Peer} on the service at C{port}, from address C{bind} if given."""
     factory = WebSocketClientFactory(
         f"ws://127.0.0.1:{port}/tunnel?local-proxy-mode={mode}",
         protocols=[SUBPROTOCOL], headers={"access-token": token},
@@ -95,7 +98,8 @@ async def connect(port: int, mode: str, token: str, **attrs: object) -> Peer:
     factory.done = defer.Deferred()
     for k, v in attrs.items():
         setattr(factory, k, v)
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    bind_address = None if bind is None else (bind, 0)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind_address).connect(factory)
     return await factory.opened
 
 
