@@ -17,7 +17,6 @@ with connection attempts, and the API is called with C{twisted.web}.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from io import BytesIO
@@ -26,11 +25,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
@@ -41,6 +38,7 @@ from tests.support.installed import (
     outside_dir,
     twistd_argv,
 )
+from tests.support.logged import LoggedChild, spawn_logged
 from tests.support.sockets import listening, unused_port
 
 MiB = 1024 * 1024
@@ -101,27 +99,12 @@ def localproxy(*args: str) -> list[str]:
     return localproxy_argv(*args)
 
 
-class Child(ProcessProtocol):
+class Child(LoggedChild):
     """
     A process of the benchmark. Its output goes to a file (C{log}), not
     through this process, so reading it costs the benchmark nothing;
     C{ended} fires with its exit status.
     """
-
-    def __init__(self, name: str, log: Path) -> None:
-        self.name = name
-        self.log = log
-        self.pid = 0
-        self.ended: defer.Deferred[int] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.pid = self.transport.pid
-
-    def processEnded(self, reason: Failure) -> None:
-        value: Any = reason.value
-        status = value.exitCode if value.exitCode is not None else -value.signal
-        self.ended.callback(status)
 
     def failed(self, what: str) -> SystemExit:
         """The error to end the benchmark with, naming the child's log."""
@@ -134,19 +117,11 @@ _LOGS = Path(tempfile.mkdtemp(prefix="lpxy-bench-logs-"))
 def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
     """
     Start C{argv} with the installed copy on its path, in a directory
-    outside the source tree, its output in a file named after C{name}.
+    outside the source tree, its output in a file named after C{name}
+    (emptied first).
     """
-    log = _LOGS / f"{name}.log"
-    child = Child(name, log)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        reactor.spawnProcess(  # type: ignore[attr-defined]
-            child, argv[0], argv, env=installed_env(env), path=outside_dir(),
-            childFDs={0: "w", 1: fd, 2: fd},
-        )
-    finally:
-        os.close(fd)
-    return child
+    child = Child(name, _LOGS / f"{name}.log")
+    return spawn_logged(child, argv, append=False, env=installed_env(env), cwd=outside_dir())
 
 
 async def wait_for_port(port: int, child: Child, timeout: float = 30) -> None:

@@ -21,9 +21,7 @@ otherwise, and never after 1000 (the tunnel was closed).
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import string
 import tempfile
@@ -37,15 +35,13 @@ import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 
 from lpxy._ws import cancel_autobahn_timers
 from lpxy.frames import Message, RecordDecoder, encode
 from lpxy.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, NEWEST_SUBPROTOCOL
+from tests.support.logged import LoggedChild, spawn_logged
 from tests.support.sockets import listening, unused_port
 
 __all__ = [
@@ -316,49 +312,13 @@ class TunnelPair:
         await defer.gatherResults([g for g in self._gone if not g.called])
 
 
-class _Child(ProcessProtocol):
-    """A process of the cluster, its output in a file; C{ended} fires with its status."""
-
-    def __init__(self, name: str, log: Path) -> None:
-        self.name = name
-        self.log = log
-        self.ended: defer.Deferred[int] = defer.Deferred()
-
-    @property
-    def pid(self) -> int:
-        return int(self.transport.pid)  # type: ignore[union-attr]
-
-    def processEnded(self, reason: Failure) -> None:
-        value: Any = reason.value
-        self.ended.callback(value.exitCode if value.exitCode is not None else -value.signal)
-
-    def signal(self, name: str) -> None:
-        """Send signal C{name} (C{"TERM"}, C{"USR2"}...)."""
-        number = getattr(signal, f"SIG{name}")
-        try:
-            self.transport.signalProcess(number)  # type: ignore[union-attr]
-        except ProcessExitedAlready:
-            pass
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+def _spawn(name: str, argv: list[str], directory: Path, env: dict[str, str] | None) -> LoggedChild:
+    """Start a process of the cluster, its output appended to C{name}.log in C{directory}."""
+    child = LoggedChild(name, directory / f"{name}.log")
+    return spawn_logged(child, argv, append=True, env=env, cwd=directory)
 
 
-def _spawn(name: str, argv: list[str], directory: Path, env: dict[str, str] | None) -> _Child:
-    log = directory / f"{name}.log"
-    child = _Child(name, log)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        reactor.spawnProcess(  # type: ignore[attr-defined]
-            child, argv[0], argv, env=env, path=str(directory),
-            childFDs={0: "w", 1: fd, 2: fd},
-        )
-    finally:
-        os.close(fd)
-    return child
-
-
-async def _wait_port(port: int, child: _Child, timeout: float = 30) -> None:
+async def _wait_port(port: int, child: LoggedChild, timeout: float = 30) -> None:
     if not await listening(port, lambda: child.ended.called, timeout):
         if child.ended.called:
             raise RuntimeError(f"{child.name} ended with {child.ended.result}:\n{child.output()}")
@@ -374,7 +334,7 @@ class Node:
     """Behind HAProxy (PROXY protocol)."""
     api_port: int
     """Plain HTTP on loopback, to call this node's API directly."""
-    process: _Child | None = None
+    process: LoggedChild | None = None
 
     @property
     def api_url(self) -> str:
@@ -406,7 +366,7 @@ class Cluster:
         self._config = self.directory / "haproxy.cfg"
         # (a Unix socket's path is short: not under a test's directory)
         self._stats = Path(tempfile.mkdtemp(prefix="lpxy-ha-")) / "stats.sock"
-        self._haproxy: _Child | None = None
+        self._haproxy: LoggedChild | None = None
 
     def _write_config(self) -> None:
         servers = [Server(n.name, "127.0.0.1", n.port, enabled=n.running) for n in self.nodes]
