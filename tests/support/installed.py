@@ -28,7 +28,10 @@ _NOT_SOURCE = shutil.ignore_patterns(
 def installed_copy() -> Path:
     """
     Install the source tree (without dependencies, which the test
-    environment already has) into a fresh directory and return it.
+    environment already has) into a fresh directory and return it. Its
+    modules are compiled to bytecode as pip does by default: a child
+    started with C{PYTHONDONTWRITEBYTECODE} would otherwise compile every
+    lpxy module from source at each start, which no user's install does.
     """
     target = Path(tempfile.mkdtemp(prefix="lpxy-installed-"))
     build = Path(tempfile.mkdtemp(prefix="lpxy-build-"))
@@ -39,7 +42,7 @@ def installed_copy() -> Path:
     subprocess.run(
         [
             sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-            "--no-compile", "--target", str(target), str(source),
+            "--target", str(target), str(source),
         ],
         check=True,
         cwd=build,
