@@ -26,8 +26,10 @@ __all__ = [
     "ReadingPauses",
     "cancel_autobahn_timers",
     "quiet_autobahn_log",
+    "raise_buffer_size",
     "set_no_delay",
     "unsent_bytes",
+    "write_paused_if_unsent",
 ]
 
 
@@ -117,16 +119,50 @@ def raise_buffer_size(transport: object, size: int) -> bool:
 
     @return: whether a transport with a buffer size was found.
     """
+    socket = _buffered_layer(transport)
+    if socket is None:
+        return False
+    if socket.bufferSize < size:
+        socket.bufferSize = size
+    return True
+
+
+def write_paused_if_unsent(transport: object, write: Callable[[], None]) -> bool:
+    """
+    Call C{write} (which writes to C{transport}) with the high-water mark of
+    the socket transport under C{transport} at zero, then put the mark back:
+    if the socket is left holding any byte unsent, Twisted pauses its
+    streaming producer, and so resumes it (the drained edge) once the socket
+    has taken everything. Without that, a buffer under the mark empties
+    without a word. The mark is zero for that one write only: it is also
+    the size of each read.
+
+    @return: whether a transport with a buffer size was found (without one,
+        C{write} is called all the same).
+    """
+    socket = _buffered_layer(transport)
+    if socket is None:
+        write()
+        return False
+    mark = socket.bufferSize
+    socket.bufferSize = 0
+    try:
+        write()
+    finally:
+        socket.bufferSize = mark
+    return True
+
+
+def _buffered_layer(transport: object) -> Any:
+    """The socket transport with a C{bufferSize} under C{transport}, or L{None}."""
     for _ in range(_NO_DELAY_DEPTH):
         if transport is None:
             break
         current = getattr(transport, "bufferSize", None)
         if isinstance(current, int) and hasattr(transport, "doWrite"):
-            if current < size:
-                transport.bufferSize = size  # type: ignore[attr-defined]
-            return True
+            return transport
         transport = getattr(transport, "transport", None)
-    return False
+    return None
 
 
 def quiet_autobahn_log() -> Any:

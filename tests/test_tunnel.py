@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import txaio
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -361,67 +363,198 @@ class TunnelProtocolTests(SynchronousTestCase):
         self.assertEqual((outcome.code, outcome.by_us), (1000, False))
 
 
-class SlowSocket(WebSocketTransport):
+class SlowSocket(FileDescriptor):
     """
-    A transport with a send buffer, as Twisted's socket transports have:
-    written bytes wait in C{dataBuffer} until L{take} moves them to what
-    the peer got (C{value()}).
+    Twisted's socket transport without the socket: what is written waits in
+    its send buffer until the peer takes some (L{take}), with Twisted's own
+    producer edges (paused above the high-water mark, resumed once empty).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.dataBuffer = b""
-        self.offset = 0
-        self._tempDataLen = 0
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        super().__init__(reactor)
+        self.connected = True
+        self.received = bytearray()
+        self.written = 0
+        self.aborted = False
+        self.protocol: Any = None
+        self._allowance = 0
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 8080)
+
+    getHost = getPeer
 
     def write(self, data: bytes) -> None:
-        self.dataBuffer += data
+        self.written += len(data)
+        super().write(data)
+
+    def writeSomeData(self, data: bytes) -> int:
+        size = min(len(data), self._allowance)
+        self._allowance -= size
+        self.received += data[:size]
+        return size
 
     def take(self, size: int) -> None:
-        super().write(self.dataBuffer[:size])
-        self.dataBuffer = self.dataBuffer[size:]
+        """The peer takes up to C{size} bytes (the reactor's write turn)."""
+        self._allowance = size
+        while self._allowance and self.unsent:
+            self.doWrite()
+        self._allowance = 0
+
+    @property
+    def unsent(self) -> int:
+        return self.written - len(self.received)
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        reason = Failure(ConnectionAborted())
+        self.connectionLost(reason)
+        self.protocol.connectionLost(reason)
+
+
+class EdgeRecorder:
+    """The tunnel's producer (the flow control's place), recording the edges."""
+
+    def __init__(self) -> None:
+        self.edges: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.edges.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.edges.append("resume")
+
+    def stopProducing(self) -> None:
+        self.edges.append("stop")
 
 
 class DrainBeforeCloseTests(SynchronousTestCase):
     """
-    A close of ours waits for the send buffer to drain before its Close
-    frame (so Autobahn's close handshake timer cannot cut the tail off),
-    and gives up on a peer that takes nothing.
+    A close of ours sends its Close frame on the transport's drained edge
+    (so Autobahn's close handshake timer cannot cut the tail off), at once
+    when the socket holds nothing, and gives up on a peer that takes nothing
+    for a whole L{DRAIN_STALL}.
     """
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = MemoryReactorClock()
         self.events = Events()
         self.factory = source_factory(self.events, self.clock, ping_period_ms=0, drain_stall=10.0)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
-        self.transport = SlowSocket()
+        self.transport = SlowSocket(self.clock)
+        self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)
-        self.transport.take(len(self.transport.dataBuffer))
-        request = self.transport.value()
-        self.transport.clear()
+        self.transport.take(self.transport.unsent)
+        request = bytes(self.transport.received)
+        self.transport.received.clear()
+        self.transport.written = 0
         self.protocol.dataReceived(accept_response(request, SUB))
-        self.payload = b"x" * 500_000
-        header = Message(type=Message.DATA, streamId=1, serviceId="S",
-                         connectionId=1).SerializeToString()
-        for start in range(0, len(self.payload), 60_000):
-            self.protocol.send_data(header, self.payload[start : start + 60_000])
-        self.protocol.close(1000, "local proxy stopping")
-        self.queued = len(self.transport.dataBuffer)
+        self.producer = EdgeRecorder()
+        self.protocol.register_write_producer(self.producer)
 
     def tearDown(self) -> None:
         if self.protocol.state != self.protocol.STATE_CLOSED:
             self.protocol.dropConnection(abort=True)
-            self.protocol.connectionLost(Failure(ConnectionDone()))
         self.clock.advance(60)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def send(self, size: int) -> bytes:
+        """Queue C{size} bytes of DATA records and flush them to the socket."""
+        payload = bytes(i % 251 for i in range(size))
+        header = Message(type=Message.DATA, streamId=1, serviceId="S",
+                         connectionId=1).SerializeToString()
+        for start in range(0, size, 60_000):
+            self.protocol.send_data(header, payload[start : start + 60_000])
+        self.protocol.flush()
+        return payload
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        return read_frames(bytes(self.transport.received))
 
     def received(self) -> bytes:
         decoder = RecordDecoder()
         got = b""
-        for opcode, payload in read_frames(self.transport.value()):
+        for opcode, payload in self.frames():
             if opcode == BINARY:
                 got += b"".join(m.payload for m in decoder.feed(payload))
         return got
+
+    def test_close_at_once_when_nothing_held(self) -> None:
+        """
+        Over a transport that holds nothing (each write taken whole), the
+        Close is written by C{close} itself: after the ping that showed it,
+        with no wait of ours left behind.
+        """
+        clock = Clock()
+        factory = source_factory(Events(), clock, ping_period_ms=0)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        transport = WebSocketTransport()
+        protocol.makeConnection(transport)
+        request = transport.value()
+        transport.clear()
+        protocol.dataReceived(accept_response(request, SUB))
+        protocol.close(1000, "local proxy stopping")
+        self.assertEqual([f[0] for f in read_frames(transport.value())], [PING, CLOSE])
+        # Only Autobahn's close handshake timer is pending, not a drain wait.
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertEqual(clock.getDelayedCalls()[0].getTime(), 2)
+        protocol.dropConnection(abort=True)
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_close_on_drained_edge_when_socket_empty(self) -> None:
+        """
+        With an empty send buffer, the Close follows as soon as the socket
+        takes the ping: no timer, no wait beyond the next write turn.
+        """
+        self.protocol.close(1000, "local proxy stopping")
+        self.assertEqual([f[0] for f in read_frames(self._buffered())], [PING])
+        self.transport.take(5)
+        self.assertEqual((self.transport.unsent, self.transport.written), (1, 6))
+        self.transport.take(1)  # the ping's last byte: the drained edge
+        self.assertEqual([f[0] for f in self.frames()], [PING])
+        [(opcode, body)] = read_frames(self._buffered())
+        self.assertEqual((opcode, body[:2]), (CLOSE, b"\x03\xe8"))
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 2)  # Autobahn's
+
+    def _buffered(self) -> bytes:
+        """What the socket holds unsent (the test's own view of it)."""
+        return b"".join([self.transport.dataBuffer[self.transport.offset:],
+                         *self.transport._tempDataBuffer])
+
+    def test_close_after_drained_edge(self) -> None:
+        """
+        With data held below the high-water mark, no Close is written while
+        any of it is unsent; the drained edge brings it, right after the
+        data and the ping; the tunnel's producer saw both edges.
+        """
+        payload = self.send(200_000)
+        held = self.transport.unsent
+        self.protocol.close(1000, "local proxy stopping")
+        self.assertEqual(self.producer.edges, ["pause"])
+        self.transport.take(held)
+        self.assertNotIn(CLOSE, [f[0] for f in self.frames()])
+        self.transport.take(1000)
+        self.assertEqual(self.producer.edges, ["pause", "resume"])
+        self.assertEqual([f[0] for f in self.frames()][-2:], [PING, CLOSE])
+        self.assertEqual(self.received(), payload)
+        self.assertFalse(self.transport.aborted)
+
+    def test_close_after_drained_edge_when_full(self) -> None:
+        """
+        Over the high-water mark already, the close needs no ping: the
+        drained edge that comes anyway brings the Close.
+        """
+        payload = self.send(600_000)
+        self.assertIn("pause", self.producer.edges)
+        self.protocol.close(1000, "local proxy stopping")
+        self.transport.take(self.transport.unsent - 1)
+        self.assertEqual(self.transport.unsent, 1)  # no Close written yet
+        self.transport.take(1)
+        self.assertEqual([f[0] for f in read_frames(self._buffered())], [CLOSE])
+        self.transport.take(1000)
+        self.assertEqual([f[0] for f in self.frames()][-1], CLOSE)
+        self.assertNotIn(PING, [f[0] for f in self.frames()])
+        self.assertEqual(self.received(), payload)
 
     def test_close_waits_for_drain(self) -> None:
         """
@@ -429,41 +562,75 @@ class DrainBeforeCloseTests(SynchronousTestCase):
         little every few seconds gets all of it, then the Close; nothing is
         dropped meanwhile, though it lasts far beyond Autobahn's 2 s.
         """
-        self.assertGreater(self.queued, 500_000)
-        while self.transport.dataBuffer:
+        payload = self.send(500_000)
+        self.protocol.close(1000, "local proxy stopping")
+        queued = self.transport.unsent
+        self.assertGreater(queued, 500_000)
+        while self.transport.unsent:
             self.clock.advance(5)
-            self.assertFalse(self.transport.disconnecting)
+            self.assertFalse(self.transport.aborted)
             # Nothing was added: no Close frame behind the data yet.
-            taken = len(self.transport.value())
-            self.assertEqual(taken + len(self.transport.dataBuffer), self.queued)
+            self.assertEqual(len(self.transport.received) + self.transport.unsent, queued)
             self.transport.take(20_000)
-        self.assertEqual(self.received(), self.payload)
-        self.clock.advance(0.1)
-        self.transport.take(len(self.transport.dataBuffer))
-        frames = read_frames(self.transport.value())
+        self.assertEqual(self.received(), payload)
+        self.transport.take(1000)
+        frames = self.frames()
         self.assertEqual(frames[-1][0], CLOSE)
         self.assertEqual(frames[-1][1][:2], b"\x03\xe8")
-        self.assertFalse(self.transport.disconnecting)
+        self.assertFalse(self.transport.aborted)
         self.assertGreater(self.clock.seconds(), 100)
 
     def test_nothing_sent_after_close(self) -> None:
         """Records queued after the close are not sent."""
+        self.send(500_000)
+        self.protocol.close(1000, "local proxy stopping")
+        queued = self.transport.unsent
         self.protocol.send_message(Message(type=Message.STREAM_RESET, streamId=1, serviceId="S"))
         self.protocol.flush()
-        self.assertEqual(len(self.transport.dataBuffer), self.queued)
+        self.assertEqual(self.transport.unsent, queued)
 
     def test_stalled_peer_dropped(self) -> None:
-        """A peer taking nothing for the stall bound is dropped, Close unsent."""
+        """
+        A peer taking nothing for L{DRAIN_STALL} is dropped, Close unsent.
+        """
+        self.send(500_000)
+        self.protocol.close(1000, "local proxy stopping")
+        queued = self.transport.unsent
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.aborted)
+        with capturedLogs() as events:
+            self.clock.advance(0.1)
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(self.transport.written, queued)
+        self.assertEqual(self.received(), b"")
+        self.assertIn("took none", " ".join(formatEvent(e) or "" for e in events))
+
+    def test_progress_resets_give_up(self) -> None:
+        """
+        Bytes taken within a L{DRAIN_STALL} start another: the peer is
+        dropped only once a whole one passed with none taken.
+        """
+        self.send(500_000)
+        self.protocol.close(1000, "local proxy stopping")
+        queued = self.transport.unsent
         self.clock.advance(5)
         self.transport.take(1000)
-        self.clock.pump([0.1] * 95)  # progress seen at 5.1 s; 9.5 s of stall
-        self.assertFalse(self.transport.disconnecting)
-        with capturedLogs() as events:
-            self.clock.pump([0.1] * 10)
-        self.assertTrue(self.transport.disconnected)
-        # Only what was queued before: no Close frame was written.
-        self.assertEqual(len(self.transport.dataBuffer), self.queued - 1000)
-        self.assertIn("took none", " ".join(formatEvent(e) for e in events))
+        self.clock.advance(5)
+        self.assertFalse(self.transport.aborted)  # 10 s: progress was seen
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.1)  # 20 s: none since the last look
+        self.assertTrue(self.transport.aborted)
+        self.assertEqual(len(self.transport.received), 1000)
+        self.assertEqual(self.transport.written, queued)
+
+    def test_peer_close_ends_wait(self) -> None:
+        """The service closing first ends the wait: no timer is left behind."""
+        self.send(500_000)
+        self.protocol.close(1000, "local proxy stopping")
+        self.protocol.dataReceived(frame(CLOSE, b"\x03\xe8closed"))
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class TokenNeverLoggedTests(SynchronousTestCase):

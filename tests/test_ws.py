@@ -21,6 +21,7 @@ from lpxy._ws import (
     raise_buffer_size,
     set_no_delay,
     unsent_bytes,
+    write_paused_if_unsent,
 )
 
 
@@ -317,6 +318,59 @@ class UnsentBytesTests(SynchronousTestCase):
         self.assertEqual(unsent_bytes(stack), 15)
         self.assertIsNone(unsent_bytes(Layer(None)))
         self.assertIsNone(unsent_bytes(None))
+
+
+class WritePausedIfUnsentTests(SynchronousTestCase):
+    """A write made with the high-water mark at zero, under TLS-like layers."""
+
+    def setUp(self) -> None:
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        class Socket(FileDescriptor):
+            connected = True
+
+            def writeSomeData(self, data: bytes) -> int:
+                return len(data)
+
+        class Layer:
+            def __init__(self, below: object) -> None:
+                self.transport = below
+
+        class Producer:
+            def __init__(self) -> None:
+                self.edges: list[str] = []
+
+            def pauseProducing(self) -> None:
+                self.edges.append("pause")
+
+            def resumeProducing(self) -> None:
+                self.edges.append("resume")
+
+        self.socket = Socket(MemoryReactor())
+        self.socket.bufferSize = 524304
+        self.producer = Producer()
+        self.socket.registerProducer(self.producer, True)
+        self.stack = Layer(Layer(self.socket))
+
+    def test_held_byte_pauses_then_drains(self) -> None:
+        """
+        Bytes left unsent by the write, far under the usual mark, pause the
+        producer; the socket taking them resumes it; the mark is restored.
+        """
+        self.socket.write(b"earlier")
+        self.assertEqual(self.producer.edges, [])
+        self.assertTrue(write_paused_if_unsent(self.stack, lambda: self.socket.write(b"p")))
+        self.assertEqual(self.producer.edges, ["pause"])
+        self.assertEqual(self.socket.bufferSize, 524304)
+        self.socket.doWrite()
+        self.assertEqual(self.producer.edges, ["pause", "resume"])
+
+    def test_no_socket_transport(self) -> None:
+        """Without a socket transport below, the write is made all the same."""
+        written: list[int] = []
+        self.assertFalse(write_paused_if_unsent(None, lambda: written.append(1)))
+        self.assertEqual(written, [1])
 
 
 class QuietHotPathTests(SynchronousTestCase):

@@ -21,13 +21,17 @@ A close of our own (L{TunnelProtocol.close}: stopping, the end of
 C{--stdio}) sends its Close frame only once the socket has taken what was
 written before: Autobahn's close handshake timer starts when the Close is
 queued and, on expiry, drops the connection with whatever is still unsent,
-which on a slow uplink would cut off the streams' last bytes. While bytes
-leave, the wait goes on; after L{DRAIN_STALL} seconds with none taken, the
-peer counts as gone and the connection is dropped.
+which on a slow uplink would cut off the streams' last bytes. The wait ends
+on the transport's drained edge (its streaming producer resumed): a ping
+written with the transport's high-water mark at zero makes sure that edge
+comes whatever the socket holds, or shows at once that it holds nothing.
+While bytes leave, the wait goes on; once a whole L{DRAIN_STALL} passed with
+none taken, the peer counts as gone and the connection is dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from attrs import frozen
@@ -37,6 +41,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lpxy._ws import (
     PONGS,
@@ -49,6 +54,7 @@ from lpxy._ws import (
     raise_buffer_size,
     set_no_delay,
     unsent_bytes,
+    write_paused_if_unsent,
 )
 from lpxy.frames import (
     WIRE_FRAME_LIMIT,
@@ -72,10 +78,11 @@ __all__ = [
 
 
 DRAIN_STALL = 10.0
-"""Seconds without a byte taken by the socket before a close of ours gives up."""
-
-DRAIN_CHECK = 0.1
-"""Seconds between looks at the send buffer while a close of ours waits."""
+"""
+A close of ours gives up once this many seconds passed without a byte taken
+by the socket (seen when they end: between one and two of them after the
+last byte taken).
+"""
 
 
 @frozen
@@ -115,6 +122,37 @@ def describe_rejection(status: int, body: str = "") -> str:
     meaning = meanings.get(status, "the service refused the connection")
     detail = " ".join(body.split())[:200]
     return f"{status} {meaning}" + (f" ({detail})" if detail else "")
+
+
+@implementer(IPushProducer)
+class _SendEdges:
+    """
+    The streaming producer of the WebSocket's transport: it passes the send
+    buffer's full and drained edges on to the tunnel's producer (the flow
+    control's L{lpxy.proxy.relay.TunnelFlow}), keeps whether the buffer is
+    full, and tells a waiting close of ours when it drained.
+    """
+
+    def __init__(self) -> None:
+        self.producer: Any = None
+        self.full = False
+        self.on_drained: Callable[[], None] | None = None
+
+    def pauseProducing(self) -> None:
+        self.full = True
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.full = False
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        if self.on_drained is not None:
+            self.on_drained()
+
+    def stopProducing(self) -> None:
+        if self.producer is not None:
+            self.producer.stopProducing()
 
 
 class TunnelEvents(Protocol):
@@ -163,12 +201,12 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         self._flush_call: Any = None
         self._keepalive: Keepalive | None = None
         self._lost: Failure | None = None
+        self._edges: _SendEdges | None = None
         # A close of ours waiting for the send buffer to drain: its code
-        # and reason, the next look, and the bytes left at the last look.
+        # and reason, its give-up timer, and the bytes left when it was set.
         self._closing: tuple[int, str] | None = None
         self._drain_call: Any = None
         self._drain_left = 0
-        self._drain_progress = 0.0
         self.ready: Deferred[None] = Deferred(lambda _: self.abort())
 
     # -- Autobahn callbacks ----------------------------------------------
@@ -227,6 +265,8 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
     def onPong(self, payload: bytes) -> None:
         rtt = self._keepalive.pong(payload) if self._keepalive is not None else None
         if rtt is None:
+            if self._closing is not None:
+                return  # the answer to a close's ping
             self._log.debug("Ignoring a pong that answers no ping of ours")
             return
         self.last_rtt = rtt
@@ -241,9 +281,7 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        if self._drain_call is not None and self._drain_call.active():
-            self._drain_call.cancel()
-        self._drain_call = None
+        self._stop_drain_wait()
         self._queue = []
         status = None
         if not self._opened:
@@ -351,34 +389,55 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         if self.state == self.STATE_OPEN:
             if self._closing is None:
                 self._closing = (code, reason)
-                self._drain_left = unsent_bytes(self.transport) or 0
-                self._drain_progress = self.factory.clock.seconds()
                 self._close_when_drained()
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
 
     def _close_when_drained(self) -> None:
+        edges = self._send_edges()
+        if not edges.full:
+            write_paused_if_unsent(self.transport, self.sendPing)
+        if not edges.full:
+            self._send_close()  # the socket holds nothing
+            return
+        edges.on_drained = self._send_close
+        self._drain_left = unsent_bytes(self.transport) or 0
+        self._drain_call = self.factory.clock.callLater(
+            self.factory.drain_stall, self._drain_stalled
+        )
+
+    def _send_close(self) -> None:
+        self._stop_drain_wait()
+        if self.state == self.STATE_OPEN and self._closing is not None:
+            self.sendClose(*self._closing)
+
+    def _drain_stalled(self) -> None:
         self._drain_call = None
         if self.state != self.STATE_OPEN or self._closing is None:
-            return  # the peer closed first, or the connection is gone
+            return
+        # No edge tells of bytes taken short of the last: one look a period.
         left = unsent_bytes(self.transport) or 0
-        if not left:
-            self.sendClose(*self._closing)
-            return
-        now = self.factory.clock.seconds()
         if left < self._drain_left:
-            self._drain_progress = now
-        self._drain_left = left
-        if now - self._drain_progress >= self.factory.drain_stall:
-            self._log.warn(
-                "The tunneling service took none of the last {left} bytes to send "
-                "in {seconds:.0f}s: dropping the connection",
-                left=left,
-                seconds=self.factory.drain_stall,
+            self._drain_left = left
+            self._drain_call = self.factory.clock.callLater(
+                self.factory.drain_stall, self._drain_stalled
             )
-            self.dropConnection(abort=True)
             return
-        self._drain_call = self.factory.clock.callLater(DRAIN_CHECK, self._close_when_drained)
+        self._log.warn(
+            "The tunneling service took none of the last {left} bytes to send "
+            "in {seconds:.0f}s: dropping the connection",
+            left=left,
+            seconds=self.factory.drain_stall,
+        )
+        self._stop_drain_wait()
+        self.dropConnection(abort=True)
+
+    def _stop_drain_wait(self) -> None:
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+        if self._edges is not None:
+            self._edges.on_drained = None
 
     def abort(self) -> None:
         """Drop the connection at once (after a protocol error, or cancelled)."""
@@ -400,7 +459,13 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
 
     def register_write_producer(self, producer: IPushProducer) -> None:
         """Have C{producer} paused while the WebSocket's send buffer is full."""
-        cast(Any, self.transport).registerProducer(producer, True)
+        self._send_edges().producer = producer
+
+    def _send_edges(self) -> _SendEdges:
+        if self._edges is None:
+            self._edges = _SendEdges()
+            cast(Any, self.transport).registerProducer(self._edges, True)
+        return self._edges
 
 
 class TunnelFactory(WebSocketClientFactory):
