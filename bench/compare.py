@@ -27,9 +27,12 @@ and whether it is met:
   until every one had a byte echoed).
 
 CPU comes from C{/proc/PID/stat} (user + system), steadier than wall-clock
-on a loaded machine. C{--quick} shrinks every size for a smoke test.
+on a loaded machine. C{--quick} shrinks every size for a smoke test;
+C{--only NAME[,NAME...]} runs those measurements alone (L{MEASUREMENTS})
+and the table leaves out the rows whose figures were not measured (idle RSS
+is measured whenever the pairs start).
 
-    python -m bench.compare [--reference PATH] [--runs N] [--quick]
+    python -m bench.compare [--reference PATH] [--runs N] [--quick] [--only NAME[,NAME...]]
 """
 
 from __future__ import annotations
@@ -83,6 +86,10 @@ LPXY, REFERENCE = "lpxy", "C++"
 
 FULL = {"bulk": 128 * MiB, "rtts": 1000, "echo200": (200, 1 * MiB), "echo500": (500, 512 * 1024),
         "burst": 500, "peers": 100, "versions": 5, "starts": 3}
+MEASUREMENTS = ("bulk", "rtt", "echo200", "echo500", "fair", "burst", "version", "start",
+                "peers")
+"""What C{--only} selects from, in the order they run."""
+
 QUICK = {"bulk": 8 * MiB, "rtts": 100, "echo200": (20, 128 * 1024), "echo500": (50, 64 * 1024),
          "burst": 50, "peers": 10, "versions": 2, "starts": 1}
 
@@ -428,7 +435,10 @@ async def main(reactor_: object, *argv: str) -> None:
                         help="the reference proxy's localproxy binary (built from source)")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--only", metavar="NAME[,NAME...]",
+                        help="run only these measurements: " + ", ".join(MEASUREMENTS))
     args = parser.parse_args(argv)
+    selected = only(args.only)
     sizes = QUICK if args.quick else FULL
     runs = 1 if args.quick else args.runs
 
@@ -449,27 +459,32 @@ async def main(reactor_: object, *argv: str) -> None:
                 for pair in order:
                     results[pair.name].setdefault(name, []).append(await measure(pair))
 
-        await throughput(pairs[0].ports["SINK"], bed.sink, 4 * MiB)  # warm up
-        await each("bulk", lambda p: bulk(bed, p, sizes["bulk"]))
-        await each("rtt", lambda p: round_trips(p, sizes["rtts"]))
-        await each("echo200", lambda p: echo_many(p, *sizes["echo200"]))
-        await each("echo500", lambda p: echo_many(p, *sizes["echo500"]))
-        await each("fair", lambda p: fairness(bed, p, sizes["bulk"]))
-        await each("burst", lambda p: burst(p, sizes["burst"]))
-
         async def version(pair: Pair) -> dict[str, float]:
             await timed_run(pair.command("-V"))  # warm the file cache
             times = [await timed_run(pair.command("-V")) for _ in range(sizes["versions"])]
             return {"ms": statistics.median(times)}
 
-        await each("version", version)
-
         async def start(pair: Pair) -> dict[str, float]:
             times = [await start_to_listening(bed, pair) for _ in range(sizes["starts"])]
             return {"ms": statistics.median(times)}
 
-        await each("start", start)
-        peers = median_of([await memory_per_peer(bed, sizes["peers"]) for _ in range(runs)])
+        measures: dict[str, Callable[[Pair], Awaitable[dict[str, float]]]] = {
+            "bulk": lambda p: bulk(bed, p, sizes["bulk"]),
+            "rtt": lambda p: round_trips(p, sizes["rtts"]),
+            "echo200": lambda p: echo_many(p, *sizes["echo200"]),
+            "echo500": lambda p: echo_many(p, *sizes["echo500"]),
+            "fair": lambda p: fairness(bed, p, sizes["bulk"]),
+            "burst": lambda p: burst(p, sizes["burst"]),
+            "version": version,
+            "start": start,
+        }
+        await throughput(pairs[0].ports["SINK"], bed.sink, 4 * MiB)  # warm up
+        for name, measure in measures.items():
+            if name in selected:
+                await each(name, measure)
+        peers = None
+        if "peers" in selected:
+            peers = median_of([await memory_per_peer(bed, sizes["peers"]) for _ in range(runs)])
         figures = {name: {k: median_of(v) for k, v in r.items()} for name, r in results.items()}
         idle = {p.name: p.idle_rss for p in pairs}
     finally:
@@ -487,9 +502,29 @@ async def main(reactor_: object, *argv: str) -> None:
     sys.stdout.write(f"\ngoals missed: {', '.join(table.missed) or 'none'}\n")
 
 
+def only(names: str | None) -> frozenset[str]:
+    """
+    The measurements C{--only} selects (every one without it); an unknown
+    name ends the program with an error naming the option and the choices.
+    """
+    if names is None:
+        return frozenset(MEASUREMENTS)
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in MEASUREMENTS]
+    if unknown or not chosen:
+        raise SystemExit(
+            f"--only: unknown measurement {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"choose from {', '.join(MEASUREMENTS)}, separated by commas"
+        )
+    return frozenset(chosen)
+
+
 def build_table(figures: dict[str, dict[str, dict[str, float]]], idle: dict[str, dict[str, int]],
-                peers: dict[str, float], sizes: dict[str, Any], ref: bool) -> Table:
-    """Issue 12's table from the medians (C{figures[pair][measure][key]})."""
+                peers: dict[str, float] | None, sizes: dict[str, Any], ref: bool) -> Table:
+    """
+    Issue 12's table from the medians (C{figures[pair][measure][key]}),
+    without the rows of measurements that did not run.
+    """
     t = Table(ref)
     ours = figures[LPXY]
     theirs = figures.get(REFERENCE)
@@ -507,69 +542,87 @@ def build_table(figures: dict[str, dict[str, dict[str, float]]], idle: dict[str,
             return None
         return " / ".join(format(v, fmt) for v in values)  # type: ignore[arg-type]
 
-    mib = sizes["bulk"] // MiB
-    mine, other = get("bulk", "MB/s")
-    r = ratio(mine, other)
-    t.add(f"one-way bulk, {mib} MiB, MB/s", f"{mine:.0f}", pair_fmt(".0f", other), r,
-          ">= 2.0x", None if r is None else r >= 2.0)
-    mine, other = get("rtt", "p50 us")
-    r = ratio(mine, other)
-    t.add("1-byte round trip p50, us", f"{mine:.0f}", pair_fmt(".0f", other), r,
-          "<= 1.5x", None if r is None else r <= 1.5)
-    src, ref_src = get("rtt", "source us")
-    dst, ref_dst = get("rtt", "destination us")
-    t.add("CPU per round trip, source / destination, us", f"{src:.0f} / {dst:.0f}",
-          pair_fmt(".0f", ref_src, ref_dst), ratio(src + dst, None if ref_src is None
-                                                   else ref_src + (ref_dst or 0)),
-          "<= 150 each", max(src, dst) <= 150)
-    n200 = sizes["echo200"][0]
-    mine, other = get("echo200", "MB/s")
-    r = ratio(mine, other)
-    t.add(f"{n200} connections echoing at once, aggregate MB/s", f"{mine:.1f}",
-          pair_fmt(".1f", other), r, ">= 1.5x", None if r is None else r >= 1.5)
-    n500 = sizes["echo500"][0]
-    src, ref_src = get("echo500", "source s/GiB")
-    dst, ref_dst = get("echo500", "destination s/GiB")
-    bulk_src, bulk_dst = ours["bulk"]["source s/GiB"], ours["bulk"]["destination s/GiB"]
-    t.add(f"{n500} connections, proxy CPU per GiB, source / destination, s",
-          f"{src:.2f} / {dst:.2f}", pair_fmt(".2f", ref_src, ref_dst),
-          ratio(src + dst, None if ref_src is None else ref_src + (ref_dst or 0)),
-          f"<= 1.2x bulk ({1.2 * bulk_src:.2f} / {1.2 * bulk_dst:.2f})",
-          src <= 1.2 * bulk_src and dst <= 1.2 * bulk_dst)
-    t.add("bulk, proxy CPU per GiB, source, s", f"{bulk_src:.2f}",
-          pair_fmt(".2f", theirs["bulk"]["source s/GiB"] if theirs else None),
-          ratio(bulk_src, theirs["bulk"]["source s/GiB"] if theirs else None), "-", None)
-    mine, other = get("bulk", "destination s/GiB")
-    t.add("bulk, proxy CPU per GiB, destination, s", f"{mine:.2f}", pair_fmt(".2f", other),
-          ratio(mine, other), "<= 1.5", mine <= 1.5)
-    mine, other = get("bulk", "service s/GiB")
-    t.add("tunnel service CPU per GiB, lpxy pair / C++ pair, s", f"{mine:.2f}",
-          pair_fmt(".2f", other), None, "<= 2.5 / <= 3.5",
-          mine <= 2.5 and (other is None or other <= 3.5))
+    if "bulk" in ours:
+        mine, other = get("bulk", "MB/s")
+        r = ratio(mine, other)
+        t.add(f"one-way bulk, {sizes['bulk'] // MiB} MiB, MB/s", f"{mine:.0f}",
+              pair_fmt(".0f", other), r, ">= 2.0x", None if r is None else r >= 2.0)
+    if "rtt" in ours:
+        mine, other = get("rtt", "p50 us")
+        r = ratio(mine, other)
+        t.add("1-byte round trip p50, us", f"{mine:.0f}", pair_fmt(".0f", other), r,
+              "<= 1.5x", None if r is None else r <= 1.5)
+        src, ref_src = get("rtt", "source us")
+        dst, ref_dst = get("rtt", "destination us")
+        t.add("CPU per round trip, source / destination, us", f"{src:.0f} / {dst:.0f}",
+              pair_fmt(".0f", ref_src, ref_dst), ratio(src + dst, None if ref_src is None
+                                                       else ref_src + (ref_dst or 0)),
+              "<= 150 each", max(src, dst) <= 150)
+    if "echo200" in ours:
+        n200 = sizes["echo200"][0]
+        mine, other = get("echo200", "MB/s")
+        r = ratio(mine, other)
+        t.add(f"{n200} connections echoing at once, aggregate MB/s", f"{mine:.1f}",
+              pair_fmt(".1f", other), r, ">= 1.5x", None if r is None else r >= 1.5)
+    if "echo500" in ours:
+        n500 = sizes["echo500"][0]
+        src, ref_src = get("echo500", "source s/GiB")
+        dst, ref_dst = get("echo500", "destination s/GiB")
+        figure = f"{n500} connections, proxy CPU per GiB, source / destination, s"
+        carried = (f"{src:.2f} / {dst:.2f}", pair_fmt(".2f", ref_src, ref_dst),
+                   ratio(src + dst, None if ref_src is None else ref_src + (ref_dst or 0)))
+        if "bulk" in ours:
+            bulk_src, bulk_dst = ours["bulk"]["source s/GiB"], ours["bulk"]["destination s/GiB"]
+            t.add(figure, *carried,
+                  f"<= 1.2x bulk ({1.2 * bulk_src:.2f} / {1.2 * bulk_dst:.2f})",
+                  src <= 1.2 * bulk_src and dst <= 1.2 * bulk_dst)
+        else:
+            t.add(figure, *carried, "<= 1.2x bulk (bulk not measured)", None)
+    if "bulk" in ours:
+        bulk_src = ours["bulk"]["source s/GiB"]
+        t.add("bulk, proxy CPU per GiB, source, s", f"{bulk_src:.2f}",
+              pair_fmt(".2f", theirs["bulk"]["source s/GiB"] if theirs else None),
+              ratio(bulk_src, theirs["bulk"]["source s/GiB"] if theirs else None), "-", None)
+        mine, other = get("bulk", "destination s/GiB")
+        t.add("bulk, proxy CPU per GiB, destination, s", f"{mine:.2f}", pair_fmt(".2f", other),
+              ratio(mine, other), "<= 1.5", mine <= 1.5)
+        mine, other = get("bulk", "service s/GiB")
+        t.add("tunnel service CPU per GiB, lpxy pair / C++ pair, s", f"{mine:.2f}",
+              pair_fmt(".2f", other), None, "<= 2.5 / <= 3.5",
+              mine <= 2.5 and (other is None or other <= 3.5))
     rss = max(idle[LPXY].values()) / 1e6
     ref_rss = max(idle[REFERENCE].values()) / 1e6 if REFERENCE in idle else None
     t.add("idle RSS per proxy (the larger), MB", f"{rss:.1f}", pair_fmt(".1f", ref_rss),
           ratio(rss, ref_rss), "< 35", rss < 35)
-    v, ref_v = get("version", "ms")
-    s, ref_s = get("start", "ms")
-    t.add("localproxy -V / start to listening, ms", f"{v:.0f} / {s:.0f}",
-          pair_fmt(".0f", ref_v, ref_s), None, "< 80 / < 150", v < 80 and s < 150)
-    t.add(f"tunnel service memory per connected peer ({sizes['peers']}), KB",
-          f"{peers['KB/peer']:.1f} ({peers['left KB/peer']:.1f} left after)", None, None,
-          "<= 16", peers["KB/peer"] <= 16)
-    n = sizes["burst"]
-    secs, ref_secs = get("burst", "s")
-    carried = ours["burst"]["carried"]
-    t.add(f"{n} connects in one burst, all carried, s",
-          f"{secs:.2f} ({carried:.0f} carried)",
-          None if theirs is None else f"{ref_secs:.2f} ({theirs['burst']['carried']:.0f} carried)",
-          ratio(secs, ref_secs), "< 2", secs < 2 and carried == n)
-    p50, ref_p50 = get("fair", "p50 ms")
-    longest, ref_longest = get("fair", "max ms")
-    r = ratio(p50, ref_p50)
-    t.add("fairness: round trip beside a bulk stream, p50 / max, ms",
-          f"{p50:.1f} / {longest:.1f}", pair_fmt(".1f", ref_p50, ref_longest), r,
-          "max < 1000, p50 <= 1.5x", longest < 1000 and (r is None or r <= 1.5))
+    if "version" in ours or "start" in ours:
+        # Either half alone is "-" on the other side of the slash.
+        v, ref_v = get("version", "ms") if "version" in ours else (None, None)
+        s, ref_s = get("start", "ms") if "start" in ours else (None, None)
+        shown = " / ".join("-" if x is None else f"{x:.0f}" for x in (v, s))
+        theirs_shown = (None if theirs is None else
+                        " / ".join("-" if x is None else f"{x:.0f}" for x in (ref_v, ref_s)))
+        t.add("localproxy -V / start to listening, ms", shown, theirs_shown, None,
+              "< 80 / < 150", (v is None or v < 80) and (s is None or s < 150))
+    if peers is not None:
+        t.add(f"tunnel service memory per connected peer ({sizes['peers']}), KB",
+              f"{peers['KB/peer']:.1f} ({peers['left KB/peer']:.1f} left after)", None, None,
+              "<= 16", peers["KB/peer"] <= 16)
+    if "burst" in ours:
+        n = sizes["burst"]
+        secs, ref_secs = get("burst", "s")
+        carried_n = ours["burst"]["carried"]
+        t.add(f"{n} connects in one burst, all carried, s",
+              f"{secs:.2f} ({carried_n:.0f} carried)",
+              None if theirs is None
+              else f"{ref_secs:.2f} ({theirs['burst']['carried']:.0f} carried)",
+              ratio(secs, ref_secs), "< 2", secs < 2 and carried_n == n)
+    if "fair" in ours:
+        p50, ref_p50 = get("fair", "p50 ms")
+        longest, ref_longest = get("fair", "max ms")
+        r = ratio(p50, ref_p50)
+        t.add("fairness: round trip beside a bulk stream, p50 / max, ms",
+              f"{p50:.1f} / {longest:.1f}", pair_fmt(".1f", ref_p50, ref_longest), r,
+              "max < 1000, p50 <= 1.5x", longest < 1000 and (r is None or r <= 1.5))
     return t
 
 
