@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from lpxy.proxy.addresses import authority
 from lpxy.proxy.config import LocalTarget, TcpTarget, UnixTarget
 from lpxy.proxy.relay import LocalRelay
+from lpxy.writethrough import write_through
 
 __all__ = ["AppConnector", "describe_target"]
 
@@ -166,6 +167,8 @@ class AppConnector:
         clock: Any = None,
     ) -> None:
         self._reactor = reactor
+        # Writes to local applications go to their sockets at once.
+        self._tcp_reactor = write_through(reactor)
         self.retry_count = retry_count
         self.retry_delay = retry_delay
         self.clock = clock if clock is not None else reactor
@@ -176,10 +179,10 @@ class AppConnector:
             # An address needs no name resolution (HostnameEndpoint would
             # still go through the resolver's thread pool).
             if isIPAddress(target.host):
-                return TCP4ClientEndpoint(self._reactor, target.host, target.port)
+                return TCP4ClientEndpoint(self._tcp_reactor, target.host, target.port)
             if isIPv6Address(target.host):
-                return TCP6ClientEndpoint(self._reactor, target.host, target.port)
-            return HostnameEndpoint(self._reactor, target.host, target.port)
+                return TCP6ClientEndpoint(self._tcp_reactor, target.host, target.port)
+            return HostnameEndpoint(self._tcp_reactor, target.host, target.port)
         return UNIXClientEndpoint(self._reactor, target.path)
 
     def connect(self, relay: LocalRelay, target: LocalTarget, failed: Callable[[], None]) -> None:

@@ -42,6 +42,7 @@ from lpxy._ws import Clock, DelayedCall, set_no_delay
 from lpxy.proxy.addresses import authority, no_proxy_matches
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.tls import client_tls_options
+from lpxy.writethrough import write_through
 
 _log = Logger()
 
@@ -322,9 +323,10 @@ def _printable(text: bytes, limit: int = 100) -> str:
 def tcp_endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
     """
     A TCP client endpoint to C{host} (name, IPv4 or bare IPv6 literal) with
-    C{TCP_NODELAY} on.
+    C{TCP_NODELAY} on, its writes (TLS records, under TLS) sent at once
+    (L{lpxy.writethrough}).
     """
-    tcp = cast(IStreamClientEndpoint, HostnameEndpoint(reactor, host, port))
+    tcp = cast(IStreamClientEndpoint, HostnameEndpoint(write_through(reactor), host, port))
     return cast(IStreamClientEndpoint, NoDelayEndpoint(tcp))
 
 

@@ -26,6 +26,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from lpxy.proxy.channel import ServiceBinding
+from lpxy.writethrough import write_through
 
 __all__ = ["LISTEN_BACKLOG", "ServiceListenerFactory", "SourceListeners", "bind_error"]
 
@@ -88,7 +89,8 @@ class SourceListeners:
         ports: Mapping[str, int],
         accept: Accept,
     ) -> None:
-        self._reactor = reactor
+        # Writes to local clients go to their sockets at once.
+        self._reactor = write_through(reactor)
         self._address = address
         self._ports = dict(ports)
         self._accept = accept

@@ -54,6 +54,7 @@ from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.throttle import Throttle
 from lpxy.tunnelservice.websocket import TunnelServerProtocol
 from lpxy.wire import CLOSE_GOING_AWAY
+from lpxy.writethrough import write_through
 
 __all__ = ["Connections", "OpenAPIRefused", "TunnelService"]
 
@@ -421,7 +422,8 @@ class TunnelService(MultiService):
         for factory, role, role_endpoints in sites:
             for endpoint in role_endpoints:
                 if isinstance(endpoint, str):
-                    endpoint = serverFromString(reactor, endpoint)
+                    # Relayed records go to the peers' sockets at once.
+                    endpoint = serverFromString(write_through(reactor), endpoint)
                 reported = _Reported(
                     endpoint, functools.partial(self._listened, role=role), self._failed_later
                 )
