@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService, Service
@@ -29,7 +29,6 @@ from twisted.logger import Logger
 
 from lpxy import __version__
 from lpxy.frames import WIRE_FRAME_LIMIT
-from lpxy.metrics import MetricsListenError, MetricsPort, metrics_site
 from lpxy.proxy.attempts import GuardedEndpoint, ProxyTunnelProtocol
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.connector import (
@@ -46,6 +45,9 @@ from lpxy.proxy.source import bind_error
 from lpxy.proxy.statedir import kept_client_token
 from lpxy.proxy.stats import StatsSignal, format_summary, snapshot
 from lpxy.proxy.tunnel import TunnelFactory, TunnelProtocol
+
+if TYPE_CHECKING:
+    from lpxy.metrics import MetricsPort
 
 __all__ = [
     "EXIT_CLOSED",
@@ -148,6 +150,9 @@ class LocalProxyService(MultiService):
         StatsSignal(self.log_summary, reactor).setServiceParent(self)
         self.metrics: MetricsPort | None = None
         if config.metrics is not None:
+            # twisted.web comes with lpxy.metrics: imported only for --metrics.
+            from lpxy.metrics import MetricsPort, metrics_site
+
             self.metrics = MetricsPort(config.metrics, metrics_site([self.collector()]), reactor)
             self.metrics.setServiceParent(self)
         self._done: Deferred[int] = Deferred()
@@ -204,6 +209,8 @@ class LocalProxyService(MultiService):
         # its access token unspent.
         self._bind_tried = True
         if self.metrics is not None:
+            from lpxy.metrics import MetricsListenError
+
             try:
                 self.metrics.listen()
             except MetricsListenError as e:
