@@ -12,7 +12,8 @@ lpxy, as L{bench.compare} does, then, for each run:
   with a stopwatch) and prints its timeline: the interpreter, lpxy's
   imports, option parsing, the reactor, the DNS query, TCP connect, TLS
   handshake, WebSocket upgrade and the listening port, each with the
-  process's RSS then;
+  process's CPU time (steadier than wall-clock on a loaded machine) and
+  RSS then;
 - starts a destination and a source under the probe on one tunnel, has a
   byte echoed through them, waits half a second (C{bench.compare}'s
   "idle RSS") and takes a snapshot of their memory: RSS, anonymous and
@@ -194,32 +195,36 @@ def mb(kb: float) -> str:
 
 
 def print_timeline(plain: list[float], probed: list[dict[str, Any]]) -> None:
-    ready = median([next(ms for name, ms, _, _ in p["events"] if name == READY) for p in probed])
+    ready = [next(event for event in p["events"] if event[0] == READY) for p in probed]
     listening = median([p["listening_ms"] for p in probed])
     sys.stdout.write(
         f"start to listening, lpxy source (median of {len(probed)}): console script"
         f" {median(plain):.0f} ms; under the probe {listening:.0f} ms, tunnel ready"
-        f" {ready:.0f} ms\n\n")
+        f" {median([event[1] for event in ready]):.0f} ms using"
+        f" {median([event[4] for event in ready]):.0f} ms of CPU\n\n")
     names: list[str] = []
     at: dict[str, list[float]] = defaultdict(list)
     rss: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
     for p in probed:
-        for name, ms, kb, _ in p["events"]:
+        for name, ms, kb, _, cpu_ms in p["events"]:
             if name.startswith("snapshot"):
                 continue
             if name not in names:
                 names.append(name)
             at[name].append(ms)
             rss[name].append(kb)
+            cpu[name].append(cpu_ms)
     names.sort(key=lambda n: median(at[n]))
-    rows = [("step (the probe's marks)", "ms since spawn", "+ms", "RSS MB")]
-    previous = 0.0
+    rows = [("step (the probe's marks)", "ms since spawn", "+ms", "CPU ms", "+CPU ms", "RSS MB")]
+    previous = previous_cpu = 0.0
     for name in names:
-        t = median(at[name])
-        rows.append((name, f"{t:.1f}", f"{t - previous:.1f}", mb(median(rss[name]))))
-        previous = t
+        t, c = median(at[name]), median(cpu[name])
+        rows.append((name, f"{t:.1f}", f"{t - previous:.1f}", f"{c:.1f}", f"{c - previous_cpu:.1f}",
+                     mb(median(rss[name]))))
+        previous, previous_cpu = t, c
     rows.append(("port accepts (seen by the benchmark)", f"{listening:.1f}",
-                 f"{listening - previous:.1f}", ""))
+                 f"{listening - previous:.1f}", "", "", ""))
     report(rows)
 
 

@@ -4,10 +4,11 @@ The C{localproxy} console script with a stopwatch, for L{bench.startup}.
 Run by path (C{python bench/startup_probe.py ARGS}) with the installed lpxy
 on C{PYTHONPATH}, it does what the console script pip writes does (import
 L{lpxy.proxy.cli} and call its C{main}) and notes, on the clock the parent
-shares (C{time.monotonic}), when each step of the start is done and the
-process's RSS then: its own first line, lpxy's modules, the reactor, the
-tunnel connection's DNS query, TCP connect, TLS handshake and WebSocket
-upgrade, and the listening port. It imports nothing of its own beyond
+shares (C{time.monotonic}), when each step of the start is done, with the
+process's CPU time (all its threads, since exec) and RSS then: its own
+first line, lpxy's modules, the reactor, the tunnel connection's DNS
+query, TCP connect, TLS handshake and WebSocket upgrade, the listening
+port, the tunnel ready. It imports nothing of its own beyond
 what the interpreter has loaded already: each watched module is patched
 just after it is imported (a finder on C{sys.meta_path}), sockets are seen
 through audit hooks.
@@ -57,7 +58,8 @@ def mark(name: str, once: bool = True, rollup: bool = False) -> None:
             return
         _seen.add(name)
     now = (time.monotonic() - _T0) * 1e3
-    _events.append([name, now, _rss_kb(), _rollup() if rollup else None])
+    cpu = time.process_time() * 1e3
+    _events.append([name, now, _rss_kb(), _rollup() if rollup else None, cpu])
 
 
 mark("interpreter up (probe's first line)", rollup=True)
@@ -93,7 +95,7 @@ def _socket(module) -> None:
 
     def listen(self, *args):
         result = original(self, *args)
-        mark("listening (listen() returned)", rollup=True)
+        mark("listening (listen() returned)")
         return result
 
     module.socket.listen = listen
@@ -125,7 +127,7 @@ def _cli(module) -> None:
         return config
 
     def timed_run(reactor, config, service_factory):
-        mark("reactor running, service starts", rollup=True)
+        mark("reactor running, service starts")
 
         def factory(*args, **kwargs):
             service = service_factory(*args, **kwargs)
