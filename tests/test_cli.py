@@ -233,3 +233,39 @@ class VersionTests(SynchronousTestCase):
         )
         self.assertEqual(done.stdout.splitlines()[-1], "0 []", done.stderr)
         self.assertEqual(done.stdout.splitlines()[0], tap.VERSION_LINE)
+
+
+class LazyImportTests(SynchronousTestCase):
+    """
+    A proxy started without C{--metrics} never imports what only the
+    metrics endpoint needs (twisted.web, prometheus_client): they cost
+    every proxy start time and memory (bench/startup.py).
+    """
+
+    def test_metrics_modules_only_with_metrics(self) -> None:
+        import subprocess
+        import sys
+
+        probe = (
+            "import sys, tempfile\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from lpxy.proxy import cli\n"
+            "from lpxy.proxy.tap import default_service_factory\n"
+            "def start(*extra):\n"
+            "    argv = ['-t', 'token', '-e', 'localhost:1', '-s', '5555',\n"
+            "            '--state-dir', tempfile.mkdtemp(), *extra]\n"
+            "    config = cli.parse(argv, sys.stderr)\n"
+            "    default_service_factory()(config, MemoryReactorClock()).startService()\n"
+            "    heavy = ('twisted.web', 'prometheus_client')\n"
+            "    print(sorted(m for m in heavy if m in sys.modules))\n"
+            "start()\n"
+            "start('--metrics', 'tcp:0:interface=127.0.0.1')\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+            cwd=str(Path(__file__).parent.parent),
+        )
+        self.assertEqual(
+            done.stdout.splitlines(), ["[]", "['prometheus_client', 'twisted.web']"], done.stderr
+        )
+
