@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import FrameHeader
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import connectionDone
@@ -54,6 +55,7 @@ from lpxy.tunnelservice.bandwidth import ReadPacer
 from lpxy.tunnelservice.broker import Attachment
 from lpxy.tunnelservice.flow import BANDWIDTH, PARTNER_BEHIND, OutputWatch
 from lpxy.tunnelservice.handshake import Upgrade, read_upgrade, refusal
+from lpxy.tunnelservice.inbound import ClientFrames
 from lpxy.tunnelservice.policy import Pairing, RecordRules, Violation, refusals
 from lpxy.tunnelservice.store import DESTINATION, SOURCE
 from lpxy.tunnelservice.tokens import HandshakeRefused
@@ -101,6 +103,8 @@ class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: igno
     def connectionMade(self) -> None:
         super().connectionMade()
         self._decoder = RecordDecoder()
+        limit = self.factory.maxMessagePayloadSize
+        self._frames = ClientFrames(self, self.factory.maxFramePayloadSize, limit)
         self._bytes_in = 0
         self._bytes_out = 0
         self._pausers = ReadingPauses(self._stop_reading, self._read_again)
@@ -129,6 +133,40 @@ class TunnelServerProtocol(QuietHotPath, WebSocketServerProtocol):  # type: igno
         super().dataReceived(data)
         if self._pacer is not None:
             self._pacer.read(len(data))
+
+    # Reading frames (lpxy.tunnelservice.inbound instead of Autobahn's reader)
+
+    def processData(self) -> bool:
+        # Autobahn's consumeData calls this, while open or closing, with
+        # what it has buffered; all of it is read at once.
+        data, self.data = self.data, b""
+        self._frames.feed(data)
+        return False
+
+    def frame_message(self, payload: bytes, binary: bool) -> bool:
+        """A whole message arrived: relay it (L{ClientFrames}' sink)."""
+        if self.state == self.STATE_OPEN:
+            self.trafficStats.incomingWebSocketMessages += 1
+        self.onMessage(payload, binary)
+        return bool(self.state != self.STATE_CLOSED)
+
+    def frame_control(self, opcode: int, payload: bytes, rsv: int, mask: bytes | None) -> bool:
+        """A ping, pong or close arrived: Autobahn answers it."""
+        self.current_frame = FrameHeader(opcode, True, rsv, len(payload), mask)  # type: ignore[arg-type]
+        self.control_frame_data = [payload]
+        self.processControlFrame()
+        self.current_frame = None  # type: ignore[assignment]
+        return bool(self.state != self.STATE_CLOSED)
+
+    def frame_violation(self, reason: str) -> bool:
+        """The peer broke RFC 6455: Autobahn fails the connection (1002)."""
+        self._protocol_violation(reason)
+        return bool(self.state != self.STATE_CLOSED)
+
+    def frame_too_big(self, size: int, limit: int, reason: str) -> bool:
+        """A frame or message over the wire's limit: Autobahn fails the connection (1009)."""
+        self._max_message_size_exceeded(size, limit, reason)
+        return bool(self.state != self.STATE_CLOSED)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
