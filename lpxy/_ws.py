@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Literal, Protocol
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from txaio.tx import Logger as _TxaioLogger
 
@@ -25,11 +26,11 @@ __all__ = [
     "Keepalive",
     "ReadingPauses",
     "cancel_autobahn_timers",
+    "pause_if_unsent",
     "quiet_autobahn_log",
     "raise_buffer_size",
     "set_no_delay",
     "unsent_bytes",
-    "write_paused_if_unsent",
 ]
 
 
@@ -127,30 +128,43 @@ def raise_buffer_size(transport: object, size: int) -> bool:
     return True
 
 
-def write_paused_if_unsent(transport: object, write: Callable[[], None]) -> bool:
+def pause_if_unsent(transport: object) -> bool:
     """
-    Call C{write} (which writes to C{transport}) with the high-water mark of
-    the socket transport under C{transport} at zero, then put the mark back:
-    if the socket is left holding any byte unsent, Twisted pauses its
-    streaming producer, and so resumes it (the drained edge) once the socket
-    has taken everything. Without that, a buffer under the mark empties
-    without a word. The mark is zero for that one write only: it is also
-    the size of each read.
+    Have the socket transport under C{transport} pause its streaming
+    producer now if it holds any byte unsent, so that the drained edge (the
+    producer resumed) comes once its socket has taken them all; Twisted
+    pauses only above the high-water mark, and a buffer under it empties
+    without a word. A zero-byte write with the mark at zero for that one
+    call: nothing reaches the socket (under TLS the record stream is left
+    untouched), and the mark, which is also the size of each read, is put
+    back at once.
 
-    @return: whether a transport with a buffer size was found (without one,
-        C{write} is called all the same).
+    @return: whether a socket transport with a buffer size was found.
     """
-    socket = _buffered_layer(transport)
+    socket = _socket_transport(transport)
     if socket is None:
-        write()
         return False
     mark = socket.bufferSize
     socket.bufferSize = 0
     try:
-        write()
+        socket.writeSequence([b""])
     finally:
         socket.bufferSize = mark
     return True
+
+
+def _socket_transport(transport: object) -> FileDescriptor | None:
+    """
+    Twisted's socket transport under C{transport} (a layer or two down under
+    TLS or a web-proxy tunnel), or L{None}. Found by its class: a TLS layer
+    answers for any attribute of the transport below it (C{ProtocolWrapper}
+    passes them on), so an attribute set on it would not reach the socket.
+    """
+    for _ in range(_NO_DELAY_DEPTH):
+        if transport is None or isinstance(transport, FileDescriptor):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
 
 
 def _buffered_layer(transport: object) -> Any:

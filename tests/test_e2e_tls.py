@@ -220,6 +220,36 @@ class TLSTests(TestCase):
         yield client.closed
 
     @inlineCallbacks
+    def test_stop_with_bytes_unsent(self) -> Any:
+        """
+        Stopping a source while its WebSocket's socket holds bytes (the
+        service not reading them, under TLS) queues no Close while they
+        wait; once the service reads again, the Close follows them (the
+        drained edge) and the close handshake ends with 1000.
+        """
+        logs = LogRecorder(self)
+        pair = yield self.relay(self.pki.ca_dir)
+        server_side = self.fixture.server_side(self.opened.tunnel_id, "source")
+        server_side.transport.pauseProducing()
+        client = yield Deferred.fromCoroutine(connect_client(self, pair.ports["SSH"]))
+        Pusher(client.transport, 64 * 1024 * 1024).resumeProducing()
+        protocol = pair.source.connector.protocol
+        for _ in range(5000):
+            if buffered(protocol.transport):
+                break
+            yield turns(1)
+        self.assertGreater(buffered(protocol.transport), 0)
+        stopped = pair.source.stopService()
+        yield turns(20)
+        self.assertNoResult(stopped)
+        self.assertEqual(protocol.state, protocol.STATE_OPEN)  # no Close queued
+        server_side.transport.resumeProducing()
+        yield stopped
+        yield logs.when("Peer disconnected: source")
+        [line] = logs.texts("Peer disconnected: source")
+        self.assertIn("(1000 local proxy stopping;", line)
+
+    @inlineCallbacks
     def test_untrusted_retried_for_ever(self) -> Any:
         """
         With the default C{connect_retry_count} of -1 a certificate

@@ -31,13 +31,10 @@ from lpxy.proxy.settings import ProxySettings, TcpSettings, WebSocketSettings
 from lpxy.proxy.statedir import client_token_file
 from tests.support.wsframes import (
     BINARY,
-    CLOSE,
-    PING,
     WebSocketTransport,
     accept_response,
     frame,
     parse_request,
-    read_frames,
 )
 
 TOKEN = "the-access-token"
@@ -382,8 +379,7 @@ class ServiceTests(ServiceTestBase):
         protocol, transport = self.handshake(ids=["SSH"])
         transport.clear()
         self.service.stopService()
-        # The ping shows the socket holds nothing: the Close follows at once.
-        self.assertEqual([f[0] for f in read_frames(transport.value())], [PING, CLOSE])
+        self.assertTrue(transport.value().startswith(b"\x88"))
         self.lose(protocol, transport)
         self.assertNoResult(self.done)
 

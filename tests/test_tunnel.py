@@ -479,10 +479,10 @@ class DrainBeforeCloseTests(SynchronousTestCase):
                 got += b"".join(m.payload for m in decoder.feed(payload))
         return got
 
-    def test_close_at_once_when_nothing_held(self) -> None:
+    def test_close_at_once_over_string_transport(self) -> None:
         """
-        Over a transport that holds nothing (each write taken whole), the
-        Close is written by C{close} itself: after the ping that showed it,
+        Over a transport that is no socket transport (it never pauses, each
+        write counts as taken), the Close is written by C{close} itself,
         with no wait of ours left behind.
         """
         clock = Clock()
@@ -494,27 +494,23 @@ class DrainBeforeCloseTests(SynchronousTestCase):
         transport.clear()
         protocol.dataReceived(accept_response(request, SUB))
         protocol.close(1000, "local proxy stopping")
-        self.assertEqual([f[0] for f in read_frames(transport.value())], [PING, CLOSE])
+        self.assertEqual([f[0] for f in read_frames(transport.value())], [CLOSE])
         # Only Autobahn's close handshake timer is pending, not a drain wait.
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         self.assertEqual(clock.getDelayedCalls()[0].getTime(), 2)
         protocol.dropConnection(abort=True)
         protocol.connectionLost(Failure(ConnectionDone()))
 
-    def test_close_on_drained_edge_when_socket_empty(self) -> None:
+    def test_close_at_once_when_socket_empty(self) -> None:
         """
-        With an empty send buffer, the Close follows as soon as the socket
-        takes the ping: no timer, no wait beyond the next write turn.
+        With nothing held by the socket, the Close is written at once: no
+        give-up timer, only Autobahn's close handshake timer.
         """
         self.protocol.close(1000, "local proxy stopping")
-        self.assertEqual([f[0] for f in read_frames(self._buffered())], [PING])
-        self.transport.take(5)
-        self.assertEqual((self.transport.unsent, self.transport.written), (1, 6))
-        self.transport.take(1)  # the ping's last byte: the drained edge
-        self.assertEqual([f[0] for f in self.frames()], [PING])
         [(opcode, body)] = read_frames(self._buffered())
         self.assertEqual((opcode, body[:2]), (CLOSE, b"\x03\xe8"))
-        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 2)  # Autobahn's
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [2])
+        self.assertEqual(self.producer.edges, [])
 
     def _buffered(self) -> bytes:
         """What the socket holds unsent (the test's own view of it)."""
@@ -525,24 +521,28 @@ class DrainBeforeCloseTests(SynchronousTestCase):
         """
         With data held below the high-water mark, no Close is written while
         any of it is unsent; the drained edge brings it, right after the
-        data and the ping; the tunnel's producer saw both edges.
+        data; the tunnel's producer saw both edges.
         """
         payload = self.send(200_000)
         held = self.transport.unsent
         self.protocol.close(1000, "local proxy stopping")
+        self.assertEqual(self.transport.unsent, held)  # the probe wrote nothing
         self.assertEqual(self.producer.edges, ["pause"])
-        self.transport.take(held)
-        self.assertNotIn(CLOSE, [f[0] for f in self.frames()])
-        self.transport.take(1000)
+        self.transport.take(held - 1)
+        self.assertEqual(self.transport.unsent, 1)  # no Close written yet
+        self.transport.take(1)  # the drained edge
         self.assertEqual(self.producer.edges, ["pause", "resume"])
-        self.assertEqual([f[0] for f in self.frames()][-2:], [PING, CLOSE])
+        [(opcode, _)] = read_frames(self._buffered())
+        self.assertEqual(opcode, CLOSE)
+        self.transport.take(1000)
+        self.assertEqual([f[0] for f in self.frames()][-2:], [BINARY, CLOSE])
         self.assertEqual(self.received(), payload)
         self.assertFalse(self.transport.aborted)
 
     def test_close_after_drained_edge_when_full(self) -> None:
         """
-        Over the high-water mark already, the close needs no ping: the
-        drained edge that comes anyway brings the Close.
+        Over the high-water mark already, the drained edge that comes
+        anyway brings the Close.
         """
         payload = self.send(600_000)
         self.assertIn("pause", self.producer.edges)
@@ -553,7 +553,6 @@ class DrainBeforeCloseTests(SynchronousTestCase):
         self.assertEqual([f[0] for f in read_frames(self._buffered())], [CLOSE])
         self.transport.take(1000)
         self.assertEqual([f[0] for f in self.frames()][-1], CLOSE)
-        self.assertNotIn(PING, [f[0] for f in self.frames()])
         self.assertEqual(self.received(), payload)
 
     def test_close_waits_for_drain(self) -> None:

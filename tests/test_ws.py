@@ -17,11 +17,11 @@ from lpxy._ws import (
     QuietHotPath,
     ReadingPauses,
     cancel_autobahn_timers,
+    pause_if_unsent,
     quiet_autobahn_log,
     raise_buffer_size,
     set_no_delay,
     unsent_bytes,
-    write_paused_if_unsent,
 )
 
 
@@ -320,8 +320,8 @@ class UnsentBytesTests(SynchronousTestCase):
         self.assertIsNone(unsent_bytes(None))
 
 
-class WritePausedIfUnsentTests(SynchronousTestCase):
-    """A write made with the high-water mark at zero, under TLS-like layers."""
+class PauseIfUnsentTests(SynchronousTestCase):
+    """The zero-byte probe of what a socket transport under TLS-like layers holds."""
 
     def setUp(self) -> None:
         from twisted.internet.abstract import FileDescriptor
@@ -330,12 +330,22 @@ class WritePausedIfUnsentTests(SynchronousTestCase):
         class Socket(FileDescriptor):
             connected = True
 
+            def __init__(self, reactor: MemoryReactor) -> None:
+                super().__init__(reactor)
+                self.sent = b""
+
             def writeSomeData(self, data: bytes) -> int:
+                self.sent += bytes(data)
                 return len(data)
 
         class Layer:
+            """Like TLS (a C{ProtocolWrapper}): answers for the transport below."""
+
             def __init__(self, below: object) -> None:
                 self.transport = below
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.transport, name)
 
         class Producer:
             def __init__(self) -> None:
@@ -353,24 +363,32 @@ class WritePausedIfUnsentTests(SynchronousTestCase):
         self.socket.registerProducer(self.producer, True)
         self.stack = Layer(Layer(self.socket))
 
-    def test_held_byte_pauses_then_drains(self) -> None:
+    def test_held_bytes_pause_then_drain(self) -> None:
         """
-        Bytes left unsent by the write, far under the usual mark, pause the
-        producer; the socket taking them resumes it; the mark is restored.
+        Bytes held, far under the usual mark, pause the producer; the socket
+        taking them resumes it; nothing was added; the mark is restored.
         """
         self.socket.write(b"earlier")
         self.assertEqual(self.producer.edges, [])
-        self.assertTrue(write_paused_if_unsent(self.stack, lambda: self.socket.write(b"p")))
+        self.assertTrue(pause_if_unsent(self.stack))
         self.assertEqual(self.producer.edges, ["pause"])
         self.assertEqual(self.socket.bufferSize, 524304)
         self.socket.doWrite()
         self.assertEqual(self.producer.edges, ["pause", "resume"])
+        self.assertEqual(self.socket.sent, b"earlier")
+
+    def test_nothing_held(self) -> None:
+        """An empty socket transport does not pause its producer."""
+        self.assertTrue(pause_if_unsent(self.stack))
+        self.assertEqual(self.producer.edges, [])
+        self.assertEqual(self.socket.bufferSize, 524304)
 
     def test_no_socket_transport(self) -> None:
-        """Without a socket transport below, the write is made all the same."""
-        written: list[int] = []
-        self.assertFalse(write_paused_if_unsent(None, lambda: written.append(1)))
-        self.assertEqual(written, [1])
+        from twisted.internet.testing import StringTransport
+
+        self.assertFalse(pause_if_unsent(None))
+        self.assertFalse(pause_if_unsent(StringTransport()))
+        self.assertFalse(pause_if_unsent(self.stack.__class__(None)))
 
 
 class QuietHotPathTests(SynchronousTestCase):

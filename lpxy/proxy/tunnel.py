@@ -22,11 +22,13 @@ C{--stdio}) sends its Close frame only once the socket has taken what was
 written before: Autobahn's close handshake timer starts when the Close is
 queued and, on expiry, drops the connection with whatever is still unsent,
 which on a slow uplink would cut off the streams' last bytes. The wait ends
-on the transport's drained edge (its streaming producer resumed): a ping
-written with the transport's high-water mark at zero makes sure that edge
-comes whatever the socket holds, or shows at once that it holds nothing.
-While bytes leave, the wait goes on; once a whole L{DRAIN_STALL} passed with
-none taken, the peer counts as gone and the connection is dropped.
+on the transport's drained edge (its streaming producer resumed), which
+L{lpxy._ws.pause_if_unsent} makes sure comes whatever the socket holds; when
+it holds nothing, the Close goes at once. (Under TLS, Twisted may keep up to
+64 KB of small writes for the next reactor turn, ahead of the Close in
+order: Autobahn's timer covers those.) While bytes leave, the wait goes on;
+once a whole L{DRAIN_STALL} passed with none taken, the peer counts as gone
+and the connection is dropped.
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ from lpxy._ws import (
     Keepalive,
     QuietHotPath,
     cancel_autobahn_timers,
+    pause_if_unsent,
     quiet_autobahn_log,
     raise_buffer_size,
     set_no_delay,
     unsent_bytes,
-    write_paused_if_unsent,
 )
 from lpxy.frames import (
     WIRE_FRAME_LIMIT,
@@ -265,8 +267,6 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
     def onPong(self, payload: bytes) -> None:
         rtt = self._keepalive.pong(payload) if self._keepalive is not None else None
         if rtt is None:
-            if self._closing is not None:
-                return  # the answer to a close's ping
             self._log.debug("Ignoring a pong that answers no ping of ours")
             return
         self.last_rtt = rtt
@@ -396,7 +396,7 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
     def _close_when_drained(self) -> None:
         edges = self._send_edges()
         if not edges.full:
-            write_paused_if_unsent(self.transport, self.sendPing)
+            pause_if_unsent(self.transport)
         if not edges.full:
             self._send_close()  # the socket holds nothing
             return
