@@ -2,7 +2,8 @@
 Tests for L{lpxy.proxy.endpoints.tunnel_client_endpoint}: which way the
 local proxy goes to the service (directly, through an HTTP or HTTPS web
 proxy, around it for C{NO_PROXY}), and C{TCP_NODELAY} on the way
-(L{lpxy.proxy.endpoints.NoDelayEndpoint}).
+(L{lpxy.proxy.endpoints.NoDelayEndpoint}), and TLS that sends each write
+at once (L{lpxy.proxy.endpoints.TLSEndpoint}).
 
 The tests run on a L{MemoryReactorClock} with a resolver that knows a few
 names and hand connections L{StringTransport}s.
@@ -11,19 +12,30 @@ names and hand connections L{StringTransport}s.
 from __future__ import annotations
 
 from base64 import b64encode
+from pathlib import Path
 
 from attrs import evolve
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpxy.proxy.config import ProxyConfig, TunnelEndpoint, WebProxy
-from lpxy.proxy.endpoints import NoDelayEndpoint, WebProxyError, tunnel_client_endpoint
+from lpxy.proxy.endpoints import (
+    NoDelayEndpoint,
+    TLSEndpoint,
+    WebProxyError,
+    tunnel_client_endpoint,
+)
 from tests.support.apps import Client, ClientFactory
+from tests.support.certs import make_test_pki
 from tests.support.memorynet import ImmediateEndpoint, Resolver, TCPStringTransport
 
 TOKEN = "access-token-that-must-never-show"
@@ -350,3 +362,52 @@ class NoDelayEndpointTests(SynchronousTestCase):
 
         d = NoDelayEndpoint(Refusing()).connect(ClientFactory())
         self.failureResultOf(d, ConnectionRefusedError)
+
+
+class TLSEndpointTests(SynchronousTestCase):
+    """
+    L{TLSEndpoint} on its own, against a TLS server in memory.
+    """
+
+    def test_write_encrypted_at_once(self) -> None:
+        """
+        Once the handshake is done, a write of the protocol above reaches
+        the connection below as a TLS record within the call, with no
+        reactor turn between.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        pki = make_test_pki(Path(directory.path))
+        below = StringTransport()
+        options = optionsForClientTLS("localhost", pki.ca_certificate())
+        d = TLSEndpoint(options, ImmediateEndpoint(below)).connect(
+            Factory.forProtocol(Protocol)
+        )
+        client = self.successResultOf(d)
+        server_side = StringTransport()
+        received: list[bytes] = []
+
+        class Server(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        server = TLSMemoryBIOFactory(
+            pki.server_context_factory(), False, Factory.forProtocol(Server)
+        ).buildProtocol(None)
+        server.makeConnection(server_side)
+
+        def pump() -> None:
+            while below.value() or server_side.value():
+                to_server, to_client = below.value(), server_side.value()
+                below.clear()
+                server_side.clear()
+                if to_server:
+                    server.dataReceived(to_server)
+                if to_client:
+                    client.transport.dataReceived(to_client)
+
+        pump()
+        client.transport.write(b"hello")
+        self.assertTrue(below.value().startswith(b"\x17"), "an application data record")
+        pump()
+        self.assertEqual(b"".join(received), b"hello")

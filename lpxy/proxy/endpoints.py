@@ -6,14 +6,19 @@ that C{ClientService} connects with.
 Layers, innermost first::
 
     NoDelayEndpoint(HostnameEndpoint(service or web proxy))
-    [wrapClientTLS(web proxy TLS options, ...)]        https:// web proxy
+    [TLSEndpoint(web proxy TLS options, ...)]          https:// web proxy
     [HTTPConnectEndpoint(..., service host, port)]     through a web proxy
-    [wrapClientTLS(service TLS options, ...)]          wss:// (the usual)
+    [TLSEndpoint(service TLS options, ...)]            wss:// (the usual)
 
 C{TCP_NODELAY} is set on the real TCP connection, the innermost layer:
 under TLS the WebSocket's transport is Twisted's TLS protocol, where a
 no-delay request never reaches the socket, and every small message then
 waits for the peer's delayed ACK (about 40 ms).
+
+Under TLS each write is encrypted and sent at once (L{TLSEndpoint}), and
+the TCP connection below sends what it can at once (L{lpxy.writethrough}):
+the WebSocket writes each frame whole and the tunnel joins records into
+messages itself, so nothing is left for a lower layer to join.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet.address import HostnameAddress
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
     IProtocol,
@@ -35,6 +40,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
@@ -99,8 +105,9 @@ class NoDelayEndpoint:
     transport (a L{HostnameEndpoint}, say); TLS and CONNECT go outside.
     The option is set when the wrapped endpoint's Deferred fires, which
     L{HostnameEndpoint} does from within C{connectionMade}: what the
-    protocol wrote there (a TLS ClientHello) is still only queued, for the
-    reactor to send later.
+    protocol wrote there (a TLS ClientHello, a CONNECT request) left as the
+    connection's first segment, which Nagle never holds back (nothing is
+    unacknowledged yet).
     """
 
     def __init__(self, wrapped: IStreamClientEndpoint) -> None:
@@ -121,6 +128,33 @@ class NoDelayEndpoint:
                 transport=transport,
             )
         return protocol
+
+
+class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
+    protocol = TLSMemoryBIOProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class TLSEndpoint:
+    """
+    TLS on each connection the wrapped endpoint makes, as Twisted's
+    C{wrapClientTLS} puts it there, but with each write encrypted and
+    handed to the connection at once. Twisted's default TLS transport holds
+    writes back to the next reactor turn to join small ones: a delayed call
+    and one more turn of the loop for every WebSocket message, which is
+    already one whole write.
+
+    @param options: the TLS client options (L{client_tls_options}).
+    """
+
+    def __init__(self, options: Any, wrapped: IStreamClientEndpoint) -> None:
+        self._options = options
+        self._wrapped = cast(_Endpoint, wrapped)
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        """Connect with the wrapped endpoint, TLS between it and the protocol."""
+        tls = _UnbufferedTLSFactory(self._options, True, protocolFactory)
+        return self._wrapped.connect(tls).addCallback(lambda protocol: protocol.wrappedProtocol)
 
 
 @implementer(IStreamClientEndpoint)
@@ -357,10 +391,10 @@ def tunnel_client_endpoint(reactor: Any, config: ProxyConfig) -> IStreamClientEn
         proxy_name = "web proxy " + authority(web_proxy.host, web_proxy.port)
         endpoint = tcp_endpoint(reactor, web_proxy.host, web_proxy.port)
         if web_proxy.tls:
-            endpoint = wrapClientTLS(
+            endpoint = cast(IStreamClientEndpoint, TLSEndpoint(
                 client_tls_options(web_proxy.host, config.capath, config.verify_ssl),
                 endpoint,
-            )
+            ))
         _log.info(
             "Connecting to {target} through {proxy} (https: {tls},"
             " credentials: {credentials})",
@@ -382,7 +416,7 @@ def tunnel_client_endpoint(reactor: Any, config: ProxyConfig) -> IStreamClientEn
             ),
         )
     if target.tls:
-        endpoint = wrapClientTLS(
+        endpoint = cast(IStreamClientEndpoint, TLSEndpoint(
             client_tls_options(target.host, config.capath, config.verify_ssl), endpoint
-        )
+        ))
     return endpoint
