@@ -31,6 +31,7 @@ __all__ = [
     "data_record_parts",
     "encode",
     "encode_body",
+    "group_records",
     "pack_records",
     "parse_body",
 ]
@@ -301,6 +302,27 @@ def data_record_parts(header: bytes, payload_size: int) -> tuple[bytes, bytes]:
     return LENGTH_PREFIX.pack(size) + lead + tag, trail
 
 
+def group_records(
+    records: Iterable[Sequence[bytes | memoryview]], limit: int = WIRE_FRAME_LIMIT
+) -> Iterator[tuple[int, list[bytes | memoryview]]]:
+    """
+    What L{pack_records} makes, not joined: each message payload as its
+    size and the pieces that make it, in order, for a caller that copies
+    them once into a frame of its own.
+    """
+    parts: list[bytes | memoryview] = []
+    size = 0
+    for pieces in records:
+        record_size = sum(map(len, pieces))
+        if size and size + record_size > limit:
+            yield size, parts
+            parts, size = [], 0
+        parts.extend(pieces)
+        size += record_size
+    if parts:
+        yield size, parts
+
+
 def pack_records(
     records: Iterable[Sequence[bytes | memoryview]], limit: int = WIRE_FRAME_LIMIT
 ) -> Iterator[bytes]:
@@ -311,14 +333,5 @@ def pack_records(
     L{data_record_parts} and a payload); a record is never cut, and one
     bigger than C{limit} goes alone.
     """
-    parts: list[bytes | memoryview] = []
-    size = 0
-    for pieces in records:
-        record_size = sum(map(len, pieces))
-        if size and size + record_size > limit:
-            yield b"".join(parts)
-            parts, size = [], 0
-        parts.extend(pieces)
-        size += record_size
-    if parts:
+    for _, parts in group_records(records, limit):
         yield b"".join(parts)

@@ -180,14 +180,17 @@ class FrameSizeSettingTests(TestCase):
         )
         connected = pair.source.connector.protocol
         assert connected is not None
+        sender = pair.destination.connector.protocol
+        assert sender is not None
+        # What the destination writes: each write is one frame of one message.
         sizes: list[int] = []
-        on_message = connected.onMessage
+        send_data = sender.sendData
 
-        def measured(payload: bytes, isBinary: bool) -> None:
-            sizes.append(len(payload))
-            on_message(payload, isBinary)
+        def measured(data: bytes, *args: Any, **kwargs: Any) -> None:
+            sizes.append(len(data))
+            send_data(data, *args, **kwargs)
 
-        connected.onMessage = measured  # type: ignore[method-assign]
+        sender.sendData = measured  # type: ignore[method-assign]
         # Several bulk connections at once: both proxies pack records into
         # messages of up to 131076 bytes.
         yield gatherResults([

@@ -17,6 +17,7 @@ from lpxy.frames import (
     data_record_parts,
     encode,
     encode_body,
+    group_records,
     pack_records,
 )
 from tests.support.wsframes import encode_all
@@ -345,3 +346,16 @@ class PropertyTests(SynchronousTestCase):
                     self.assertIsInstance(message, Message)
         except ProtocolError:
             pass
+
+
+class GroupRecordsTests(SynchronousTestCase):
+    """L{group_records}: L{pack_records}' messages as sizes and pieces."""
+
+    def test_sameMessagesAsPacked(self) -> None:
+        records = [(b"\x00\x03abc",), (b"\x00\x02", memoryview(b"de")), (b"\x00\x01f",)]
+        groups = list(group_records(records, 8))
+        self.assertEqual([size for size, _ in groups], [5, 7])
+        self.assertEqual(
+            [b"".join(pieces) for _, pieces in groups], list(pack_records(records, 8))
+        )
+        self.assertIsInstance(groups[1][1][1], memoryview)

@@ -188,6 +188,37 @@ class TunnelProtocolTests(SynchronousTestCase):
         ]
         self.assertEqual(kinds, [[Message.DATA], [Message.STREAM_RESET]])
 
+    def test_control_frames_between_binary_frames(self) -> None:
+        """
+        Binary frames are read by lpxy, anything else by Autobahn, in the
+        order they came: records before a ping, the pong, the records after
+        it (in the same read and in the next) arrive as if read one by one.
+        """
+        self.open()
+        self.sent()
+        records = [encode(Message(type=Message.DATA, streamId=1, payload=b"%d" % i * 40))
+                   for i in range(6)]
+        both = records[2] + records[3]
+        self.protocol.dataReceived(
+            frame(BINARY, records[0]) + frame(BINARY, records[1] + both[:7])
+            + frame(PING, b"hello") + frame(BINARY, both[7:])
+        )
+        self.assertEqual(self.sent(), [(PONG, b"hello")])
+        self.protocol.dataReceived(frame(BINARY, records[4])[:3])
+        self.protocol.dataReceived(frame(BINARY, records[4])[3:] + frame(BINARY, records[5]))
+        payloads = [m.payload for e in self.events.log if e[0] == "records"
+                    for m in e[1]]  # type: ignore[union-attr]
+        self.assertEqual(payloads, [b"%d" % i * 40 for i in range(6)])
+
+    def test_oversized_frame_fails_connection(self) -> None:
+        """A binary frame over the frame limit drops the connection, as Autobahn does."""
+        self.open()
+        self.sent()
+        self.protocol.dataReceived(frame(BINARY, b"\0" * 131077))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.protocol.state, self.protocol.STATE_CLOSED)
+        self.assertNotIn("records", [e[0] for e in self.events.log])
+
     def test_bad_record(self) -> None:
         self.open()
         self.server_sends(b"\x00\x00")
@@ -302,6 +333,29 @@ class TunnelProtocolTests(SynchronousTestCase):
         decoder = RecordDecoder()
         counts = [len(decoder.feed(p)) for _, p in frames]
         self.assertEqual(counts, [2, 1])
+
+    def test_frames_handed_over_as_built(self) -> None:
+        """
+        A transport that takes any buffer (the batching TLS layer) gets each
+        message's frame as built, a C{bytearray}, not a copy; any other
+        transport gets C{bytes}.
+        """
+        self.open()
+        self.sent()
+        writes: list[object] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        header = Message(type=Message.DATA, streamId=1).SerializeToString()
+        self.protocol.send_data(header, b"abc")
+        self.clock.advance(0)
+        self.transport.accepts_buffers = True  # type: ignore[attr-defined]
+        self.protocol.send_data(header, b"def")
+        self.clock.advance(0)
+        self.assertEqual([type(w) for w in writes], [bytes, bytearray])
+        payloads = [read_frames(bytes(w))[0] for w in writes]
+        self.assertEqual(
+            [(opcode, [m.payload for m in RecordDecoder().feed(p)]) for opcode, p in payloads],
+            [(BINARY, [b"abc"]), (BINARY, [b"def"])],
+        )
 
     def test_foreign_pong_ignored_dead_after_two_periods(self) -> None:
         self.open()

@@ -40,7 +40,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
@@ -48,6 +47,7 @@ from lpxy._ws import Clock, DelayedCall, set_no_delay
 from lpxy.proxy.addresses import authority, no_proxy_matches
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.tls import client_tls_options
+from lpxy.proxy.tls_batching import BatchingTLSFactory
 from lpxy.writethrough import write_through
 
 _log = Logger()
@@ -130,10 +130,6 @@ class NoDelayEndpoint:
         return protocol
 
 
-class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
-    protocol = TLSMemoryBIOProtocol
-
-
 @implementer(IStreamClientEndpoint)
 class TLSEndpoint:
     """
@@ -142,7 +138,9 @@ class TLSEndpoint:
     handed to the connection at once. Twisted's default TLS transport holds
     writes back to the next reactor turn to join small ones: a delayed call
     and one more turn of the loop for every WebSocket message, which is
-    already one whole write.
+    already one whole write. The TLS protocol is
+    L{lpxy.proxy.tls_batching.BatchingTLSProtocol}: one OpenSSL call and one
+    write below per write, one delivery up per read.
 
     @param options: the TLS client options (L{client_tls_options}).
     """
@@ -153,7 +151,7 @@ class TLSEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect with the wrapped endpoint, TLS between it and the protocol."""
-        tls = _UnbufferedTLSFactory(self._options, True, protocolFactory)
+        tls = BatchingTLSFactory(self._options, True, protocolFactory)
         return self._wrapped.connect(tls).addCallback(lambda protocol: protocol.wrappedProtocol)
 
 

@@ -33,7 +33,7 @@ and the connection is dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from attrs import frozen
@@ -65,9 +65,10 @@ from lpxy.frames import (
     RecordDecoder,
     data_record_parts,
     encode,
-    pack_records,
+    group_records,
 )
 from lpxy.proxy.tls import tls_failure
+from lpxy.proxy.ws_frames import BinaryFrameReader, binary_frame
 from lpxy.wire import CLOSE_NORMAL
 
 __all__ = [
@@ -198,6 +199,7 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         self._refused: str | None = None
         self._dead = False
         self._decoder = RecordDecoder()
+        self._reader: BinaryFrameReader | None = None
         self._queue: list[tuple[bytes | memoryview, ...]] = []
         self._queued = 0
         self._flush_call: Any = None
@@ -243,6 +245,7 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         if self.state == self.STATE_CLOSED:
             return  # the handshake was failed in onConnect
         self._opened = True
+        self._reader = BinaryFrameReader(self.factory.max_frame_size)
         period = self.factory.ping_period
         if period > 0:
             self._keepalive = Keepalive(
@@ -252,13 +255,44 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
             self._keepalive.start()
         self.factory.events.ws_open(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        # Plain binary frames are read here (lpxy.proxy.ws_frames), the
+        # rest by Autobahn: what it has begun, it finishes.
+        reader = self._reader
+        if reader is None or (reader.between_frames and not self._autobahn_idle()):
+            self._dataReceived(data)
+            return
+        pieces, rest = reader.feed(data)
+        self.trafficStats.incomingOctetsWireLevel += len(data) - len(rest)
+        if pieces:
+            self._records(pieces)
+        if rest and self.state != self.STATE_CLOSED:
+            self._dataReceived(rest)
+
+    def _autobahn_idle(self) -> bool:
+        """Whether Autobahn is open and between messages, holding no bytes."""
+        return (
+            self.state == self.STATE_OPEN
+            and self.current_frame is None
+            and not self.inside_message
+            and not self.data
+        )
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
             self._log.warn("Ignoring a text message from the tunneling service")
             return
+        self._records((payload,))
+
+    def _records(self, payloads: Sequence[bytes | memoryview]) -> None:
+        messages: list[Message] = []
+        feed = self._decoder.feed
         try:
-            messages = self._decoder.feed(payload)
+            for payload in payloads:
+                messages.extend(feed(payload))
         except ProtocolError as e:
+            if messages:
+                self.factory.events.ws_records(self, messages)
             self.factory.events.ws_error(self, e)
             return
         if messages:
@@ -374,8 +408,18 @@ class TunnelProtocol(QuietHotPath, WebSocketClientProtocol):  # type: ignore[mis
         queue, self._queue, self._queued = self._queue, [], 0
         if not queue or self.state != self.STATE_OPEN:
             return
-        for message in pack_records(queue, self.factory.max_frame_size):
-            self.sendMessage(message, isBinary=True)
+        # Frames built here, each copied once (lpxy.proxy.ws_frames), not
+        # by sendMessage; the TLS layer below takes the buffer as it is.
+        as_is = getattr(self.transport, "accepts_buffers", False)
+        stats = self.trafficStats
+        for size, pieces in group_records(queue, self.factory.max_frame_size):
+            frame = binary_frame(pieces, size)
+            stats.outgoingWebSocketMessages += 1
+            stats.outgoingWebSocketFrames += 1
+            stats.outgoingOctetsAppLevel += size
+            stats.outgoingOctetsWebSocketLevel += size
+            data: Any = frame if as_is else bytes(frame)
+            self.sendData(data)
 
     # -- control ---------------------------------------------------------
 
