@@ -4,6 +4,7 @@ Tests for L{lpxy.proxy.cli}, the C{localproxy} console script.
 
 from __future__ import annotations
 
+import gc
 import io
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,87 @@ class RunTests(SynchronousTestCase):
         d = cli.run(self.reactor, CONFIG, self.factory)
         self.made[0].finish(3)
         self.assertEqual(self.failureResultOf(d, SystemExit).value.code, 3)
+
+
+class CollectionPauseTests(SynchronousTestCase):
+    """
+    The console script runs its start without garbage collection; once the
+    service has started, what the start built is frozen and collection
+    resumes.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+        self.enabled_at_start: list[bool] = []
+        # Whatever happens, this process collects as before the test.
+        self.addCleanup(gc.enable)
+        self.addCleanup(gc.unfreeze)
+        self.addCleanup(setattr, cli, "_collection_paused", False)
+
+    def factory(self, config: ProxyConfig, reactor: Any) -> FakeProxyService:
+        enabled = self.enabled_at_start
+
+        class Recording(FakeProxyService):
+            def startService(self) -> None:
+                enabled.append(gc.isenabled())
+                super().startService()
+
+        return Recording(config, reactor)
+
+    def test_paused_until_started(self) -> None:
+        """
+        Paused, the collector stays off until the service has started,
+        then the objects built so far are frozen and it runs again.
+        """
+        gc.unfreeze()
+        cli._pause_collection()
+        self.assertFalse(gc.isenabled())
+        cli.run(self.reactor, CONFIG, self.factory)
+        self.assertEqual(self.enabled_at_start, [False])
+        self.assertTrue(gc.isenabled())
+        self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_disabled_by_others(self) -> None:
+        """
+        A collector someone else turned off stays off.
+        """
+        gc.disable()
+        cli._pause_collection()
+        cli.run(self.reactor, CONFIG, self.factory)
+        self.assertFalse(gc.isenabled())
+
+    def test_not_paused_without_pause(self) -> None:
+        """
+        L{cli.run} alone (as under a test's stand-in reactor) neither
+        pauses nor freezes anything.
+        """
+        gc.unfreeze()
+        cli.run(self.reactor, CONFIG, self.factory)
+        self.assertEqual(self.enabled_at_start, [True])
+        self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_main_with_stand_in_reactor(self) -> None:
+        """
+        L{cli.main} under a test's stand-in C{react} leaves the test
+        process's collector alone.
+        """
+        self.patch(tap, "Options", _FixedOptions)
+        reactor = MemoryReactor()
+
+        class DoneAtOnce(FakeProxyService):
+            def startService(self) -> None:
+                super().startService()
+                self.finish(0)
+
+        def stand_in(main: Any, argv: Any) -> None:
+            self.enabled_at_start.append(gc.isenabled())
+            react(main, argv, _reactor=reactor)
+
+        self.assertRaises(
+            SystemExit, cli.main, [], _react=stand_in, _service_factory=DoneAtOnce,
+            _start_logging=lambda *args, **kwargs: None,
+        )
+        self.assertEqual(self.enabled_at_start, [True])
 
 
 class MainTests(SynchronousTestCase):

@@ -9,6 +9,7 @@ C{--version}) alone answers before Twisted is imported at all.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from lpxy.proxy.tap import ServiceFactory
 
 EXIT_USAGE = 1
+
+# Whether main paused the garbage collector for the start (see _pause_collection).
+_collection_paused = False
 
 _VERSION_ONLY = (["-V"], ["--version"])
 
@@ -70,6 +74,7 @@ def run(reactor: Any, config: ProxyConfig, service_factory: ServiceFactory) -> D
     if config.stdio_service is not None and hasattr(signal, "SIGHUP"):
         _stop_on_hangup(reactor)
     service.startService()
+    _resume_collection()
     done: Deferred[int] = service.whenDone()
 
     def exit(status: int) -> None:
@@ -77,6 +82,35 @@ def run(reactor: Any, config: ProxyConfig, service_factory: ServiceFactory) -> D
             raise SystemExit(status)
 
     return done.addCallback(exit)
+
+
+def _pause_collection() -> None:
+    """
+    No garbage collection while the proxy starts: importing Twisted,
+    Autobahn, pyOpenSSL and protobuf builds some 55,000 objects that live
+    as long as the process and hardly any garbage, so the collector's
+    passes over them are wasted work: about 80 of the 480 ms of CPU a
+    source spends until its tunnel is ready (bench/startup.py).
+    L{_resume_collection} ends the pause.
+    """
+    global _collection_paused
+    if gc.isenabled():
+        gc.disable()
+        _collection_paused = True
+
+
+def _resume_collection() -> None:
+    """
+    Once the service has started: freeze what the start built, so later
+    collections never scan it again (collecting it first would cost what
+    the pause saved), and collect as usual from then on. The start's few
+    cycles of garbage stay, once: about 0.7 MB of RSS.
+    """
+    global _collection_paused
+    if _collection_paused:
+        _collection_paused = False
+        gc.freeze()
+        gc.enable()
 
 
 def _stop_on_hangup(reactor: Any) -> None:
@@ -118,6 +152,10 @@ def main(
         stdout.write(VERSION_LINE + "\n")
         stdout.flush()
         sys.exit(0)
+    if _react is None:
+        # (A test's stand-in reactor runs in the test's own process, whose
+        # collector is not ours to pause.)
+        _pause_collection()
     stderr = sys.stderr if _stderr is None else _stderr
     config = parse(args, stderr)
     if _start_logging is None:
