@@ -2,7 +2,7 @@
 Tests for L{lpxy.writethrough}: the write-through TCP transports, on a fake
 socket (what the kernel takes is scripted) and on a real socket pair, each
 driven by hand as the reactor would drive it; the reactor wrapper on
-loopback.
+loopback; and where the proxies and the service use it.
 """
 
 from __future__ import annotations
@@ -13,23 +13,32 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from lpxy.proxy.addresses import TcpTarget, TunnelEndpoint
+from lpxy.proxy.channel import ServiceBinding
+from lpxy.proxy.config import ProxyConfig
+from lpxy.proxy.destination import AppConnector
+from lpxy.proxy.endpoints import tunnel_client_endpoint
+from lpxy.proxy.source import SourceListeners
+from lpxy.tunnelservice.service import TunnelService
 from lpxy.writethrough import (
     WriteThroughClient,
     WriteThroughPort,
     WriteThroughServer,
     write_through,
 )
-from tests.support.apps import AppFactory, ClientFactory
+from tests.support.apps import AppFactory, ClientFactory, start_app
 from tests.support.certs import make_test_pki
 
 
@@ -395,3 +404,68 @@ class LoopbackTests(TestCase):
         )
         self.assertIsInstance(client.transport, WriteThroughClient)
         self.assertIsInstance(server.transport, WriteThroughServer)
+
+
+class WhereUsedTests(TestCase):
+    """
+    The connections that carry a tunnel's data are write-through: the
+    source's accepted clients, the destination's connections to its
+    applications, the proxy's connection to the service and the service's
+    accepted peers.
+    """
+
+    async def test_source_clients(self) -> None:
+        made: Deferred[Protocol] = Deferred()
+
+        class Accepted(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self)
+
+        listeners = SourceListeners(reactor, "127.0.0.1", {"A": 0}, lambda b, a: Accepted())
+        self.addCleanup(listeners.stop)
+        ports = await listeners.start([ServiceBinding("A", "A")])
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", ports["A"]).connect(
+            ClientFactory(b"")
+        )
+        accepted = await made
+        self.assertIsInstance(accepted.transport, WriteThroughServer)
+        assert accepted.transport is not None
+        accepted.transport.loseConnection()
+        await client.closed
+
+    async def test_destination_connections(self) -> None:
+        port, _ = await start_app(self)
+        endpoint = AppConnector(reactor).endpoint_for(TcpTarget("127.0.0.1", port))
+        client = await endpoint.connect(ClientFactory(b"ping"))
+        self.assertIsInstance(client.transport, WriteThroughClient)
+        self.assertEqual(await client.answer, b"ping")
+        await client.closed
+
+    async def test_proxy_to_service(self) -> None:
+        port, _ = await start_app(self)
+        config = ProxyConfig(
+            mode="source",
+            access_token="not-used",
+            endpoint=TunnelEndpoint("127.0.0.1", port, False),
+            source_ports={"": 5555},
+        )
+        client = await tunnel_client_endpoint(reactor, config).connect(ClientFactory(b"ping"))
+        self.assertIsInstance(client.transport, WriteThroughClient)
+        self.assertEqual(await client.answer, b"ping")
+        await client.closed
+
+    async def test_service_peers(self) -> None:
+        service = TunnelService(reactor, ["tcp:0:interface=127.0.0.1"])
+        with capturedLogs() as events:
+            service.startService()
+        self.addCleanup(service.stopService)
+        [port] = [e["port"] for e in events if "listening on" in e.get("log_format", "")]
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            ClientFactory(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        )
+        await client.received(1)
+        [channel] = list(service.connections)
+        self.assertIsInstance(channel.transport, WriteThroughServer)
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.closed

@@ -33,6 +33,7 @@ from lpxy.tunnelservice.dataplane import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTE
 from lpxy.tunnelservice.service import TunnelService
 from lpxy.tunnelservice.store import ITunnelStore
 from lpxy.tunnelservice.websocket import TunnelServerProtocol
+from lpxy.writethrough import write_through
 
 if TYPE_CHECKING:
     from tests.support.certs import TestPKI
@@ -142,7 +143,8 @@ async def _start(
         description = f"tcp:0:interface={interface.replace(':', chr(92) + ':')}"
     else:
         description = tls.server_endpoint_string(interface=interface)
-    endpoint = ListeningEndpoint(serverFromString(reactor, description))
+    # Write-through ports, as TunnelService makes from endpoint strings.
+    endpoint = ListeningEndpoint(serverFromString(write_through(reactor), description))
     tunnel_rate = limits.pop("tunnel_rate", None)
     service = TunnelService(
         reactor,
