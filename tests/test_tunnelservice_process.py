@@ -25,6 +25,7 @@ from tests.support.tunnelservice import api_client
 _LISTENING = re.compile(r"Tunnel service listening on 127\.0\.0\.1 port (\d+)")
 # What a proxy logs each time its tunnel connection opens (plain ws://).
 CONNECTED = "Successfully established websocket connection with proxy server: ws://127.0.0.1"
+SERVICES = "The tunnel announced services"
 
 
 class TwistdTunnelServiceTests(TestCase):
@@ -232,8 +233,11 @@ class RestartTests(TestCase):
         self.assertIn("1 tunnels", again.output)
         for mode in ("source", "destination"):
             await again.wait_for(f"Peer connected: {mode} of tunnel {tunnel_id}")
+        # Connected is not yet ready: a source serves its clients once the
+        # tunnel's services arrived, a message after the handshake's answer
+        # (and a read of its own, as the service sends each at once).
         for proxy in (source, destination):
-            await proxy.wait_for(CONNECTED, times=2)
+            await proxy.wait_for(SERVICES, times=2)
         await self.round_trip(source_port, b"after " + signal.encode())
         described = (await self.call("describe_tunnel", tunnelId=tunnel_id))["tunnel"]
         self.assertEqual(described["status"], "OPEN")
