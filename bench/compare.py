@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor, task
@@ -407,6 +407,32 @@ def _pid(child: Child | None) -> int:
 # -- the table ----------------------------------------------------------------
 
 
+async def watched(children: list[Child], work: Awaitable[dict[str, float]]) -> dict[str, float]:
+    """
+    C{work}'s figures, or the benchmark ended naming the first of
+    C{children} to exit while it ran: a crashed proxy would otherwise leave
+    the measurement waiting for bytes that never come.
+    """
+    exits: list[defer.Deferred[Any]] = []
+    for child in children:
+        if child.ended.called:
+            raise child.failed(f"had exited (status {child.ended.result})")
+        exited: defer.Deferred[Any] = defer.Deferred()
+        child.ended.addBoth(_pass_on_once, exited)
+        exits.append(exited.addCallback(lambda status, child=child: (child, status)))
+    index, value = await defer.race([defer.ensureDeferred(work), *exits])
+    if index == 0:
+        return cast(dict[str, float], value)
+    child, status = value
+    raise child.failed(f"exited with {status} during a measurement")
+
+
+def _pass_on_once(result: Any, to: defer.Deferred[Any]) -> Any:
+    if not to.called:  # a race's loser, cancelled when the measurement won
+        to.callback(result)
+    return result
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -457,7 +483,9 @@ async def main(reactor_: object, *argv: str) -> None:
             for run in range(runs):
                 order = pairs if run % 2 == 0 else pairs[::-1]
                 for pair in order:
-                    results[pair.name].setdefault(name, []).append(await measure(pair))
+                    children = [*pair.children, *([bed.service] if bed.service else [])]
+                    figure = await watched(children, measure(pair))
+                    results[pair.name].setdefault(name, []).append(figure)
 
         async def version(pair: Pair) -> dict[str, float]:
             await timed_run(pair.command("-V"))  # warm the file cache
