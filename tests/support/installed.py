@@ -9,6 +9,7 @@ with a working directory outside it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ def installed_copy() -> Path:
     lpxy module from source at each start, which no user's install does.
     """
     target = Path(tempfile.mkdtemp(prefix="lpxy-installed-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     build = Path(tempfile.mkdtemp(prefix="lpxy-build-"))
     # Build from a private copy: parallel trial workers building in the same
     # tree collide in its build/ directory.
@@ -48,6 +50,7 @@ def installed_copy() -> Path:
         cwd=build,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
+    shutil.rmtree(build, ignore_errors=True)
     return target
 
 
@@ -72,7 +75,9 @@ def installed_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @cache
 def _state_home() -> str:
-    return tempfile.mkdtemp(prefix="lpxy-state-")
+    state = tempfile.mkdtemp(prefix="lpxy-state-")
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
+    return state
 
 
 def outside_dir() -> str:
