@@ -120,7 +120,7 @@ def raise_buffer_size(transport: object, size: int) -> bool:
 
     @return: whether a transport with a buffer size was found.
     """
-    socket = _buffered_layer(transport)
+    socket = _socket_transport(transport)
     if socket is None:
         return False
     if socket.bufferSize < size:
@@ -162,18 +162,6 @@ def _socket_transport(transport: object) -> FileDescriptor | None:
     """
     for _ in range(_NO_DELAY_DEPTH):
         if transport is None or isinstance(transport, FileDescriptor):
-            return transport
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-def _buffered_layer(transport: object) -> Any:
-    """The socket transport with a C{bufferSize} under C{transport}, or L{None}."""
-    for _ in range(_NO_DELAY_DEPTH):
-        if transport is None:
-            break
-        current = getattr(transport, "bufferSize", None)
-        if isinstance(current, int) and hasattr(transport, "doWrite"):
             return transport
         transport = getattr(transport, "transport", None)
     return None

@@ -285,6 +285,28 @@ class BufferSizeTests(SynchronousTestCase):
         self.assertFalse(raise_buffer_size(Layer(None), 524304))
         self.assertFalse(raise_buffer_size(None, 524304))
 
+    def test_raise_buffer_size_under_forwarding_layer(self) -> None:
+        """
+        Under TLS the layer above the socket answers for the socket's
+        attributes (a L{ProtocolWrapper} passes them on): the mark must be
+        set on the socket transport itself, not on the layer.
+        """
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        class Forwarding:
+            def __init__(self, below: object) -> None:
+                self.transport = below
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.transport, name)
+
+        socket = FileDescriptor(MemoryReactor())
+        layer = Forwarding(socket)
+        self.assertTrue(raise_buffer_size(layer, 524304))
+        self.assertEqual(socket.bufferSize, 524304)
+        self.assertNotIn("bufferSize", vars(layer))
+
 
 class UnsentBytesTests(SynchronousTestCase):
     def test_counts_socket_buffer_under_layers(self) -> None:
