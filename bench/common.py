@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,13 @@ async def wait_for_port(port: int, child: Child, timeout: float = 30) -> None:
         if child.ended.called:
             raise child.failed(f"exited with {child.ended.result}")
         raise child.failed(f"never listened on {port}")
+
+
+async def until_listening(port: int, child: Child, started: float) -> float:
+    """Milliseconds from C{started} (C{time.monotonic}) until C{port} accepts, probed every 2 ms."""
+    if not await listening(port, lambda: child.ended.called, interval=0.002):
+        raise child.failed("never listened")
+    return (time.monotonic() - started) * 1e3
 
 
 async def stop(child: Child, timeout: float = 10) -> None:

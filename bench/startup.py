@@ -43,11 +43,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 
-from bench.common import Child, free_port, localproxy, report, spawn, stop
+from bench.common import Child, free_port, localproxy, report, spawn, stop, until_listening
 from bench.compare import TestBed, sleep
 from bench.proxy import tunnel_ready
 from bench.startup_layers import LAYERS, OTHER, STDLIB, layer_of
@@ -90,22 +89,6 @@ class Probed:
                 return data
             await sleep(0.02)
         raise self.child.failed("wrote no snapshot with its tunnel ready")
-
-
-async def until_listening(port: int, child: Child, started: float) -> float:
-    """Milliseconds from C{started} (C{time.monotonic}) until C{port} accepts, polled every 2 ms."""
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
-    while True:
-        if child.ended.called or time.monotonic() - started > 30:
-            raise child.failed("never listened")
-        try:
-            probe = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
-        except Exception:
-            await sleep(0.002)
-            continue
-        elapsed = (time.monotonic() - started) * 1e3
-        probe.transport.loseConnection()
-        return elapsed
 
 
 async def plain_start(bed: TestBed) -> float:

@@ -92,10 +92,12 @@ def lasting_port() -> int:
     raise AssertionError("no free port below the ephemeral range")
 
 
-async def listening(port: int, ended: Callable[[], bool], timeout: float = 30) -> bool:
+async def listening(
+    port: int, ended: Callable[[], bool], timeout: float = 30, interval: float = 0.05
+) -> bool:
     """
     Wait until something accepts connections on 127.0.0.1:C{port}, probing
-    every 50 ms, for a child process started to listen there.
+    every C{interval} seconds, for a child process started to listen there.
 
     @param ended: whether that process has ended (then waiting is over).
     @return: whether the port accepted before C{ended} or C{timeout}.
@@ -106,7 +108,7 @@ async def listening(port: int, ended: Callable[[], bool], timeout: float = 30) -
         try:
             probe = await endpoint.connect(Factory.forProtocol(Protocol))
         except Exception:
-            await deferLater(reactor, 0.05, lambda: None)
+            await deferLater(reactor, interval, lambda: None)
             continue
         assert probe.transport is not None
         probe.transport.loseConnection()
