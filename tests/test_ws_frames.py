@@ -8,7 +8,7 @@ import struct
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpxy.proxy import ws_frames
+from lpxy import masking
 from lpxy.proxy.ws_frames import BinaryFrameReader, binary_frame, frame_header, mask_in_place
 from tests.support.wsframes import BINARY, read_frames
 
@@ -56,7 +56,7 @@ class BinaryFrameTests(SynchronousTestCase):
 
     def test_withoutNativeMasker(self) -> None:
         """Without Autobahn's native extension the Python masker gives the same frame."""
-        self.patch(ws_frames, "_lib", None)
+        self.patch(masking, "_native_xor", None)
         payload = os.urandom(70000)
         self.assertEqual(bytes(binary_frame([payload], len(payload), KEY)), _expected(payload, KEY))
 

@@ -9,8 +9,7 @@ Autobahn's C{sendMessage} takes a joined payload, copies it into its masker
 result out, and joins it with the header: four copies of each 128 KiB
 message. L{binary_frame} copies the records' pieces once, into a
 C{bytearray} behind the header, and masks that in place with Autobahn's
-own native masker (C{_nvx_xormasker}, built with Autobahn; without it,
-Autobahn's Python masker through one more copy).
+own native masker (L{lpxy.masking}).
 """
 
 from __future__ import annotations
@@ -19,15 +18,9 @@ import os
 import struct
 from collections.abc import Sequence
 
-from autobahn.websocket.xormasker import create_xor_masker
+from lpxy.masking import xor_in_place
 
 __all__ = ["BinaryFrameReader", "binary_frame", "frame_header", "mask_in_place"]
-
-try:
-    from _nvx_xormasker import ffi as _ffi  # type: ignore[import-not-found]
-    from _nvx_xormasker import lib as _lib
-except ImportError:  # Autobahn without its native extension
-    _ffi = _lib = None
 
 _FIN_BINARY = 0x82
 _MASKED = 0x80
@@ -49,18 +42,7 @@ def frame_header(size: int, key: bytes) -> bytes:
 
 def mask_in_place(buffer: bytearray, start: int, key: bytes) -> None:
     """XOR C{buffer[start:]} with the 4-byte masking C{key}, repeated."""
-    size = len(buffer) - start
-    if size <= 0:
-        return
-    if _lib is not None:
-        masker = _lib.nvx_xormask_new(key)
-        try:
-            _lib.nvx_xormask_process(masker, _ffi.from_buffer("uint8_t[]", buffer) + start, size)
-        finally:
-            _lib.nvx_xormask_free(masker)
-        return
-    view = memoryview(buffer)[start:]
-    view[:] = create_xor_masker(key, size).process(bytes(view))
+    xor_in_place(buffer, start, len(buffer), key)
 
 
 def binary_frame(

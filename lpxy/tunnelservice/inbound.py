@@ -27,8 +27,9 @@ checked at each frame's header) and those of one control frame (at most
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from typing import Protocol
+
+from lpxy.masking import xor_in_place
 
 __all__ = ["ClientFrames", "FrameSink", "unmask"]
 
@@ -39,49 +40,7 @@ _DATA_OPCODES = (0, 1, 2)
 _CONTINUATION, _BINARY, _CLOSE = 0, 2, 8
 
 
-def _unmask_with_autobahn(buf: bytearray, start: int, stop: int, key: bytes) -> None:
-    from autobahn.websocket.xormasker import create_xor_masker
-
-    buf[start:stop] = create_xor_masker(key, stop - start).process(bytes(buf[start:stop]))
-
-
-Unmask = Callable[[bytearray, int, int, bytes], None]
-
-
-def _nvx_unmasker() -> Unmask:
-    """
-    Autobahn's native (NVX) masker, called directly on the buffer: one
-    call per frame piece, no copy. Autobahn builds it where it can, and
-    uses it unless told not to (C{AUTOBAHN_USE_NVX=0}).
-    """
-    from autobahn.websocket import USES_NVX
-
-    if not USES_NVX:
-        return _unmask_with_autobahn
-    try:
-        from _nvx_xormasker import ffi, lib  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - USES_NVX says it is there
-        return _unmask_with_autobahn
-    new, process, free, from_buffer, memmove = (
-        lib.nvx_xormask_new, lib.nvx_xormask_process, lib.nvx_xormask_free,
-        ffi.from_buffer, ffi.memmove,
-    )
-    key_buffer = ffi.new("uint8_t[4]")
-
-    def unmask_nvx(buf: bytearray, start: int, stop: int, key: bytes) -> None:
-        memmove(key_buffer, key, 4)
-        masker = new(key_buffer)
-        if masker == ffi.NULL:
-            raise MemoryError("no memory for a WebSocket masker")
-        try:
-            process(masker, from_buffer(buf) + start, stop - start)
-        finally:
-            free(masker)
-
-    return unmask_nvx
-
-
-unmask: Unmask = _nvx_unmasker()
+unmask = xor_in_place
 """
 C{unmask(buf, start, stop, key)}: XOR C{buf[start:stop]} in place with the
 4-byte C{key} repeated from its first byte (RFC 6455 section 5.3).
