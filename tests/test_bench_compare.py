@@ -7,16 +7,10 @@ C{--only} runs a subset and prints only its rows.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import run_bench
 
 ROWS = (
     "one-way bulk",
@@ -42,12 +36,7 @@ ALWAYS = ("idle RSS per proxy",)
 
 def compare(*args: str) -> Deferred[tuple[bytes, bytes, int]]:
     """Run C{python -m bench.compare ARGS} from the source tree."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("AWSIOT_TUNNEL_ACCESS_TOKEN", None)
-    return getProcessOutputAndValue(
-        sys.executable, ["-m", "bench.compare", *args], env=env, path=str(ROOT),
-        reactor=reactor,
-    )
+    return run_bench("compare", *args)
 
 
 class CompareQuickTests(TestCase):

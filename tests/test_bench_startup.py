@@ -6,18 +6,11 @@ from spawn to a usable tunnel, import time by layer and memory by layer.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from bench.startup_layers import LAYERS, OTHER, STDLIB, layer_of
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import run_bench
 
 #: The probe's marks that every start passes, in the order they happen.
 STEPS = (
@@ -37,12 +30,7 @@ class StartupQuickTests(TestCase):
     timeout = 240
 
     def test_breakdowns(self) -> Deferred[None]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("AWSIOT_TUNNEL_ACCESS_TOKEN", None)
-        d = getProcessOutputAndValue(
-            sys.executable, ["-m", "bench.startup", "--quick"], env=env, path=str(ROOT),
-            reactor=reactor,
-        )
+        d = run_bench("startup", "--quick")
 
         def check(result: tuple[bytes, bytes, int]) -> None:
             out, err, status = result

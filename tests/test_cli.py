@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import io
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +283,17 @@ class _FixedOptions(dict):  # type: ignore[type-arg]
         )
 
 
+def run_probe(probe: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run the Python program C{probe} in a fresh interpreter from the source
+    tree (what a fresh process imports is the point), its output as text.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+        cwd=str(Path(__file__).parent.parent),
+    )
+
+
 class VersionTests(SynchronousTestCase):
     """
     C{localproxy -V} answers without importing Twisted (it is the first
@@ -296,9 +309,6 @@ class VersionTests(SynchronousTestCase):
         self.assertEqual(out.getvalue(), (tap.VERSION_LINE + "\n") * 2)
 
     def test_nothing_heavy_imported(self) -> None:
-        import subprocess
-        import sys
-
         probe = (
             "import sys\n"
             "from lpxy.proxy.cli import main\n"
@@ -309,10 +319,7 @@ class VersionTests(SynchronousTestCase):
             " if m in sys.modules)\n"
             "    print(e.code, heavy)\n"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-            cwd=str(Path(__file__).parent.parent),
-        )
+        done = run_probe(probe)
         self.assertEqual(done.stdout.splitlines()[-1], "0 []", done.stderr)
         self.assertEqual(done.stdout.splitlines()[0], tap.VERSION_LINE)
 
@@ -325,9 +332,6 @@ class LazyImportTests(SynchronousTestCase):
     """
 
     def test_metrics_modules_only_with_metrics(self) -> None:
-        import subprocess
-        import sys
-
         probe = (
             "import sys, tempfile\n"
             "from twisted.internet.testing import MemoryReactorClock\n"
@@ -343,10 +347,7 @@ class LazyImportTests(SynchronousTestCase):
             "start()\n"
             "start('--metrics', 'tcp:0:interface=127.0.0.1')\n"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-            cwd=str(Path(__file__).parent.parent),
-        )
+        done = run_probe(probe)
         self.assertEqual(
             done.stdout.splitlines(), ["[]", "['prometheus_client', 'twisted.web']"], done.stderr
         )

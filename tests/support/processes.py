@@ -6,15 +6,19 @@ appeared in its output" and "it ended, with this status".
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from tests.support.installed import installed_env, outside_dir
+from tests.support.installed import ROOT, installed_env, outside_dir
 
 
 class ChildProcess(ProcessProtocol):
@@ -115,3 +119,17 @@ def kill_at_cleanup(case: TestCase, child: ChildProcess) -> None:
         return child.ended
 
     case.addCleanup(cleanup)
+
+
+def run_bench(module: str, *args: str) -> Deferred[tuple[bytes, bytes, int]]:
+    """
+    Run C{python -m bench.MODULE ARGS} from the source tree (a benchmark
+    installs its own copy of lpxy), without an access token in its
+    environment; fire with its output, error output and exit status.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("AWSIOT_TUNNEL_ACCESS_TOKEN", None)
+    return getProcessOutputAndValue(
+        sys.executable, ["-m", f"bench.{module}", *args], env=env, path=str(ROOT),
+        reactor=reactor,
+    )
