@@ -24,6 +24,7 @@ from lpxy.proxy.tunnel import (
     TunnelProtocol,
     describe_rejection,
 )
+from tests.support.recorders import EdgeRecorder
 from tests.support.wsframes import (
     BINARY,
     CLOSE,
@@ -464,22 +465,6 @@ class SlowSocket(FileDescriptor):
         reason = Failure(ConnectionAborted())
         self.connectionLost(reason)
         self.protocol.connectionLost(reason)
-
-
-class EdgeRecorder:
-    """The tunnel's producer (the flow control's place), recording the edges."""
-
-    def __init__(self) -> None:
-        self.edges: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.edges.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.edges.append("resume")
-
-    def stopProducing(self) -> None:
-        self.edges.append("stop")
 
 
 class DrainBeforeCloseTests(SynchronousTestCase):

@@ -23,6 +23,7 @@ from lpxy._ws import (
     set_no_delay,
     unsent_bytes,
 )
+from tests.support.recorders import EdgeRecorder
 
 
 class Watch:
@@ -261,6 +262,16 @@ class NoDelayTests(SynchronousTestCase):
         self.assertEqual(calls, [True])
 
 
+class ForwardingLayer:
+    """Like TLS (a C{ProtocolWrapper}): answers for the transport below."""
+
+    def __init__(self, below: object) -> None:
+        self.transport = below
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.transport, name)
+
+
 class BufferSizeTests(SynchronousTestCase):
     def test_reaches_socket_transport_under_tls(self) -> None:
         """
@@ -294,15 +305,8 @@ class BufferSizeTests(SynchronousTestCase):
         from twisted.internet.abstract import FileDescriptor
         from twisted.internet.testing import MemoryReactor
 
-        class Forwarding:
-            def __init__(self, below: object) -> None:
-                self.transport = below
-
-            def __getattr__(self, name: str) -> object:
-                return getattr(self.transport, name)
-
         socket = FileDescriptor(MemoryReactor())
-        layer = Forwarding(socket)
+        layer = ForwardingLayer(socket)
         self.assertTrue(raise_buffer_size(layer, 524304))
         self.assertEqual(socket.bufferSize, 524304)
         self.assertNotIn("bufferSize", vars(layer))
@@ -360,30 +364,11 @@ class PauseIfUnsentTests(SynchronousTestCase):
                 self.sent += bytes(data)
                 return len(data)
 
-        class Layer:
-            """Like TLS (a C{ProtocolWrapper}): answers for the transport below."""
-
-            def __init__(self, below: object) -> None:
-                self.transport = below
-
-            def __getattr__(self, name: str) -> object:
-                return getattr(self.transport, name)
-
-        class Producer:
-            def __init__(self) -> None:
-                self.edges: list[str] = []
-
-            def pauseProducing(self) -> None:
-                self.edges.append("pause")
-
-            def resumeProducing(self) -> None:
-                self.edges.append("resume")
-
         self.socket = Socket(MemoryReactor())
         self.socket.bufferSize = 524304
-        self.producer = Producer()
+        self.producer = EdgeRecorder()
         self.socket.registerProducer(self.producer, True)
-        self.stack = Layer(Layer(self.socket))
+        self.stack = ForwardingLayer(ForwardingLayer(self.socket))
 
     def test_held_bytes_pause_then_drain(self) -> None:
         """

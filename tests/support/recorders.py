@@ -1,7 +1,8 @@
 """
 In-memory stand-ins for the local proxy's layers that record what the code
 under test asks of them: the session's actions (L{Recorder}), and the
-WebSocket (L{FakeWebSocket}) and sink (L{Sink}) of the relays.
+WebSocket (L{FakeWebSocket}) and sink (L{Sink}) of the relays, and the
+producer a send buffer tells of its full and drained edges (L{EdgeRecorder}).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from twisted.internet.interfaces import IPushProducer
 from lpxy.frames import Message
 from lpxy.proxy.channel import Channel, ServiceBinding
 
-__all__ = ["FakeWebSocket", "Recorder", "Sink"]
+__all__ = ["EdgeRecorder", "FakeWebSocket", "Recorder", "Sink"]
 
 
 class Recorder:
@@ -77,3 +78,19 @@ class Sink:
 
     def local_closed(self, channel: Channel) -> None:
         self.closed.append(channel)
+
+
+class EdgeRecorder:
+    """A streaming producer recording the edges it is told of: pause, resume, stop."""
+
+    def __init__(self) -> None:
+        self.edges: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.edges.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.edges.append("resume")
+
+    def stopProducing(self) -> None:
+        self.edges.append("stop")
