@@ -18,7 +18,17 @@ from lpxy.frames import Message
 from lpxy.proxy.config import UnixTarget
 from tests.support.apps import AppFactory, AppProtocol, Pusher, connect_client, start_app
 from tests.support.logs import LogRecorder
-from tests.support.proxies import V1, V2, V3, RecordTap, make_config, start_pair, start_proxy, tcp
+from tests.support.proxies import (
+    V1,
+    V2,
+    V3,
+    RecordTap,
+    cut_tunnel,
+    make_config,
+    start_pair,
+    start_proxy,
+    tcp,
+)
 from tests.support.sockets import buffered
 from tests.support.tunnelservice import start_tunnelservice
 from tests.support.waiting import gather, turns
@@ -246,9 +256,7 @@ class FailureTests(TestCase):
         yield client.received(6)
         # Cut the source's WebSocket: its streams die, it reconnects (the
         # generated client token makes the access token reusable).
-        protocol = source.connector.protocol
-        assert protocol is not None
-        protocol.transport.abortConnection()
+        protocol = cut_tunnel(source)
         yield client.closed
         # The client saw its socket close after the proxy saw the loss, so
         # this waits for the next connection, ready (SERVICE_IDS included).

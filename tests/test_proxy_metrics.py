@@ -18,7 +18,7 @@ from lpxy.proxy.cli import parse
 from lpxy.proxy.config import ProxyConfig
 from lpxy.proxy.service import EXIT_CONFIG, EXIT_REJECTED, LocalProxyService
 from tests.support.apps import connect_client, start_app
-from tests.support.proxies import listener_ports, make_config, start_proxy, tcp
+from tests.support.proxies import cut_tunnel, listener_ports, make_config, start_proxy, tcp
 from tests.support.scrape import Samples, scrape
 from tests.support.tunnelservice import start_tunnelservice
 
@@ -80,9 +80,7 @@ class ProxyMetricsTests(TestCase):
 
         # The source's WebSocket is cut: the stream dies with it, and the
         # proxy reconnects.
-        protocol = source.connector.protocol
-        assert protocol is not None
-        protocol.transport.abortConnection()
+        cut_tunnel(source)
         await client.closed
         await source.client.whenConnected()
         await app.all_closed()

@@ -28,7 +28,7 @@ from lpxy.proxy.stats import (
 from tests.support.apps import connect_client, start_app
 from tests.support.installed import localproxy_argv
 from tests.support.processes import spawn
-from tests.support.proxies import listener_ports, make_config, start_proxy, tcp
+from tests.support.proxies import cut_tunnel, make_config, start_pair, start_proxy, tcp
 from tests.support.sockets import unused_port
 from tests.support.tunnelservice import start_tunnelservice
 
@@ -229,23 +229,14 @@ class AgreementTests(TestCase):
         """
         app_port, app = await start_app(self)
         fixture = await start_tunnelservice(self)
-        opened = fixture.open_tunnel(["SSH"])
-        await start_proxy(self, make_config(
-            fixture, opened.destination_token, "destination",
-            destination_apps={"SSH": tcp(app_port)},
-        ))
-        source = await start_proxy(self, make_config(
-            fixture, opened.source_token, "source", source_ports={"SSH": 0},
-        ))
-        port = listener_ports(source)["SSH"]
+        pair = await start_pair(self, fixture, ["SSH"], {"SSH": tcp(app_port)})
+        source, port = pair.source, pair.ports["SSH"]
         # A first stream dies with the tunnel connection, cut.
         first = await connect_client(self, port)
         assert first.transport is not None
         first.transport.write(b"first")
         self.assertEqual(await first.received(5), b"first")
-        protocol = source.connector.protocol
-        assert protocol is not None
-        protocol.transport.abortConnection()
+        cut_tunnel(source)
         await first.closed
         await source.client.whenConnected()
         await app.all_closed()

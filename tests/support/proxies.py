@@ -147,6 +147,18 @@ def listener_ports(
     return ports
 
 
+def cut_tunnel(proxy: LocalProxyService) -> Any:
+    """
+    Abort C{proxy}'s connection to the tunnel service, as a network failure
+    would (its streams die with it; the proxy reconnects); return the
+    protocol of the connection cut.
+    """
+    protocol = proxy.connector.protocol
+    assert protocol is not None
+    protocol.transport.abortConnection()
+    return protocol
+
+
 async def start_pair(
     case: TestCase,
     fixture: ServiceFixture,
