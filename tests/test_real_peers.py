@@ -25,6 +25,7 @@ from tests.support.realpeers import (
     finished,
     program,
     run,
+    scp_files,
     serve_http,
     ssh_argv,
     ssh_options,
@@ -123,13 +124,8 @@ class SshTests(TestCase):
     def test_scp(self) -> Any:
         """C{scp} (over SFTP) copies a 5 MB file there and back."""
         scp = program("scp")
-        if not Path("/usr/lib/openssh/sftp-server").exists():
-            self.skipTest("openssh-sftp-server is not installed")
-        payload = os.urandom(5 * MB)
-        local = Path(self.mktemp()).absolute()
-        local.write_bytes(payload)
-        remote = self.sshd.directory / "scp-copy"
-        back = Path(self.mktemp()).absolute()
+        files = scp_files(self, self.sshd, 5 * MB)
+        payload, local, remote, back = files.payload, files.local, files.remote, files.back
         at = f"{self.sshd.user}@127.0.0.1"
         base = [scp, "-q", "-P", str(self.port), *ssh_options(self.sshd)]
         yield Deferred.fromCoroutine(finished(self, run(

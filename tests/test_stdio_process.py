@@ -10,16 +10,14 @@ test whose program is missing is skipped.
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
-from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from tests.support.installed import installed_env, localproxy_argv
 from tests.support.proxies import make_config, start_proxy, tcp
-from tests.support.realpeers import finished, program, run, ssh_options, start_sshd
+from tests.support.realpeers import finished, program, run, scp_files, ssh_options, start_sshd
 from tests.support.tunnelservice import start_tunnelservice
 
 MB = 1_000_000
@@ -78,13 +76,8 @@ class ProxyCommandTests(TestCase):
     async def test_scp(self) -> None:
         """scp copies 4 MB there and back, each way through its own proxy process."""
         scp = program("scp")
-        if not Path("/usr/lib/openssh/sftp-server").exists():
-            self.skipTest("openssh-sftp-server is not installed")
-        payload = os.urandom(4 * MB)
-        local = Path(self.mktemp()).absolute()
-        local.write_bytes(payload)
-        remote = self.sshd.directory / "scp-copy"
-        back = Path(self.mktemp()).absolute()
+        files = scp_files(self, self.sshd, 4 * MB)
+        payload, local, remote, back = files.payload, files.local, files.remote, files.back
         at = f"{self.sshd.user}@device"
         base = [scp, "-q", *self.options]
         logs = []

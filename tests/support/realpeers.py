@@ -255,6 +255,35 @@ def ssh_options(sshd: Sshd) -> list[str]:
     ]
 
 
+@attrs.frozen
+class ScpFiles:
+    """
+    The files of an C{scp} copy there and back: the payload in a local
+    file, where the copy lands in C{sshd}'s directory, where it comes back.
+    """
+
+    payload: bytes = attrs.field(repr=False)
+    local: Path
+    remote: Path
+    back: Path
+
+
+def scp_files(case: TestCase, sshd: Sshd, size: int) -> ScpFiles:
+    """
+    C{size} random bytes in a local file of C{case}, and the paths of their
+    copy on C{sshd} and back; skips C{case} without OpenSSH's SFTP server,
+    which C{scp} copies through.
+    """
+    if not Path("/usr/lib/openssh/sftp-server").exists():
+        raise SkipTest("openssh-sftp-server is not installed")
+    payload = os.urandom(size)
+    local = Path(case.mktemp()).absolute()
+    local.write_bytes(payload)
+    return ScpFiles(
+        payload, local, sshd.directory / "scp-copy", Path(case.mktemp()).absolute()
+    )
+
+
 def ssh_argv(sshd: Sshd, port: int, command: str) -> list[str]:
     """C{ssh} running C{command} on C{sshd}, through 127.0.0.1:C{port}."""
     return [
