@@ -99,16 +99,10 @@ def unsent_bytes(transport: object) -> int | None:
 
     @return: the count, or C{None} when no such buffer is found.
     """
-    for _ in range(_NO_DELAY_DEPTH):
-        if transport is None:
-            break
-        buffer = getattr(transport, "dataBuffer", None)
-        if isinstance(buffer, (bytes, memoryview)):
-            offset = getattr(transport, "offset", 0)
-            pending = getattr(transport, "_tempDataLen", 0)
-            return len(buffer) - int(offset) + int(pending)
-        transport = getattr(transport, "transport", None)
-    return None
+    socket = _socket_transport(transport)
+    if socket is None:
+        return None
+    return len(socket.dataBuffer) - socket.offset + socket._tempDataLen
 
 
 def raise_buffer_size(transport: object, size: int) -> bool:
